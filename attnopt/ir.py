@@ -313,3 +313,50 @@ def as_json(obj: Any) -> Any:
 
 def topo_filter(graph: Graph, keep: Callable[[str], bool]) -> Iterable[str]:
     return (n for n in graph.nodes() if keep(n))
+
+
+@dataclass(frozen=True)
+class GNALayout:
+    """A Generalized Neighborhood Attention layout over a 1-/2-/3-D token grid.
+
+    Per dimension: window w (>= 2), stride s (1 <= s <= w), dilation d (w*d <= L), causal flag.
+    Semantics are exactly those of DESIGN.md ("GNA: the sparsity family"); attnopt.cost.gna
+    implements them.
+    """
+
+    shape: tuple[int, ...]
+    window: tuple[int, ...]
+    stride: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    causal: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.shape)
+        # Fill defaults per dimension so every field has one entry per grid dimension.
+        if not self.stride:
+            object.__setattr__(self, "stride", (1,) * n)
+        if not self.dilation:
+            object.__setattr__(self, "dilation", (1,) * n)
+        if not self.causal:
+            object.__setattr__(self, "causal", (False,) * n)
+        for name in ("window", "stride", "dilation", "causal"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"GNALayout.{name} needs {n} entries, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How to run a spec: kernel family, tiles, sparsity layout.
+
+    family: dense | causal | gqa_decode | block_sparse_gna | sliding_window | sigmoid |
+            linear_chunked | cpu_reference.
+    q_tile / kv_tile: tile shapes (one entry per tiled grid dimension; 1-D tiles are (n,)).
+    exact: False for approximations the user must opt into.
+    """
+
+    family: str = "dense"
+    q_tile: tuple[int, ...] = (64,)
+    kv_tile: tuple[int, ...] = (64,)
+    layout: GNALayout | None = None
+    dynamic_kv_tiling: bool = False
+    exact: bool = True
