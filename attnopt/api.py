@@ -1,0 +1,47 @@
+"""Public entry points: inspect() (and later optimize(), simulate())."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attnopt.ir import Graph, Rejection, Site
+
+
+@dataclass
+class InspectReport:
+    """What `inspect` found: the attention sites and the near misses with reasons."""
+
+    sites: list[Site]
+    rejected: list[Rejection] = field(default_factory=list)
+    source: str = ""
+    graph: Graph | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sites": [s.to_json() for s in self.sites],
+            "rejected": [r.to_json() for r in self.rejected],
+        }
+
+
+def load_graph(model: Any, example_inputs: Any = None) -> Graph:
+    """Translate any supported model object or path into the neutral IR."""
+    from attnopt.frontends import load
+
+    return load(model, example_inputs)
+
+
+def inspect(model: Any, example_inputs: Any = None) -> InspectReport:
+    """Find every attention site of `model`.
+
+    model: an nn.Module (with example_inputs: a tuple of positional args or a dict of kwargs),
+    a torch.fx.GraphModule (with example_inputs, as a torch.compile backend receives them),
+    a torch.export.ExportedProgram, an onnx.ModelProto, or a path to a `.pt2`/`.onnx` file.
+    """
+    from attnopt.passes.detect import detect
+
+    graph = load_graph(model, example_inputs)
+    sites, rejected = detect(graph)
+    src = os.fspath(model) if isinstance(model, (str, Path)) else type(model).__name__
+    return InspectReport(sites=sites, rejected=rejected, source=src, graph=graph)
