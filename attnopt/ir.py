@@ -59,12 +59,14 @@ class Graph:
 
     # construction ---------------------------------------------------------------------
     def add(self, nid: str, op: str, inputs: Sequence[str] = (), *, shape: Shape | None = None,
-            dtype: str | None = None, value: np.ndarray | None = None, native: Any = None,
+            dtype: str | None = None, value: np.ndarray | None = None, ref: Any = None,
             **attrs: Any) -> str:
+        """Add a node. `ref` is the native object (fx.Node, NodeProto) the node stands for;
+        the attribute `native` (a string such as "ai.onnx::MatMul") names its native op."""
         if nid in self.g:
             raise ValueError(f"duplicate IR node id {nid!r}")
         self.g.add_node(nid, op=op, inputs=list(inputs), attrs=attrs, shape=shape, dtype=dtype,
-                        value=value, native=native)
+                        value=value, ref=ref)
         for i in inputs:
             if i not in self.g:
                 raise ValueError(f"node {nid!r} uses unknown input {i!r}")
@@ -123,8 +125,9 @@ class Graph:
     def value(self, nid: str) -> np.ndarray | None:
         return self.g.nodes[nid]["value"]
 
-    def native(self, nid: str) -> Any:
-        return self.g.nodes[nid]["native"]
+    def ref(self, nid: str) -> Any:
+        """The native object (fx.Node, onnx NodeProto) this node was translated from."""
+        return self.g.nodes[nid]["ref"]
 
     def scalar(self, nid: str) -> float | None:
         """The value of a constant holding one element, else None."""
