@@ -19,7 +19,8 @@ Vocabulary (`Node.op`):
   mul div add sub       binary elementwise; scalar literals become const nodes.
   where      inputs (cond, a, b): cond ? a : b. masked_fill(x, m, v) becomes where(m, v, x).
   softmax    attrs: axis (non-negative).
-  sigmoid tanh exp sqrt isnan logical_not cast(attrs: dtype)
+  sigmoid tanh exp sqrt isnan logical_not cast(attrs: to = target dtype name)
+  shape      a shape query (ONNX Shape, fx sym_size): depends on its input's shape only.
   dropout    attrs: p, train (train=False is normalized to identity by front ends).
   sdpa       fused scaled dot-product attention. inputs (q, k, v[, mask]);
              attrs: is_causal, scale (None = 1/sqrt(D)), dropout_p, enable_gqa, layout ("BHSD"
