@@ -1,0 +1,68 @@
+"""Front ends: native model formats -> neutral IR. `load` picks one by the model's type."""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from attnopt.errors import InputNotFound, UnreadableModel, UnsupportedModel
+from attnopt.ir import Graph
+
+
+def load(model: Any, example_inputs: Any = None) -> Graph:
+    if isinstance(model, (str, os.PathLike)):
+        return load_path(Path(model))
+    mod = type(model).__module__
+    if mod.startswith("onnx"):
+        from attnopt.frontends.onnx import load_onnx
+
+        return load_onnx(model)
+    import torch
+
+    from attnopt.frontends import fx
+
+    if isinstance(model, torch.export.ExportedProgram):
+        return fx.from_exported_program(model)
+    if isinstance(model, torch.fx.GraphModule) and example_inputs is not None:
+        return fx.from_graph_module(model, list(example_inputs), source="fx")
+    if isinstance(model, torch.nn.Module):
+        return fx.from_exported_program(fx.export_module(model, example_inputs),
+                                        name=type(model).__name__)
+    raise UnsupportedModel(f"cannot inspect an object of type {type(model).__name__}")
+
+
+def load_path(path: Path) -> Graph:
+    if not path.exists():
+        raise InputNotFound(f"no such file: {path}")
+    if path.is_dir():
+        raise UnreadableModel(f"{path} is a directory, not a model file")
+    if not os.access(path, os.R_OK):
+        raise UnreadableModel(f"{path} is not readable")
+    if path.stat().st_size == 0:
+        raise UnreadableModel(f"{path} is empty")
+    if zipfile.is_zipfile(path):
+        return _load_pt2(path)
+    if path.suffix == ".pt2":
+        raise UnreadableModel(f"{path} is not a valid .pt2 archive (not a zip file)")
+    from attnopt.frontends.onnx import load_onnx
+
+    try:
+        return load_onnx(path)
+    except UnreadableModel:
+        if path.suffix != ".onnx":
+            raise UnreadableModel(f"{path} is neither an ONNX model nor a .pt2 program") from None
+        raise
+
+
+def _load_pt2(path: Path) -> Graph:
+    import torch
+
+    from attnopt.frontends import fx
+
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure to load is the file's problem
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UnreadableModel(f"{path} could not be loaded as a torch.export program: {msg}") from None
+    return fx.from_exported_program(ep, name=path.stem)

@@ -1,0 +1,620 @@
+"""torch.fx front end: dynamo torch-level graphs and torch.export aten graphs -> neutral IR.
+
+Both levels are handled by one translation table keyed by an op's *base name*
+(`torch.matmul`, `operator.matmul`, `Tensor.matmul` and `aten::matmul` are all "matmul"), so
+the pattern library sees one vocabulary whichever way the graph was captured.
+
+IR node ids are fx node names; literal arguments (python scalars) become const nodes named
+`<node>__arg<i>`. ExportedPrograms are translated from `ep.module()` (parameters unlifted to
+get_attr), which keeps the node metadata and lets the evaluator run any node directly.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from attnopt.errors import UnsupportedModel
+from attnopt.ir import Evaluator, Graph
+
+SMALL_CONST = 4096  # constants up to this many elements are copied into the IR
+
+# Nodes that only assert facts about tensors; they are not users in any meaningful sense.
+_ASSERT_OPS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range",
+               "sym_constrain_range_for_size", "_assert_async", "_check_is_size", "_guards_fn"}
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+def base_name(node: fx.Node) -> str:
+    """A format-neutral name for what an fx node computes."""
+    t = node.target
+    if node.op == "call_method":
+        return str(t)
+    if node.op == "call_module":
+        return "module:" + str(t)
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.name.split("::", 1)[1]
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t._qualified_op_name.split("::", 1)[1]
+    if isinstance(t, torch._ops.HigherOrderOperator):
+        return "hop:" + t.__name__
+    name = getattr(t, "__name__", str(t))
+    if t is operator.truediv:
+        return "div"
+    if t is operator.invert:
+        return "bitwise_not"
+    if t is operator.neg:
+        return "neg"
+    return name
+
+
+def overload_name(node: fx.Node) -> str:
+    t = node.target
+    return t._overloadname if isinstance(t, torch._ops.OpOverload) else ""
+
+
+def _meta_val(node: fx.Node) -> Any:
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def _dim(d: Any) -> int | str:
+    if isinstance(d, int):
+        return d
+    try:
+        expr = d.node.expr
+        if expr.is_number:
+            return int(expr)
+        return str(expr)
+    except AttributeError:
+        return str(d)
+
+
+def _shape_dtype(node: fx.Node) -> tuple[tuple | None, str | None]:
+    v = _meta_val(node)
+    if isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
+        v = v[0]
+    if isinstance(v, torch.Tensor):
+        return tuple(_dim(d) for d in v.shape), str(v.dtype).removeprefix("torch.")
+    if isinstance(v, (int, float, bool)) or type(v).__name__ in ("SymInt", "SymFloat"):
+        return (), type(v).__name__.lower().replace("sym", "")
+    return None, None
+
+
+def _dtype_name(dt: Any) -> str | None:
+    return str(dt).removeprefix("torch.") if isinstance(dt, torch.dtype) else None
+
+
+def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def module_scope(node: fx.Node) -> str:
+    """Dotted path of the innermost nn.Module the node came from (best effort)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)       # dynamo: L['self'].encoder...
+    path = re.sub(r"\[(\d+)\]", r".\1", path)             # layer[0] -> layer.0
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)         # ModuleDict['x'] -> .x
+    path = path.replace("_modules.", "").replace("self.", "")
+    return path.strip(".")
+
+
+# ---- translation ---------------------------------------------------------------------------
+
+class _Translator:
+    def __init__(self, gm: fx.GraphModule, graph: Graph):
+        self.gm = gm
+        self.g = graph
+        self.skipped: set[str] = set()
+
+    def lit(self, node: fx.Node, i: int, value: Any) -> str:
+        """IR id for an argument: an fx node, or a literal turned into a const node."""
+        if isinstance(value, fx.Node):
+            if value.name in self.skipped:
+                raise KeyError(value.name)
+            return value.name
+        nid = f"{node.name}__arg{i}"
+        if nid not in self.g:
+            self.g.add_const(nid, np.asarray(value, dtype=np.float64 if isinstance(value, float) else None))
+        return nid
+
+    def add(self, node: fx.Node, op: str, inputs: Sequence[str], **attrs: Any) -> None:
+        shape, dtype = _shape_dtype(node)
+        attrs.setdefault("native", base_name(node) + (f".{overload_name(node)}" if overload_name(node) else ""))
+        attrs.setdefault("scope", module_scope(node))
+        self.g.add(node.name, op, inputs, shape=shape, dtype=dtype, ref=node, **attrs)
+
+    def node_inputs(self, node: fx.Node) -> list[str]:
+        out: list[str] = []
+        for a in node.all_input_nodes:
+            if a.name not in self.skipped and a.name in self.g and a.name not in out:
+                out.append(a.name)
+        return out
+
+    def other(self, node: fx.Node, **attrs: Any) -> None:
+        self.add(node, "other", self.node_inputs(node), **attrs)
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                self.outputs(node)
+                continue
+            name = base_name(node) if node.op not in ("placeholder", "get_attr") else node.op
+            if name in _ASSERT_OPS or name.removeprefix("module:") in _ASSERT_OPS:
+                self.skipped.add(node.name)
+                continue
+            try:
+                self.translate(node, name)
+            except KeyError:
+                # An input was skipped (assert-only) or unknown: keep the node opaque.
+                if node.name not in self.g:
+                    self.other(node)
+
+    def outputs(self, node: fx.Node) -> None:
+        flat, _ = torch.utils._pytree.tree_flatten(node.args[0])
+        for i, v in enumerate(flat):
+            if isinstance(v, fx.Node) and v.name in self.g:
+                self.g.add(f"output:{i}:{v.name}", "output", [v.name], ref=None)
+
+    def translate(self, node: fx.Node, name: str) -> None:
+        if node.op == "placeholder":
+            shape, dtype = _shape_dtype(node)
+            role = "param" if re.search(r"_(parameters|buffers)_", node.name) else "user"
+            self.g.add(node.name, "input", [], shape=shape, dtype=dtype, ref=node, role=role,
+                       scope="")
+            return
+        if node.op == "get_attr":
+            t = _fetch_attr(self.gm, node.target)
+            value = None
+            if isinstance(t, torch.Tensor) and t.numel() <= SMALL_CONST:
+                value = t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else None
+            dtype = _dtype_name(t.dtype) if isinstance(t, torch.Tensor) else None
+            self.g.add(node.name, "const", [], shape=shape, dtype=dtype, value=value, ref=node,
+                       role="param", scope="")
+            return
+        handler = _HANDLERS.get(name)
+        if handler is None:
+            self.other(node)
+            return
+        handler(self, node)
+
+
+def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# Each handler translates one family of native ops. `t` is the translator.
+_HANDLERS: dict[str, Callable[[_Translator, fx.Node], None]] = {}
+
+
+def _handles(*names: str):
+    def register(fn):
+        for n in names:
+            _HANDLERS[n] = fn
+        return fn
+    return register
+
+
+@_handles("matmul", "bmm", "mm", "__matmul__")
+def _matmul(t: _Translator, n: fx.Node) -> None:
+    t.add(n, "matmul", [t.lit(n, 0, n.args[0]), t.lit(n, 1, n.args[1])])
+
+
+@_handles("einsum")
+def _einsum(t: _Translator, n: fx.Node) -> None:
+    eq = n.args[0]
+    ops = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+    if len(ops) != 2 or not all(isinstance(o, fx.Node) for o in ops):
+        t.other(n)
+        return
+    t.add(n, "einsum", [ops[0].name, ops[1].name], equation=eq.replace(" ", ""))
+
+
+@_handles("baddbmm")
+def _baddbmm(t: _Translator, n: fx.Node) -> None:
+    # alpha * (b1 @ b2) + beta * input: kept as one node; the pattern library reads
+    # attrs alpha/beta and treats input as an additive bias on the scores.
+    beta = arg(n, 3, "beta", 1)
+    alpha = arg(n, 4, "alpha", 1)
+    ins = [t.lit(n, 1, n.args[1]), t.lit(n, 2, n.args[2]), t.lit(n, 0, n.args[0])]
+    t.add(n, "baddbmm", ins, alpha=float(alpha), beta=float(beta))
+
+
+def _rank_of(n: Any) -> int | None:
+    v = _meta_val(n) if isinstance(n, fx.Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+@_handles("transpose", "swapaxes", "transpose_")
+def _transpose(t: _Translator, n: fx.Node) -> None:
+    r = _rank_of(n.args[0])
+    d0, d1 = arg(n, 1, "dim0"), arg(n, 2, "dim1")
+    if r is None or d0 is None:
+        t.other(n)
+        return
+    perm = list(range(r))
+    d0, d1 = d0 % r, d1 % r
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    t.add(n, "transpose", [n.args[0].name], perm=tuple(perm))
+
+
+@_handles("t")
+def _t(t: _Translator, n: fx.Node) -> None:
+    r = _rank_of(n.args[0])
+    perm = (1, 0) if r == 2 else tuple(range(r or 0))
+    t.add(n, "transpose", [n.args[0].name], perm=perm)
+
+
+@_handles("permute")
+def _permute(t: _Translator, n: fx.Node) -> None:
+    dims = n.args[1:] if n.op == "call_method" and len(n.args) > 2 else arg(n, 1, "dims")
+    if isinstance(dims, int):
+        dims = [dims]
+    r = _rank_of(n.args[0])
+    if r is None:
+        t.other(n)
+        return
+    t.add(n, "transpose", [n.args[0].name], perm=tuple(int(d) % r for d in dims))
+
+
+@_handles("view", "reshape", "_unsafe_view", "flatten", "unflatten", "unsqueeze", "squeeze",
+          "view_as", "reshape_as")
+def _reshape(t: _Translator, n: fx.Node) -> None:
+    if not isinstance(n.args[0], fx.Node):
+        t.other(n)
+        return
+    # A view with a dtype argument reinterprets bits: not a layout op.
+    if len(n.args) == 2 and isinstance(n.args[1], torch.dtype):
+        t.other(n)
+        return
+    t.add(n, "reshape", [n.args[0].name])
+
+
+@_handles("expand", "expand_as", "broadcast_to")
+def _expand(t: _Translator, n: fx.Node) -> None:
+    t.add(n, "expand", [n.args[0].name])
+
+
+@_handles("repeat_interleave")
+def _repeat_interleave(t: _Translator, n: fx.Node) -> None:
+    reps, dim = arg(n, 1, "repeats"), arg(n, 2, "dim")
+    if not isinstance(reps, int) or dim is None or not isinstance(n.args[0], fx.Node):
+        t.other(n)
+        return
+    r = _rank_of(n.args[0])
+    t.add(n, "repeat", [n.args[0].name], dim=dim % r if r else dim, repeats=reps, interleave=True)
+
+
+@_handles("contiguous", "clone", "alias", "detach", "lift_fresh_copy", "identity")
+def _identity(t: _Translator, n: fx.Node) -> None:
+    if isinstance(n.args[0], fx.Node):
+        t.add(n, "identity", [n.args[0].name])
+    else:
+        t.other(n)
+
+
+@_handles("slice")
+def _slice(t: _Translator, n: fx.Node) -> None:
+    # A full slice (aten.slice with start 0 and end past the size) is a no-op.
+    src = n.args[0]
+    s_in, _ = _shape_dtype(src) if isinstance(src, fx.Node) else (None, None)
+    s_out, _ = _shape_dtype(n)
+    if s_in is not None and s_in == s_out and arg(n, 4, "step", 1) in (1, None):
+        t.add(n, "identity", [src.name])
+    else:
+        t.other(n)
+
+
+@_handles("to", "_to_copy", "type", "type_as", "float", "half", "bfloat16", "double")
+def _cast(t: _Translator, n: fx.Node) -> None:
+    src = n.args[0]
+    if not isinstance(src, fx.Node):
+        t.other(n)
+        return
+    _, dt_out = _shape_dtype(n)
+    _, dt_in = _shape_dtype(src)
+    if dt_out is None:
+        t.other(n)
+    elif dt_out == dt_in:
+        t.add(n, "identity", [src.name])
+    else:
+        t.add(n, "cast", [src.name], to=dt_out)
+
+
+@_handles("softmax", "_softmax", "_safe_softmax")
+def _softmax(t: _Translator, n: fx.Node) -> None:
+    dim = arg(n, 1, "dim")
+    r = _rank_of(n.args[0])
+    if dim is None or r is None:
+        t.other(n)
+        return
+    t.add(n, "softmax", [n.args[0].name], axis=int(dim) % r)
+
+
+def _binary(op: str):
+    def handler(t: _Translator, n: fx.Node) -> None:
+        a, b = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
+        alpha = n.kwargs.get("alpha", 1)
+        if alpha != 1 and op in ("add", "sub"):
+            t.other(n)
+            return
+        t.add(n, op, [t.lit(n, 0, a), t.lit(n, 1, b)])
+    return handler
+
+
+for _name, _op in (("mul", "mul"), ("div", "div"), ("add", "add"), ("sub", "sub"),
+                   ("__mul__", "mul"), ("__truediv__", "div"), ("__add__", "add"),
+                   ("__sub__", "sub"), ("mul_", "mul"), ("div_", "div"), ("add_", "add"),
+                   ("true_divide", "div"), ("multiply", "mul"), ("divide", "div")):
+    _HANDLERS[_name] = _binary(_op)
+
+
+@_handles("rsub")
+def _rsub(t: _Translator, n: fx.Node) -> None:
+    # rsub(x, y) = y - x
+    if n.kwargs.get("alpha", 1) != 1:
+        t.other(n)
+        return
+    t.add(n, "sub", [t.lit(n, 1, n.args[1]), t.lit(n, 0, n.args[0])])
+
+
+@_handles("__rtruediv__", "__rmul__", "__radd__", "__rsub__")
+def _reflected(t: _Translator, n: fx.Node) -> None:
+    op = {"__rtruediv__": "div", "__rmul__": "mul", "__radd__": "add", "__rsub__": "sub"}[base_name(n)]
+    t.add(n, op, [t.lit(n, 1, n.args[1]), t.lit(n, 0, n.args[0])])
+
+
+@_handles("where")
+def _where(t: _Translator, n: fx.Node) -> None:
+    if len(n.args) < 3:
+        t.other(n)
+        return
+    t.add(n, "where", [t.lit(n, 0, n.args[0]), t.lit(n, 1, n.args[1]), t.lit(n, 2, n.args[2])])
+
+
+@_handles("masked_fill", "masked_fill_")
+def _masked_fill(t: _Translator, n: fx.Node) -> None:
+    x, m, v = n.args[0], n.args[1], arg(n, 2, "value")
+    t.add(n, "where", [t.lit(n, 1, m), t.lit(n, 2, v), t.lit(n, 0, x)])
+
+
+def _unary(op: str):
+    def handler(t: _Translator, n: fx.Node) -> None:
+        if isinstance(n.args[0], fx.Node):
+            t.add(n, op, [n.args[0].name])
+        else:
+            t.other(n)
+    return handler
+
+
+for _name, _op in (("sigmoid", "sigmoid"), ("tanh", "tanh"), ("exp", "exp"), ("sqrt", "sqrt"),
+                   ("isnan", "isnan"), ("logical_not", "logical_not"), ("bitwise_not", "logical_not")):
+    _HANDLERS[_name] = _unary(_op)
+
+
+@_handles("dropout", "native_dropout", "feature_dropout", "alpha_dropout")
+def _dropout(t: _Translator, n: fx.Node) -> None:
+    train = arg(n, 2, "train", arg(n, 2, "training", False))
+    p = arg(n, 1, "p", 0.0)
+    if base_name(n) == "native_dropout" or (train and p):
+        t.add(n, "dropout", [n.args[0].name], p=float(p), train=bool(train))
+    else:
+        t.add(n, "identity", [n.args[0].name])
+
+
+@_handles("getitem")
+def _getitem(t: _Translator, n: fx.Node) -> None:
+    src, idx = n.args
+    if isinstance(src, fx.Node) and src.name in t.g and t.g.op(src.name) == "sdpa" and idx == 0:
+        t.add(n, "identity", [src.name])
+    else:
+        t.other(n)
+
+
+@_handles("sym_size", "size", "dim", "numel")
+def _shape(t: _Translator, n: fx.Node) -> None:
+    t.add(n, "shape", t.node_inputs(n))
+
+
+_SDPA_NAMES = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+               "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+               "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math")
+
+
+@_handles(*_SDPA_NAMES)
+def _sdpa(t: _Translator, n: fx.Node) -> None:
+    name = base_name(n)
+    q, k, v = n.args[0], n.args[1], n.args[2]
+    if name == "_scaled_dot_product_efficient_attention":
+        mask = arg(n, 3, "attn_bias")
+        dropout_p, is_causal = arg(n, 5, "dropout_p", 0.0), arg(n, 6, "is_causal", False)
+        scale = n.kwargs.get("scale")
+    elif name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        mask = n.kwargs.get("attn_mask")
+        dropout_p, is_causal = arg(n, 3, "dropout_p", 0.0), arg(n, 4, "is_causal", False)
+        scale = n.kwargs.get("scale")
+    else:
+        mask = arg(n, 3, "attn_mask")
+        dropout_p, is_causal = arg(n, 4, "dropout_p", 0.0), arg(n, 5, "is_causal", False)
+        scale = arg(n, 6, "scale")
+    enable_gqa = bool(n.kwargs.get("enable_gqa", arg(n, 7, "enable_gqa", False)))
+    inputs = [q.name, k.name, v.name]
+    slots = {"q": q.name, "k": k.name, "v": v.name, "mask": None}
+    if isinstance(mask, fx.Node):
+        inputs.append(mask.name)
+        slots["mask"] = mask.name
+    qs, _ = _shape_dtype(q)
+    ks, _ = _shape_dtype(k)
+    t.add(n, "sdpa", inputs, flavor="torch_sdpa", layout="BHSD", slots=slots,
+          is_causal=bool(is_causal), scale=None if scale is None else float(scale),
+          dropout_p=float(dropout_p or 0.0), enable_gqa=enable_gqa, softcap=None,
+          num_heads=qs[-3] if qs and len(qs) >= 3 else 1,
+          num_kv_heads=ks[-3] if ks and len(ks) >= 3 else 1)
+
+
+@_handles("_native_multi_head_attention")
+def _native_mha(t: _Translator, n: fx.Node) -> None:
+    q, k, v = n.args[0], n.args[1], n.args[2]
+    embed, heads = arg(n, 3, "embed_dim"), arg(n, 4, "num_head")
+    mask = arg(n, 9, "mask")
+    slots = {"q": q.name, "k": k.name, "v": v.name,
+             "mask": mask.name if isinstance(mask, fx.Node) else None}
+    t.add(n, "sdpa", t.node_inputs(n), flavor="torch_native_mha", layout="BSD", slots=slots,
+          is_causal=False, scale=None, dropout_p=0.0, enable_gqa=False, softcap=None,
+          num_heads=heads, num_kv_heads=heads, embed_dim=embed,
+          need_weights=bool(arg(n, 10, "need_weights", True)))
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.cpu().numpy()
+    return np.asarray(x)
+
+
+def _probe_tensor(name: str, val: Any, gen: torch.Generator) -> Any:
+    if not isinstance(val, torch.Tensor):
+        return val
+    shape = [d if isinstance(d, int) else int(d.node.hint) for d in val.shape]
+    dt = val.dtype
+    if dt.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dt)
+    if dt == torch.bool:
+        return torch.ones(shape, dtype=dt)
+    return (torch.ones if "mask" in name.lower() else torch.zeros)(shape, dtype=dt)
+
+
+class FxEvaluator(Evaluator):
+    """Runs the ancestors of requested nodes of a GraphModule on probe inputs."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None):
+        self.gm = gm
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        gen = torch.Generator().manual_seed(0)
+        self.defaults: dict[str, Any] = {}
+        for i, p in enumerate(placeholders):
+            if example_inputs is not None and i < len(example_inputs):
+                self.defaults[p.name] = example_inputs[i]
+            else:
+                self.defaults[p.name] = _probe_tensor(p.name, _meta_val(p), gen)
+
+    def _run(self, targets: Sequence[fx.Node], feeds: Mapping[str, Any]) -> dict[fx.Node, Any]:
+        needed: set[fx.Node] = set()
+        stack = list(targets)
+        while stack:
+            n = stack.pop()
+            if n in needed:
+                continue
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+        interp = fx.Interpreter(self.gm)
+        env = interp.env
+        with torch.no_grad():
+            for n in self.gm.graph.nodes:
+                if n not in needed:
+                    continue
+                if n.op == "placeholder":
+                    env[n] = feeds[n.name] if n.name in feeds else self.defaults[n.name]
+                else:
+                    env[n] = interp.run_node(n)
+        return {n: env[n] for n in targets}
+
+    def evaluate(self, nids, feeds=None):
+        tfeeds = {k: torch.as_tensor(v) for k, v in (feeds or {}).items()}
+        for k, v in list(tfeeds.items()):
+            d = self.defaults.get(k)
+            if isinstance(d, torch.Tensor):
+                tfeeds[k] = v.to(d.dtype)
+        targets, consts = [], {}
+        for nid in nids:
+            if nid in self.nodes:
+                targets.append(self.nodes[nid])
+            else:  # a literal const synthesized by the translator
+                consts[nid] = None
+        out = self._run(targets, tfeeds)
+        result = {n.name: _to_numpy(v) for n, v in out.items()}
+        return {**{k: v for k, v in consts.items() if v is not None}, **result}
+
+    def probe_shape(self, nid):
+        v = _meta_val(self.nodes[nid]) if nid in self.nodes else None
+        if isinstance(v, torch.Tensor):
+            try:
+                return tuple(int(d) if isinstance(d, int) else int(d.node.hint) for d in v.shape)
+            except Exception:  # noqa: BLE001 - unhinted symbol: evaluate instead
+                pass
+        return tuple(self.evaluate([nid])[nid].shape)
+
+
+class _GraphEvaluator(FxEvaluator):
+    """FxEvaluator that also answers for literal consts (their value lives in the IR)."""
+
+    def __init__(self, gm, example_inputs, graph: Graph):
+        super().__init__(gm, example_inputs)
+        self.graph = graph
+
+    def evaluate(self, nids, feeds=None):
+        out = super().evaluate([n for n in nids if n in self.nodes], feeds)
+        for nid in nids:
+            if nid not in out and nid in self.graph and self.graph.value(nid) is not None:
+                out[nid] = self.graph.value(nid)
+        return out
+
+
+# ---- entry points --------------------------------------------------------------------------
+
+def from_graph_module(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None,
+                      source: str = "fx", name: str = "graph") -> Graph:
+    graph = Graph(name=name, source=source)
+    _Translator(gm, graph).run()
+    graph.evaluator = _GraphEvaluator(gm, example_inputs, graph)
+    graph.native_model = gm
+    return graph
+
+
+def from_exported_program(ep: "torch.export.ExportedProgram", name: str = "exported") -> Graph:
+    gm = ep.module()
+    example = None
+    ex = getattr(ep, "example_inputs", None)
+    if ex is not None:
+        args, kwargs = ex
+        flat_args = list(args)
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        # kwargs placeholders follow the positional ones, in the order export recorded them.
+        flat_args += [kwargs[k] for k in placeholders[len(flat_args):] if k in kwargs]
+        if len(flat_args) == len(placeholders):
+            example = flat_args
+    graph = from_graph_module(gm, example, source="aten", name=name)
+    graph.native_program = ep
+    return graph
+
+
+def export_module(module: torch.nn.Module, example_inputs: Any) -> "torch.export.ExportedProgram":
+    if example_inputs is None:
+        raise UnsupportedModel("an nn.Module needs example_inputs (a tuple of args or a dict of kwargs)")
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (
+        tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,), {})
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, args, kwargs, strict=False)
+    finally:
+        module.train(was_training)

@@ -1,0 +1,463 @@
+"""Decomposed attention: normalizer(scale * q·kᵀ + mask) · v, however it was written.
+
+Anchored at the normalizer (softmax, or sigmoid for sigmoid attention). From there:
+  down: probabilities -> [cast | identity | NaN guard]* -> contraction with V (C2)
+  up:   scores <- [cast | identity | scale | + mask/bias | where(mask) | softcap]* <- contraction (C1)
+and C1/C2 are proven by their einsum labels: C1 contracts exactly one axis (head dim) and its
+free axes are one query axis (from q) and one key axis (from k); C2 contracts exactly that key
+axis of the probabilities with V. Scalar factors are folded into one scale from wherever the
+model put them: on q or k (through layout ops), split on both, on the scores, or as baddbmm's
+alpha. Canonical score layout: [batch..., q, k] in the order C1 produced it (`score_axes`).
+"""
+from __future__ import annotations
+
+import math
+
+from attnopt.ir import LAYOUT_OPS, Graph, Rejection
+from attnopt.patterns.contraction import CONTRACTION_OPS, Contraction, describe_contraction
+from attnopt.patterns.match import MaskOperand, Match
+from attnopt.patterns.values import NotConstant, scalar_value
+
+# Fill values at or below this mask a score (HF uses finfo.min, older code -1e4 / -1e9).
+MASK_FILL_MAX = -1e4
+_TRANSPARENT = {"cast", "identity"}
+
+
+class Reject(Exception):
+    def __init__(self, node: str, reason: str):
+        super().__init__(reason)
+        self.node, self.reason = node, reason
+
+
+class DecomposedAttention:
+    """Softmax or sigmoid attention spelled out op by op."""
+
+    name = "decomposed"
+    normalizers = ("softmax", "sigmoid")
+
+    def anchors(self, graph: Graph) -> list[str]:
+        return [n for n in graph.nodes() if graph.op(n) in self.normalizers]
+
+    def match(self, graph: Graph, anchor: str) -> Match | Rejection:
+        try:
+            return _Matcher(graph, anchor).run()
+        except Reject as r:
+            return Rejection(node=r.node, reason=r.reason, pattern=self.name)
+
+
+class _Matcher:
+    def __init__(self, graph: Graph, anchor: str):
+        self.g = graph
+        self.anchor = anchor
+        self.normalizer = graph.op(anchor)
+        self.nodes: set[str] = {anchor}
+        self.details: dict = {"scale_nodes": []}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def reject(self, node: str, reason: str) -> None:
+        raise Reject(node, reason)
+
+    def users_text(self, nid: str, exclude: set[str]) -> str:
+        others = [u for u in self.g.users(nid) if u not in exclude]
+        return ", ".join(self.g.describe(u) for u in others[:3]) or "a graph output"
+
+    def single_user(self, nid: str, what: str) -> str:
+        users = self.g.users(nid)
+        if self.g.num_uses(nid) != 1 or len(users) != 1:
+            self.reject(nid, f"{what} {self.g.describe(nid)} are also used elsewhere "
+                             f"({self.users_text(nid, set())}); attention weights that escape "
+                             "cannot be fused")
+        return users[0]
+
+    # -- main ------------------------------------------------------------------------------
+    def run(self) -> Match:
+        g = self.g
+        c2_node, p_node = self.walk_down()
+        c2 = describe_contraction(g, c2_node)
+        if isinstance(c2, str):
+            self.reject(c2_node, c2)
+        p_side = "a" if c2.a == p_node else "b"
+        if c2.a == c2.b:
+            self.reject(c2_node, "the probabilities are multiplied with themselves")
+        if c2.bias is not None:
+            self.reject(c2_node, "the output matmul adds a bias (baddbmm)")
+        v_side = "b" if p_side == "a" else "a"
+        contracted = c2.contracted
+        if len(contracted) != 1:
+            self.reject(c2_node, f"the matmul with V contracts {len(contracted)} axes, not one key axis")
+        key_label_c2 = next(iter(contracted))
+        p_labels = c2.labels(p_side)
+        key_pos = p_labels.index(key_label_c2)
+        p_free = c2.free_of(p_side)
+        v_free = c2.free_of(v_side)
+        if len(p_free) != 1 or len(v_free) != 1:
+            self.reject(c2_node, "the matmul with V does not map (query, key) x (key, value) to "
+                                 "(query, value): the matmul chain does not contract the key dim")
+        q_pos = p_labels.index(next(iter(p_free)))
+
+        if self.normalizer == "softmax":
+            axis = g.attr(self.anchor, "axis")
+            if axis != key_pos:
+                self.reject(self.anchor, f"softmax over axis {axis}, but the matmul with V contracts "
+                                         f"axis {key_pos}: softmax over a non-key axis")
+
+        c1_node, masks, scale, softcap = self.walk_up()
+        c1 = describe_contraction(g, c1_node)
+        if isinstance(c1, str):
+            self.reject(c1_node, c1)
+        if c1.bias is not None and c1.beta != 0:
+            masks.append(MaskOperand(c1.bias, "add", scale=c1.beta))
+        scale *= c1.alpha
+        s_labels = c1.out_labels
+        if len(s_labels) != len(p_labels):
+            self.reject(c1_node, "scores and probabilities have different ranks")
+        key_label, q_label = s_labels[key_pos], s_labels[q_pos]
+        if len(c1.contracted) != 1:
+            self.reject(c1_node, f"the score matmul contracts {len(c1.contracted)} axes; attention "
+                                 "contracts exactly one (the head dim)")
+        d_label = next(iter(c1.contracted))
+        k_side = next((s for s in "ab" if key_label in c1.free_of(s)), None)
+        q_side = next((s for s in "ab" if q_label in c1.free_of(s)), None)
+        if k_side is None or q_side is None or k_side == q_side:
+            self.reject(c1_node, "the matmul chain does not contract the head and key dims: the "
+                                 "axis the softmax normalizes is not a key axis of the score matmul")
+        batch_labels = [l for l in s_labels if l not in (q_label, key_label)]
+        if set(batch_labels) != c1.batch:
+            self.reject(c1_node, "the score matmul has free axes besides query and key")
+
+        q_op, k_op = c1.operand(q_side), c1.operand(k_side)
+        v_op = c2.operand(v_side)
+        qs, ks, vs = g.shape(q_op), g.shape(k_op), g.shape(v_op)
+        ss = g.shape(c1_node)
+        if qs is None or ks is None or vs is None or ss is None:
+            self.reject(c1_node, "operand shapes are unknown")
+        q_lab, k_lab, v_lab = c1.labels(q_side), c1.labels(k_side), c2.labels(v_side)
+        q_len = qs[q_lab.index(q_label)]
+        kv_len = ks[k_lab.index(key_label)]
+        head_dim = qs[q_lab.index(d_label)]
+        v_label = next(iter(v_free))
+        v_head_dim = vs[v_lab.index(v_label)]
+        v_key = vs[v_lab.index(key_label_c2)]
+        if isinstance(v_key, int) and isinstance(kv_len, int) and v_key != kv_len:
+            self.reject(c2_node, f"V has {v_key} keys but the scores have {kv_len}")
+
+        # Fold scalar factors applied to q and k on their way into the score matmul.
+        q_scale, q_src = self.fold_operand_scale(q_op, "q")
+        k_scale, k_src = self.fold_operand_scale(k_op, "k")
+        scale *= q_scale * k_scale
+
+        batch, heads, kv_heads = self.heads(c1, batch_labels, ss, q_side, k_side, k_src)
+        self.nodes.update([c1_node, c2_node])
+        self.details.update(
+            q_labels=q_lab, k_labels=k_lab, v_labels=v_lab, score_labels=s_labels,
+            out_labels=c2.out_labels, c1=c1_node, c2=c2_node, q_operand=q_op, k_operand=k_op,
+            query_label=q_label, key_label=key_label, head_label=d_label, value_label=v_label,
+            q_source=q_src, k_source=k_src)
+        return Match(
+            pattern="decomposed", normalizer=self.normalizer, anchor=self.anchor, output=c2_node,
+            q=q_src, k=k_src, v=v_op, batch=batch, num_heads=heads, num_kv_heads=kv_heads,
+            q_len=q_len, kv_len=kv_len, head_dim=head_dim, v_head_dim=v_head_dim, scale=scale,
+            score_shape=tuple(ss), score_axes=(q_pos, key_pos), mask_operands=tuple(masks),
+            softcap=softcap, nodes=frozenset(self.nodes), dtype=g.dtype(q_op),
+            layout="BHSD" if len(s_labels) == 4 else f"rank{len(s_labels)}", details=self.details)
+
+    # -- probabilities side ------------------------------------------------------------------
+    def walk_down(self) -> tuple[str, str]:
+        g, cur = self.g, self.anchor
+        for _ in range(16):
+            users = g.users(cur)
+            if not users:
+                self.reject(cur, "the probabilities are not used")
+            guard = self.nan_guard(cur, users)
+            if guard:
+                cur = guard
+                continue
+            u = self.single_user(cur, "the probabilities")
+            op = g.op(u)
+            if op in _TRANSPARENT:
+                self.nodes.add(u)
+                cur = u
+            elif op == "dropout":
+                self.reject(u, "training-mode dropout on the probabilities")
+            elif op in CONTRACTION_OPS:
+                return u, cur
+            else:
+                self.reject(u, f"the probabilities feed {g.describe(u)}, not a matmul with V")
+        self.reject(cur, "no matmul with V after the normalizer")
+        raise AssertionError  # unreachable
+
+    def nan_guard(self, p: str, users: list[str]) -> str | None:
+        """where(isnan(p), 0, p): returns the where node when `users` is exactly that guard."""
+        g = self.g
+        if len(users) != 2:
+            return None
+        isnan = next((u for u in users if g.op(u) == "isnan"), None)
+        where = next((u for u in users if g.op(u) == "where"), None)
+        if isnan is None or where is None:
+            return None
+        cond, a, b = g.inputs_of(where)
+        if g.users(isnan) != [where] or cond != isnan or b != p:
+            return None
+        fill = scalar_value(g, a)
+        if not isinstance(fill, float) or fill != 0.0:
+            return None
+        self.nodes.update([isnan, where])
+        return where
+
+    # -- scores side ---------------------------------------------------------------------------
+    def walk_up(self) -> tuple[str, list[MaskOperand], float, float | None]:
+        """Walk from the normalizer's input to the score contraction."""
+        g = self.g
+        cur = g.inputs_of(self.anchor)[0]
+        masks: list[MaskOperand] = []
+        scale, softcap = 1.0, None
+        stage = 0  # 0: masks allowed; 1: after softcap (scales only); 2: after a scale
+        for _ in range(32):
+            op = g.op(cur)
+            if op in CONTRACTION_OPS:
+                if g.num_uses(cur) != 1:
+                    self.single_user(cur, "the scores")
+                return cur, masks, scale, softcap
+            self.single_user(cur, "the scores")
+            ins = g.inputs_of(cur)
+            if op in _TRANSPARENT:
+                self.nodes.add(cur)
+                cur = ins[0]
+            elif op in ("mul", "div"):
+                cap = self.softcap_at(cur) if op == "mul" else None
+                if cap is not None:
+                    if stage > 0:
+                        self.reject(cur, "softcap applied to already scaled scores after a scale")
+                    softcap, cur = cap
+                    stage = 1
+                    continue
+                factor, path = self.scalar_factor(cur)
+                scale *= factor
+                stage = 2 if stage == 0 else stage
+                self.nodes.add(cur)
+                self.details["scale_nodes"].append((cur, "scores", factor))
+                cur = path
+            elif op == "add":
+                if stage:
+                    self.reject(cur, "a mask or bias is added before the scores are scaled")
+                path, other = self.split_score_path(cur, ins)
+                masks.append(MaskOperand(other, "add"))
+                self.nodes.add(cur)
+                cur = path
+            elif op == "where":
+                if stage:
+                    self.reject(cur, "a mask is applied before the scores are scaled")
+                cond, a, b = ins
+                if self.reaches_contraction(a) and not self.reaches_contraction(b):
+                    how, fill_node, path = "keep", b, a
+                elif self.reaches_contraction(b) and not self.reaches_contraction(a):
+                    how, fill_node, path = "drop", a, b
+                else:
+                    self.reject(cur, "a where on the scores selects between two score tensors")
+                fill = scalar_value(g, fill_node)
+                if not isinstance(fill, float) or fill > MASK_FILL_MAX:
+                    shown = fill if isinstance(fill, float) else "a non-constant value"
+                    self.reject(cur, f"the where fills scores with {shown}, which does not mask them "
+                                     f"(a mask fill must be <= {MASK_FILL_MAX:g} or -inf)")
+                masks.append(MaskOperand(cond, how, fill=fill))
+                self.nodes.add(cur)
+                cur = path
+            else:
+                self.reject(cur, f"{g.describe(cur)} sits between the score matmul and the "
+                                 f"{self.normalizer}")
+        self.reject(cur, "no score matmul before the normalizer")
+        raise AssertionError  # unreachable
+
+    def reaches_contraction(self, nid: str, depth: int = 12) -> bool:
+        """Whether `nid` is (elementwise-)derived from a contraction: the score path."""
+        g = self.g
+        for _ in range(depth):
+            op = g.op(nid)
+            if op in CONTRACTION_OPS:
+                return True
+            if op in _TRANSPARENT or op in ("tanh",):
+                nid = g.inputs_of(nid)[0]
+            elif op in ("mul", "div", "add", "sub"):
+                return any(self.reaches_contraction(i, depth - 1) for i in g.inputs_of(nid))
+            elif op == "where":
+                return any(self.reaches_contraction(i, depth - 1) for i in g.inputs_of(nid)[1:])
+            else:
+                return False
+        return False
+
+    def split_score_path(self, nid: str, ins: list[str]) -> tuple[str, str]:
+        a, b = ins
+        ra, rb = self.reaches_contraction(a), self.reaches_contraction(b)
+        if ra and not rb:
+            return a, b
+        if rb and not ra:
+            return b, a
+        self.reject(nid, "an add on the scores has scores on both sides or on neither")
+        raise AssertionError  # unreachable
+
+    def scalar_factor(self, nid: str) -> tuple[float, str]:
+        """For mul/div by a constant scalar: (factor, the other operand)."""
+        g = self.g
+        a, b = g.inputs_of(nid)
+        op = g.op(nid)
+        candidates = [(b, a)] if op == "div" else [(b, a), (a, b)]
+        for s_node, path in candidates:
+            s = scalar_value(g, s_node)
+            if isinstance(s, NotConstant):
+                self.reject(nid, f"non-constant scale: {s.reason}")
+            if isinstance(s, float):
+                if op == "div":
+                    if s == 0:
+                        self.reject(nid, "scores divided by zero")
+                    return 1.0 / s, path
+                return s, path
+        if op == "div" and isinstance(scalar_value(g, a), float):
+            self.reject(nid, "a constant divided by the scores is not a scale")
+        self.reject(nid, f"{g.describe(nid)} multiplies the scores by a tensor, not a constant "
+                         "scalar (non-constant scale)")
+        raise AssertionError  # unreachable
+
+    def softcap_at(self, nid: str) -> tuple[float, str] | None:
+        """mul(tanh(x / c), c) -> (c, x)."""
+        g = self.g
+        a, b = g.inputs_of(nid)
+        for t, c_node in ((a, b), (b, a)):
+            if g.op(t) != "tanh":
+                continue
+            c = scalar_value(g, c_node)
+            if not isinstance(c, float) or c <= 0:
+                continue
+            inner = g.inputs_of(t)[0]
+            if g.op(inner) not in ("mul", "div") or g.num_uses(t) != 1 or g.num_uses(inner) != 1:
+                continue
+            try:
+                f, x = self.scalar_factor(inner)
+            except Reject:
+                continue
+            if math.isclose(f * c, 1.0, rel_tol=1e-5):
+                self.nodes.update([nid, t, inner])
+                return c, x
+        return None
+
+    # -- operands ------------------------------------------------------------------------------
+    def fold_operand_scale(self, nid: str, side: str) -> tuple[float, str]:
+        """Fold constant scalar mul/div applied to q or k (through layout ops, exclusive uses).
+
+        Returns (factor, the operand with those scale ops bypassed): the site's boundary value.
+        """
+        g = self.g
+        factor = 1.0
+        cur = nid
+        for _ in range(12):
+            op = g.op(cur)
+            if g.num_uses(cur) != 1:
+                break
+            if op in LAYOUT_OPS or op in _TRANSPARENT:
+                cur = g.inputs_of(cur)[0]
+                continue
+            if op in ("mul", "div"):
+                try:
+                    f, path = self.scalar_factor(cur)
+                except Reject:
+                    break
+                factor *= f
+                self.details["scale_nodes"].append((cur, side, f))
+                self.nodes.add(cur)
+                cur = path
+                continue
+            break
+        return factor, nid
+
+    def heads(self, c1: Contraction, batch_labels: list[str], ss, q_side: str, k_side: str,
+              k_src: str):
+        """(batch, num_heads, num_kv_heads) from the score's batch axes and the k producer."""
+        g = self.g
+        sizes = [ss[c1.out_labels.index(l)] for l in batch_labels]
+        k_shape = g.shape(c1.operand(k_side))
+        k_lab = c1.labels(k_side)
+        k_sizes = [k_shape[k_lab.index(l)] if l in k_lab else 1 for l in batch_labels]
+        if len(sizes) == 0:
+            return 1, 1, 1
+        if len(sizes) == 1:
+            heads = infer_merged_heads(g, c1.operand(q_side))
+            if heads and isinstance(sizes[0], int):
+                kv = infer_merged_heads(g, c1.operand(k_side)) or heads
+                return sizes[0] // heads, heads, kv
+            return sizes[0], 1, 1
+        batch = sizes[0]
+        heads_sizes = sizes[1:]
+        heads = _prod(heads_sizes)
+        # Broadcast heads on k (MQA / GQA without repeat: k has size 1 on a head axis).
+        kv = _prod(ks if ks != 1 or s == 1 else 1 for ks, s in zip(k_sizes[1:], heads_sizes))
+        rep = repeat_factor(g, c1.operand(k_side))
+        if rep and isinstance(kv, int):
+            kv = kv // rep
+        self.details["kv_repeat"] = rep
+        return batch, heads, kv
+
+
+def _prod(xs) -> int | str:
+    out: int | str = 1
+    for x in xs:
+        if isinstance(x, int) and isinstance(out, int):
+            out *= x
+        else:
+            out = f"{out}*{x}" if out != 1 else x
+    return out
+
+
+def repeat_factor(graph: Graph, nid: str) -> int | None:
+    """How many times k's heads were repeated on its way into the score matmul (GQA).
+
+    Recognizes repeat_kv (unsqueeze -> expand -> reshape merging (kv_heads, n_rep)) and
+    repeat_interleave along the head axis, through layout ops.
+    """
+    cur = nid
+    for _ in range(10):
+        op = graph.op(cur)
+        if op == "repeat":
+            return int(graph.attr(cur, "repeats"))
+        if op == "expand":
+            src = graph.inputs_of(cur)[0]
+            s_in, s_out = graph.shape(src), graph.shape(cur)
+            if s_in is not None and s_out is not None and len(s_in) == len(s_out):
+                grown = [o // i for i, o in zip(s_in, s_out)
+                         if isinstance(i, int) and isinstance(o, int) and i == 1 and o > 1]
+                # batch-only growth (e.g. expanding a shared k over batch) is not GQA
+                if len(grown) == 1 and len(s_in) >= 4 and s_in[0] == s_out[0]:
+                    return grown[0]
+            return None
+        if op in LAYOUT_OPS or op == "cast":
+            cur = graph.inputs_of(cur)[0]
+            continue
+        return None
+    return None
+
+
+def infer_merged_heads(graph: Graph, nid: str) -> int | None:
+    """For [B*H, S, D] operands: find the 4-D [B, H, S, D] or [B, S, H, D] tensor above."""
+    shape = graph.shape(nid)
+    if shape is None or len(shape) != 3:
+        return None
+    s, d = shape[1], shape[2]
+    cur = nid
+    for _ in range(8):
+        if graph.op(cur) not in LAYOUT_OPS and graph.op(cur) not in ("mul", "div", "cast"):
+            return None
+        ins = graph.inputs_of(cur)
+        if not ins:
+            return None
+        cur = ins[0] if graph.op(cur) not in ("mul", "div") else next(
+            (i for i in ins if graph.shape(i) is not None and len(graph.shape(i)) >= 3), ins[0])
+        sh = graph.shape(cur)
+        if sh is not None and len(sh) == 4:
+            dims = list(sh)
+            if dims[-1] == d and s in dims[1:3]:
+                rest = dims[1:3]
+                rest.remove(s)
+                return rest[0] if isinstance(rest[0], int) else None
+            if dims[-2] == d and s in dims[1:]:  # pre-transposed k: [B, H, D, S]
+                rest = [x for i, x in enumerate(dims[1:]) if i != 1]
+                rest.remove(s)
+                return rest[0] if isinstance(rest[0], int) else None
+    return None

@@ -1,0 +1,112 @@
+"""Already-fused attention calls: torch SDPA (all aten variants), torch's native MHA fast path,
+ONNX `Attention` (opset 23+), and com.microsoft MultiHeadAttention / Attention /
+GroupQueryAttention. Front ends translate them all to one IR op, `sdpa`, whose attrs say which
+one it was (`flavor`), the layout of q ("BHSD", or "BSD" with heads folded into the hidden
+dim), head counts, scale (None = 1/sqrt(head_dim)), is_causal and mask slots.
+"""
+from __future__ import annotations
+
+import math
+
+from attnopt.ir import Graph, Rejection
+from attnopt.patterns.match import MaskOperand, Match
+
+_BOOL = {"bool"}
+
+
+class FusedAttention:
+    name = "fused"
+
+    def anchors(self, graph: Graph) -> list[str]:
+        return [n for n in graph.nodes() if graph.op(n) == "sdpa"]
+
+    def match(self, graph: Graph, anchor: str) -> Match | Rejection:
+        a = graph.attrs(anchor)
+        slots = a.get("slots") or {}
+        flavor = a.get("flavor", "")
+        if (a.get("dropout_p") or 0.0) > 0:
+            return Rejection(anchor, "fused attention with dropout_p > 0 (training)", self.name)
+        q, k, v = slots.get("q"), slots.get("k"), slots.get("v")
+        if q is None or k is None or v is None:
+            return Rejection(anchor, f"{flavor}: q, k or v input is missing", self.name)
+        qs, ks, vs = graph.shape(q), graph.shape(k), graph.shape(v)
+        if qs is None or ks is None or vs is None:
+            return Rejection(anchor, f"{flavor}: unknown input shapes", self.name)
+        if flavor == "ms_attention":
+            return self._ms_attention(graph, anchor, a, qs)
+        heads = a.get("num_heads")
+        kv_heads = a.get("num_kv_heads") or heads
+        if a.get("layout") == "BHSD" and len(qs) >= 3:
+            batch = qs[0] if len(qs) == 4 else 1
+            heads, q_len, head_dim = qs[-3], qs[-2], qs[-1]
+            kv_heads, kv_len, v_dim = ks[-3], ks[-2], vs[-1]
+        elif len(qs) == 3 and heads:
+            batch, q_len = qs[0], qs[1]
+            head_dim = qs[2] // heads if isinstance(qs[2], int) else qs[2]
+            if len(ks) == 4:  # k already [B, H, S, D]
+                kv_heads, kv_len = ks[1], ks[2]
+                v_dim = vs[-1]
+            else:
+                kv_len = ks[1]
+                v_dim = vs[2] // kv_heads if isinstance(vs[2], int) else vs[2]
+        else:
+            return Rejection(anchor, f"{flavor}: cannot read heads from q of shape {qs}", self.name)
+        if flavor == "torch_native_mha" and isinstance(qs[-1], int):
+            head_dim = qs[-1] // heads
+            v_dim = head_dim
+        scale = a.get("scale")
+        if scale is None and isinstance(head_dim, int):
+            scale = 1.0 / math.sqrt(head_dim)
+        masks = []
+        mask = slots.get("mask")
+        if mask is not None:
+            how = "keep" if graph.dtype(mask) in _BOOL else "add"
+            masks.append(MaskOperand(mask, how))
+        bias = slots.get("attention_bias")
+        if bias is not None:
+            masks.append(MaskOperand(bias, "add"))
+        kpm = slots.get("key_padding_mask")
+        details = {"flavor": flavor}
+        if kpm is not None:
+            details["key_padding_input"] = kpm
+        window = None
+        lw = a.get("local_window_size")
+        if lw is not None and lw >= 0:
+            window = (int(lw), 0)
+        return Match(
+            pattern=f"fused:{flavor}", normalizer="softmax", anchor=anchor, output=anchor,
+            q=q, k=k, v=v, batch=batch, num_heads=heads, num_kv_heads=kv_heads, q_len=q_len,
+            kv_len=kv_len, head_dim=head_dim, v_head_dim=v_dim, scale=scale,
+            score_shape=None, score_axes=None, mask_operands=tuple(masks),
+            structural_causal=bool(a.get("is_causal")),
+            causal_alignment="top_left" if flavor.startswith("torch") else "bottom_right",
+            softcap=a.get("softcap") or None, window=window, nodes=frozenset([anchor]),
+            dtype=graph.dtype(q), layout=a.get("layout", "BHSD"), details=details)
+
+    def _ms_attention(self, graph: Graph, anchor: str, a: dict, xs) -> Match | Rejection:
+        heads = a.get("num_heads")
+        sizes = a.get("qkv_hidden_sizes")
+        hidden = sizes[0] if sizes else None
+        if hidden is None:
+            w = (a.get("slots") or {}).get("weights")
+            ws = graph.shape(w) if w else None
+            hidden = ws[1] // 3 if ws and isinstance(ws[1], int) else None
+        if not heads or not isinstance(hidden, int):
+            return Rejection(anchor, "com.microsoft Attention: unknown num_heads or hidden size",
+                             self.name)
+        d = hidden // heads
+        scale = a.get("scale") or 1.0 / math.sqrt(d)
+        slots = a.get("slots") or {}
+        masks = []
+        if slots.get("attention_bias"):
+            masks.append(MaskOperand(slots["attention_bias"], "add"))
+        details = {"flavor": "ms_attention"}
+        if slots.get("mask_index"):
+            details["key_padding_input"] = slots["mask_index"]
+        return Match(
+            pattern="fused:ms_attention", normalizer="softmax", anchor=anchor, output=anchor,
+            q=slots.get("q"), k=slots.get("k"), v=slots.get("v"), batch=xs[0], num_heads=heads,
+            num_kv_heads=heads, q_len=xs[1], kv_len=xs[1], head_dim=d, v_head_dim=d,
+            scale=scale, mask_operands=tuple(masks), structural_causal=bool(a.get("is_causal")),
+            causal_alignment="bottom_right", nodes=frozenset([anchor]), dtype=graph.dtype(anchor),
+            layout="BSD", details=details)
