@@ -12,6 +12,7 @@ evaluator needs it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -216,6 +217,79 @@ def _subgraph_refs(node: onnx.NodeProto) -> list[str]:
     return refs
 
 
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_EXPR = re.compile(r"^[A-Za-z0-9_ +\-*/%(),]+$")
+
+
+def _simplify_dim_exprs(types: dict[str, tuple[Shape | None, str | None]]) -> None:
+    """Rewrite exporter dim expressions such as '((batch*seq)//batch)' to 'seq' (or an int).
+
+    The dynamo exporter writes symbolic sizes as sympy expressions; simplified, equal sizes
+    compare equal as strings. Expressions that do not reduce to one symbol stay as written.
+    """
+    exprs = {d for shape, _ in types.values() if shape for d in shape
+             if isinstance(d, str) and d != "?" and not _IDENT.match(d) and _EXPR.match(d)}
+    if not exprs:
+        return
+    try:
+        import sympy
+    except ImportError:  # pragma: no cover - sympy comes with torch
+        return
+    mapping: dict[str, int | str] = {}
+    for e in exprs:
+        try:
+            names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", e)) - {"Min", "Max", "Mod"}
+            syms = {n: sympy.Symbol(n, integer=True, positive=True) for n in names}
+            syms.update(Min=sympy.Min, Max=sympy.Max, Mod=sympy.Mod)
+            r = sympy.simplify(sympy.sympify(e, locals=syms))
+            if r.is_Integer:
+                mapping[e] = int(r)
+            elif r.is_Symbol:
+                mapping[e] = str(r)
+        except Exception:  # noqa: BLE001 - unparsable: keep the string
+            continue
+    if not mapping:
+        return
+    for k, (shape, dt) in list(types.items()):
+        if shape and any(isinstance(d, str) and d in mapping for d in shape):
+            types[k] = (tuple(mapping.get(d, d) if isinstance(d, str) else d for d in shape), dt)
+
+
+def _eval_dim(d: str, sizes: Mapping[str, int]) -> int | None:
+    """Value of a dim expression on the probe sizes (None if it names an unknown symbol)."""
+    if d in sizes:
+        return sizes[d]
+    if d == "?" or not _EXPR.match(d):
+        return None
+    import ast
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+
+    def ev(n: ast.AST) -> int:
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.Name) and n.id in sizes:
+            return sizes[n.id]
+        if isinstance(n, ast.BinOp) and type(n.op) in ops:
+            return ops[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
+            return ev(n.left) // ev(n.right)
+        if (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                and n.func.id in ("Min", "Max", "min", "max") and not n.keywords):
+            f = min if n.func.id.lower() == "min" else max
+            return f(ev(a) for a in n.args)
+        raise ValueError(d)
+
+    try:
+        return int(ev(ast.parse(d, mode="eval")))
+    except Exception:  # noqa: BLE001
+        return None
+
+
 # ---- loading -----------------------------------------------------------------------------
 
 def _read_model(path: str) -> onnx.ModelProto:
@@ -341,18 +415,15 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto, *, base_dir: str | Non
     return _Translator(proto, opset, base_dir, where).run(name, path)
 
 
-def _gadd(graph: Graph, nid: str, op: str, inputs: Sequence[str], native_obj: Any,
+def _gadd(graph: Graph, nid: str, op: str, inputs: Sequence[str], ref: Any,
           native_name: str, *, shape: Shape | None = None, dtype: str | None = None,
           value: np.ndarray | None = None, attrs: Mapping[str, Any] | None = None,
           **more: Any) -> str:
-    """Graph.add, with attrs set afterwards: attrs "native" and "dtype" (cast) share names
-    with keywords of Graph.add."""
-    graph.add(nid, op, inputs, shape=shape, dtype=dtype, value=value, native=native_obj)
-    a = graph.g.nodes[nid]["attrs"]
-    a.update(attrs or {})
+    """Graph.add with attrs given as a dict, plus attrs["native"] naming the native op."""
+    a = dict(attrs or {})
     a.update(more)
     a["native"] = native_name
-    return nid
+    return graph.add(nid, op, inputs, shape=shape, dtype=dtype, value=value, ref=ref, **a)
 
 
 # ---- translation -------------------------------------------------------------------------
@@ -382,6 +453,7 @@ class _Translator:
                     self.types[vi.name] = (shape, dt or self.types.get(vi.name, (None, None))[1])
         for t in self.model.graph.initializer:
             self.types[t.name] = (tuple(int(d) for d in t.dims), dtype_name(t.data_type))
+        _simplify_dim_exprs(self.types)
 
     def shape(self, name: str) -> Shape | None:
         return self.types.get(name, (None, None))[0]
@@ -557,6 +629,8 @@ class _Translator:
         if dom == "ai.onnx":
             if t == "MatMul":
                 return "matmul", ins, {}
+            if t == "Shape":
+                return "shape", [x0], {"native_attrs": a}
             if t == "Einsum":
                 return "einsum", ins, {"equation": a.get("equation", "")}
             if t == "Transpose":
@@ -594,10 +668,10 @@ class _Translator:
             if t in _UNARY:
                 return _UNARY[t], ins, {}
             if t == "Cast":
-                return "cast", [x0], {"dtype": dtype_name(int(a.get("to", 0)))}
+                return "cast", [x0], {"to": dtype_name(int(a.get("to", 0)))}
             if t == "CastLike":
                 tgt = node.input[1] if len(node.input) > 1 else ""
-                return "cast", [x0], {"dtype": self.dtype(tgt)}
+                return "cast", [x0], {"to": self.dtype(tgt)}
             if t == "Attention" and self.opset >= 23:
                 return self._onnx_attention(node, a, ins)
         elif dom == _MS:
@@ -832,24 +906,31 @@ class OnnxEvaluator(Evaluator):
         if name in self._shape_cache:
             return self._shape_cache[name]
         self.default_feeds()
-        s = self.graph.shape(name)
-        if s is not None and all(isinstance(d, int) or (d != "?" and d in self._probe_sizes)
-                                 for d in s):
-            out = tuple(d if isinstance(d, int) else self._probe_sizes[d] for d in s)
-        else:
+        out = self._static_probe_shape(name)
+        if out is None:
             out = tuple(np.shape(self.evaluate([name])[name]))
         self._shape_cache[name] = out
         return out
+
+    def _static_probe_shape(self, name: str) -> tuple[int, ...] | None:
+        self.default_feeds()
+        s = self.graph.shape(name)
+        if s is None:
+            return None
+        out = []
+        for d in s:
+            v = d if isinstance(d, int) else _eval_dim(d, self._probe_sizes)
+            if v is None:
+                return None
+            out.append(v)
+        return tuple(out)
 
     def probe_shapes(self, nids: Sequence[str]) -> dict[str, tuple[int, ...] | None]:
         """probe_shape for many nodes with one evaluation for those that need it."""
         need = []
         for n in nids:
             name = self._resolve(n)
-            s = self.graph.shape(name)
-            self.default_feeds()
-            if name not in self._shape_cache and not (s is not None and all(
-                    isinstance(d, int) or (d != "?" and d in self._probe_sizes) for d in s)):
+            if name not in self._shape_cache and self._static_probe_shape(name) is None:
                 need.append(name)
         if need:
             vals = self.evaluate(need)

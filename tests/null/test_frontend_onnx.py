@@ -69,7 +69,7 @@ def test_decomposed_attention_ops_shapes_attrs():
     assert g.outputs == ["output:y"] and g.inputs_of("output:y") == ["y"]
     assert g.shape("output:y") == ("batch", "seq", 32)
     assert g.attr("qk", "native") == "ai.onnx::MatMul"
-    assert g.native("qk").op_type == "MatMul"
+    assert g.ref("qk").op_type == "MatMul"
     assert isinstance(g.evaluator, OnnxEvaluator)
     assert g.native_model is not None and g.native_path is None
     # every IR input id exists and edges match inputs
@@ -92,6 +92,7 @@ def test_misc_op_mapping():
         h.make_node("Gemm", ["x2", "w2"], ["gm"], transB=1),
         h.make_node("Split", ["gm"], ["s0", "s1"], axis=1, num_outputs=2),
         h.make_node("Softmax", ["x"], ["sm1"], axis=1),
+        h.make_node("Shape", ["x"], ["shp"], start=1),
     ]
     ins = [_vi("x", [2, 3, 4]), _vi("tgt", [1], T.INT32), _vi("cond", [2, 3, 4], T.BOOL),
            _vi("x2", [5, 6])]
@@ -101,8 +102,8 @@ def test_misc_op_mapping():
              nh.from_array(np.array([2, 3, 4], np.int64), "eshape"),
              nh.from_array(np.ones((8, 6), np.float32), "w2")]
     g = load_onnx(_model(nodes, ins, [_vi("s0", None), _vi("s1", None)], inits, opset=18))
-    assert g.op("xc") == "cast" and g.attr("xc", "dtype") == "float16" and g.dtype("xc") == "float16"
-    assert g.op("xl") == "cast" and g.attr("xl", "dtype") == "int32" and g.inputs_of("xl") == ["x"]
+    assert g.op("xc") == "cast" and g.attr("xc", "to") == "float16" and g.dtype("xc") == "float16"
+    assert g.op("xl") == "cast" and g.attr("xl", "to") == "int32" and g.inputs_of("xl") == ["x"]
     assert g.op("xs_full") == "identity" and g.inputs_of("xs_full") == ["x"]
     assert g.op("xs_part") == "other" and g.attr("xs_part", "native") == "ai.onnx::Slice"
     assert g.op("w") == "where" and g.inputs_of("w") == ["cond", "x", "x"]
@@ -115,6 +116,8 @@ def test_misc_op_mapping():
     assert g.inputs_of("s1") == ["gm"] and g.shape("s1") == (5, 4)
     assert g.op("sm1") == "softmax" and g.attr("sm1", "axis") == 1
     assert g.shape("x2") == (5, 6) and g.value("w2") is not None
+    assert g.op("shp") == "shape" and g.inputs_of("shp") == ["x"]
+    assert g.attr("shp", "native_attrs") == {"start": 1}
 
 
 def test_big_initializer_has_no_value():
@@ -373,3 +376,12 @@ def test_torch_exported(tmp_path, dynamo):
     got = g.evaluator.evaluate(["output:out"], feeds=feeds)["output:out"]
     np.testing.assert_allclose(got, mod(x, mask).detach().numpy(), rtol=1e-4, atol=1e-5)
     assert g.evaluator.probe_shape(sm) == (2, 4, 48, 48)
+
+
+def test_exporter_dim_expressions_simplified():
+    nodes = [h.make_node("Relu", ["x"], ["y"]), h.make_node("Relu", ["y"], ["z"])]
+    m = _model(nodes, [_vi("x", ["batch", "seq"])], [_vi("z", None)])
+    m.graph.value_info.append(_vi("y", ["((batch*seq)//batch)", "Min(512, seq)"]))
+    g = load_onnx(m)
+    assert g.shape("y") == ("seq", "Min(512, seq)")
+    assert g.evaluator.probe_shape("y") == (48, 48)
