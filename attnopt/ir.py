@@ -144,7 +144,7 @@ class Graph:
         n = self.g.nodes[nid]
         native = n["attrs"].get("native")
         what = f"{n['op']}({native})" if native else n["op"]
-        return f"{nid} [{what}]"
+        return f"{nid} ({what})"
 
 
 class Evaluator:

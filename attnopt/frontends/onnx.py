@@ -501,6 +501,8 @@ class _Translator:
         for node in self._topo_nodes():
             self._node(node, local_funcs)
         for vi in gp.output:
+            if f"output:{vi.name}" in graph:
+                continue  # the same value listed twice as an output
             if vi.name not in graph:
                 raise UnreadableModel(f"{self.where} is not a valid ONNX model: graph output "
                                       f"{vi.name!r} is never produced")

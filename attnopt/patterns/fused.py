@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from attnopt.ir import Graph, Rejection
+from attnopt.patterns.decomposed import repeat_factor
 from attnopt.patterns.match import MaskOperand, Match
 
 _BOOL = {"bool"}
@@ -40,6 +41,10 @@ class FusedAttention:
             batch = qs[0] if len(qs) == 4 else 1
             heads, q_len, head_dim = qs[-3], qs[-2], qs[-1]
             kv_heads, kv_len, v_dim = ks[-3], ks[-2], vs[-1]
+            # GQA spelled as repeat_kv before the fused call: count the heads before the repeat.
+            rep = repeat_factor(graph, k)
+            if rep and isinstance(kv_heads, int) and kv_heads % rep == 0:
+                kv_heads //= rep
         elif len(qs) == 3 and heads:
             batch, q_len = qs[0], qs[1]
             head_dim = qs[2] // heads if isinstance(qs[2], int) else qs[2]

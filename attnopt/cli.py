@@ -1,0 +1,116 @@
+"""The `attnopt` command line: inspect (and, as they land, optimize, plan, simulate, bench).
+
+Every command turns a user error into one line on stderr and a distinct exit code
+(attnopt.errors); a traceback only with --debug.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from attnopt.errors import AttnoptError, Interrupted
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="attnopt: find, plan and fuse every attention in a model.")
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """attnopt: find, plan and fuse every attention in a model."""
+
+
+@contextmanager
+def user_errors(debug: bool) -> Iterator[None]:
+    """Map failures to one-line messages and exit codes."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except AttnoptError as e:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[red]error:[/red] interrupted", highlight=False)
+        raise typer.Exit(Interrupted.exit_code) from None
+    except Exception as e:  # noqa: BLE001 - a bug: still one line unless --debug
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        err.print(f"[red]error:[/red] internal error ({type(e).__name__}): {first} "
+                  "(run with --debug for the traceback)", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def sites_table(report) -> Table:
+    t = Table(title=f"attention sites in {report.source}", show_lines=False)
+    for col in ("site", "pattern", "norm", "heads", "q x kv", "head dim", "scale", "mask",
+                "mods", "grid"):
+        t.add_column(col, overflow="fold")
+    for s in report.sites:
+        sp = s.spec
+        heads = _fmt(sp.num_heads) if sp.num_heads == sp.num_kv_heads else \
+            f"{_fmt(sp.num_heads)}/{_fmt(sp.num_kv_heads)}"
+        hd = _fmt(sp.head_dim) if sp.head_dim == sp.v_head_dim else \
+            f"{_fmt(sp.head_dim)}/{_fmt(sp.v_head_dim)}"
+        t.add_row(s.name, s.pattern, sp.normalizer, heads, f"{_fmt(sp.q_len)} x {_fmt(sp.kv_len)}",
+                  hd, _fmt(sp.scale), sp.mask.describe(), ",".join(sp.score_mods) or "-",
+                  sp.token_grid.describe() if sp.token_grid else "-")
+    return t
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="an .onnx or .pt2 file"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    explain: bool = typer.Option(False, "--explain", help="also list near misses and why"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Find every attention site in MODEL and describe it exactly."""
+    import attnopt
+
+    with user_errors(debug):
+        with err.status(f"inspecting {model} ..."):
+            report = attnopt.inspect(model)
+        if as_json:
+            sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+            return
+        if report.sites:
+            out.print(sites_table(report))
+        else:
+            out.print(f"no attention found in {model}")
+        if explain and report.rejected:
+            t = Table(title="near misses (not attention, or not provably)")
+            t.add_column("node", overflow="fold")
+            t.add_column("reason", overflow="fold")
+            for r in report.rejected:
+                t.add_row(r.node, r.reason)
+            out.print(t)
+        elif report.rejected:
+            out.print(f"{len(report.rejected)} near miss(es); --explain lists them")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
