@@ -11,6 +11,7 @@ evaluator needs it.
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
 from pathlib import Path
@@ -58,6 +59,24 @@ def dtype_name(elem_type: int) -> str | None:
         return TensorProto.DataType.Name(elem_type).lower()
     except ValueError:
         return None
+
+
+def node_scope(node: onnx.NodeProto) -> str:
+    """Dotted module path of the torch module a node was exported from (best effort).
+
+    The dynamo exporter records `pkg.torch.onnx.name_scopes` (['', 'layers.0', 'softmax']);
+    the TorchScript exporter names nodes by path (/encoder/layer.0/attention/self/Softmax).
+    """
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                parts = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                break
+            return ".".join(x for x in parts[:-1] if x)
+    if node.name.startswith("/"):
+        return ".".join(x for x in node.name.split("/")[1:-1] if x)
+    return ""
 
 
 def _domain(d: str) -> str:
@@ -575,6 +594,7 @@ class _Translator:
                                   f"{node.name or node.op_type!r} uses undefined value "
                                   f"{missing[0]!r}")
         value = attrs.pop("value", None)
+        attrs.setdefault("scope", node_scope(node))
         _gadd(g, nid, op, inputs, node, f"{_domain(node.domain)}::{node.op_type}",
               shape=self.shape(nid), dtype=self.dtype(nid), value=value, attrs=attrs)
 
