@@ -20,7 +20,7 @@ from attnopt.errors import AttnoptError, Interrupted
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="attnopt: find, plan and fuse every attention in a model.")
 out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
