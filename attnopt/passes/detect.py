@@ -43,7 +43,7 @@ def detect(graph: Graph) -> tuple[list[Site], list[Rejection]]:
             v_head_dim=m.v_head_dim, scale=m.scale, mask=masks.mask, score_mods=masks.score_mods,
             token_grid=assign_grid(graph, m.q, m.q_len, grid_cache), dtype=m.dtype, layout=m.layout)
         name = _unique(_site_name(graph, m, len(sites)), names)
-        details = dict(m.details)
+        details = dict(m.details, mask_operands=m.mask_operands)
         if masks.reason:
             details["mask_reason"] = masks.reason
         sites.append(Site(

@@ -149,7 +149,7 @@ class _Matcher:
         batch, heads, kv_heads = self.heads(c1, batch_labels, ss, q_side, k_side, k_src)
         self.nodes.update([c1_node, c2_node])
         self.details.update(
-            q_labels=q_lab, k_labels=k_lab, v_labels=v_lab, score_labels=s_labels,
+            q_labels=q_lab, k_labels=k_lab, v_labels=v_lab, score_labels=s_labels, p_labels=p_labels,
             out_labels=c2.out_labels, c1=c1_node, c2=c2_node, q_operand=q_op, k_operand=k_op,
             query_label=q_label, key_label=key_label, head_label=d_label, value_label=v_label,
             q_source=q_src, k_source=k_src)
@@ -235,7 +235,7 @@ class _Matcher:
                 scale *= factor
                 stage = 2 if stage == 0 else stage
                 self.nodes.add(cur)
-                self.details["scale_nodes"].append((cur, "scores", factor))
+                self.details["scale_nodes"].append((cur, "scores", factor, path))
                 cur = path
             elif op == "add":
                 if stage:
@@ -361,7 +361,7 @@ class _Matcher:
                 except Reject:
                     break
                 factor *= f
-                self.details["scale_nodes"].append((cur, side, f))
+                self.details["scale_nodes"].append((cur, side, f, path))
                 self.nodes.add(cur)
                 cur = path
                 continue

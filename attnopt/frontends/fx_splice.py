@@ -1,0 +1,165 @@
+"""Execute rewrite recipes on a torch.fx GraphModule (dynamo torch-level or unlifted aten).
+
+The replacement is emitted with torch-level calls (permute, unsqueeze, reshape, where, add)
+around one `torch.ops.attnopt.attention` call; both eager execution, inductor and a re-export
+with torch.export accept them at either level. The input GraphModule is never modified: a
+copy of its graph is rewritten and wrapped around the same parameters.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from attnopt.frontends.fx import _ASSERT_OPS, base_name
+from attnopt.passes.rewrite import MaskTerm, Recipe
+
+def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModule, dict[str, str]]:
+    """A new GraphModule with every recipe applied (sharing gm's parameters), and for each
+    site the name of the node that now computes its output."""
+    import attnopt.codegen.ops  # noqa: F401 - registers torch.ops.attnopt.attention
+
+    graph = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    touched: set[fx.Node] = set()
+    results = {}
+    for r in recipes:
+        results[r.site] = _apply(graph, by_name, r, touched).name
+    _remove_dead(graph, touched)
+    graph.lint()
+    new = fx.GraphModule(gm, graph)
+    new.meta.update(getattr(gm, "meta", {}))
+    return new, results
+
+
+def _call(graph: fx.Graph, fn, *args) -> fx.Node:
+    return graph.call_function(fn, args)
+
+
+def _permute(graph: fx.Graph, x: fx.Node, perm: tuple[int, ...]) -> fx.Node:
+    if perm == tuple(range(len(perm))):
+        return x
+    return _call(graph, torch.permute, x, list(perm))
+
+
+def _to_4d(graph: fx.Graph, x: fx.Node, r: Recipe, is_k: bool = False) -> fx.Node:
+    """Canonical [batch..., S, D] -> [B, H, S, D]."""
+    if r.batch_rank == 2:
+        return x
+    if r.batch_rank == 1:
+        return _call(graph, torch.unsqueeze, x, 1)
+    if r.batch_rank == 0:
+        return _call(graph, torch.unsqueeze, _call(graph, torch.unsqueeze, x, 0), 0)
+    # rank 3: [b0, b1, b2, S, D]; GQA broadcast over b2 keeps b1 kv heads.
+    if is_k and r.k_group_broadcast:
+        return _call(graph, torch.squeeze, x, 2)
+    return _call(graph, torch.flatten, x, 1, 2)
+
+
+def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
+    out_node = by[r.output]
+    with graph.inserting_before(out_node):
+        q = _to_4d(graph, _permute(graph, by[r.q.node], r.q.perm), r)
+        k = _to_4d(graph, _permute(graph, by[r.k.node], r.k.perm), r, is_k=True)
+        v = _to_4d(graph, _permute(graph, by[r.v.node], r.v.perm), r, is_k=True)
+        mask = _combined_mask(graph, by, r)
+        wl, wr = (r.window or (None, None))
+        attn = _call(graph, torch.ops.attnopt.attention.default, q, k, v, mask, float(r.scale),
+                     bool(r.causal), r.causal_alignment, -1 if wl is None else int(wl),
+                     -1 if wr is None else int(wr), float(r.softcap or 0.0), r.normalizer)
+        if r.batch_rank == 1:
+            attn = _call(graph, torch.squeeze, attn, 1)
+        elif r.batch_rank == 0:
+            attn = _call(graph, torch.squeeze, _call(graph, torch.squeeze, attn, 0), 0)
+        elif r.batch_rank == 3:
+            attn = _call(graph, torch.unflatten, attn, 1, tuple(r.batch_sizes[1:3]))
+        result = _permute(graph, attn, r.out_perm)
+    out_node.replace_all_uses_with(result)
+    for name, path in r.bypass:
+        by[name].replace_all_uses_with(by[path])
+        touched.add(by[name])
+    touched.update(by[n] for n in r.remove if n in by)
+    touched.add(out_node)
+    return result
+
+
+def _combined_mask(graph: fx.Graph, by: dict, r: Recipe) -> fx.Node | None:
+    """One attn_mask from the recipe's terms: a bool mask if all terms are selections with a
+    -inf fill, else an additive float mask (sums reproduce the model's own additions)."""
+    if not r.masks:
+        return None
+    parts = []
+    for t in r.masks:
+        x = graph.call_method("reshape", (by[t.node], _broadcast_shape_arg(by[t.node], t.rank)))
+        x = _permute(graph, x, t.perm)
+        parts.append((t, x))
+    all_bool = all(t.how in ("keep", "drop") and t.fill == float("-inf") for t, _ in parts)
+    acc = None
+    for t, x in parts:
+        if all_bool:
+            term = x if t.how == "keep" else _call(graph, torch.logical_not, x)
+            term = _call(graph, torch.Tensor.bool, term)
+            acc = term if acc is None else _call(graph, torch.logical_and, acc, term)
+            continue
+        if t.how == "add":
+            term = x if t.factor == 1.0 else _call(graph, operator.mul, x, t.factor)
+        else:
+            cond = x if t.how == "drop" else _call(graph, torch.logical_not, x)
+            term = _call(graph, torch.where, _call(graph, torch.Tensor.bool, cond), float(t.fill), 0.0)
+        acc = term if acc is None else _call(graph, operator.add, acc, term)
+    return _mask_to_4d(graph, acc, r)
+
+
+def _broadcast_shape_arg(node: fx.Node, rank: int):
+    val = node.meta.get("val", node.meta.get("example_value"))
+    shape = list(val.shape) if isinstance(val, torch.Tensor) else None
+    if shape is None:
+        raise ValueError(f"mask {node.name} has no shape")
+    shape = [1] * (rank - len(shape)) + shape
+    return [s if isinstance(s, int) else -1 for s in shape]
+
+
+def _mask_to_4d(graph: fx.Graph, x: fx.Node, r: Recipe) -> fx.Node:
+    if r.batch_rank == 2:
+        return x
+    if r.batch_rank == 1:
+        return _call(graph, torch.unsqueeze, x, 1)
+    if r.batch_rank == 0:
+        return _call(graph, torch.unsqueeze, _call(graph, torch.unsqueeze, x, 0), 0)
+    b1, b2 = r.batch_sizes[1:3]
+    full = _call(graph, torch.Tensor.expand, x, -1, b1, b2, -1, -1)
+    return _call(graph, torch.flatten, full, 1, 2)
+
+
+def _remove_dead(graph: fx.Graph, start: set) -> None:
+    """Erase nodes that the rewrite left without users, and the producers that only fed
+    them; asserts that only checked a dead value go with it."""
+    work = list(start)
+    erased: set[fx.Node] = set()
+    while work:
+        n = work.pop()
+        if n in erased or n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if any(base_name(u) not in _ASSERT_OPS for u in n.users):
+            continue
+        if n.op == "call_function" and base_name(n) in _ASSERT_OPS:
+            continue
+        if n.op == "call_module" or _impure(n):
+            continue
+        for u in list(n.users):
+            graph.erase_node(u)
+            erased.add(u)
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        erased.add(n)
+        work.extend(inputs)
+
+
+def _impure(n: fx.Node) -> bool:
+    try:
+        return n.is_impure()
+    except Exception:  # noqa: BLE001 - unknown targets are kept
+        return True

@@ -1,0 +1,139 @@
+"""optimize() for torch models: nn.Module, dynamo GraphModule, ExportedProgram.
+
+detect -> plan a recipe per site -> splice into a copy of the graph -> validate against the
+original on the example inputs (and padded variants) -> revert any site whose output moved
+beyond floating-point noise, re-validating until what is kept is proven.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from attnopt.frontends import fx as fx_front
+from attnopt.frontends.fx_splice import splice
+from attnopt.ir import Graph, Site
+from attnopt.passes.detect import detect
+from attnopt.passes.rewrite import Recipe, plan
+from attnopt.passes.validate import (Error, outputs_error, padded_variants, run_captured,
+                                     tensor_error, tolerance_for)
+from attnopt.patterns.values import user_inputs_reached
+from attnopt.result import OptimizeResult, SiteResult
+
+
+def flat_example_inputs(ep: "torch.export.ExportedProgram", gm: fx.GraphModule) -> list[Any]:
+    ex = getattr(ep, "example_inputs", None)
+    if ex is None:
+        raise ValueError("the exported program carries no example inputs; pass example_inputs")
+    args, kwargs = ex
+    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if len(flat) != n_ph:
+        raise ValueError(f"example inputs flatten to {len(flat)} values, the program takes {n_ph}")
+    return flat
+
+
+def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: str = "fx",
+                          validate: bool = True) -> tuple[fx.GraphModule, OptimizeResult]:
+    graph = fx_front.from_graph_module(gm, list(inputs), source=source)
+    sites, rejected = detect(graph)
+    results: dict[str, SiteResult] = {}
+    recipes: list[Recipe] = []
+    for s in sites:
+        r = plan(graph, s)
+        if isinstance(r, str):
+            results[s.name] = SiteResult(s.name, s.pattern, "kept", None, r, s.spec)
+        else:
+            recipes.append(r)
+    positions = _padding_positions(graph, sites)
+    variants = padded_variants(list(inputs), positions) if validate else []
+    kept = list(recipes)
+    new_gm = gm
+    site_err: dict[str, Error] = {}
+    total = Error(0.0, 0.0)
+    while kept:
+        new_gm, result_nodes = splice(gm, kept)
+        if not validate:
+            break
+        total, site_err = _measure(gm, new_gm, variants, kept, result_nodes)
+        tol = tolerance_for(_run(gm, variants[0]))
+        if total.rel <= tol:
+            break
+        # Revert the earliest site that moved beyond tolerance (later ones see its error).
+        bad = next((r for r in kept if site_err[r.site].rel > tol), kept[-1])
+        results[bad.site] = SiteResult(bad.site, _pattern(sites, bad.site), "reverted",
+                                       site_err[bad.site].rel,
+                                       f"validation failed: relative error "
+                                       f"{site_err[bad.site].rel:.3g} > {tol:g}", _spec(sites, bad.site))
+        kept.remove(bad)
+    if not kept:
+        new_gm = gm
+        total = Error(0.0, 0.0)
+    for r in kept:
+        e = site_err.get(r.site)
+        results[r.site] = SiteResult(r.site, _pattern(sites, r.site), "rewritten",
+                                     e.rel if e else None, "", _spec(sites, r.site),
+                                     variant="exact:" + ("causal" if r.causal else "dense"))
+    ordered = [results[s.name] for s in sites if s.name in results]
+    return new_gm, OptimizeResult(model=new_gm, sites=ordered, rejected=rejected,
+                                  max_abs_error=total.max_abs, rel_error=total.rel)
+
+
+def _spec(sites: list[Site], name: str):
+    return next(s.spec for s in sites if s.name == name)
+
+
+def _pattern(sites: list[Site], name: str) -> str:
+    return next(s.pattern for s in sites if s.name == name)
+
+
+def _run(gm: fx.GraphModule, inputs: Sequence[Any]) -> Any:
+    out, _ = run_captured(gm, inputs, set())
+    return out
+
+
+def _measure(gm, new_gm, variants, recipes, result_nodes) -> tuple[Error, dict[str, Error]]:
+    per_site: dict[str, list[Error]] = {r.site: [] for r in recipes}
+    totals = []
+    for inputs in variants:
+        ref, ref_vals = run_captured(gm, inputs, {r.output for r in recipes})
+        new, new_vals = run_captured(new_gm, inputs, set(result_nodes.values()))
+        totals.append(outputs_error(ref, new))
+        for r in recipes:
+            a, b = ref_vals.get(r.output), new_vals.get(result_nodes[r.site])
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                per_site[r.site].append(tensor_error(a, b))
+            else:
+                per_site[r.site].append(Error(float("inf"), float("inf")))
+    return Error.worst(totals), {k: Error.worst(v) for k, v in per_site.items()}
+
+
+def _padding_positions(graph: Graph, sites: list[Site]) -> list[int]:
+    deps: set[str] = set()
+    for s in sites:
+        if s.spec.mask.padding:
+            for node in s.mask:
+                deps.update(user_inputs_reached(graph, node))
+    order = [n for n in graph.inputs]
+    return sorted(order.index(d) for d in deps if d in order)
+
+
+def optimize_torch(model: Any, example_inputs: Any = None, *, validate: bool = True
+                   ) -> OptimizeResult:
+    if isinstance(model, fx.GraphModule) and example_inputs is not None \
+            and not isinstance(example_inputs, Mapping):
+        new_gm, res = optimize_graph_module(model, list(example_inputs), validate=validate)
+        return res
+    if isinstance(model, torch.export.ExportedProgram):
+        ep = model
+    else:
+        ep = fx_front.export_module(model, example_inputs)
+    gm = ep.module()
+    inputs = flat_example_inputs(ep, gm)
+    new_gm, res = optimize_graph_module(gm, inputs, source="aten", validate=validate)
+    if isinstance(model, torch.export.ExportedProgram):
+        args, kwargs = ep.example_inputs
+        with torch.no_grad():
+            res.model = torch.export.export(new_gm, tuple(args), dict(kwargs), strict=False)
+    return res

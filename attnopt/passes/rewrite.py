@@ -1,0 +1,137 @@
+"""Plan the replacement of one site by one call of `attnopt::attention`, format-neutrally.
+
+The op takes q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] and an optional
+attn_mask broadcastable to [B, H, Sq, Skv] (bool: True attends; float: added to the scaled
+scores, exactly as F.scaled_dot_product_attention). A `Recipe` says how to bring the site's
+boundary values into that layout (permutations from einsum labels, batch-rank adaptation) and
+back, which scale ops to bypass (their factor is folded into `scale`), and how to combine the
+mask operands. Front ends execute recipes in their own graph format (frontends/*_splice.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from attnopt.ir import Graph, Site
+
+
+@dataclass(frozen=True)
+class Operand:
+    node: str
+    perm: tuple[int, ...]  # applied first: brings labels to canonical order
+
+
+@dataclass(frozen=True)
+class MaskTerm:
+    node: str
+    how: str  # add | keep | drop
+    fill: float | None
+    factor: float
+    rank: int  # rank the operand is broadcast to (the score rank) before `perm`
+    perm: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    site: str
+    q: Operand
+    k: Operand
+    v: Operand
+    batch_rank: int  # number of batch axes in canonical order (0..3)
+    batch_sizes: tuple  # sizes of those axes (from q)
+    k_group_broadcast: bool  # rank-3 batch: k has size 1 on the last batch axis (GQA)
+    masks: tuple[MaskTerm, ...]
+    scale: float
+    causal: bool
+    causal_alignment: str
+    window: tuple[int | None, int | None] | None
+    softcap: float | None
+    normalizer: str
+    out_perm: tuple[int, ...]  # canonical [batch..., Sq, Dv] -> the site output's layout
+    bypass: tuple[tuple[str, str], ...] = ()  # (scale node, its tensor input): bypassed
+    output: str = ""
+    remove: frozenset[str] = field(default_factory=frozenset)
+
+
+def plan(graph: Graph, site: Site) -> Recipe | str:
+    """A recipe for the site, or the reason it cannot be rewritten exactly."""
+    if site.pattern == "fused:torch_sdpa":
+        return _plan_sdpa(graph, site)
+    if site.pattern != "decomposed":
+        return f"{site.pattern} sites are kept as they are (already fused)"
+    d = site.details
+    spec = site.spec
+    s_labels: str = d["score_labels"]
+    ql, kl, hl = d["query_label"], d["key_label"], d["head_label"]
+    batch = [l for l in s_labels if l not in (ql, kl)]
+    if len(batch) > 3:
+        return f"{len(batch)} batch axes (at most 3 are supported)"
+    q_lab, k_lab = d["q_labels"], d["k_labels"]
+    q = Operand(d["q_operand"], tuple(q_lab.index(l) for l in batch + [ql, hl]))
+    k = Operand(d["k_operand"], tuple(k_lab.index(l) for l in batch + [kl, hl]))
+    # C2 labels its operands itself; P's labels in C2 line up with the score labels by position.
+    p_lab, v_lab, out_lab = d["p_labels"], d["v_labels"], d["out_labels"]
+    to_c2 = {s: p for s, p in zip(s_labels, p_lab)}
+    c2_batch = [to_c2[l] for l in batch]
+    v = Operand(site.v, tuple(v_lab.index(l) for l in c2_batch + [to_c2[kl], d["value_label"]]))
+    canon_out = c2_batch + [to_c2[ql], d["value_label"]]
+    if sorted(out_lab) != sorted(canon_out):
+        return "the output matmul's labels do not match the canonical layout"
+    out_perm = tuple(canon_out.index(l) for l in out_lab)
+
+    qs = graph.shape(q.node)
+    batch_sizes = tuple(qs[q_lab.index(l)] for l in batch)
+    ks = graph.shape(k.node)
+    k_group_broadcast = len(batch) == 3 and ks[k_lab.index(batch[2])] == 1 and batch_sizes[2] != 1
+    if len(batch) == 3 and not all(isinstance(x, int) for x in batch_sizes):
+        return "symbolic sizes on a rank-3 batch"
+
+    rank = len(s_labels)
+    canon_scores = list(range(rank))
+    qpos, kpos = s_labels.index(ql), s_labels.index(kl)
+    score_perm = tuple([i for i in canon_scores if i not in (qpos, kpos)] + [qpos, kpos])
+    masks = []
+    for op in site.details.get("mask_operands", ()):
+        masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm))
+
+    causal, window, align = False, None, "top_left"
+    m = spec.mask
+    # A purely structural causal mask (no padding, no bias, static sizes) is dropped for the
+    # op's causal flag: the same pairs attend, and the fast path needs no mask tensor.
+    if (m.kind == "causal" and not m.padding and not spec.score_mods and masks
+            and isinstance(spec.q_len, int) and isinstance(spec.kv_len, int)
+            and all(_is_constant(graph, mt.node) for mt in masks)):
+        causal, align, masks = True, m.alignment, []
+    softcap = next((float(s.split(":")[1]) for s in spec.score_mods if s.startswith("softcap:")), None)
+    bypass = tuple((n, path) for n, side, _f, path in d.get("scale_nodes", []) if side in ("q", "k"))
+    return Recipe(
+        site=site.name, q=q, k=k, v=v, batch_rank=len(batch), batch_sizes=batch_sizes,
+        k_group_broadcast=k_group_broadcast, masks=tuple(masks), scale=float(spec.scale),
+        causal=causal, causal_alignment=align, window=window, softcap=softcap,
+        normalizer=spec.normalizer, out_perm=out_perm, bypass=bypass, output=site.output,
+        remove=frozenset(site.nodes))
+
+
+def _is_constant(graph: Graph, nid: str) -> bool:
+    from attnopt.patterns.values import user_inputs_reached
+
+    return not user_inputs_reached(graph, nid)
+
+
+def _plan_sdpa(graph: Graph, site: Site) -> Recipe | str:
+    a = graph.attrs(site.output)
+    qs = graph.shape(site.q)
+    if qs is None or len(qs) != 4:
+        return "SDPA with non-4-D inputs is kept as it is"
+    ident = (0, 1, 2, 3)
+    masks = []
+    slot = (a.get("slots") or {}).get("mask")
+    if slot is not None:
+        how = "keep" if graph.dtype(slot) == "bool" else "add"
+        r = graph.rank(slot) or 4
+        masks.append(MaskTerm(slot, how, None, 1.0, 4, ident if r <= 4 else ident))
+    return Recipe(
+        site=site.name, q=Operand(site.q, ident), k=Operand(site.k, ident),
+        v=Operand(site.v, ident), batch_rank=2, batch_sizes=tuple(qs[:2]), k_group_broadcast=False,
+        masks=tuple(masks), scale=float(site.spec.scale), causal=bool(a.get("is_causal")),
+        causal_alignment="top_left", window=None, softcap=None, normalizer="softmax",
+        out_perm=ident, output=site.output, remove=frozenset([site.output]))

@@ -1,0 +1,96 @@
+"""Numerical validation of a rewritten torch graph against the original.
+
+Errors are measured relative to the output's scale: max|new - ref| / max(max|ref|, 1e-6), over
+every floating output; NaN in both at the same place counts as equal (fully masked rows are
+NaN in the model itself). Inputs: the example inputs, plus a variant with padded rows for every
+key-padding input that detection found, so a dropped padding mask cannot hide.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Error:
+    max_abs: float
+    rel: float
+
+    @staticmethod
+    def worst(errors: Sequence["Error"]) -> "Error":
+        if not errors:
+            return Error(0.0, 0.0)
+        return Error(max(e.max_abs for e in errors), max(e.rel for e in errors))
+
+
+def tensor_error(ref: torch.Tensor, new: torch.Tensor) -> Error:
+    if ref.shape != new.shape:
+        return Error(float("inf"), float("inf"))
+    r, n = ref.detach().double(), new.detach().double()
+    both_nan = torch.isnan(r) & torch.isnan(n)
+    diff = torch.where(both_nan, torch.zeros_like(r), (r - n).abs())
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    finite = r[torch.isfinite(r)]
+    scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1e-6)
+    return Error(max_abs, max_abs / scale)
+
+
+def outputs_error(ref: Any, new: Any) -> Error:
+    flat_r, _ = torch.utils._pytree.tree_flatten(ref)
+    flat_n, _ = torch.utils._pytree.tree_flatten(new)
+    if len(flat_r) != len(flat_n):
+        return Error(float("inf"), float("inf"))
+    errs = [tensor_error(a, b) for a, b in zip(flat_r, flat_n)
+            if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    return Error.worst(errs)
+
+
+def tolerance_for(ref: Any) -> float:
+    flat, _ = torch.utils._pytree.tree_flatten(ref)
+    tols = [TOLERANCE.get(t.dtype, 1e-4) for t in flat if isinstance(t, torch.Tensor)
+            and t.is_floating_point()]
+    return max(tols) if tols else 1e-4
+
+
+class Capture(fx.Interpreter):
+    """Runs a GraphModule and keeps the values of the named nodes."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names = names
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out
+        return out
+
+
+def run_captured(gm: fx.GraphModule, inputs: Sequence[Any], names: set[str]) -> tuple[Any, dict]:
+    cap = Capture(gm, names)
+    with torch.no_grad():
+        out = cap.run(*inputs)
+    return out, cap.values
+
+
+def padded_variants(inputs: Sequence[Any], padding_positions: Sequence[int]) -> list[list[Any]]:
+    """The inputs, and (if any key-padding inputs) a copy with padded rows."""
+    variants = [list(inputs)]
+    if padding_positions:
+        padded = list(inputs)
+        for i in padding_positions:
+            m = inputs[i].clone()
+            if m.dim() == 2 and m.shape[1] > 4:
+                m[0, -3:] = 0
+                if m.shape[0] > 1:
+                    m[1, :2] = 0
+            padded[i] = m
+        variants.append(padded)
+    return variants
