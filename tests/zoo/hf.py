@@ -35,11 +35,17 @@ class ZooModel:
     family: str = ""
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    args: tuple = ()  # positional example inputs (hand-written cases); HF models use kwargs
 
     def run(self) -> torch.Tensor:
-        """The first output (last hidden state) on the example kwargs."""
+        """The first output (last hidden state) on the example inputs."""
         with torch.no_grad():
-            return first_tensor(self.model(**self.kwargs))
+            return first_tensor(self.model(*self.args, **self.kwargs))
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """All example inputs by name, positional ones as arg0, arg1, ..."""
+        return {**{f"arg{i}": a for i, a in enumerate(self.args)}, **self.kwargs}
 
 
 def first_tensor(out: Any) -> torch.Tensor:

@@ -1,0 +1,131 @@
+"""Helpers shared by the zoo tests: the shared export dir, spec comparison, reference math."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPEC_FIELDS = ("normalizer", "num_heads", "num_kv_heads", "q_len", "kv_len", "head_dim", "scale",
+               "mask", "score_mods", "token_grid")
+
+
+def shared_dir(tmp_path_factory, name: str = "zoo_exports") -> Path:
+    """A session directory shared by all xdist workers (exports are file-locked there)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    d = base / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _dim_ok(got: Any, want: int, static: bool) -> bool:
+    if isinstance(got, str):
+        return not static
+    return int(got) == want
+
+
+def spec_mismatches(spec, want: dict[str, Any], static: bool = True) -> list[str]:
+    """Every field of an AttentionSpec that differs from an expected-site dict."""
+    bad = []
+    for f in ("normalizer", "num_heads", "num_kv_heads", "head_dim"):
+        if getattr(spec, f) != want[f]:
+            bad.append(f"{f}: got {getattr(spec, f)!r}, want {want[f]!r}")
+    for f in ("q_len", "kv_len"):
+        if not _dim_ok(getattr(spec, f), want[f], static):
+            bad.append(f"{f}: got {getattr(spec, f)!r}, want {want[f]!r}")
+    if spec.scale is None or not math.isclose(spec.scale, want["scale"], rel_tol=1e-5):
+        bad.append(f"scale: got {spec.scale!r}, want {want['scale']!r}")
+    for k, v in want["mask"].items():
+        got = getattr(spec.mask, k)
+        if got != v:
+            bad.append(f"mask.{k}: got {got!r}, want {v!r}")
+    if tuple(spec.score_mods) != tuple(want["score_mods"]):
+        bad.append(f"score_mods: got {tuple(spec.score_mods)!r}, want {tuple(want['score_mods'])!r}")
+    tg, wg = spec.token_grid, want["token_grid"]
+    got_g = None if tg is None else {"shape": tuple(tg.shape), "leading": tg.leading}
+    if got_g != wg:
+        bad.append(f"token_grid: got {got_g!r}, want {wg!r}")
+    return bad
+
+
+def comparable(spec) -> dict[str, Any]:
+    """The spec as JSON minus fields that may legitimately differ between flavours."""
+    d = spec.to_json()
+    d.pop("dtype", None)
+    d.pop("layout", None)
+    d["scale"] = None if d["scale"] is None else round(d["scale"], 5)
+    return d
+
+
+def inspect_flavour(obj: Any, inputs: Any, flavour: str):
+    """attnopt.inspect on one flavour; for "compile" the sites and rejections of every
+    captured graph, concatenated in call order. Returns (sites, rejected)."""
+    import attnopt
+
+    if flavour == "compile":
+        sites, rejected = [], []
+        for gm, ex in obj:
+            r = attnopt.inspect(gm, ex)
+            sites += r.sites
+            rejected += r.rejected
+        return sites, rejected
+    r = attnopt.inspect(obj, inputs)
+    return r.sites, r.rejected
+
+
+def check_sites(sites, expected: list[dict[str, Any]], static: bool = True) -> None:
+    names = [s.name for s in sites]
+    assert len(sites) == len(expected), f"found {len(sites)} sites {names}, want {len(expected)}"
+    errors = []
+    for i, (s, w) in enumerate(zip(sites, expected)):
+        bad = spec_mismatches(s.spec, w, static)
+        if bad:
+            errors.append(f"site {i} ({s.name}): " + "; ".join(bad))
+    assert not errors, "\n".join(errors)
+
+
+def check_rejected(sites, rejected, keywords: str) -> None:
+    assert not sites, f"near miss detected as attention: {[s.name for s in sites]}"
+    kws = [k.strip().lower() for k in keywords.split("|")]
+    reasons = [r.reason for r in rejected]
+    assert any(any(k in r.lower() for k in kws) for r in reasons), (
+        f"no rejection mentions any of {kws}; rejections: {reasons}")
+
+
+# ---- reference math from an expected-site dict ------------------------------------------
+
+def allowed_from_spec(want: dict[str, Any], q_len: int, kv_len: int) -> torch.Tensor:
+    m = want["mask"]
+    i = torch.arange(q_len)[:, None]
+    j = torch.arange(kv_len)[None, :]
+    d = j - i - (kv_len - q_len)
+    kind = m["kind"]
+    if kind in ("none", "padding"):
+        return torch.ones(q_len, kv_len, dtype=torch.bool)
+    if kind == "causal":
+        return d <= 0
+    if kind == "sliding_window":
+        return (d <= m["right"]) & (d >= -m["left"])
+    if kind == "block":
+        return (i // m["block"]) == (j // m["block"])
+    raise ValueError(kind)
+
+
+def reference_attention(want: dict[str, Any], q, k, v, key_padding: torch.Tensor | None = None):
+    """Attention as the expected spec states it (q,k,v: [B,H,S,D]; key_padding: [B,S] 1=keep)."""
+    q, k, v = q.float(), k.float(), v.float()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ k.transpose(-2, -1) * want["scale"]
+    ok = allowed_from_spec(want, q.shape[2], k.shape[2])[None, None]
+    if want["mask"].get("padding"):
+        ok = ok & key_padding[:, None, None, :].bool()
+    if want["normalizer"] == "softmax":
+        p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
+    else:
+        raise ValueError(want["normalizer"])
+    return p @ v
