@@ -185,7 +185,9 @@ def attention(
     """Default (any device without its own kernel): the exact path."""
     p = AttentionParams.from_schema(scale, causal, causal_alignment, window_left, window_right, softcap, normalizer)
     _validate(q, k, v, p)
-    return exact_attention(q, k, v, attn_mask, p)
+    # The fake impl promises a contiguous [B, H, Sq, Dv] result (inductor asserts strides);
+    # SDPA's CPU kernel returns a transposed view.
+    return exact_attention(q, k, v, attn_mask, p).contiguous()
 
 
 @attention.register_fake
@@ -199,7 +201,9 @@ def _attention_fake(q, k, v, attn_mask, scale, causal, causal_alignment, window_
 def _attention_cpu(q, k, v, attn_mask, scale, causal, causal_alignment, window_left, window_right, softcap, normalizer):
     p = AttentionParams.from_schema(scale, causal, causal_alignment, window_left, window_right, softcap, normalizer)
     _validate(q, k, v, p)
-    return exact_attention(q, k, v, attn_mask, p)
+    # The fake impl promises a contiguous [B, H, Sq, Dv] result (inductor asserts strides);
+    # SDPA's CPU kernel returns a transposed view.
+    return exact_attention(q, k, v, attn_mask, p).contiguous()
 
 
 @attention.register_kernel("cuda")
@@ -209,8 +213,8 @@ def _attention_cuda(q, k, v, attn_mask, scale, causal, causal_alignment, window_
     for kernel in CUDA_KERNELS:
         out = kernel(q, k, v, attn_mask, p)
         if out is not None:
-            return out
-    return exact_attention(q, k, v, attn_mask, p)
+            return out.contiguous()
+    return exact_attention(q, k, v, attn_mask, p).contiguous()
 
 
 def attention_op(
