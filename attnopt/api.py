@@ -45,3 +45,24 @@ def inspect(model: Any, example_inputs: Any = None) -> InspectReport:
     sites, rejected = detect(graph)
     src = os.fspath(model) if isinstance(model, (str, Path)) else type(model).__name__
     return InspectReport(sites=sites, rejected=rejected, source=src, graph=graph)
+
+
+def optimize(model: Any, example_inputs: Any = None, policy: str = "exact", *,
+             validate: bool = True, onnx_op: str = "ort"):
+    """Replace every provable attention site by one fused exact kernel call.
+
+    Returns an `OptimizeResult` whose `.model` is a GraphModule (for an nn.Module or a dynamo
+    GraphModule), an ExportedProgram (for an ExportedProgram or a `.pt2` path) or a ModelProto
+    (for ONNX). Every kept site was validated against the original on generated inputs.
+    """
+    from attnopt.errors import UnsupportedModel
+
+    if policy != "exact":
+        raise UnsupportedModel(f"policy {policy!r} is not available yet (only 'exact')")
+    if isinstance(model, (str, Path)) or type(model).__module__.startswith("onnx"):
+        from attnopt.optimize_onnx import optimize_onnx_model
+
+        return optimize_onnx_model(model, op=onnx_op, validate=validate)
+    from attnopt.optimize_torch import optimize_torch
+
+    return optimize_torch(model, example_inputs, validate=validate)

@@ -34,8 +34,16 @@ def flat_example_inputs(ep: "torch.export.ExportedProgram", gm: fx.GraphModule) 
     return flat
 
 
+def _concrete(x: Any) -> Any:
+    """dynamo hands symbolic sizes as SymInts; run validation at their example values."""
+    if isinstance(x, torch.SymInt):
+        return int(x.node.hint)
+    return x
+
+
 def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: str = "fx",
                           validate: bool = True) -> tuple[fx.GraphModule, OptimizeResult]:
+    inputs = [_concrete(x) for x in inputs]
     graph = fx_front.from_graph_module(gm, list(inputs), source=source)
     sites, rejected = detect(graph)
     results: dict[str, SiteResult] = {}

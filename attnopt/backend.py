@@ -1,0 +1,62 @@
+"""torch.compile backend "attnopt": rewrite attention in the dynamo graph, then hand the
+result to inductor (or run it eagerly), so users get inductor's fusions for the rest of the
+model plus ours for attention.
+
+    torch.compile(model, backend="attnopt")
+    torch.compile(model, backend=attnopt.backend.make_backend(inner="eager"))
+
+Training graphs (grad enabled and an input requiring grad) go to the inner compiler untouched
+until backward kernels exist; one log line says so.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger("attnopt")
+_warned_training = False
+
+
+def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    if inner == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs))
+
+
+def _is_training(example_inputs: Sequence[Any]) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+def make_backend(inner: str = "inductor", validate: bool = True) -> Callable:
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"inner must be 'inductor' or 'eager', got {inner!r}")
+
+    def attnopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+        global _warned_training
+        if _is_training(example_inputs):
+            if not _warned_training:
+                log.warning("attnopt: training graph left to %s untouched (no backward kernels yet)",
+                            inner)
+                _warned_training = True
+            return _inner_compile(inner, gm, example_inputs)
+        from attnopt.optimize_torch import optimize_graph_module
+
+        new_gm, result = optimize_graph_module(gm, list(example_inputs), validate=validate)
+        log.info("attnopt: %d/%d attention sites rewritten (max rel error %.2g)",
+                 result.sites_rewritten, result.sites_found, result.rel_error)
+        return _inner_compile(inner, new_gm, example_inputs)
+
+    return attnopt_backend
+
+
+def register() -> None:
+    from torch._dynamo import list_backends, register_backend
+
+    if "attnopt" not in list_backends(exclude_tags=()):
+        register_backend(name="attnopt")(make_backend())
