@@ -178,3 +178,39 @@ def test_mixed_tile_kinds_rejected():
         simulate(GNALayout((16, 16), (4, 4)), (4, 4), (16,))
     with pytest.raises(ValueError, match="positive"):
         simulate(GNALayout((16,), (4,)), (0,), (4,))
+
+
+# ---- search ----------------------------------------------------------------------------------
+
+def test_search_agrees_with_simulate_and_pareto_is_nondominated():
+    import itertools
+
+    from attnopt.cost.search import search
+
+    shape, w = (20, 24), (6, 8)
+    tiles = (((4, 4), (8, 4)), ((4, 4), (4, 8)))
+    res = search(shape, [w, (5, 6)], tiles=tiles, causal=(True, False))
+    best = max(simulate(GNALayout(shape, w, (a, b), causal=(True, False)), qt, kt)
+               .speedup_upper_bound
+               for a in range(1, 7) for b in range(1, 9)
+               for qt, kt in itertools.product(*tiles))
+    assert res.best.speedup_upper_bound == pytest.approx(max(best, res.best.speedup_upper_bound))
+    for p in res.pareto:
+        r = simulate(GNALayout(shape, p.window, p.stride, causal=(True, False)), p.q_tile,
+                     p.kv_tile)
+        assert r.speedup_upper_bound == pytest.approx(p.speedup_upper_bound)
+        assert r.fully_block_sparse == p.fully_block_sparse
+        assert r.masked_tiles == p.masked_tiles
+    for p, q in itertools.permutations(res.pareto, 2):
+        assert not (q.speedup_upper_bound >= p.speedup_upper_bound and
+                    np.prod(q.window) >= np.prod(p.window) and
+                    np.prod(q.stride) <= np.prod(p.stride))
+
+
+def test_search_flux_finds_paper_optimum_with_block_sparsity():
+    from attnopt.cost.hardware import B200
+    from attnopt.cost.search import search
+
+    res = search((256, 256), (80, 80), hw=B200, require_block_sparse=True)
+    assert res.best.fully_block_sparse and round(res.best.speedup_upper_bound, 2) == 10.24
+    assert all(p.fully_block_sparse for p in res.pareto)
