@@ -243,7 +243,8 @@ def _simulate_runs(ranges, shape, tq: int, tk: int, dynamic: bool):
     bounds = np.searchsorted(seg_q, np.arange(nq + 1))
     width = nkv + 1
     step = max(1, _RUN_CHUNK_CELLS // width)
-    kidx = np.arange(nkv, dtype=np.int64)
+    ka0 = np.arange(nkv, dtype=np.int64) * tk
+    static_lo, static_hi = run_hull(ka0, np.minimum(ka0 + tk, N), shape)
     for c0 in range(0, nq, step):
         c1 = min(nq, c0 + step)
         s0, s1 = bounds[c0], bounds[c1]
@@ -251,14 +252,15 @@ def _simulate_runs(ranges, shape, tq: int, tk: int, dynamic: bool):
         diff = np.bincount(rows * width + t0[s0:s1], minlength=(c1 - c0) * width)
         diff -= np.bincount(rows * width + t1[s0:s1] + 1, minlength=(c1 - c0) * width)
         vis = np.cumsum(diff.reshape(c1 - c0, width)[:, :nkv], axis=1) > 0
-        ka = off[c0:c1, None] + kidx[None, :] * tk
-        kb = np.minimum(ka + tk, N)
-        valid = ka < N
-        kh_lo, kh_hi = run_hull(ka, np.maximum(kb, ka + 1), shape)
-        full = valid & np.all((inter_lo[c0:c1, None, :] <= kh_lo) &
-                              (kh_hi < inter_hi[c0:c1, None, :]), axis=-1)
+        qi, ki = np.nonzero(vis)  # fullness only matters for visited pairs
+        if dynamic:
+            ka = off[c0 + qi] + ki * tk
+            kh_lo, kh_hi = run_hull(ka, np.minimum(ka + tk, N), shape)
+        else:
+            kh_lo, kh_hi = static_lo[ki], static_hi[ki]
+        full = np.all((inter_lo[c0 + qi] <= kh_lo) & (kh_hi < inter_hi[c0 + qi]), axis=-1)
         visited_cnt[c0:c1] = vis.sum(1)
-        masked_cnt[c0:c1] = (vis & ~full).sum(1)
+        masked_cnt[c0:c1] = np.bincount(qi[~full], minlength=c1 - c0)
     return visited_cnt, masked_cnt, nkv
 
 
