@@ -124,3 +124,15 @@ def test_cpu_profile_measured_once_and_cached(tmp_path, monkeypatch):
     assert p1 == p2 and p1.peak_flops["fp32"] > 1e8 and p1.mem_bw > 1e8
     e = estimate(spec(S=1024, B=1, H=2, dtype="float32"), Variant("dense"), p1)
     assert e.time_s > 0
+
+
+def test_cost_modules_import_neither_torch_nor_onnx():
+    import subprocess
+    import sys
+
+    code = ("import sys, attnopt.cost, attnopt.cost.gna, attnopt.cost.simulator, "
+            "attnopt.cost.search, attnopt.cost.hardware, attnopt.cost.roofline, attnopt.cost.draw, "
+            "attnopt.simulate_cli; "
+            "print(sorted(m for m in ('torch', 'onnx', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
