@@ -2,8 +2,8 @@
 
 Conventions: pictures are in the simulator's permuted grid order (dilation groups contiguous).
 Left: the worst Q tile (blue outline) and the KV tiles it visits, green = full (no element
-mask), orange = masked; 3-D layouts show the slice through the Q tile's first plane, 1-D ones
-a strip. Right: KV tiles visited per Q tile over the whole map (3-D: max over the first tile
+mask), orange = masked; 3-D layouts are projected over the first axis (orange wins), 1-D ones
+are a strip. Right: KV tiles visited per Q tile over the whole map (3-D: max over the first tile
 axis; run tiling: per run index). Files are written to a temporary name and renamed, so a
 failed draw never leaves a broken PNG.
 """
@@ -40,13 +40,12 @@ def draw_png(layout: GNALayout, result: SimResult, path: str | Path) -> Path:
                           dynamic=result.dynamic_kv)
         shape2 = layout.shape[-2:] if n >= 2 else (1, layout.shape[0])
         img = np.zeros(shape2, dtype=np.int8)
-        plane = det.q_lo[0] if n == 3 else None
         edges = []
+        # 3-D: projected over the first axis; a cell is masked if any tile above it is
         for lo, hi, full in zip(det.kv_lo, det.kv_hi, det.full):
-            if plane is not None and not lo[0] <= plane < hi[0]:
-                continue
             r0, r1 = (lo[-2], hi[-2]) if n >= 2 else (0, 1)
-            img[r0:r1, lo[-1]:hi[-1]] = 1 if full else 2
+            cell = img[r0:r1, lo[-1]:hi[-1]]
+            np.maximum(cell, 1 if full else 2, out=cell)
             edges.append((lo[-1] - 0.5, r0 - 0.5, hi[-1] - lo[-1], r1 - r0))
         cmap = ListedColormap(["#f2f2f2", "#4caf50", "#ff9800"])
         ax0.imshow(img, cmap=cmap, vmin=0, vmax=2, interpolation="nearest",
@@ -57,7 +56,7 @@ def draw_png(layout: GNALayout, result: SimResult, path: str | Path) -> Path:
         ax0.add_patch(Rectangle((det.q_lo[-1] - 0.5, qr0 - 0.5), det.q_hi[-1] - det.q_lo[-1],
                                 qr1 - qr0, fill=False, edgecolor="#1565c0", linewidth=2))
         nfull = int(det.full.sum())
-        ax0.set_title(f"worst Q tile {result.worst_q_tile}{' (plane %d)' % plane if n == 3 else ''}:"
+        ax0.set_title(f"worst Q tile {result.worst_q_tile}{' (projected over axis 0)' if n == 3 else ''}:"
                       f" {len(det.full)} KV tiles, {nfull} full, {len(det.full) - nfull} masked",
                       fontsize=9)
         heat = result.kv_tiles_per_q
