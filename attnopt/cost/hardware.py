@@ -1,0 +1,202 @@
+"""Device profiles for the cost model, and the literal tile tables shared with the simulator
+and the autotuner.
+
+Conventions: rates are per second in base units (FLOP/s, B/s, exp/s); `peak_flops` is the
+dense (no 2:4 sparsity) tensor-core rate per dtype key "bf16" | "fp16" | "fp32" ("fp32" is the
+plain CUDA-core rate, because attention kernels do not run fp32 on tensor cores). Tile shapes
+are token counts: 1-D tiles (n,), 2-D / 3-D tiles are boxes of the token grid.
+
+Sources (public spec sheets and papers; figures as used below):
+  * H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet: 989.4 TFLOP/s dense BF16/FP16,
+    67 TFLOP/s FP32, 3.35 TB/s HBM3, 132 SMs.
+  * H200 SXM: NVIDIA H200 datasheet: same compute as H100 SXM, 4.8 TB/s HBM3e, 141 GB.
+  * A100 SXM4 80GB: NVIDIA A100 datasheet: 312 TFLOP/s dense BF16/FP16, 19.5 TFLOP/s FP32,
+    2.039 TB/s HBM2e, 108 SMs.
+  * B200: NVIDIA HGX B200 / DGX B200 material: ~2.25 PFLOP/s dense FP16/BF16 per GPU
+    (4.5 with sparsity), 8 TB/s HBM3e, 148 SMs; FP32 ~80 TFLOP/s (approximate, not verified
+    against a per-SKU datasheet).
+  * Exp (MUFU) throughput: FlashAttention-3 paper (Shah et al. 2024, sec. 3.1): "H100 SXM5 has
+    989 TFLOPS of FP16 matmul but only 3.9 TFLOPS of special functions". Other GPUs derived
+    the same way: 16 MUFU results/clock/SM (CUDA C Programming Guide, arithmetic instruction
+    throughput table) x SMs x boost clock (A100 1.41 GHz, B200 ~1.96 GHz, assumed).
+  * Attention matmul efficiency (fraction of peak a tuned FlashAttention kernel's GEMMs
+    reach): FA3 paper reports up to ~740 TFLOP/s FP16 forward on H100 SXM (75%); FA2 paper
+    reports 50-73% of peak on A100 forward; for B200 0.70 is an assumption (FlashAttention-4 /
+    cuDNN reports are in the 1.5-1.6 PFLOP/s range).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Literal tile tables: per GPU family, the Q and KV tile shapes a kernel is compiled for.
+# Keys: "q_1d"/"kv_1d" (runs of the flattened sequence), "q_2d"/"kv_2d", "q_3d"/"kv_3d" (boxes).
+# Blackwell's FMHA uses 256-token Q tiles and 128-token KV tiles (the GNA paper's FLUX
+# configuration Q 16x16 / KV 16x8); Hopper and Ampere kernels use 64/128-token tiles.
+TILE_TABLES: dict[str, dict[str, tuple[tuple[int, ...], ...]]] = {
+    "ampere": {
+        "q_1d": ((64,), (128,)),
+        "kv_1d": ((64,), (128,)),
+        "q_2d": ((8, 8), (16, 8), (8, 16)),
+        "kv_2d": ((8, 8), (16, 8), (8, 16)),
+        "q_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
+        "kv_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
+    },
+    "hopper": {
+        "q_1d": ((64,), (128,)),
+        "kv_1d": ((64,), (128,)),
+        "q_2d": ((8, 8), (16, 8), (8, 16)),
+        "kv_2d": ((8, 8), (16, 8), (8, 16)),
+        "q_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
+        "kv_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
+    },
+    "blackwell": {
+        "q_1d": ((128,), (256,)),
+        "kv_1d": ((128,),),
+        "q_2d": ((16, 16), (16, 8), (8, 16), (32, 8), (8, 32)),
+        "kv_2d": ((16, 8), (8, 16)),
+        "q_3d": ((4, 8, 8), (2, 8, 16), (4, 4, 16), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
+        "kv_3d": ((4, 4, 8), (2, 8, 8), (4, 8, 4)),
+    },
+    "cpu": {
+        "q_1d": ((32,), (64,), (128,)),
+        "kv_1d": ((32,), (64,), (128,)),
+        "q_2d": ((8, 8), (16, 8), (8, 16)),
+        "kv_2d": ((8, 8), (16, 8), (8, 16)),
+        "q_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
+        "kv_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
+    },
+}
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    family: str                    # key into TILE_TABLES
+    peak_flops: dict[str, float]   # dense tensor-core FLOP/s by dtype ("fp32": CUDA cores)
+    alu_flops: float               # FP32 CUDA-core FLOP/s (softmax bookkeeping, masks)
+    mem_bw: float                  # B/s, spec sheet
+    num_sms: int                   # SMs (CPU: cores)
+    sfu_exp_per_s: float           # exp results per second
+    mma_efficiency: float          # fraction of peak a tuned attention kernel's GEMMs reach
+    mem_efficiency: float = 0.85   # achievable fraction of spec bandwidth (streaming kernels)
+    sfu_overlap: float = 0.5       # fraction of softmax time hidden under the GEMMs
+    launch_overhead_s: float = 5e-6
+    source: str = "spec sheet"
+
+    @property
+    def tiles(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+        return TILE_TABLES[self.family]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tiles"] = {k: [list(t) for t in v] for k, v in self.tiles.items()}
+        return d
+
+
+def allowed_tiles(hw: HardwareProfile, ndim: int) -> tuple[tuple[tuple[int, ...], ...],
+                                                           tuple[tuple[int, ...], ...]]:
+    """(q tiles, kv tiles) the hardware's kernels support for an ndim-D token layout."""
+    t = TILE_TABLES[hw.family]
+    return t[f"q_{ndim}d"], t[f"kv_{ndim}d"]
+
+
+_T = 1e12
+H100_SXM = HardwareProfile(
+    name="H100 SXM", family="hopper",
+    peak_flops={"bf16": 989.4 * _T, "fp16": 989.4 * _T, "fp32": 67 * _T},
+    alu_flops=67 * _T, mem_bw=3.35e12, num_sms=132, sfu_exp_per_s=3.9e12,
+    mma_efficiency=0.75, sfu_overlap=0.5)  # FA3 ping-pong overlaps softmax with GEMMs
+H200 = HardwareProfile(
+    name="H200 SXM", family="hopper",
+    peak_flops={"bf16": 989.4 * _T, "fp16": 989.4 * _T, "fp32": 67 * _T},
+    alu_flops=67 * _T, mem_bw=4.8e12, num_sms=132, sfu_exp_per_s=3.9e12,
+    mma_efficiency=0.75, sfu_overlap=0.5)
+A100_SXM = HardwareProfile(
+    name="A100 SXM", family="ampere",
+    peak_flops={"bf16": 312 * _T, "fp16": 312 * _T, "fp32": 19.5 * _T},
+    alu_flops=19.5 * _T, mem_bw=2.039e12, num_sms=108,
+    sfu_exp_per_s=16 * 108 * 1.41e9, mma_efficiency=0.72, sfu_overlap=0.3)
+B200 = HardwareProfile(
+    name="B200", family="blackwell",
+    peak_flops={"bf16": 2250 * _T, "fp16": 2250 * _T, "fp32": 80 * _T},
+    alu_flops=80 * _T, mem_bw=8.0e12, num_sms=148,
+    sfu_exp_per_s=16 * 148 * 1.96e9, mma_efficiency=0.70, sfu_overlap=0.5)
+
+PROFILES: dict[str, HardwareProfile] = {
+    "h100": H100_SXM, "h100_sxm": H100_SXM, "h200": H200, "a100": A100_SXM, "a100_sxm": A100_SXM,
+    "b200": B200,
+}
+
+
+# ---- local CPU: measured once, cached -----------------------------------------------------
+
+def _cache_path() -> Path:
+    root = os.environ.get("ATTNOPT_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "attnopt"
+    return base / "cpu_profile.json"
+
+
+def _best_time(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_cpu() -> dict[str, float]:
+    """Measure fp32 matmul FLOP/s, copy bandwidth and exp throughput with numpy (~1 s)."""
+    n = 1024
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a  # warm BLAS threads
+    flops = 2 * n ** 3 / _best_time(lambda: a @ a)
+    src = np.ones(16 * 2 ** 20, dtype=np.float32)  # 64 MiB, past the caches
+    dst = np.empty_like(src)
+    bw = 2 * src.nbytes / _best_time(lambda: np.copyto(dst, src))  # read + write
+    x = np.linspace(-4, 4, 2 ** 22, dtype=np.float32)
+    out = np.empty_like(x)
+    exp_rate = x.size / _best_time(lambda: np.exp(x, out=out))
+    return {"fp32_flops": flops, "mem_bw": bw, "exp_per_s": exp_rate,
+            "cores": os.cpu_count() or 1, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def cpu_profile(refresh: bool = False) -> HardwareProfile:
+    """The local CPU, measured with numpy once and cached in ~/.cache/attnopt/cpu_profile.json
+    (or $ATTNOPT_CACHE_DIR). numpy has no fast bf16/fp16 matmul, so those use the fp32 rate."""
+    path = _cache_path()
+    m = None
+    if not refresh and path.exists():
+        try:
+            m = json.loads(path.read_text())
+            float(m["fp32_flops"]), float(m["mem_bw"]), float(m["exp_per_s"])
+        except (ValueError, KeyError, TypeError):
+            m = None
+    if m is None:
+        m = measure_cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(m, indent=1))
+        os.replace(tmp, path)
+    f = float(m["fp32_flops"])
+    return HardwareProfile(
+        name="local CPU", family="cpu", peak_flops={"bf16": f, "fp16": f, "fp32": f},
+        alu_flops=f, mem_bw=float(m["mem_bw"]), num_sms=int(m["cores"]),
+        sfu_exp_per_s=float(m["exp_per_s"]), mma_efficiency=1.0, mem_efficiency=1.0,
+        sfu_overlap=0.0, launch_overhead_s=2e-6, source=f"measured {m.get('measured_at', '')}")
+
+
+def get_profile(name: str) -> HardwareProfile:
+    key = name.lower().replace("-", "_").replace(" ", "_")
+    if key == "cpu":
+        return cpu_profile()
+    if key not in PROFILES:
+        raise ValueError(f"unknown hardware {name!r}; known: {sorted(set(PROFILES) | {'cpu'})}")
+    return PROFILES[key]
