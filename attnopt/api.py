@@ -47,6 +47,12 @@ def inspect(model: Any, example_inputs: Any = None) -> InspectReport:
     return InspectReport(sites=sites, rejected=rejected, source=src, graph=graph)
 
 
+def _is_pt2(path: Path) -> bool:
+    import zipfile
+
+    return path.exists() and zipfile.is_zipfile(path)
+
+
 def optimize(model: Any, example_inputs: Any = None, policy: str = "exact", *,
              validate: bool = True, onnx_op: str = "ort"):
     """Replace every provable attention site by one fused exact kernel call.
@@ -59,10 +65,19 @@ def optimize(model: Any, example_inputs: Any = None, policy: str = "exact", *,
 
     if policy != "exact":
         raise UnsupportedModel(f"policy {policy!r} is not available yet (only 'exact')")
-    if isinstance(model, (str, Path)) or type(model).__module__.startswith("onnx"):
+    if (isinstance(model, (str, Path)) and not _is_pt2(Path(model))) \
+            or type(model).__module__.startswith("onnx"):
         from attnopt.optimize_onnx import optimize_onnx_model
 
         return optimize_onnx_model(model, op=onnx_op, validate=validate)
     from attnopt.optimize_torch import optimize_torch
 
+    if isinstance(model, (str, Path)):  # a .pt2 path
+        import torch
+
+        from attnopt.frontends import _load_pt2_program
+
+        model = _load_pt2_program(Path(model))
+        if not isinstance(model, torch.export.ExportedProgram):
+            raise UnsupportedModel("not a torch.export program")
     return optimize_torch(model, example_inputs, validate=validate)

@@ -6,6 +6,7 @@ Every command turns a user error into one line on stderr and a distinct exit cod
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,7 +109,99 @@ def inspect(
             out.print(f"{len(report.rejected)} near miss(es); --explain lists them")
 
 
+def _check_output(model: Path, output: Path) -> None:
+    from attnopt.errors import OutputError
+
+    if output.suffix not in (".onnx", ".pt2"):
+        raise OutputError(f"output {output} must end in .onnx or .pt2")
+    if model.exists() and output.exists() and output.resolve() == model.resolve():
+        raise OutputError(f"output {output} is the input model; choose another path")
+    if model.suffix in (".onnx", ".pt2") and output.suffix != model.suffix:
+        raise OutputError(f"output {output} must have the input's format ({model.suffix})")
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output directory {parent} is not writable")
+
+
+def results_table(result) -> Table:
+    t = Table(title="attnopt optimize")
+    for col in ("site", "pattern", "variant", "status", "error", "reason"):
+        t.add_column(col, overflow="fold")
+    for s in result.sites:
+        style = {"rewritten": "green", "reverted": "red"}.get(s.status, "yellow")
+        t.add_row(s.name, s.pattern, s.variant or "-", f"[{style}]{s.status}[/{style}]",
+                  "-" if s.error is None else f"{s.error:.2g}", s.reason or "")
+    return t
+
+
+@app.command()
+def optimize(
+    model: Path = typer.Argument(..., help="an .onnx or .pt2 file"),
+    output: Path = typer.Option(..., "-o", "--output", help="where to write the optimized model"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+    onnx_op: str = typer.Option("ort", "--onnx-op",
+                                help="fused ONNX node: 'ort' (com.microsoft.MultiHeadAttention, "
+                                     "fastest in ONNX Runtime) or 'standard' (opset-23 Attention)"),
+    policy: str = typer.Option("exact", "--policy", help="exact (never changes results)"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Replace every attention site of MODEL by one fused, validated kernel; write OUTPUT."""
+    import attnopt
+
+    with user_errors(debug):
+        from attnopt.errors import InputNotFound
+
+        if not model.exists():
+            raise InputNotFound(f"no such file: {model}")
+        _check_output(model, output)
+        with err.status(f"optimizing {model} ..."):
+            result = attnopt.optimize(model, policy=policy, onnx_op=onnx_op)
+            write_model(result, output)
+        result.output = str(output)
+        if as_json:
+            data = result.to_json()
+            sys.stdout.write(json.dumps({k: data[k] for k in (
+                "sites_found", "sites_rewritten", "max_abs_error", "output")}, indent=2) + "\n")
+            return
+        out.print(results_table(result))
+        out.print(f"{result.sites_rewritten}/{result.sites_found} sites rewritten, max abs error "
+                  f"{result.max_abs_error:.3g} (relative {result.rel_error:.3g}); wrote {output}")
+
+
+def write_model(result, output: Path) -> None:
+    """Write atomically: temporary file, check, reload, rename."""
+    if output.suffix == ".onnx":
+        from attnopt.optimize_onnx import write_onnx_atomically
+
+        write_onnx_atomically(result.model, str(output), getattr(result, "base_dir", None))
+        return
+    import torch
+
+    from attnopt.errors import OutputError
+
+    tmp = output.with_name(f".{output.stem}.tmp-{os.getpid()}.pt2")
+    try:
+        torch.export.save(result.model, str(tmp))
+        torch.export.load(str(tmp))
+        os.replace(tmp, output)
+    except OSError as e:
+        raise OutputError(f"cannot write {output}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def main() -> None:
+    import warnings
+
+    from attnopt.simulate_cli import register
+
+    if "--debug" not in sys.argv:
+        warnings.filterwarnings("ignore")  # library deprecation chatter is not for our users
+
+    register(app)
     app()
 
 

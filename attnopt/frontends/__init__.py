@@ -56,13 +56,19 @@ def load_path(path: Path) -> Graph:
 
 
 def _load_pt2(path: Path) -> Graph:
-    import torch
-
     from attnopt.frontends import fx
 
+    return fx.from_exported_program(_load_pt2_program(path), name=path.stem)
+
+
+def _load_pt2_program(path: Path):
+    import torch
+
+    if not path.exists():
+        raise InputNotFound(f"no such file: {path}")
     try:
         ep = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001 - any failure to load is the file's problem
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UnreadableModel(f"{path} could not be loaded as a torch.export program: {msg}") from None
-    return fx.from_exported_program(ep, name=path.stem)
+    return ep

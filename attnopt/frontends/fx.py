@@ -465,6 +465,23 @@ def _sdpa(t: _Translator, n: fx.Node) -> None:
           num_kv_heads=ks[-3] if ks and len(ks) >= 3 else 1)
 
 
+@_handles("attention")
+def _attnopt_op(t: _Translator, n: fx.Node) -> None:
+    """An attnopt::attention call left by an earlier optimize (so inspect still sees it)."""
+    if not (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "attnopt"):
+        t.other(n)
+        return
+    q, k, v, mask = n.args[:4]
+    slots = {"q": q.name, "k": k.name, "v": v.name,
+             "mask": mask.name if isinstance(mask, fx.Node) else None}
+    qs, _ = _shape_dtype(q)
+    ks, _ = _shape_dtype(k)
+    t.add(n, "sdpa", t.node_inputs(n), flavor="attnopt", layout="BHSD", slots=slots,
+          is_causal=bool(n.args[5]), scale=float(n.args[4]), dropout_p=0.0, enable_gqa=True,
+          softcap=(float(n.args[9]) or None), num_heads=qs[1] if qs else None,
+          num_kv_heads=ks[1] if ks else None)
+
+
 @_handles("_native_multi_head_attention")
 def _native_mha(t: _Translator, n: fx.Node) -> None:
     q, k, v = n.args[0], n.args[1], n.args[2]

@@ -19,7 +19,10 @@ Targets (measured on onnxruntime 1.32, CPU provider):
                  is_causal aligns top-left, so bottom-right causal with Sq != Skv becomes an
                  explicit mask. Models below opset 23 are upgraded first.
 Masks are always passed as float additive masks (-inf where the model filled -inf), which is
-the model's own arithmetic, including NaN rows where every key is masked.
+the model's own arithmetic. Rows where every key is masked: MultiHeadAttention reproduces the
+model bit for bit (NaN for all -inf, the mean of v for all finfo.min); the standard op writes
+zeros for a row whose max score is the lowest float, so its mask is floored at lowest/2
+(finite values only); rows of only -inf still give 0 there where the model gives NaN.
 
 The input ModelProto is never modified; untouched nodes, initializers and metadata are copied
 as they are, and only nodes that the rewrite left without consumers are removed.
@@ -499,7 +502,16 @@ class _Splicer:
             raise _Skip(f"{h} query heads are not a multiple of {kh} kv heads")
         ins = [q4, k4, v4]
         if mask is not None:
-            ins.append(self._mask4(b, r, mask))
+            # ORT's Attention writes zeros for a query row whose largest score is the dtype's
+            # lowest value (a row of HF finfo.min masks), where the model's own softmax gives
+            # the mean of v; finite mask values are clamped to lowest/2 to keep the model's
+            # answer (exp underflows to 0 either way). -inf stays -inf.
+            dt = _np_dtype(self.g.dtype(r.q.node))
+            m = self._mask4(b, r, mask)
+            low = b.const(np.asarray(np.finfo(dt).min / 2, dt), "mask_floor")
+            m = b.node("Where", [b.node("IsInf", [m], "mask_isinf"), m,
+                                 b.node("Max", [m, low], "mask_clamped")], "attn_mask_floored")
+            ins.append(m)
         attrs = dict(scale=float(r.scale))
         if causal_flag:
             attrs["is_causal"] = 1

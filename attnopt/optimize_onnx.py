@@ -1,0 +1,100 @@
+"""optimize() for ONNX models: each provable site becomes one fused node, validated in ONNX
+Runtime against the original; a site whose output moves beyond noise is reverted."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from attnopt.frontends.onnx import load_onnx
+from attnopt.passes.detect import detect
+from attnopt.passes.rewrite import Recipe, plan
+from attnopt.result import OptimizeResult, SiteResult
+
+TOLERANCE = 1e-4  # relative to output scale, fp32
+
+
+def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -> OptimizeResult:
+    from attnopt.frontends.onnx_splice import splice
+    from attnopt.passes.validate_onnx import compare_onnx
+
+    if op not in ("ort", "standard"):
+        from attnopt.errors import UnsupportedModel
+
+        raise UnsupportedModel(f"--onnx-op must be 'ort' or 'standard', got {op!r}")
+    graph = load_onnx(model)
+    sites, rejected = detect(graph)
+    results: dict[str, SiteResult] = {}
+    recipes: list[Recipe] = []
+    for s in sites:
+        r = plan(graph, s)
+        if isinstance(r, str):
+            results[s.name] = SiteResult(s.name, s.pattern, "kept", None, r, s.spec)
+        else:
+            recipes.append(r)
+    original = graph.native_model
+    kept = list(recipes)
+    new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
+    while kept:
+        new_model = splice(graph, kept, op=op)
+        if not validate:
+            break
+        err = compare_onnx(graph, new_model)
+        if err["max_rel_error"] <= TOLERANCE:
+            break
+        bad = _first_failing(graph, kept, op, compare_onnx, splice)
+        results[bad.site] = SiteResult(bad.site, "decomposed", "reverted", None,
+                                       "validation failed in ONNX Runtime", None)
+        kept.remove(bad)
+    if not kept:
+        new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
+    spec_of = {s.name: s for s in sites}
+    for r in kept:
+        results[r.site] = SiteResult(r.site, spec_of[r.site].pattern, "rewritten",
+                                     err["max_rel_error"], "", spec_of[r.site].spec,
+                                     variant=f"onnx:{'com.microsoft.MultiHeadAttention' if op == 'ort' else 'Attention'}")
+    ordered = [results[s.name] for s in sites if s.name in results]
+    res = OptimizeResult(model=new_model, sites=ordered, rejected=rejected,
+                         max_abs_error=float(err["max_abs_error"]),
+                         rel_error=float(err["max_rel_error"]))
+    res.base_dir = getattr(graph, "base_dir", None)
+    return res
+
+
+def _first_failing(graph, kept, op, compare, splice) -> Recipe:
+    """The earliest site that fails on its own."""
+    for r in kept:
+        e = compare(graph, splice(graph, [r], op=op))
+        if e["max_rel_error"] > TOLERANCE:
+            return r
+    return kept[-1]
+
+
+def write_onnx_atomically(model, out_path: str, base_dir: str | None = None) -> None:
+    """Temporary file, full checker, ORT load, then rename: never a partial output."""
+    import onnx
+    import onnxruntime as ort
+
+    from attnopt.errors import OutputError
+
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    if base_dir and any(uses_external_data(t) for t in model.graph.initializer):
+        # Weights stay beside the input; bring them along so the output stands on its own.
+        model = type(model).FromString(model.SerializeToString())
+        load_external_data_for_model(model, base_dir)
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    try:
+        large = model.ByteSize() > 1_800_000_000
+        if large:
+            onnx.save_model(model, tmp, save_as_external_data=True,
+                            location=os.path.basename(out_path) + ".data")
+        else:
+            onnx.save_model(model, tmp)
+        onnx.checker.check_model(tmp, full_check=True)
+        ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        os.replace(tmp, out_path)
+    except OSError as e:
+        raise OutputError(f"cannot write {out_path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
