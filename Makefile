@@ -18,10 +18,13 @@ $(STAMP): $(VPY) pyproject.toml
 
 install: $(STAMP)
 
+DEMO := out/demo
 demo: $(STAMP)
-	$(VENV)/bin/attnopt inspect examples/tiny_transformer.onnx --explain || \
-	  ($(VPY) examples/export_example.py && $(VENV)/bin/attnopt inspect examples/tiny_transformer.onnx --explain)
-	$(VPY) examples/demo.py
+	$(VPY) examples/tiny_transformer.py $(DEMO)
+	$(VENV)/bin/attnopt inspect $(DEMO)/tiny_transformer.onnx --explain
+	$(VENV)/bin/attnopt optimize $(DEMO)/tiny_transformer.pt2 -o $(DEMO)/tiny_transformer.opt.pt2
+	$(VENV)/bin/attnopt optimize $(DEMO)/tiny_transformer.onnx -o $(DEMO)/tiny_transformer.opt.onnx
+	$(VENV)/bin/attnopt simulate --shape 64x64 --window 16x16 --stride 16x16 --q-tile 16x16 --kv-tile 16x8 --png $(DEMO)/gna_layout.png
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n 2 tests
