@@ -141,21 +141,31 @@ def _errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     return err, err / scale if scale > 0 else err, scale
 
 
-def compare_onnx(original: onnx.ModelProto | str | os.PathLike, rewritten: onnx.ModelProto,
+def compare_onnx(original: Any, rewritten: onnx.ModelProto,
                  feeds_list: Sequence[Mapping[str, np.ndarray]] | None = None, *,
                  base_dir: str | None = None, threads: int = THREADS) -> dict[str, Any]:
     """Run both models on every feed set; errors of the rewritten outputs vs the original's.
 
+    original: a ModelProto, a path, or an attnopt Graph loaded from ONNX (its native model,
+    base_dir and probe sizes are used). feeds_list: None generates them (`generate_feeds`).
+
     base_dir: where external data lives (defaults to the original path's folder); the
     rewritten model's external references are the original's.
     """
+    graph = None
+    if hasattr(original, "native_model"):  # an attnopt Graph loaded from ONNX
+        graph = original
+        original = graph.native_model
+        base_dir = base_dir or getattr(graph, "base_dir", None)
     orig_proto, orig_dir = _load(original, base_dir)
     base_dir = base_dir or orig_dir
     if feeds_list is None:
         from attnopt.frontends.onnx import load_onnx
 
-        feeds_list = generate_feeds(load_onnx(original) if isinstance(original, (str, os.PathLike))
-                                    else load_onnx(orig_proto, base_dir=base_dir))
+        if graph is None:
+            graph = (load_onnx(original) if isinstance(original, (str, os.PathLike))
+                     else load_onnx(orig_proto, base_dir=base_dir))
+        feeds_list = generate_feeds(graph)
     s_a = session(orig_proto, base_dir, threads)
     s_b = session(rewritten, base_dir, threads)
     names = [o.name for o in s_a.get_outputs()]
