@@ -128,6 +128,17 @@ class _Positional(torch.nn.Module):
         return self.model(**dict(zip(self.names, args)))
 
 
+@contextlib.contextmanager
+def _restore_mode(model: torch.nn.Module):
+    """The TorchScript exporter leaves transformers models in training mode (dropout on)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.train(t)
+
+
 _TORCHLIB_CACHED = False
 
 
@@ -153,7 +164,7 @@ def _onnx_export(zm: ZooModel, path: Path, **kw: Any) -> Path:
         if path.exists():
             return path
         tmp = _tmp(path)
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _restore_mode(zm.model):
             warnings.simplefilter("ignore")
             if kw.get("dynamo") or not zm.kwargs:
                 torch.onnx.export(zm.model, args=zm.args, f=str(tmp), kwargs=dict(zm.kwargs),
