@@ -93,7 +93,10 @@ def _combined_mask(graph: fx.Graph, by: dict, r: Recipe) -> fx.Node | None:
         return None
     parts = []
     for t in r.masks:
-        x = graph.call_method("reshape", (by[t.node], _broadcast_shape_arg(by[t.node], t.rank)))
+        if t.literal is not None:  # a python scalar in the model: a one-element tensor here
+            x = _call(graph, torch.full, [1] * t.rank, float(t.literal))
+        else:
+            x = graph.call_method("reshape", (by[t.node], _broadcast_shape_arg(by[t.node], t.rank)))
         x = _permute(graph, x, t.perm)
         parts.append((t, x))
     all_bool = all(t.how in ("keep", "drop") and t.fill == float("-inf") for t, _ in parts)

@@ -33,7 +33,7 @@ class MaskAnalysis:
 def analyze_masks(graph: Graph, m: Match) -> MaskAnalysis:
     mods: list[str] = []
     if m.softcap:
-        mods.append(f"softcap:{m.softcap:g}")
+        mods.append(f"softcap:{float(m.softcap)}")
     padding_input = m.details.get("key_padding_input")
     if not m.mask_operands and not m.structural_causal and m.window is None:
         kind = MaskSpec(kind="padding", padding=True) if padding_input else MaskSpec()

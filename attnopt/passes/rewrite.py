@@ -28,6 +28,7 @@ class MaskTerm:
     factor: float
     rank: int  # rank the operand is broadcast to (the score rank) before `perm`
     perm: tuple[int, ...]
+    literal: float | None = None  # a scalar written as a literal in the model (no graph node)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
     k = Operand(d["k_operand"], tuple(k_lab.index(l) for l in batch + [kl, hl]))
     # C2 labels its operands itself; P's labels in C2 line up with the score labels by position.
     p_lab, v_lab, out_lab = d["p_labels"], d["v_labels"], d["out_labels"]
-    to_c2 = {s: p for s, p in zip(s_labels, p_lab)}
+    p_perm = d.get("p_perm") or tuple(range(len(p_lab)))
+    to_c2 = {s_labels[p_perm[i]]: p_lab[i] for i in range(len(p_lab))}
     c2_batch = [to_c2[l] for l in batch]
     v = Operand(site.v, tuple(v_lab.index(l) for l in c2_batch + [to_c2[kl], d["value_label"]]))
     canon_out = c2_batch + [to_c2[ql], d["value_label"]]
@@ -91,7 +93,8 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
     score_perm = tuple([i for i in canon_scores if i not in (qpos, kpos)] + [qpos, kpos])
     masks = []
     for op in site.details.get("mask_operands", ()):
-        masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm))
+        literal = graph.scalar(op.node) if graph.ref(op.node) is None else None
+        masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm, literal))
 
     causal, window, align = False, None, "top_left"
     m = spec.mask
@@ -128,7 +131,8 @@ def _plan_sdpa(graph: Graph, site: Site) -> Recipe | str:
     if slot is not None:
         how = "keep" if graph.dtype(slot) == "bool" else "add"
         r = graph.rank(slot) or 4
-        masks.append(MaskTerm(slot, how, None, 1.0, 4, ident if r <= 4 else ident))
+        # SDPA's bool mask drops a pair exactly like a -inf fill.
+        masks.append(MaskTerm(slot, how, float("-inf") if how == "keep" else None, 1.0, 4, ident))
     return Recipe(
         site=site.name, q=Operand(site.q, ident), k=Operand(site.k, ident),
         v=Operand(site.v, ident), batch_rank=2, batch_sizes=tuple(qs[:2]), k_group_broadcast=False,

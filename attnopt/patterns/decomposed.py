@@ -52,6 +52,7 @@ class _Matcher:
         self.normalizer = graph.op(anchor)
         self.nodes: set[str] = {anchor}
         self.details: dict = {"scale_nodes": []}
+        self.p_perm: tuple[int, ...] = ()  # C2 operand axis i is probability axis p_perm[i]
 
     # -- helpers ---------------------------------------------------------------------------
     def reject(self, node: str, reason: str) -> None:
@@ -87,13 +88,14 @@ class _Matcher:
             self.reject(c2_node, f"the matmul with V contracts {len(contracted)} axes, not one key axis")
         key_label_c2 = next(iter(contracted))
         p_labels = c2.labels(p_side)
-        key_pos = p_labels.index(key_label_c2)
+        # Positions in C2's operand map back to score axes through any transposes of P.
+        key_pos = self.p_perm[p_labels.index(key_label_c2)]
         p_free = c2.free_of(p_side)
         v_free = c2.free_of(v_side)
         if len(p_free) != 1 or len(v_free) != 1:
             self.reject(c2_node, "the matmul with V does not map (query, key) x (key, value) to "
                                  "(query, value): the matmul chain does not contract the key dim")
-        q_pos = p_labels.index(next(iter(p_free)))
+        q_pos = self.p_perm[p_labels.index(next(iter(p_free)))]
 
         if self.normalizer == "softmax":
             axis = g.attr(self.anchor, "axis")
@@ -149,7 +151,7 @@ class _Matcher:
         batch, heads, kv_heads = self.heads(c1, batch_labels, ss, q_side, k_side, k_src)
         self.nodes.update([c1_node, c2_node])
         self.details.update(
-            q_labels=q_lab, k_labels=k_lab, v_labels=v_lab, score_labels=s_labels, p_labels=p_labels,
+            q_labels=q_lab, k_labels=k_lab, v_labels=v_lab, score_labels=s_labels, p_labels=p_labels, p_perm=self.p_perm,
             out_labels=c2.out_labels, c1=c1_node, c2=c2_node, q_operand=q_op, k_operand=k_op,
             query_label=q_label, key_label=key_label, head_label=d_label, value_label=v_label,
             q_source=q_src, k_source=k_src)
@@ -164,6 +166,7 @@ class _Matcher:
     # -- probabilities side ------------------------------------------------------------------
     def walk_down(self) -> tuple[str, str]:
         g, cur = self.g, self.anchor
+        self.p_perm = tuple(range(g.rank(cur) or 0))
         for _ in range(16):
             users = g.users(cur)
             if not users:
@@ -175,6 +178,11 @@ class _Matcher:
             u = self.single_user(cur, "the probabilities")
             op = g.op(u)
             if op in _TRANSPARENT:
+                self.nodes.add(u)
+                cur = u
+            elif op == "transpose":
+                perm = g.attr(u, "perm")
+                self.p_perm = tuple(self.p_perm[i] for i in perm)
                 self.nodes.add(u)
                 cur = u
             elif op == "dropout":
