@@ -1,0 +1,150 @@
+"""Exact rewrite of torch models: every hand-written form is replaced by attnopt::attention
+and still matches; planted bugs are caught by validation; torch.compile backend; .pt2 round trip."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnopt
+import attnopt.optimize_torch as opt_torch
+from attnopt.passes.rewrite import Recipe
+from zoo import handwritten as hw
+
+POSITIVE = [c.name for c in hw.cases() if not c.near_miss]
+NEAR_MISSES = [c.name for c in hw.cases() if c.near_miss]
+
+
+def _tolerance(case) -> float:
+    dtypes = {a.dtype for a in case.args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+    return 1e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-4
+
+
+def _op_calls(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target is torch.ops.attnopt.attention.default)
+
+
+@pytest.mark.parametrize("name", POSITIVE)
+def test_every_form_is_rewritten_and_matches(name):
+    case = hw.get(name)
+    res = attnopt.optimize(case.module, case.args)
+    assert res.sites_found == len(case.expected)
+    assert [s.status for s in res.sites] == ["rewritten"] * len(case.expected), res.to_json()
+    assert _op_calls(res.model) == len(case.expected)
+    with torch.no_grad():
+        ref = case.module(*case.args)
+        got = res.model(*case.args)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= _tolerance(case) * max(scale, 1e-6)
+
+
+@pytest.mark.parametrize("name", NEAR_MISSES)
+def test_near_misses_are_left_alone(name):
+    case = hw.get(name)
+    res = attnopt.optimize(case.module, case.args)
+    assert res.sites_found == 0 and _op_calls(res.model) == 0
+    assert res.rejected
+
+
+def _plant(monkeypatch, mutate):
+    real_plan = opt_torch.plan
+
+    def planted(graph, site):
+        r = real_plan(graph, site)
+        return mutate(r) if isinstance(r, Recipe) else r
+
+    monkeypatch.setattr(opt_torch, "plan", planted)
+
+
+@pytest.mark.parametrize("bug", ["scale_x1.5", "mask_dropped"])
+def test_validation_catches_planted_bugs(monkeypatch, bug):
+    """With sharpened attention a 1.5x scale or a dropped padding mask moves the output far
+    beyond tolerance: validation must revert the site."""
+    case = hw.get("additive_padding_from_int_mask")
+    if bug == "scale_x1.5":
+        _plant(monkeypatch, lambda r: dataclasses.replace(r, scale=r.scale * 1.5))
+    else:
+        _plant(monkeypatch, lambda r: dataclasses.replace(r, masks=()))
+    res = attnopt.optimize(case.module, case.args)
+    assert [s.status for s in res.sites] == ["reverted"]
+    assert "validation failed" in res.sites[0].reason
+    assert _op_calls(res.model) == 0
+
+
+def test_unplanted_site_passes_validation():
+    case = hw.get("additive_padding_from_int_mask")
+    res = attnopt.optimize(case.module, case.args)
+    assert [s.status for s in res.sites] == ["rewritten"]
+    assert res.sites[0].error is not None and res.sites[0].error < 1e-5
+
+
+def _example():
+    sys.path.insert(0, "examples")
+    from tiny_transformer import build, example_inputs
+
+    return build(), example_inputs()
+
+
+@pytest.mark.parametrize("inner,dynamic", [("inductor", False), ("eager", False), ("eager", True)])
+def test_compile_backend_matches_eager(inner, dynamic):
+    model, inputs = _example()
+    torch._dynamo.reset()
+    backend = "attnopt" if inner == "inductor" else attnopt.backend.make_backend("eager")
+    with torch.no_grad():
+        ref = model(*inputs)[0]
+        got = torch.compile(model, backend=backend, dynamic=dynamic)(*inputs)[0]
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_compile_backend_counts_rewrites(monkeypatch):
+    model, inputs = _example()
+    seen = []
+    real = opt_torch.optimize_graph_module
+
+    def spy(gm, inputs, **kw):
+        new, res = real(gm, inputs, **kw)
+        seen.append(res)
+        return new, res
+
+    monkeypatch.setattr(opt_torch, "optimize_graph_module", spy)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=attnopt.backend.make_backend("eager"))(*inputs)
+    assert sum(r.sites_rewritten for r in seen) == 2  # the third layer returns its weights
+
+
+def test_training_graph_falls_back_untouched(caplog):
+    model, inputs = _example()
+    model.train()
+    torch._dynamo.reset()
+    attnopt.backend._warned_training = False
+    with caplog.at_level(logging.WARNING, logger="attnopt"):
+        out = torch.compile(model, backend=attnopt.backend.make_backend("eager"))(*inputs)[0]
+    out.sum().backward()
+    assert any("training graph" in r.message for r in caplog.records)
+
+
+def test_pt2_roundtrip(tmp_path):
+    model, inputs = _example()
+    ep = torch.export.export(model, inputs, strict=False)
+    res = attnopt.optimize(ep)
+    assert isinstance(res.model, torch.export.ExportedProgram)
+    assert res.sites_rewritten == 2
+    path = tmp_path / "opt.pt2"
+    torch.export.save(res.model, path)
+    # A fresh process that only imports attnopt can load and run it.
+    code = (
+        "import sys, torch, attnopt; sys.path.insert(0, 'examples');"
+        "from tiny_transformer import build, example_inputs;"
+        f"ep = torch.export.load({str(path)!r}); m = build(); x = example_inputs();"
+        "ref = m(*x)[0]; got = ep.module()(*x)[0];"
+        "assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (got - ref).abs().max();"
+        "assert sum(n.target is torch.ops.attnopt.attention.default for n in ep.graph.nodes) == 2"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=".")
