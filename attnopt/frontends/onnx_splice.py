@@ -55,6 +55,7 @@ class SpliceResult:
     fused: dict[str, str] = field(default_factory=dict)  # site -> fused node name
     skipped: dict[str, str] = field(default_factory=dict)  # site -> reason
     upgraded_from: int | None = None  # the default-domain opset before an upgrade
+    upgrade: str = ""  # "" | "relabel" (same nodes) | "version_converter"
 
 
 class _Skip(Exception):
@@ -78,7 +79,7 @@ def splice_report(graph: Graph, recipes: Sequence[Recipe | str], *, op: str = "o
     result = SpliceResult(model)
     todo = [r for r in recipes if isinstance(r, Recipe)]
     if op == "standard" and todo:
-        result.upgraded_from = _ensure_opset(model, STANDARD_OPSET, todo)
+        result.upgraded_from, result.upgrade = _ensure_opset(model, STANDARD_OPSET, todo)
     _Splicer(graph, model, op, result).run(todo)
     if result.fused and op == "ort" and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -127,16 +128,19 @@ def _bump_is_safe(model: onnx.ModelProto, old: int, new: int) -> str | None:
     return None
 
 
-def _ensure_opset(model: onnx.ModelProto, target: int, recipes: Sequence[Recipe]) -> int | None:
-    """Raise the model's default-domain opset to `target` in place; returns the old opset.
+def _ensure_opset(model: onnx.ModelProto, target: int, recipes: Sequence[Recipe]
+                  ) -> tuple[int | None, str]:
+    """Raise the model's default-domain opset to `target` in place; returns the old opset
+    (None when no upgrade was needed) and how ("relabel" or "version_converter").
 
     Relabels the opset when no op used changed meaning (every node kept byte-for-byte),
     else converts with onnx.version_converter and checks that the values recipes name survive.
     """
     old = _default_opset(model)
     if old >= target:
-        return None
+        return None, ""
     why = _bump_is_safe(model, old, target)
+    how = "relabel" if why is None else "version_converter"
     if why is None:
         for o in model.opset_import:
             if o.domain in ("", "ai.onnx"):
@@ -162,7 +166,7 @@ def _ensure_opset(model: onnx.ModelProto, target: int, recipes: Sequence[Recipe]
     need_ir = helper.find_min_ir_version_for([helper.make_opsetid("", target)])
     if model.ir_version < need_ir:
         model.ir_version = need_ir
-    return old
+    return old, how
 
 
 # ---- node building ------------------------------------------------------------------------
