@@ -196,13 +196,18 @@ def write_model(result, output: Path) -> None:
 def main() -> None:
     import warnings
 
-    from attnopt.simulate_cli import register
-
     if "--debug" not in sys.argv:
         warnings.filterwarnings("ignore")  # library deprecation chatter is not for our users
+    app()
+
+
+def _register_subcommands() -> None:
+    from attnopt.simulate_cli import register
 
     register(app)
-    app()
+
+
+_register_subcommands()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ def detect(graph: Graph) -> tuple[list[Site], list[Rejection]]:
     for pattern in PATTERNS:
         for anchor in pattern.anchors(graph):
             result = pattern.match(graph, anchor)
+            if result is None:
+                continue
             if isinstance(result, Rejection):
                 rejected.append(result)
             else:

@@ -38,11 +38,46 @@ class DecomposedAttention:
     def anchors(self, graph: Graph) -> list[str]:
         return [n for n in graph.nodes() if graph.op(n) in self.normalizers]
 
-    def match(self, graph: Graph, anchor: str) -> Match | Rejection:
+    def match(self, graph: Graph, anchor: str) -> Match | Rejection | None:
+        """A match, a near miss with its reason, or None when the normalizer is not near any
+        matrix product (a classifier softmax, a SiLU's sigmoid): not worth reporting."""
+        if not _near_contractions(graph, anchor):
+            return None
         try:
             return _Matcher(graph, anchor).run()
         except Reject as r:
             return Rejection(node=r.node, reason=r.reason, pattern=self.name)
+
+
+def _near_contractions(graph: Graph, anchor: str) -> bool:
+    """Whether the normalizer's output flows (through layout/cast ops) into a contraction, or,
+    for softmax, its input comes from one: only then can it be attention or a near miss."""
+    frontier, seen = [anchor], set()
+    for _ in range(4):
+        nxt = []
+        for n in frontier:
+            for u in graph.users(n):
+                if u in seen:
+                    continue
+                seen.add(u)
+                if graph.op(u) in CONTRACTION_OPS:
+                    return True
+                if graph.op(u) in _TRANSPARENT or graph.op(u) in ("transpose", "where", "isnan",
+                                                                  "dropout", "mul"):
+                    nxt.append(u)
+        frontier = nxt
+    if graph.op(anchor) != "softmax":
+        return False
+    cur = graph.inputs_of(anchor)[0]
+    for _ in range(8):
+        op = graph.op(cur)
+        if op in CONTRACTION_OPS:
+            return True
+        ins = graph.inputs_of(cur)
+        if op not in _TRANSPARENT and op not in ("mul", "div", "add", "where", "tanh") or not ins:
+            return False
+        cur = ins[0] if op != "where" else ins[1]
+    return False
 
 
 class _Matcher:

@@ -15,8 +15,20 @@ ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "attnopt.cli"]
 
 
-def run(*args, cwd=None):
-    p = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
+def run(*args):
+    """In-process (a subprocess per call costs seconds of torch import)."""
+    from typer.testing import CliRunner
+
+    from attnopt.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.stdout, r.stderr
+
+
+def run_process(*args):
+    p = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True,
                        env={**os.environ, "COLUMNS": "200"})
     return p.returncode, p.stdout, p.stderr
 
@@ -116,5 +128,7 @@ def test_optimize_output_errors(example, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model at all")
-    rc, _, err = run("inspect", junk, "--debug")
+    rc, _, err = run_process("inspect", junk, "--debug")
     assert rc != 0 and "Traceback" in err
+    rc, _, err = run_process("inspect", junk)
+    assert rc == 4 and "Traceback" not in err and len(err.strip().splitlines()) == 1
