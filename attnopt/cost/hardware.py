@@ -64,6 +64,16 @@ TILE_TABLES: dict[str, dict[str, tuple[tuple[int, ...], ...]]] = {
         "q_3d": ((4, 8, 8), (2, 8, 16), (4, 4, 16), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
         "kv_3d": ((4, 4, 8), (2, 8, 8), (4, 8, 4)),
     },
+    # Triton interpreter (TRITON_INTERPRET=1, CI without a GPU): one config per shape, tiles
+    # of 64 tokens or less, because each inner-loop step costs ~10 ms there (FACTS.md).
+    "interpreter": {
+        "q_1d": ((64,), (32,)),
+        "kv_1d": ((64,), (32,)),
+        "q_2d": ((8, 8),),
+        "kv_2d": ((8, 8),),
+        "q_3d": ((4, 4, 4),),
+        "kv_3d": ((4, 4, 4),),
+    },
     "cpu": {
         "q_1d": ((32,), (64,), (128,)),
         "kv_1d": ((32,), (64,), (128,)),

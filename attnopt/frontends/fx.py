@@ -482,6 +482,21 @@ def _attnopt_op(t: _Translator, n: fx.Node) -> None:
           num_kv_heads=ks[1] if ks else None)
 
 
+@_handles("multi_head_attention_forward")
+def _mha_forward(t: _Translator, n: fx.Node) -> None:
+    """F.multi_head_attention_forward as dynamo keeps it: q/k/v are [S, B, E] (sequence first)."""
+    q, k, v = n.args[0], n.args[1], n.args[2]
+    heads = arg(n, 4, "num_heads")
+    kpm, mask = n.kwargs.get("key_padding_mask"), n.kwargs.get("attn_mask")
+    slots = {"q": q.name, "k": k.name, "v": v.name,
+             "mask": mask.name if isinstance(mask, fx.Node) else None,
+             "key_padding_mask": kpm.name if isinstance(kpm, fx.Node) else None}
+    t.add(n, "sdpa", t.node_inputs(n), flavor="torch_mha_forward", layout="SBD", slots=slots,
+          is_causal=bool(n.kwargs.get("is_causal", False)), scale=None,
+          dropout_p=float(arg(n, 10, "dropout_p", 0.0)) if n.kwargs.get("training") else 0.0,
+          enable_gqa=False, softcap=None, num_heads=heads, num_kv_heads=heads)
+
+
 @_handles("_native_multi_head_attention")
 def _native_mha(t: _Translator, n: fx.Node) -> None:
     q, k, v = n.args[0], n.args[1], n.args[2]

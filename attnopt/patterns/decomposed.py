@@ -16,7 +16,7 @@ import math
 from attnopt.ir import LAYOUT_OPS, Graph, Rejection
 from attnopt.patterns.contraction import CONTRACTION_OPS, Contraction, describe_contraction
 from attnopt.patterns.match import MaskOperand, Match
-from attnopt.patterns.values import NotConstant, scalar_value
+from attnopt.patterns.values import NotConstant, numel, scalar_value
 
 # Fill values at or below this mask a score (HF uses finfo.min, older code -1e4 / -1e9).
 MASK_FILL_MAX = -1e4
@@ -169,12 +169,13 @@ class _Matcher:
         if qs is None or ks is None or vs is None or ss is None:
             self.reject(c1_node, "operand shapes are unknown")
         q_lab, k_lab, v_lab = c1.labels(q_side), c1.labels(k_side), c2.labels(v_side)
-        q_len = qs[q_lab.index(q_label)]
-        kv_len = ks[k_lab.index(key_label)]
-        head_dim = qs[q_lab.index(d_label)]
+        s_lab = c1.out_labels
+        q_len = _static(qs[q_lab.index(q_label)], ss[s_lab.index(q_label)])
+        v_key = vs[v_lab.index(key_label_c2)]
+        kv_len = _static(ks[k_lab.index(key_label)], ss[s_lab.index(key_label)], v_key)
+        head_dim = _static(qs[q_lab.index(d_label)], ks[k_lab.index(d_label)])
         v_label = next(iter(v_free))
         v_head_dim = vs[v_lab.index(v_label)]
-        v_key = vs[v_lab.index(key_label_c2)]
         if isinstance(v_key, int) and isinstance(kv_len, int) and v_key != kv_len:
             self.reject(c2_node, f"V has {v_key} keys but the scores have {kv_len}")
 
@@ -439,6 +440,11 @@ class _Matcher:
         return batch, heads, kv
 
 
+def _static(*dims):
+    """The same size seen on several tensors: the first static one (exporters lose some)."""
+    return next((d for d in dims if isinstance(d, int)), dims[0])
+
+
 def _prod(xs) -> int | str:
     out: int | str = 1
     for x in xs:
@@ -452,27 +458,44 @@ def _prod(xs) -> int | str:
 def repeat_factor(graph: Graph, nid: str) -> int | None:
     """How many times k's heads were repeated on its way into the score matmul (GQA).
 
-    Recognizes repeat_kv (unsqueeze -> expand -> reshape merging (kv_heads, n_rep)) and
-    repeat_interleave along the head axis, through layout ops.
+    Recognizes repeat_kv (unsqueeze -> expand -> reshape merging (kv_heads, n_rep)), ONNX
+    Tile on the inserted axis, and repeat_interleave, through layout ops and scalar scales.
+    The factor is read from element counts (expand/tile only grow size-1 axes, layout ops keep
+    the count), so exporters that lose the expanded shape still give it exactly.
     """
+    start = numel(graph.shape(nid))
     cur = nid
-    for _ in range(10):
+    for _ in range(12):
         op = graph.op(cur)
         if op == "repeat":
             return int(graph.attr(cur, "repeats"))
-        if op == "expand":
+        native = graph.attr(cur, "native")
+        if op == "expand" or native == "ai.onnx::Tile":
             src = graph.inputs_of(cur)[0]
-            s_in, s_out = graph.shape(src), graph.shape(cur)
-            if s_in is not None and s_out is not None and len(s_in) == len(s_out):
+            s_in = graph.shape(src)
+            if s_in is None or len(s_in) < 5 or s_in[0] == 1:
+                return None  # a batch broadcast, or not the repeat_kv form
+            n_in = numel(s_in)
+            if start and n_in and start % n_in == 0 and start > n_in:
+                return start // n_in
+            s_out = graph.shape(cur)
+            if s_out is not None and len(s_in) == len(s_out):
                 grown = [o // i for i, o in zip(s_in, s_out)
                          if isinstance(i, int) and isinstance(o, int) and i == 1 and o > 1]
-                # batch-only growth (e.g. expanding a shared k over batch) is not GQA
-                if len(grown) == 1 and len(s_in) >= 4 and s_in[0] == s_out[0]:
+                if len(grown) == 1:
                     return grown[0]
             return None
         if op in LAYOUT_OPS or op == "cast":
             cur = graph.inputs_of(cur)[0]
             continue
+        if op in ("mul", "div"):
+            a, b = graph.inputs_of(cur)
+            if numel(graph.shape(b)) == 1:
+                cur = a
+                continue
+            if op == "mul" and numel(graph.shape(a)) == 1:
+                cur = b
+                continue
         return None
     return None
 

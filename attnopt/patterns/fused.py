@@ -45,6 +45,10 @@ class FusedAttention:
             rep = repeat_factor(graph, k)
             if rep and isinstance(kv_heads, int) and kv_heads % rep == 0:
                 kv_heads //= rep
+        elif a.get("layout") == "SBD" and len(qs) == 3 and heads:
+            q_len, batch, kv_len = qs[0], qs[1], ks[0]
+            head_dim = qs[2] // heads if isinstance(qs[2], int) else qs[2]
+            v_dim = vs[2] // heads if isinstance(vs[2], int) else vs[2]
         elif len(qs) == 3 and heads:
             batch, q_len = qs[0], qs[1]
             head_dim = qs[2] // heads if isinstance(qs[2], int) else qs[2]
@@ -63,7 +67,8 @@ class FusedAttention:
         if scale is None and isinstance(head_dim, int):
             scale = 1.0 / math.sqrt(head_dim)
         masks = []
-        mask = slots.get("mask")
+        # com.microsoft MHA's "mask" slot is its key_padding_mask: padding, not a score mask.
+        mask = slots.get("mask") if flavor != "ms_mha" else None
         if mask is not None:
             how = "keep" if graph.dtype(mask) in _BOOL else "add"
             masks.append(MaskOperand(mask, how))

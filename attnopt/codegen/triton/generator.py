@@ -1,0 +1,155 @@
+"""Emit, load and tune the generated Triton kernels; on-disk cache of sources and tuned configs.
+
+Cache layout ($ATTNOPT_CACHE_DIR or ~/.cache/attnopt, then triton/):
+  <family>_<kind>_<template hash>.py   the rendered kernel module (imported from there)
+  tune-<key hash>.json                 the chosen config for (spec, variant, device name, triton
+                                       version), so a second process skips autotuning
+Files are written to a temporary name and renamed, so a reader never sees a partial file.
+Under the interpreter (TRITON_INTERPRET=1) the first config of the "interpreter" tile table is used
+without tuning and nothing but the source is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from attnopt.codegen.triton import template
+from attnopt.cost.hardware import TILE_TABLES
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTNOPT_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "attnopt"
+    return base / "triton"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+_MODULES: dict[tuple[str, str, bool], Any] = {}
+
+
+def kernel(family: str, kind: str) -> Callable:
+    """The compiled-on-launch `<family>_fwd_kernel`, rendered to the cache directory and imported."""
+    interp = interpreter_active()
+    key = (family, kind, interp)
+    if key in _MODULES:
+        return getattr(_MODULES[key], f"{family}_fwd_kernel")
+    source = template.render(family, kind)
+    path = cache_dir() / f"{family}_{kind}_{template.template_hash()}.py"
+    if not path.exists() or path.read_text() != source:
+        _atomic_write(path, source)
+    # The interpreter flag is read when @triton.jit runs, so each mode gets its own module object.
+    mod_name = f"attnopt_generated.{family}_{kind}_{template.template_hash()}{'_interp' if interp else ''}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module  # inspect.getsource (used by triton.jit) needs it registered
+    spec.loader.exec_module(module)
+    _MODULES[key] = module
+    return getattr(module, f"{family}_fwd_kernel")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "KernelConfig":
+        return cls(tuple(d["q_tile"]), tuple(d["kv_tile"]), int(d["num_warps"]), int(d["num_stages"]))
+
+
+def device_family(device) -> str:
+    """TILE_TABLES key of a device: the interpreter, or the GPU generation."""
+    if interpreter_active():
+        return "interpreter"
+    import torch
+
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 10:
+        return "blackwell"
+    if major == 9:
+        return "hopper"
+    return "ampere"
+
+
+def device_name(device) -> str:
+    if interpreter_active():
+        return "triton-interpreter"
+    import torch
+
+    return torch.cuda.get_device_name(device)
+
+
+def candidate_configs(family: str, ndim: int) -> list[KernelConfig]:
+    """Configs of the literal tile table (1-D tiles for dense kernels, ndim-D boxes for GNA)."""
+    table = TILE_TABLES[family]
+    qs, kvs = table[f"q_{ndim}d"], table[f"kv_{ndim}d"]
+    if family == "interpreter":
+        return [KernelConfig(qs[0], kvs[0], 4, 1)]
+    out = []
+    for qt in qs:
+        for kt in kvs:
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    out.append(KernelConfig(tuple(qt), tuple(kt), warps, stages))
+    return out
+
+
+def _key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+_TUNED: dict[str, KernelConfig] = {}
+
+
+def tuned_config(key: dict, configs: Sequence[KernelConfig],
+                 bench: Callable[[KernelConfig], float]) -> KernelConfig:
+    """The fastest config for `key` (spec, variant, device, triton version): memory, then disk,
+    then autotuning with `bench(config) -> seconds` (a config that fails to compile is skipped)."""
+    if interpreter_active() or len(configs) == 1:
+        return configs[0]
+    h = _key_hash(key)
+    if h in _TUNED:
+        return _TUNED[h]
+    path = cache_dir() / f"tune-{h}.json"
+    if path.exists():
+        try:
+            cfg = KernelConfig.from_json(json.loads(path.read_text())["config"])
+            _TUNED[h] = cfg
+            return cfg
+        except (ValueError, KeyError, TypeError):
+            pass
+    timings = []
+    for cfg in configs:
+        try:
+            timings.append((bench(cfg), cfg))
+        except Exception:  # noqa: BLE001  out of shared memory / registers: not a candidate
+            continue
+    if not timings:
+        raise RuntimeError("no tile config compiled for this kernel")
+    best = min(timings, key=lambda x: x[0])[1]
+    _atomic_write(path, json.dumps({"key": key, "config": best.to_json(),
+                                    "timings_ms": [[t * 1e3, c.to_json()] for t, c in timings]},
+                                   indent=1, default=str))
+    _TUNED[h] = best
+    return best

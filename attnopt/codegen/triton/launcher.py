@@ -1,0 +1,307 @@
+"""Host launchers of the generated Triton attention kernels, and the ordered kernel selection.
+
+Canonical layouts (as attnopt::attention):
+  q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], attn_mask broadcastable to
+  [B, H, Sq, Skv] (bool: True = attend; float: added), out [B, H, Sq, Dv] in q.dtype.
+  With a GNA layout, Sq = Skv = prod(layout.shape) and tokens are the row-major flattened grid.
+
+Selection is an ordered list of `can_run_<variant>(params, q, k, v, mask, layout) -> (ok, reason)`;
+the first that fits names the kernel family; everything else (head dim, GQA, mask kind, softcap,
+sigmoid, causal alignment) is a constexpr specialization of that family's kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.reference import alignment_offset
+from attnopt.codegen.triton import generator
+from attnopt.codegen.triton.generator import KernelConfig
+from attnopt.codegen.triton.gna_tiles import gna_tile_plan
+from attnopt.ir import AttentionSpec, GNALayout, MaskSpec, Variant
+
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+CanRun = Callable[..., "tuple[bool, str]"]
+
+
+# ---- checks ------------------------------------------------------------------------------------
+
+def _common(params: AttentionParams, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - triton ships with torch on Linux
+        return False, "triton is not installed"
+    if not (q.is_cuda or generator.interpreter_active()):
+        return False, f"tensors on {q.device} and TRITON_INTERPRET is not set"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False, "q, k, v must be 4-D [B, H, S, D]"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (need one of fp16, bf16, fp32)"
+    if not (q.device == k.device == v.device):
+        return False, "q, k, v on different devices"
+    d, dv = q.shape[-1], v.shape[-1]
+    if k.shape[-1] != d:
+        return False, "q and k head dims differ"
+    if max(d, dv) > MAX_HEAD_DIM:
+        return False, f"head dim {max(d, dv)} > {MAX_HEAD_DIM}"
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        return False, f"heads {q.shape[1]} / kv heads {k.shape[1]} / v {tuple(v.shape)} do not group"
+    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
+        return False, "empty input"
+    if mask is not None:
+        if not (mask.dtype == torch.bool or mask.dtype in DTYPES):
+            return False, f"mask dtype {mask.dtype}"
+        if mask.device != q.device:
+            return False, "mask on another device"
+        try:
+            torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        except RuntimeError:
+            return False, f"mask {tuple(mask.shape)} does not broadcast to [B, H, Sq, Skv]"
+        if mask.dim() > 4:
+            return False, "mask has more than 4 dims"
+    if params.normalizer not in ("softmax", "sigmoid"):
+        return False, f"normalizer {params.normalizer!r}"
+    return True, ""
+
+
+def can_run_block_sparse_gna(params, q, k, v, mask, layout: GNALayout | None = None) -> tuple[bool, str]:
+    if layout is None:
+        return False, "no GNA layout"
+    ok, why = _common(params, q, k, v, mask)
+    if not ok:
+        return ok, why
+    if params.causal or params.window is not None:
+        return False, "causal/window come from the GNA layout's own flags, not the op's"
+    n = math.prod(layout.shape)
+    if q.shape[2] != n or k.shape[2] != n:
+        return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != grid tokens {n}"
+    try:
+        from attnopt.cost import gna
+
+        gna.validate(layout)
+    except ValueError as e:
+        return False, f"invalid layout: {e}"
+    return True, ""
+
+
+def _no_layout(layout) -> tuple[bool, str]:
+    return (False, "a GNA layout needs the block_sparse_gna kernel") if layout is not None else (True, "")
+
+
+def can_run_sliding_window(params, q, k, v, mask, layout=None) -> tuple[bool, str]:
+    ok, why = _no_layout(layout)
+    if ok and params.window is None:
+        ok, why = False, "no window"
+    return _common(params, q, k, v, mask) if ok else (ok, why)
+
+
+def can_run_causal(params, q, k, v, mask, layout=None) -> tuple[bool, str]:
+    ok, why = _no_layout(layout)
+    if ok and not params.causal:
+        ok, why = False, "not causal"
+    return _common(params, q, k, v, mask) if ok else (ok, why)
+
+
+def can_run_sigmoid(params, q, k, v, mask, layout=None) -> tuple[bool, str]:
+    ok, why = _no_layout(layout)
+    if ok and params.normalizer != "sigmoid":
+        ok, why = False, "normalizer is not sigmoid"
+    return _common(params, q, k, v, mask) if ok else (ok, why)
+
+
+def can_run_dense(params, q, k, v, mask, layout=None) -> tuple[bool, str]:
+    ok, why = _no_layout(layout)
+    return _common(params, q, k, v, mask) if ok else (ok, why)
+
+
+CHECKS: tuple[tuple[str, CanRun], ...] = (
+    ("block_sparse_gna", can_run_block_sparse_gna),
+    ("sliding_window", can_run_sliding_window),
+    ("causal", can_run_causal),
+    ("sigmoid", can_run_sigmoid),
+    ("dense", can_run_dense),
+)
+
+
+def select_family(params, q, k, v, mask, layout=None) -> tuple[str | None, dict[str, str]]:
+    """(first family whose check passes, {family: reason} of those that declined)."""
+    reasons = {}
+    for family, check in CHECKS:
+        ok, why = check(params, q, k, v, mask, layout)
+        if ok:
+            return family, reasons
+        reasons[family] = why
+    return None, reasons
+
+
+def can_run(q, k, v, attn_mask, params: AttentionParams, layout: GNALayout | None = None) -> tuple[bool, str]:
+    family, reasons = select_family(params, q, k, v, attn_mask, layout)
+    if family is not None:
+        return True, family
+    return False, "; ".join(f"{f}: {r}" for f, r in reasons.items())
+
+
+# ---- spec / variant ------------------------------------------------------------------------
+
+def spec_of(q, k, v, mask, params: AttentionParams, layout: GNALayout | None) -> AttentionSpec:
+    """The AttentionSpec of one call (what the tuned config is keyed on)."""
+    if layout is not None:
+        mspec = MaskSpec(kind="tensor" if mask is not None else "none")
+    elif params.window is not None:
+        mspec = MaskSpec(kind="sliding_window", left=params.window[0],
+                         right=0 if params.causal and params.window[1] is None else params.window[1],
+                         alignment=params.causal_alignment, padding=mask is not None)
+    elif params.causal:
+        mspec = MaskSpec(kind="causal", left=None, right=0, alignment=params.causal_alignment,
+                         padding=mask is not None)
+    else:
+        mspec = MaskSpec(kind="tensor" if mask is not None else "none")
+    mods = []
+    if params.softcap is not None:
+        mods.append(f"softcap:{params.softcap}")
+    if mask is not None:
+        mods.append("bool_mask" if mask.dtype == torch.bool else "bias")
+    return AttentionSpec(
+        normalizer=params.normalizer, batch=q.shape[0], num_heads=q.shape[1], num_kv_heads=k.shape[1],
+        q_len=q.shape[2], kv_len=k.shape[2], head_dim=q.shape[3], v_head_dim=v.shape[3],
+        scale=params.scale, mask=mspec, score_mods=tuple(mods), dtype=str(q.dtype).replace("torch.", ""),
+    )
+
+
+def _tune_key(spec: AttentionSpec, variant: Variant, device) -> dict:
+    import triton
+
+    return {"spec": spec.to_json(), "family": variant.family,
+            "layout": None if variant.layout is None else repr(variant.layout),
+            "device": generator.device_name(device), "triton": triton.__version__,
+            "template": generator.template.template_hash()}
+
+
+# ---- launchers ---------------------------------------------------------------------------------
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << (int(x) - 1).bit_length())
+
+
+def _mask_args(mask: Tensor | None, q: Tensor, shape4) -> tuple[Tensor, tuple[int, int, int, int]]:
+    if mask is None:
+        return q, (0, 0, 0, 0)
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(*shape4)
+    strides = tuple(int(s) if sz > 1 else 0 for s, sz in zip(m.stride(), m.shape))
+    return m, strides
+
+
+def _flags(q: Tensor, mask: Tensor | None, params: AttentionParams) -> dict:
+    interp = generator.interpreter_active()
+    return dict(
+        HAS_MASK=mask is not None,
+        MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
+        HAS_SOFTCAP=params.softcap is not None,
+        SIGMOID=params.normalizer == "sigmoid",
+        UPCAST=interp and q.dtype == torch.bfloat16,  # bf16 tl.dot is garbage in the interpreter
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _launch_dense(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams) -> Tensor:
+    B, H, Sq, D = q.shape
+    Skv, Dv = k.shape[2], v.shape[3]
+    out = torch.empty((B, H, Sq, Dv), dtype=q.dtype, device=q.device)
+    m, ms = _mask_args(mask, q, (B, H, Sq, Skv))
+    offset = alignment_offset(Sq, Skv, params.causal_alignment)
+    left, right = params.window if params.window is not None else (None, None)
+    upper = right
+    if params.causal:
+        upper = 0 if right is None else min(right, 0)
+    bm, bn = cfg.q_tile[0], cfg.kv_tile[0]
+    fn = generator.kernel(family, "dense")
+    grid = (triton_cdiv(Sq, bm), B * H)
+    fn[grid](
+        q, k, v, m, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+        H, Sq, Skv, float(params.scale), float(params.softcap or 0.0), int(offset),
+        int(left or 0), int(upper or 0),
+        GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        BLOCK_M=bm, BLOCK_N=bn, HAS_UPPER=upper is not None, HAS_LEFT=left is not None,
+        **_flags(q, mask, params), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+_PLAN_TENSORS: dict = {}
+
+
+def _plan_tensors(plan, device):
+    key = (id(plan), str(device))
+    if key not in _PLAN_TENSORS:
+        t = lambda a, dt=torch.int32: torch.as_tensor(a, dtype=dt).to(device)  # noqa: E731
+        _PLAN_TENSORS[key] = dict(
+            q_gather=t(plan.q_index.clip(min=0), torch.int64), kv_gather=t(plan.kv_index.clip(min=0), torch.int64),
+            q_idx=t(plan.q_index.clip(min=0)), kv_idx=t(plan.kv_index.clip(min=0)),
+            q_range=t(plan.q_range), kv_coord=t(plan.kv_coord), tiles=t(plan.tiles), counts=t(plan.counts),
+            inverse=t(plan.inverse_q, torch.int64), plan=plan,  # keep plan alive: id() stays unique
+        )
+    return _PLAN_TENSORS[key]
+
+
+def _launch_gna(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams,
+                layout: GNALayout) -> Tensor:
+    B, H, N, D = q.shape
+    Dv = v.shape[3]
+    plan = gna_tile_plan(layout, tuple(cfg.q_tile), tuple(cfg.kv_tile))
+    pt = _plan_tensors(plan, q.device)
+    # Tokens permuted and padded so every tile is a contiguous run of BLOCK rows.
+    qp = q.index_select(2, pt["q_gather"])
+    kp = k.index_select(2, pt["kv_gather"])
+    vp = v.index_select(2, pt["kv_gather"])
+    outp = torch.empty((B, H, qp.shape[2], Dv), dtype=q.dtype, device=q.device)
+    m, ms = _mask_args(mask, q, (B, H, N, N))
+    fn = generator.kernel(family, "gna")
+    grid = (plan.num_q_tiles, B * H)
+    fn[grid](
+        qp, kp, vp, m, outp, pt["tiles"], pt["counts"], pt["q_range"], pt["kv_coord"], pt["q_idx"], pt["kv_idx"],
+        *qp.stride(), *kp.stride(), *vp.stride(), *ms, *outp.stride(),
+        H, plan.tiles.shape[1], float(params.scale), float(params.softcap or 0.0),
+        GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
+        ELEMENT_MASK=plan.element_mask, **_flags(q, mask, params),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return outp.index_select(2, pt["inverse"])
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20) * 1e-3
+
+
+def launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+           layout: GNALayout | None = None) -> Tensor | None:
+    """Run the generated kernel for this case, or None when no kernel fits (see `can_run`)."""
+    family, _ = select_family(params, q, k, v, attn_mask, layout)
+    if family is None:
+        return None
+    ndim = 1 if layout is None else len(layout.shape)
+    configs = generator.candidate_configs(generator.device_family(q.device), ndim)
+    if family == "block_sparse_gna":
+        variant = Variant(family, configs[0].q_tile, configs[0].kv_tile, layout=layout)
+        run = lambda c: _launch_gna(family, c, q, k, v, attn_mask, params, layout)  # noqa: E731
+    else:
+        variant = Variant(family, configs[0].q_tile, configs[0].kv_tile)
+        run = lambda c: _launch_dense(family, c, q, k, v, attn_mask, params)  # noqa: E731
+    spec = spec_of(q, k, v, attn_mask, params, layout)
+    cfg = generator.tuned_config(_tune_key(spec, variant, q.device), configs, lambda c: _bench(lambda: run(c)))
+    return run(cfg)
