@@ -14,12 +14,15 @@ in exported programs):
 Implementations:
   fake/meta  shape [B, H, Sq, Dv], dtype q.dtype (torch.export, torch.compile, dynamic shapes)
   CPU        exact: F.scaled_dot_product_attention whenever it can express the case, else reference math
-  CUDA       tries each function in CUDA_KERNELS (filled by the Triton codegen), then the exact path
+  CUDA       tries each function in CUDA_KERNELS (filled by the Triton codegen, imported on first
+             call), then the exact path
+  ATTNOPT_FORCE_TRITON=1 makes the CPU implementation run the Triton kernels under the interpreter
 
 The op must be registered before a saved .pt2 that contains it is loaded: importing `attnopt` does it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -197,10 +200,48 @@ def _attention_fake(q, k, v, attn_mask, scale, causal, causal_alignment, window_
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
+FORCE_TRITON_ENV = "ATTNOPT_FORCE_TRITON"
+_TRITON_IMPORTED = False
+if os.environ.get(FORCE_TRITON_ENV, "0") == "1":
+    # Triton reads TRITON_INTERPRET when its own language library is imported, which happens
+    # later during `import attnopt`; after that it is too late to switch to the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _ensure_triton_kernels() -> None:
+    """Import the Triton codegen once (it registers itself in CUDA_KERNELS); lazily, because
+    importing triton costs time and is not needed on CPU."""
+    global _TRITON_IMPORTED
+    if _TRITON_IMPORTED:
+        return
+    _TRITON_IMPORTED = True
+    try:
+        import attnopt.codegen.triton  # noqa: F401
+    except ImportError:  # pragma: no cover - triton missing: the exact path serves
+        pass
+
+
+def _forced_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p: AttentionParams) -> Tensor | None:
+    """ATTNOPT_FORCE_TRITON=1: run the generated kernels on CPU under the Triton interpreter
+    (CI of whole rewrites through the Triton path; tiny inputs only)."""
+    if os.environ.get(FORCE_TRITON_ENV, "0") != "1":
+        return None
+    from attnopt.codegen import triton as tk
+
+    ok, why = tk.can_run(q, k, v, attn_mask, p)
+    if not ok:
+        tk.log_fallback_once(why)
+        return None
+    return tk.launch(q, k, v, attn_mask, p)
+
+
 @attention.register_kernel("cpu")
 def _attention_cpu(q, k, v, attn_mask, scale, causal, causal_alignment, window_left, window_right, softcap, normalizer):
     p = AttentionParams.from_schema(scale, causal, causal_alignment, window_left, window_right, softcap, normalizer)
     _validate(q, k, v, p)
+    out = _forced_triton(q, k, v, attn_mask, p)
+    if out is not None:
+        return out.contiguous()
     # The fake impl promises a contiguous [B, H, Sq, Dv] result (inductor asserts strides);
     # SDPA's CPU kernel returns a transposed view.
     return exact_attention(q, k, v, attn_mask, p).contiguous()
@@ -210,6 +251,7 @@ def _attention_cpu(q, k, v, attn_mask, scale, causal, causal_alignment, window_l
 def _attention_cuda(q, k, v, attn_mask, scale, causal, causal_alignment, window_left, window_right, softcap, normalizer):
     p = AttentionParams.from_schema(scale, causal, causal_alignment, window_left, window_right, softcap, normalizer)
     _validate(q, k, v, p)
+    _ensure_triton_kernels()
     for kernel in CUDA_KERNELS:
         out = kernel(q, k, v, attn_mask, p)
         if out is not None:

@@ -27,6 +27,14 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def interpreter_usable() -> bool:
+    """Whether triton's own language library was imported in interpreter mode: TRITON_INTERPRET set
+    after `import triton` leaves its @jit helpers (tl.zeros, tl.max ...) compiled-mode objects."""
+    import triton.language as tl
+
+    return type(tl.zeros).__name__ == "InterpretedFunction"
+
+
 def cache_dir() -> Path:
     root = os.environ.get("ATTNOPT_CACHE_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "attnopt"

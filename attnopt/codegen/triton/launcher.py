@@ -39,6 +39,8 @@ def _common(params: AttentionParams, q: Tensor, k: Tensor, v: Tensor, mask: Tens
         return False, "triton is not installed"
     if not (q.is_cuda or generator.interpreter_active()):
         return False, f"tensors on {q.device} and TRITON_INTERPRET is not set"
+    if generator.interpreter_active() and not generator.interpreter_usable():
+        return False, "TRITON_INTERPRET=1 was set after triton was imported; set it before importing attnopt"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return False, "q, k, v must be 4-D [B, H, S, D]"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
