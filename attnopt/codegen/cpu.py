@@ -1,0 +1,279 @@
+"""Exact CPU kernels for the sparse variants: GNA layouts (1-D/2-D/3-D, stride, dilation, causal) and
+1-D sliding windows.
+
+Canonical layouts (as attnopt::attention):
+  q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], attn_mask broadcastable to
+  [B, H, Sq, Skv] (bool: True = attend; float: added), out [B, H, Sq, Dv] in q.dtype.
+  For a GNA layout Sq = Skv = prod(layout.shape), tokens flattened row-major over the grid.
+
+How: queries are cut into tiles (boxes of the dilation-permuted grid, so a query's keys are a
+contiguous box; runs of the sequence for 1-D windows). Each Q tile gathers the smallest KV box that
+covers the keys of all its queries (dynamic KV tiling, one common box size per layout so every tile
+batches into one call). Tiles whose queries all attend their whole box run dense SDPA without a
+mask; the others (partial tiles) carry the exact element mask. Tiles at the grid end are shifted
+inward instead of padded (they overlap a neighbour and write identical rows twice), so no token is
+ever padding. Work per tile = the simulator's bound for dynamic KV tiling with 1-token KV tiles:
+`simulate(layout, q_tile, (1,)*ndim, dynamic=True)`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.reference import alignment_offset, reference_attention
+from attnopt.cost import gna
+from attnopt.cost.hardware import TILE_TABLES
+from attnopt.ir import GNALayout
+
+# Per-tile fixed cost in units of (query x key) score elements, to weigh many small tiles
+# against fewer larger ones when choosing a Q tile (measured roughly on a 2-core EPYC, fp32).
+TILE_OVERHEAD_ELEMS = 2048
+
+
+@dataclass(frozen=True)
+class CpuTilePlan:
+    """Q tiles and the KV box each gathers. Index arrays hold original (unpermuted) token indices."""
+
+    q_tile: tuple[int, ...]
+    kv_extent: tuple[int, ...]          # KV box per tile (same for every tile)
+    q_idx: Tensor = field(repr=False)   # int64 [nqt, TQ]
+    kv_idx: Tensor = field(repr=False)  # int64 [nqt, TK]
+    mask: Tensor = field(repr=False)    # bool [nqt, TQ, TK], True = attend
+    full: Tensor = field(repr=False)    # bool [nqt]: every query of the tile attends its whole box
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.q_idx.shape[0])
+
+    @property
+    def cost(self) -> int:
+        """Score elements computed (per batch and head), plus the per-tile overhead."""
+        nqt, tq = self.q_idx.shape
+        return nqt * (tq * int(self.kv_idx.shape[1]) + TILE_OVERHEAD_ELEMS)
+
+
+def _combine(parts):
+    """AND/sum per-dimension (q positions, kv positions, mask) into flattened tiles."""
+    q_acc = np.zeros((1, 1), dtype=np.int64)
+    k_acc = np.zeros((1, 1), dtype=np.int64)
+    m_acc = np.ones((1, 1, 1), dtype=bool)
+    for qd, kd, md in parts:
+        T, A = q_acc.shape
+        K = k_acc.shape[1]
+        t, a = qd.shape
+        k = kd.shape[1]
+        q_acc = (q_acc[:, None, :, None] + qd[None, :, None, :]).reshape(T * t, A * a)
+        k_acc = (k_acc[:, None, :, None] + kd[None, :, None, :]).reshape(T * t, K * k)
+        m_acc = (m_acc[:, None, :, None, :, None] & md[None, :, None, :, None, :]).reshape(T * t, A * a, K * k)
+    return q_acc, k_acc, m_acc
+
+
+def _plan(q_acc, k_acc, m_acc, q_tile, extent) -> CpuTilePlan:
+    mask = torch.from_numpy(np.ascontiguousarray(m_acc))
+    return CpuTilePlan(tuple(q_tile), tuple(extent), torch.from_numpy(q_acc), torch.from_numpy(k_acc),
+                       mask, mask.flatten(1).all(1))
+
+
+@functools.lru_cache(maxsize=64)
+def gna_plan(layout: GNALayout, q_tile: tuple[int, ...]) -> CpuTilePlan:
+    """Tiles of a GNA layout with Q boxes `q_tile` (in dilation-permuted grid coordinates)."""
+    gna.validate(layout)
+    shape = tuple(int(x) for x in layout.shape)
+    if len(q_tile) != len(shape):
+        raise ValueError(f"q_tile {q_tile} needs {len(shape)} entries")
+    ranges = gna.permuted_key_ranges(layout)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    parts, tiles, extents = [], [], []
+    for d, ((ws, we), L) in enumerate(zip(ranges, shape)):
+        perm = gna.dilation_permutation(L, layout.dilation[d])
+        tq = min(int(q_tile[d]), L)
+        starts = np.minimum(np.arange(0, L, tq), L - tq)
+        q_pos = starts[:, None] + np.arange(tq)[None, :]
+        need_lo, need_hi = ws[q_pos[:, 0]], we[q_pos[:, -1]]
+        E = int((need_hi - need_lo).max())
+        k_start = np.minimum(need_lo, L - E)
+        k_pos = k_start[:, None] + np.arange(E)[None, :]
+        m = (k_pos[:, None, :] >= ws[q_pos][:, :, None]) & (k_pos[:, None, :] < we[q_pos][:, :, None])
+        parts.append((perm[q_pos] * strides[d], perm[k_pos] * strides[d], m))
+        tiles.append(tq)
+        extents.append(E)
+    return _plan(*_combine(parts), tiles, extents)
+
+
+def window_bounds(params: AttentionParams) -> tuple[int, int] | None:
+    """(left, upper) of a bounded 1-D band (key j allowed for -left <= j - i - offset <= upper), or None."""
+    left, right = params.window if params.window is not None else (None, None)
+    upper = right
+    if params.causal:
+        upper = 0 if right is None else min(right, 0)
+    if left is None or upper is None:
+        return None
+    return int(left), int(upper)
+
+
+@functools.lru_cache(maxsize=64)
+def window_plan(q_len: int, kv_len: int, left: int, upper: int, offset: int, q_tile: int) -> CpuTilePlan:
+    """Tiles of a 1-D band: runs of `q_tile` queries, each gathering the keys its rows may see."""
+    tq = min(q_tile, q_len)
+    starts = np.minimum(np.arange(0, q_len, tq), q_len - tq)
+    i = starts[:, None] + np.arange(tq)[None, :]
+    E = int(min(kv_len, max(1, tq + left + upper)))
+    k_start = np.clip(starts + offset - left, 0, kv_len - E)
+    j = k_start[:, None] + np.arange(E)[None, :]
+    rel = j[:, None, :] - i[:, :, None] - offset
+    m = (rel <= upper) & (rel >= -left)
+    return _plan(i, j, m, (tq,), (E,))
+
+
+def choose_gna_tile(layout: GNALayout) -> tuple[int, ...]:
+    """The Q box with the least estimated work: the CPU tile table, plus the stride box (each Q tile
+    one stride group, perfectly block-sparse when strides tile the grid) and a small box."""
+    n = len(layout.shape)
+    cands = [tuple(t) for t in TILE_TABLES["cpu"][f"q_{n}d"]]
+    cands += [(4,) * n if n > 1 else (16,)]
+    if n == 1:
+        cands = [tuple(t) for t in TILE_TABLES["cpu"]["q_1d"]] + [(16,)]
+    st = tuple(min(s, L) for s, L in zip(layout.stride, layout.shape))
+    if math.prod(st) >= 16 and math.prod(st) <= 1024:
+        cands.append(st)
+    best = min(cands, key=lambda t: (gna_plan(layout, t).cost, -math.prod(t)))
+    return best
+
+
+def _gather_mask(attn_mask: Tensor, plan: CpuTilePlan, B: int, Sq: int, Skv: int) -> Tensor:
+    """attn_mask at the plan's (q, kv) pairs, as [B * nqt, mh, TQ, TK], AND-ed with the tile mask."""
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(m.shape[0], m.shape[1], Sq, Skv)
+    g = m[:, :, plan.q_idx[:, :, None], plan.kv_idx[:, None, :]]       # [mb, mh, nqt, TQ, TK]
+    if g.dtype == torch.bool:
+        g = g & plan.mask
+    else:
+        g = torch.where(plan.mask, g, torch.tensor(float("-inf"), dtype=g.dtype))
+    g = g.transpose(1, 2).expand(B, -1, -1, -1, -1)                    # [B, nqt, mh, TQ, TK]
+    return g.reshape(B * plan.num_tiles, g.shape[2], g.shape[3], g.shape[4])
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, H, S, D] at tokens idx [n, T] -> [B * n, H, T, D]."""
+    B, H, _, D = x.shape
+    n, T = idx.shape
+    g = x.index_select(2, idx.reshape(-1)).view(B, H, n, T, D)
+    return g.transpose(1, 2).reshape(B * n, H, T, D)
+
+
+def _run_tiles(q, k, v, attn_mask, params: AttentionParams, plan: CpuTilePlan, sel: Tensor | None,
+               masked: bool, out: Tensor) -> None:
+    """Attention of the selected tiles (all when sel is None), scattered into out [B, H, Sq, Dv]."""
+    B, H, Sq, _ = q.shape
+    Skv = k.shape[2]
+    sub = plan if sel is None else CpuTilePlan(plan.q_tile, plan.kv_extent, plan.q_idx[sel],
+                                               plan.kv_idx[sel], plan.mask[sel], plan.full[sel])
+    n = sub.num_tiles
+    if n == 0:
+        return
+    qg, kg, vg = _gather(q, sub.q_idx), _gather(k, sub.kv_idx), _gather(v, sub.kv_idx)
+    m = None
+    if attn_mask is not None:
+        m = _gather_mask(attn_mask, sub, B, Sq, Skv)
+    elif masked:
+        m = sub.mask.unsqueeze(1)
+        if B > 1:
+            m = m.unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * n, 1, m.shape[2], m.shape[3])
+    if params.normalizer == "softmax" and params.softcap is None and q.dtype == k.dtype == v.dtype:
+        if m is not None and m.dtype != torch.bool:
+            m = m.to(q.dtype)
+        res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m, scale=params.scale,
+                                             enable_gqa=qg.shape[1] != kg.shape[1])
+    else:
+        res = reference_attention(qg, kg, vg, m, scale=params.scale, softcap=params.softcap,
+                                  normalizer=params.normalizer)
+    Dv = res.shape[-1]
+    res = res.view(B, n, H, -1, Dv).transpose(1, 2).reshape(B, H, -1, Dv)
+    out.index_copy_(2, sub.q_idx.reshape(-1), res.to(out.dtype))
+
+
+def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+             plan: CpuTilePlan) -> Tensor:
+    B, H, Sq, _ = q.shape
+    out = torch.empty((B, H, Sq, v.shape[3]), dtype=q.dtype, device=q.device)
+    if attn_mask is not None:
+        _run_tiles(q, k, v, attn_mask, params, plan, None, True, out)
+    elif bool(plan.full.all()):
+        _run_tiles(q, k, v, None, params, plan, None, False, out)
+    elif not bool(plan.full.any()):
+        _run_tiles(q, k, v, None, params, plan, None, True, out)
+    else:
+        # Partial tiles first: a shifted border tile may overlap a full one; both give the same rows.
+        _run_tiles(q, k, v, None, params, plan, ~plan.full, True, out)
+        _run_tiles(q, k, v, None, params, plan, plan.full, False, out)
+    return out
+
+
+# ---- public ------------------------------------------------------------------------------------
+
+def _common(q, k, v, attn_mask) -> tuple[bool, str]:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False, "q, k, v must be 4-D [B, H, S, D]"
+    if q.device.type != "cpu":
+        return False, f"tensors on {q.device}"
+    if not q.is_floating_point() or not (q.dtype == k.dtype == v.dtype):
+        return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype}"
+    if q.shape[1] % k.shape[1]:
+        return False, "heads do not group"
+    if attn_mask is not None and not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        return False, f"mask dtype {attn_mask.dtype}"
+    return True, ""
+
+
+def can_run_cpu_gna(params: AttentionParams, q, k, v, attn_mask, layout: GNALayout | None) -> tuple[bool, str]:
+    if layout is None:
+        return False, "no GNA layout"
+    ok, why = _common(q, k, v, attn_mask)
+    if not ok:
+        return ok, why
+    if params.causal or params.window is not None:
+        return False, "causal/window come from the GNA layout's own flags"
+    n = math.prod(layout.shape)
+    if q.shape[2] != n or k.shape[2] != n:
+        return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != grid tokens {n}"
+    return True, ""
+
+
+def can_run_cpu_sliding_window(params: AttentionParams, q, k, v, attn_mask) -> tuple[bool, str]:
+    ok, why = _common(q, k, v, attn_mask)
+    if not ok:
+        return ok, why
+    if window_bounds(params) is None:
+        return False, "the band is unbounded on one side (no sparsity to exploit)"
+    return True, ""
+
+
+def gna_attention(q: Tensor, k: Tensor, v: Tensor, layout: GNALayout, params: AttentionParams,
+                  attn_mask: Tensor | None = None, q_tile: tuple[int, ...] | None = None) -> Tensor:
+    """Exact GNA attention on CPU (equals the dense reference with `gna.dense_mask(layout)`)."""
+    ok, why = can_run_cpu_gna(params, q, k, v, attn_mask, layout)
+    if not ok:
+        raise ValueError(f"cpu GNA kernel cannot run: {why}")
+    plan = gna_plan(layout, tuple(q_tile) if q_tile is not None else choose_gna_tile(layout))
+    return run_plan(q, k, v, attn_mask, params, plan)
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
+                             attn_mask: Tensor | None = None, q_tile: int = 64) -> Tensor:
+    """Exact 1-D sliding-window (and bounded causal-window) attention on CPU."""
+    ok, why = can_run_cpu_sliding_window(params, q, k, v, attn_mask)
+    if not ok:
+        raise ValueError(f"cpu sliding-window kernel cannot run: {why}")
+    left, upper = window_bounds(params)
+    offset = alignment_offset(q.shape[2], k.shape[2], params.causal_alignment)
+    plan = window_plan(q.shape[2], k.shape[2], left, upper, offset, int(q_tile))
+    return run_plan(q, k, v, attn_mask, params, plan)
