@@ -302,6 +302,13 @@ class _Splicer:
             for j, x in enumerate(n.input):
                 if x in renames:
                     n.input[j] = _follow(renames, x)
+        # The fused blocks too: a site's own q/k operand may be the bypassed scale op itself
+        # (q * sqrt(scale) feeding the matmul directly), which must not be applied twice.
+        for block in blocks.values():
+            for n in block:
+                for j, x in enumerate(n.input):
+                    if x in renames:
+                        n.input[j] = _follow(renames, x)
         graph_outputs = {o.name for o in gp.output}
         consumers: dict[str, int] = {}
 
