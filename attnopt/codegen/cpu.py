@@ -33,11 +33,12 @@ from attnopt.cost.hardware import TILE_TABLES
 from attnopt.ir import GNALayout
 
 # Per-tile fixed cost in units of (query x key) score elements, to weigh many small tiles
-# against fewer larger ones when choosing a Q tile (measured roughly on a 2-core EPYC, fp32).
-TILE_OVERHEAD_ELEMS = 2048
+# against fewer larger ones when choosing a Q tile (rough fit on a 2-core EPYC, fp32: SDPA on
+# 16-query tiles costs ~5x its FLOPs, 64-query tiles ~1.6x, 128-query tiles ~1.1x).
+TILE_OVERHEAD_ELEMS = 32768
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CpuTilePlan:
     """Q tiles and the KV box each gathers. Index arrays hold original (unpermuted) token indices."""
 
@@ -47,6 +48,14 @@ class CpuTilePlan:
     kv_idx: Tensor = field(repr=False)  # int64 [nqt, TK]
     mask: Tensor = field(repr=False)    # bool [nqt, TQ, TK], True = attend
     full: Tensor = field(repr=False)    # bool [nqt]: every query of the tile attends its whole box
+
+    @functools.cached_property
+    def partial_tiles(self) -> "_Tiles":
+        return _Tiles(self, ~self.full)
+
+    @functools.cached_property
+    def full_tiles(self) -> "_Tiles":
+        return _Tiles(self, self.full)
 
     @property
     def num_tiles(self) -> int:
@@ -147,58 +156,109 @@ def choose_gna_tile(layout: GNALayout) -> tuple[int, ...]:
     return best
 
 
-def _gather_mask(attn_mask: Tensor, plan: CpuTilePlan, B: int, Sq: int, Skv: int) -> Tensor:
-    """attn_mask at the plan's (q, kv) pairs, as [B * nqt, mh, TQ, TK], AND-ed with the tile mask."""
+def _tile_major(x: Tensor, idx: Tensor, group: int = 1) -> Tensor:
+    """x [B, Hx, S, D] at tokens idx [n, T] -> [B, Hx * n, T, D], tiles folded into the head dim.
+
+    group > 1 (q of a GQA call): heads ordered (kv head, tile, member) so that SDPA's enable_gqa
+    (q head j reads kv head j // group) pairs each q tile with its kv head's same tile."""
+    B, Hx, _, D = x.shape
+    n, T = idx.shape
+    g = x.index_select(2, idx.reshape(-1))  # one copy; the views below are free
+    if group == 1:
+        return g.view(B, Hx * n, T, D)
+    g = g.view(B, Hx // group, group, n, T, D).transpose(2, 3)
+    return g.reshape(B, Hx * n, T, D)
+
+
+def _untile(res: Tensor, heads: int, n: int, group: int) -> Tensor:
+    """Inverse of _tile_major for the output: [B, H * n, T, Dv] -> [B, H, n * T, Dv]."""
+    B, _, T, Dv = res.shape
+    if group == 1:
+        return res.view(B, heads, n * T, Dv)
+    r = res.view(B, heads // group, n, group, T, Dv).transpose(2, 3)
+    return r.reshape(B, heads, n * T, Dv)
+
+
+def _fold_heads(m: Tensor, heads: int, group: int) -> Tensor:
+    """A per-tile mask [mb, mh, n, TQ, TK] (mh in {1, heads}) -> [mb, heads * n, TQ, TK] in the
+    head order of _tile_major."""
+    mb, mh, n, TQ, TK = m.shape
+    if group == 1 and mh == heads:
+        return m.reshape(mb, heads * n, TQ, TK)
+    m = m.expand(mb, heads, n, TQ, TK)
+    if group > 1:
+        m = m.view(mb, heads // group, group, n, TQ, TK).transpose(2, 3)
+    return m.reshape(mb, heads * n, TQ, TK)
+
+
+_MASK_CACHE: dict = {}
+
+
+def _tile_mask(tile_mask: Tensor, heads: int, group: int, dtype: torch.dtype) -> Tensor:
+    """The element mask of the tiles, folded into heads, as an additive mask of `dtype` (what
+    SDPA's CPU kernel consumes; a bool mask would be converted on every call). Cached."""
+    key = (tile_mask.data_ptr(), tuple(tile_mask.shape), heads, group, dtype)
+    hit = _MASK_CACHE.get(key)
+    if hit is not None and hit[0] is tile_mask:
+        return hit[1]
+    add = torch.zeros(tile_mask.shape, dtype=dtype).masked_fill_(~tile_mask, float("-inf"))
+    folded = _fold_heads(add.unsqueeze(0).unsqueeze(0), heads, group)
+    if len(_MASK_CACHE) > 32:
+        _MASK_CACHE.clear()
+    _MASK_CACHE[key] = (tile_mask, folded)
+    return folded
+
+
+def _gather_mask(attn_mask: Tensor, tile_mask: Tensor, q_idx: Tensor, kv_idx: Tensor, heads: int,
+                 group: int, Sq: int, Skv: int) -> Tensor:
+    """attn_mask at the tiles' (q, kv) pairs AND-ed with the element mask: [mb, heads * n, TQ, TK]."""
     m = attn_mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
     m = m.expand(m.shape[0], m.shape[1], Sq, Skv)
-    g = m[:, :, plan.q_idx[:, :, None], plan.kv_idx[:, None, :]]       # [mb, mh, nqt, TQ, TK]
+    g = m[:, :, q_idx[:, :, None], kv_idx[:, None, :]]                  # [mb, mh, n, TQ, TK]
     if g.dtype == torch.bool:
-        g = g & plan.mask
+        g = g & tile_mask
     else:
-        g = torch.where(plan.mask, g, torch.tensor(float("-inf"), dtype=g.dtype))
-    g = g.transpose(1, 2).expand(B, -1, -1, -1, -1)                    # [B, nqt, mh, TQ, TK]
-    return g.reshape(B * plan.num_tiles, g.shape[2], g.shape[3], g.shape[4])
+        g = torch.where(tile_mask, g, torch.tensor(float("-inf"), dtype=g.dtype))
+    return _fold_heads(g, heads, group)
 
 
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    """x [B, H, S, D] at tokens idx [n, T] -> [B * n, H, T, D]."""
-    B, H, _, D = x.shape
-    n, T = idx.shape
-    g = x.index_select(2, idx.reshape(-1)).view(B, H, n, T, D)
-    return g.transpose(1, 2).reshape(B * n, H, T, D)
+class _Tiles:
+    """A subset of a plan's tiles (kept as tensors so cached masks stay valid)."""
+
+    def __init__(self, plan: CpuTilePlan, sel: Tensor | None):
+        self.q_idx = plan.q_idx if sel is None else plan.q_idx[sel]
+        self.kv_idx = plan.kv_idx if sel is None else plan.kv_idx[sel]
+        self.mask = plan.mask if sel is None else plan.mask[sel]
+        self.n = int(self.q_idx.shape[0])
 
 
-def _run_tiles(q, k, v, attn_mask, params: AttentionParams, plan: CpuTilePlan, sel: Tensor | None,
-               masked: bool, out: Tensor) -> None:
-    """Attention of the selected tiles (all when sel is None), scattered into out [B, H, Sq, Dv]."""
+def _run_tiles(q, k, v, attn_mask, params: AttentionParams, tiles: _Tiles, masked: bool, out: Tensor) -> None:
+    """Attention of `tiles`, scattered into out [B, H, Sq, Dv]."""
     B, H, Sq, _ = q.shape
-    Skv = k.shape[2]
-    sub = plan if sel is None else CpuTilePlan(plan.q_tile, plan.kv_extent, plan.q_idx[sel],
-                                               plan.kv_idx[sel], plan.mask[sel], plan.full[sel])
-    n = sub.num_tiles
+    Hkv, Skv = k.shape[1], k.shape[2]
+    group = H // Hkv
+    n = tiles.n
     if n == 0:
         return
-    qg, kg, vg = _gather(q, sub.q_idx), _gather(k, sub.kv_idx), _gather(v, sub.kv_idx)
+    qg = _tile_major(q, tiles.q_idx, group)
+    kg, vg = _tile_major(k, tiles.kv_idx), _tile_major(v, tiles.kv_idx)
+    fast = params.normalizer == "softmax" and params.softcap is None
     m = None
     if attn_mask is not None:
-        m = _gather_mask(attn_mask, sub, B, Sq, Skv)
-    elif masked:
-        m = sub.mask.unsqueeze(1)
-        if B > 1:
-            m = m.unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * n, 1, m.shape[2], m.shape[3])
-    if params.normalizer == "softmax" and params.softcap is None and q.dtype == k.dtype == v.dtype:
-        if m is not None and m.dtype != torch.bool:
+        m = _gather_mask(attn_mask, tiles.mask, tiles.q_idx, tiles.kv_idx, H, group, Sq, Skv)
+        if fast and m.dtype != torch.bool:
             m = m.to(q.dtype)
-        res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m, scale=params.scale,
-                                             enable_gqa=qg.shape[1] != kg.shape[1])
+    elif masked:
+        m = _tile_mask(tiles.mask, H, group, q.dtype) if fast else _fold_heads(
+            tiles.mask[None, None], H, group)
+    if fast:
+        res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m, scale=params.scale, enable_gqa=group > 1)
     else:
         res = reference_attention(qg, kg, vg, m, scale=params.scale, softcap=params.softcap,
                                   normalizer=params.normalizer)
-    Dv = res.shape[-1]
-    res = res.view(B, n, H, -1, Dv).transpose(1, 2).reshape(B, H, -1, Dv)
-    out.index_copy_(2, sub.q_idx.reshape(-1), res.to(out.dtype))
+    out.index_copy_(2, tiles.q_idx.reshape(-1), _untile(res, H, n, group).to(out.dtype))
 
 
 def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
@@ -206,15 +266,15 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: 
     B, H, Sq, _ = q.shape
     out = torch.empty((B, H, Sq, v.shape[3]), dtype=q.dtype, device=q.device)
     if attn_mask is not None:
-        _run_tiles(q, k, v, attn_mask, params, plan, None, True, out)
+        _run_tiles(q, k, v, attn_mask, params, _Tiles(plan, None), True, out)
     elif bool(plan.full.all()):
-        _run_tiles(q, k, v, None, params, plan, None, False, out)
+        _run_tiles(q, k, v, None, params, _Tiles(plan, None), False, out)
     elif not bool(plan.full.any()):
-        _run_tiles(q, k, v, None, params, plan, None, True, out)
+        _run_tiles(q, k, v, None, params, _Tiles(plan, None), True, out)
     else:
         # Partial tiles first: a shifted border tile may overlap a full one; both give the same rows.
-        _run_tiles(q, k, v, None, params, plan, ~plan.full, True, out)
-        _run_tiles(q, k, v, None, params, plan, plan.full, False, out)
+        _run_tiles(q, k, v, None, params, plan.partial_tiles, True, out)
+        _run_tiles(q, k, v, None, params, plan.full_tiles, False, out)
     return out
 
 
