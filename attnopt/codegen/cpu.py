@@ -36,6 +36,8 @@ from attnopt.ir import GNALayout
 # against fewer larger ones when choosing a Q tile (rough fit on a 2-core EPYC, fp32: SDPA on
 # 16-query tiles costs ~5x its FLOPs, 64-query tiles ~1.6x, 128-query tiles ~1.1x).
 TILE_OVERHEAD_ELEMS = 32768
+# A partial tile reads an additive mask as large as its scores.
+MASKED_TILE_FACTOR = 1.3
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +67,9 @@ class CpuTilePlan:
     def cost(self) -> int:
         """Score elements computed (per batch and head), plus the per-tile overhead."""
         nqt, tq = self.q_idx.shape
-        return nqt * (tq * int(self.kv_idx.shape[1]) + TILE_OVERHEAD_ELEMS)
+        partial = nqt - int(self.full.sum())
+        elems = tq * int(self.kv_idx.shape[1])
+        return int(nqt * (elems + TILE_OVERHEAD_ELEMS) + partial * elems * (MASKED_TILE_FACTOR - 1))
 
 
 def _combine(parts):

@@ -1,0 +1,166 @@
+"""Functional attention API: one call for dense, causal, windowed and GNA (grid) attention.
+
+Canonical layouts: q [B, H, S, D], k/v [B, H_kv, S_kv, D/Dv] (H % H_kv == 0: GQA/MQA),
+mask / bias broadcastable to [B, H, S, S_kv], out [B, H, S, Dv] in q.dtype.
+
+  attention(q, k, v, *, mask=None, bias=None, causal=False, scale=None, softcap=None,
+            normalizer="softmax", grid=None, window=None, stride=None, dilation=None,
+            backend="auto")
+
+With `grid` (e.g. (64, 64); tokens flattened row-major into S) window / stride / dilation / causal
+(an int or bool for every dimension, or one per dimension) define a GNA layout (see DESIGN.md);
+without a grid, `window=(left, right)` is a 1-D sliding window (None on a side = unbounded) and
+`causal` masks keys after the query (top-left aligned unless causal_alignment="bottom_right").
+`mask` is bool (True = attend) or float (added); `bias` is float and added; both may be given.
+
+backend: "auto" (Triton on CUDA when a generated kernel fits, the exact CPU sparse kernels on CPU,
+else the exact dense path), "triton" (error if no kernel fits, with the reasons), "cpu" (the exact
+CPU kernels; dense SDPA where nothing is sparse), "reference" (dense float32 math with the full
+mask materialised: the ground truth).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from attnopt.codegen import cpu as cpu_kernels
+from attnopt.codegen.ops import AttentionParams, exact_attention
+from attnopt.codegen.reference import NORMALIZERS, reference_attention
+from attnopt.ir import GNALayout
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+IntOrTuple = int | Sequence[int] | None
+
+
+def _per_dim(value, n: int, name: str, default):
+    if value is None:
+        return (default,) * n
+    if isinstance(value, (bool, int)):
+        return (type(default)(value),) * n
+    value = tuple(value)
+    if len(value) != n:
+        raise ValueError(f"{name} needs one entry per grid dimension ({n}), got {value}")
+    return tuple(type(default)(x) for x in value)
+
+
+def gna_layout(grid: Sequence[int], window, stride=None, dilation=None, causal=False) -> GNALayout:
+    """The GNALayout of a token grid; ints/bools apply to every dimension."""
+    grid = tuple(int(x) for x in grid)
+    n = len(grid)
+    if window is None:
+        raise ValueError("a grid needs a window (an int or one per dimension)")
+    layout = GNALayout(
+        shape=grid, window=_per_dim(window, n, "window", 0), stride=_per_dim(stride, n, "stride", 1),
+        dilation=_per_dim(dilation, n, "dilation", 1), causal=_per_dim(causal, n, "causal", False),
+    )
+    from attnopt.cost import gna
+
+    gna.validate(layout)
+    return layout
+
+
+def _combine_masks(mask: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"bias must be floating point, got {bias.dtype}")
+    if mask is None:
+        return bias
+    if bias is None:
+        return mask
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
+    return mask + bias
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool | Sequence[bool] = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    normalizer: str = "softmax",
+    grid: Sequence[int] | None = None,
+    window: IntOrTuple | tuple[int | None, int | None] = None,
+    stride: IntOrTuple = None,
+    dilation: IntOrTuple = None,
+    backend: str = "auto",
+    causal_alignment: str = "top_left",
+) -> Tensor:
+    """Attention of q [B, H, S, D] over k/v [B, H_kv, S_kv, D]; see the module docstring."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    attn_mask = _combine_masks(mask, bias)
+
+    layout = None
+    if grid is not None:
+        layout = gna_layout(grid, window, stride, dilation, causal)
+        params = AttentionParams(scale=scale, softcap=softcap, normalizer=normalizer)
+    else:
+        if stride is not None or dilation is not None:
+            raise ValueError("stride and dilation need a token grid (grid=...)")
+        if not isinstance(causal, bool):
+            raise ValueError("per-dimension causal flags need a token grid (grid=...)")
+        win = None
+        if window is not None:
+            if isinstance(window, int) or len(tuple(window)) != 2:
+                raise ValueError("without a grid, window is (left, right); use None for an unbounded side")
+            left, right = window
+            win = (None if left is None else int(left), None if right is None else int(right))
+        params = AttentionParams(scale=scale, causal=causal, causal_alignment=causal_alignment,
+                                 window=win, softcap=softcap, normalizer=normalizer)
+
+    if backend == "reference":
+        return _reference(q, k, v, attn_mask, params, layout)
+    if backend in ("triton", "auto") and (q.is_cuda or backend == "triton"):
+        from attnopt.codegen import triton as tk
+
+        ok, why = tk.can_run(q, k, v, attn_mask, params, layout)
+        if ok:
+            out = tk.launch(q, k, v, attn_mask, params, layout)
+            if out is not None:
+                return out
+        if backend == "triton":
+            raise RuntimeError(f"no Triton kernel fits this call: {why}")
+        tk.log_fallback_once(why)
+    if q.device.type == "cpu" or backend == "cpu":
+        if layout is not None:
+            ok, why = cpu_kernels.can_run_cpu_gna(params, q, k, v, attn_mask, layout)
+            if ok:
+                return cpu_kernels.gna_attention(q, k, v, layout, params, attn_mask)
+        elif params.window is not None:
+            ok, why = cpu_kernels.can_run_cpu_sliding_window(params, q, k, v, attn_mask)
+            if ok:
+                return cpu_kernels.sliding_window_attention(q, k, v, params, attn_mask)
+    if layout is not None:
+        return exact_attention(q, k, v, _with_layout_mask(attn_mask, layout, q.device), params)
+    return exact_attention(q, k, v, attn_mask, params)
+
+
+def _with_layout_mask(attn_mask: Tensor | None, layout: GNALayout, device) -> Tensor:
+    from attnopt.cost.gna import dense_mask
+
+    allowed = torch.from_numpy(dense_mask(layout)).to(device)
+    if attn_mask is None:
+        return allowed
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & allowed
+    return torch.where(allowed, attn_mask, torch.tensor(float("-inf"), dtype=attn_mask.dtype, device=device))
+
+
+def _reference(q, k, v, attn_mask, params: AttentionParams, layout: GNALayout | None) -> Tensor:
+    if layout is not None:
+        attn_mask = _with_layout_mask(attn_mask, layout, q.device)
+    return reference_attention(q, k, v, attn_mask, **params.kwargs())
