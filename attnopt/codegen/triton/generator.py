@@ -10,6 +10,7 @@ without tuning and nothing but the source is written.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -33,6 +34,47 @@ def interpreter_usable() -> bool:
     import triton.language as tl
 
     return type(tl.zeros).__name__ == "InterpretedFunction"
+
+
+@contextlib.contextmanager
+def interpreter_stdlib():
+    """Make triton's @jit standard library interpretable for the duration of a launch.
+
+    triton decides compiled-vs-interpreted when `triton.language` is imported; a process that
+    imported it before TRITON_INTERPRET=1 was set (e.g. a test session where other tests imported
+    attnopt first) holds compiled-mode helpers (tl.zeros, tl.max, ...) that the interpreter refuses
+    to call. Swap them for interpreted wrappers while the kernel runs, then restore them, so
+    compiled kernels elsewhere in the process are untouched."""
+    if not interpreter_active() or interpreter_usable():
+        yield
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    saved = []
+    modules = [tl, tl.standard, tl.math]
+    for mod in modules:
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, JITFunction):
+                saved.append((mod, name, value))
+                setattr(mod, name, _wrapped(value))
+    try:
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+_WRAPPED: dict = {}
+
+
+def _wrapped(fn):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if fn not in _WRAPPED:
+        _WRAPPED[fn] = InterpretedFunction(fn.fn)
+    return _WRAPPED[fn]
 
 
 def cache_dir() -> Path:

@@ -39,8 +39,6 @@ def _common(params: AttentionParams, q: Tensor, k: Tensor, v: Tensor, mask: Tens
         return False, "triton is not installed"
     if not (q.is_cuda or generator.interpreter_active()):
         return False, f"tensors on {q.device} and TRITON_INTERPRET is not set"
-    if generator.interpreter_active() and not generator.interpreter_usable():
-        return False, "TRITON_INTERPRET=1 was set after triton was imported; set it before importing attnopt"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return False, "q, k, v must be 4-D [B, H, S, D]"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
@@ -227,14 +225,15 @@ def _launch_dense(family: str, cfg: KernelConfig, q, k, v, mask, params: Attenti
     bm, bn = cfg.q_tile[0], cfg.kv_tile[0]
     fn = generator.kernel(family, "dense")
     grid = (triton_cdiv(Sq, bm), B * H)
-    fn[grid](
-        q, k, v, m, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-        H, Sq, Skv, float(params.scale), float(params.softcap or 0.0), int(offset),
-        int(left or 0), int(upper or 0),
-        GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        BLOCK_M=bm, BLOCK_N=bn, HAS_UPPER=upper is not None, HAS_LEFT=left is not None,
-        **_flags(q, mask, params), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with generator.interpreter_stdlib():
+        fn[grid](
+            q, k, v, m, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+            H, Sq, Skv, float(params.scale), float(params.softcap or 0.0), int(offset),
+            int(left or 0), int(upper or 0),
+            GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+            BLOCK_M=bm, BLOCK_N=bn, HAS_UPPER=upper is not None, HAS_LEFT=left is not None,
+            **_flags(q, mask, params), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
 
 
@@ -268,15 +267,16 @@ def _launch_gna(family: str, cfg: KernelConfig, q, k, v, mask, params: Attention
     m, ms = _mask_args(mask, q, (B, H, N, N))
     fn = generator.kernel(family, "gna")
     grid = (plan.num_q_tiles, B * H)
-    fn[grid](
-        qp, kp, vp, m, outp, pt["tiles"], pt["counts"], pt["q_range"], pt["kv_coord"], pt["q_idx"], pt["kv_idx"],
-        *qp.stride(), *kp.stride(), *vp.stride(), *ms, *outp.stride(),
-        H, plan.tiles.shape[1], float(params.scale), float(params.softcap or 0.0),
-        GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
-        ELEMENT_MASK=plan.element_mask, **_flags(q, mask, params),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with generator.interpreter_stdlib():
+        fn[grid](
+            qp, kp, vp, m, outp, pt["tiles"], pt["counts"], pt["q_range"], pt["kv_coord"], pt["q_idx"], pt["kv_idx"],
+            *qp.stride(), *kp.stride(), *vp.stride(), *ms, *outp.stride(),
+            H, plan.tiles.shape[1], float(params.scale), float(params.softcap or 0.0),
+            GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
+            ELEMENT_MASK=plan.element_mask, **_flags(q, mask, params),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return outp.index_select(2, pt["inverse"])
 
 
