@@ -402,6 +402,12 @@ class _Splicer:
             fused = self._mha(b, r, heads, mask, causal_flag, qc)
         else:
             fused = self._standard(b, r, heads, mask, causal_flag)
+        if r.nan_guard:
+            # The model zeroed NaN probabilities (rows with every key masked); the fused op may
+            # give NaN there, so its output gets the same guard (such rows are all-NaN).
+            out = b.nodes[-1].output[0]
+            zero = b.const(np.zeros((), dtype), "zero")
+            b.node("Where", [b.node("IsNaN", [out], "isnan"), zero, out], "nan_guard")
         return b, fused
 
     def _heads(self, r: Recipe, qc, kc) -> tuple:

@@ -51,6 +51,7 @@ class Recipe:
     bypass: tuple[tuple[str, str], ...] = ()  # (scale node, its tensor input): bypassed
     output: str = ""
     remove: frozenset[str] = field(default_factory=frozenset)
+    nan_guard: bool = False  # the model zeroes NaN probabilities (fully masked rows)
 
 
 def plan(graph: Graph, site: Site) -> Recipe | str:
@@ -111,7 +112,7 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
         k_group_broadcast=k_group_broadcast, masks=tuple(masks), scale=float(spec.scale),
         causal=causal, causal_alignment=align, window=window, softcap=softcap,
         normalizer=spec.normalizer, out_perm=out_perm, bypass=bypass, output=site.output,
-        remove=frozenset(site.nodes))
+        remove=frozenset(site.nodes), nan_guard=bool(d.get("nan_guard")))
 
 
 def _is_constant(graph: Graph, nid: str) -> bool:

@@ -246,6 +246,7 @@ class _Matcher:
         if not isinstance(fill, float) or fill != 0.0:
             return None
         self.nodes.update([isnan, where])
+        self.details["nan_guard"] = True
         return where
 
     # -- scores side ---------------------------------------------------------------------------
