@@ -1,4 +1,5 @@
-"""Generated Triton kernels under the interpreter (TRITON_INTERPRET=1) vs the dense reference.
+"""Generated Triton kernels under the interpreter (TRITON_INTERPRET=1, set by a fixture) vs the
+dense reference.
 
 Layouts: q [B, H, S, D], k/v [B, Hkv, S_kv, D]; GNA tokens are the row-major flattened grid.
 Shapes are small and odd (33, 63, 97; D 16 and 80) so the interpreter runs few inner steps.
@@ -7,8 +8,6 @@ Outputs are written into NaN-filled scratch first where the launcher allows it (
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,9 +19,6 @@ from attnopt.cost.gna import dense_mask  # noqa: E402
 from attnopt.cost.simulator import simulate  # noqa: E402
 from attnopt.ir import GNALayout  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
-    pytest.skip("TRITON_INTERPRET is set to something else", allow_module_level=True)
-
 tk = pytest.importorskip("attnopt.codegen.triton")
 from attnopt.codegen.triton.gna_tiles import gna_tile_plan  # noqa: E402
 
@@ -30,7 +26,11 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
+def _interpreter(tmp_path_factory, monkeypatch):
+    # Set per test, not at import: a process that imported triton in interpreter mode could not
+    # compile GPU kernels afterwards (tests/gpu in the same session). The launcher makes triton's
+    # @jit standard library interpretable when triton was imported before this flag was set.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attnopt-cache"))
 
 
