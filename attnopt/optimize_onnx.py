@@ -7,7 +7,7 @@ from typing import Any
 
 from attnopt.frontends.onnx import load_onnx
 from attnopt.passes.detect import detect
-from attnopt.passes.rewrite import Recipe, plan
+from attnopt.passes.rewrite import Recipe, plan_all
 from attnopt.result import OptimizeResult, SiteResult
 
 TOLERANCE = 1e-4  # relative to output scale, fp32
@@ -23,14 +23,10 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
         raise UnsupportedModel(f"--onnx-op must be 'ort' or 'standard', got {op!r}")
     graph = load_onnx(model)
     sites, rejected = detect(graph)
-    results: dict[str, SiteResult] = {}
-    recipes: list[Recipe] = []
-    for s in sites:
-        r = plan(graph, s)
-        if isinstance(r, str):
-            results[s.name] = SiteResult(s.name, s.pattern, "kept", None, r, s.spec)
-        else:
-            recipes.append(r)
+    recipes, reasons = plan_all(graph, sites)
+    results: dict[str, SiteResult] = {
+        s.name: SiteResult(s.name, s.pattern, "kept", None, reasons[s.name], s.spec)
+        for s in sites if s.name in reasons}
     original = graph.native_model
     kept = list(recipes)
     new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}

@@ -15,7 +15,7 @@ from attnopt.frontends import fx as fx_front
 from attnopt.frontends.fx_splice import splice
 from attnopt.ir import Graph, Site
 from attnopt.passes.detect import detect
-from attnopt.passes.rewrite import Recipe, plan
+from attnopt.passes.rewrite import Recipe, plan_all
 from attnopt.passes.validate import (Error, outputs_error, padded_variants, run_captured,
                                      tensor_error, tolerance_for)
 from attnopt.patterns.values import user_inputs_reached
@@ -46,14 +46,10 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
     inputs = [_concrete(x) for x in inputs]
     graph = fx_front.from_graph_module(gm, list(inputs), source=source)
     sites, rejected = detect(graph)
-    results: dict[str, SiteResult] = {}
-    recipes: list[Recipe] = []
-    for s in sites:
-        r = plan(graph, s)
-        if isinstance(r, str):
-            results[s.name] = SiteResult(s.name, s.pattern, "kept", None, r, s.spec)
-        else:
-            recipes.append(r)
+    recipes, reasons = plan_all(graph, sites)
+    results: dict[str, SiteResult] = {
+        s.name: SiteResult(s.name, s.pattern, "kept", None, reasons[s.name], s.spec)
+        for s in sites if s.name in reasons}
     positions = _padding_positions(graph, sites)
     variants = padded_variants(list(inputs), positions) if validate else []
     kept = list(recipes)

@@ -45,17 +45,22 @@ def _permute(graph: fx.Graph, x: fx.Node, perm: tuple[int, ...]) -> fx.Node:
     return _call(graph, torch.permute, x, list(perm))
 
 
-def _to_4d(graph: fx.Graph, x: fx.Node, r: Recipe, is_k: bool = False) -> fx.Node:
-    """Canonical [batch..., S, D] -> [B, H, S, D]."""
+def _to_4d(graph: fx.Graph, x: fx.Node, r: Recipe, role: str = "q") -> fx.Node:
+    """Canonical [batch..., S, D] (or a mask's [batch..., Sq, Skv]) -> [B, H, ...].
+
+    role: "q", "kv" (a rank-3 batch with k broadcast over its last batch axis keeps that axis
+    as GQA groups) or "mask" (broadcast axes are expanded before the merge)."""
     if r.batch_rank == 2:
         return x
     if r.batch_rank == 1:
         return _call(graph, torch.unsqueeze, x, 1)
     if r.batch_rank == 0:
         return _call(graph, torch.unsqueeze, _call(graph, torch.unsqueeze, x, 0), 0)
-    # rank 3: [b0, b1, b2, S, D]; GQA broadcast over b2 keeps b1 kv heads.
-    if is_k and r.k_group_broadcast:
+    if role == "kv" and r.k_group_broadcast:
         return _call(graph, torch.squeeze, x, 2)
+    if role == "mask":
+        b1, b2 = r.batch_sizes[1:3]
+        x = _call(graph, torch.Tensor.expand, x, -1, b1, b2, -1, -1)
     return _call(graph, torch.flatten, x, 1, 2)
 
 
@@ -63,8 +68,8 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
     out_node = by[r.output]
     with graph.inserting_before(out_node):
         q = _to_4d(graph, _permute(graph, by[r.q.node], r.q.perm), r)
-        k = _to_4d(graph, _permute(graph, by[r.k.node], r.k.perm), r, is_k=True)
-        v = _to_4d(graph, _permute(graph, by[r.v.node], r.v.perm), r, is_k=True)
+        k = _to_4d(graph, _permute(graph, by[r.k.node], r.k.perm), r, "kv")
+        v = _to_4d(graph, _permute(graph, by[r.v.node], r.v.perm), r, "kv")
         mask = _combined_mask(graph, by, r)
         wl, wr = (r.window or (None, None))
         attn = _call(graph, torch.ops.attnopt.attention.default, q, k, v, mask, float(r.scale),
@@ -113,7 +118,7 @@ def _combined_mask(graph: fx.Graph, by: dict, r: Recipe) -> fx.Node | None:
             cond = x if t.how == "drop" else _call(graph, torch.logical_not, x)
             term = _call(graph, torch.where, _call(graph, torch.Tensor.bool, cond), float(t.fill), 0.0)
         acc = term if acc is None else _call(graph, operator.add, acc, term)
-    return _mask_to_4d(graph, acc, r)
+    return _to_4d(graph, acc, r, "mask")
 
 
 def _broadcast_shape_arg(node: fx.Node, rank: int):
@@ -123,18 +128,6 @@ def _broadcast_shape_arg(node: fx.Node, rank: int):
         raise ValueError(f"mask {node.name} has no shape")
     shape = [1] * (rank - len(shape)) + shape
     return [s if isinstance(s, int) else -1 for s in shape]
-
-
-def _mask_to_4d(graph: fx.Graph, x: fx.Node, r: Recipe) -> fx.Node:
-    if r.batch_rank == 2:
-        return x
-    if r.batch_rank == 1:
-        return _call(graph, torch.unsqueeze, x, 1)
-    if r.batch_rank == 0:
-        return _call(graph, torch.unsqueeze, _call(graph, torch.unsqueeze, x, 0), 0)
-    b1, b2 = r.batch_sizes[1:3]
-    full = _call(graph, torch.Tensor.expand, x, -1, b1, b2, -1, -1)
-    return _call(graph, torch.flatten, full, 1, 2)
 
 
 def _remove_dead(graph: fx.Graph, start: set) -> None:

@@ -54,6 +54,18 @@ class Recipe:
     nan_guard: bool = False  # the model zeroes NaN probabilities (fully masked rows)
 
 
+def plan_all(graph: Graph, sites: list[Site]) -> tuple[list[Recipe], dict[str, str]]:
+    """Recipes for the sites that can be rewritten, and the reason for each that cannot."""
+    recipes, reasons = [], {}
+    for s in sites:
+        r = plan(graph, s)
+        if isinstance(r, str):
+            reasons[s.name] = r
+        else:
+            recipes.append(r)
+    return recipes, reasons
+
+
 def plan(graph: Graph, site: Site) -> Recipe | str:
     """A recipe for the site, or the reason it cannot be rewritten exactly."""
     if site.pattern == "fused:torch_sdpa":
