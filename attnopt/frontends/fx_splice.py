@@ -20,6 +20,7 @@ from attnopt.passes.rewrite import MaskTerm, Recipe
 def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModule, dict[str, str]]:
     """A new GraphModule with every recipe applied (sharing gm's parameters), and for each
     site the name of the node that now computes its output."""
+    import attnopt.codegen.gna_op  # noqa: F401 - registers torch.ops.attnopt.gna_attention
     import attnopt.codegen.ops  # noqa: F401 - registers torch.ops.attnopt.attention
 
     graph = copy.deepcopy(gm.graph)
@@ -71,10 +72,17 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
         k = _to_4d(graph, _permute(graph, by[r.k.node], r.k.perm), r, "kv")
         v = _to_4d(graph, _permute(graph, by[r.v.node], r.v.perm), r, "kv")
         mask = _combined_mask(graph, by, r)
-        wl, wr = (r.window or (None, None))
-        attn = _call(graph, torch.ops.attnopt.attention.default, q, k, v, mask, float(r.scale),
-                     bool(r.causal), r.causal_alignment, -1 if wl is None else int(wl),
-                     -1 if wr is None else int(wr), float(r.softcap or 0.0), r.normalizer)
+        if r.layout is not None:  # a GNA layout (passes/plan.py): causal/window come from it
+            lay = r.layout
+            attn = _call(graph, torch.ops.attnopt.gna_attention.default, q, k, v, mask,
+                         float(r.scale), list(lay.shape), list(lay.window), list(lay.stride),
+                         list(lay.dilation), [bool(c) for c in lay.causal], int(r.leading),
+                         r.normalizer)
+        else:
+            wl, wr = (r.window or (None, None))
+            attn = _call(graph, torch.ops.attnopt.attention.default, q, k, v, mask, float(r.scale),
+                         bool(r.causal), r.causal_alignment, -1 if wl is None else int(wl),
+                         -1 if wr is None else int(wr), float(r.softcap or 0.0), r.normalizer)
         if r.batch_rank == 1:
             attn = _call(graph, torch.squeeze, attn, 1)
         elif r.batch_rank == 0:

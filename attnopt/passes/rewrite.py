@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from attnopt.ir import Graph, Site
+from attnopt.ir import GNALayout, Graph, Site
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class Recipe:
     output: str = ""
     remove: frozenset[str] = field(default_factory=frozenset)
     nan_guard: bool = False  # the model zeroes NaN probabilities (fully masked rows)
+    # A GNA layout over the tokens after `leading` global ones: the splice emits
+    # `attnopt::gna_attention` instead of `attnopt::attention` (causal/window then come from
+    # the layout; `causal` and `window` above must be unset). Set by passes/plan.py only.
+    layout: GNALayout | None = None
+    leading: int = 0
 
 
 def plan_all(graph: Graph, sites: list[Site]) -> tuple[list[Recipe], dict[str, str]]:

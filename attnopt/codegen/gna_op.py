@@ -1,0 +1,191 @@
+"""The custom op `torch.ops.attnopt.gna_attention`: attention restricted to a GNA layout over the
+token grid, with a few leading tokens (class token, attention sinks) that stay global.
+
+Canonical layouts (BHSD), as attnopt::attention:
+  q [B, H, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], S = leading + prod(shape);
+  attn_mask broadcastable to [B, H, S, S] (bool: True = attend; float: added), out [B, H, S, Dv].
+  Grid tokens are flattened row-major after the leading ones.
+
+Schema:
+  attnopt::gna_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int[] shape,
+                         int[] window, int[] stride, int[] dilation, bool[] causal, int leading,
+                         str normalizer) -> Tensor
+
+Which pairs attend (on top of attn_mask):
+  * a leading query attends every key (if the layout is causal: every key j <= i);
+  * a grid query attends every leading key, and the grid keys its GNA layout allows
+    (DESIGN.md, "GNA: the sparsity family").
+
+Implementations:
+  fake  shape [B, H, S, Dv] in q.dtype
+  CPU   softmax: codegen.cpu.gna_attention when there are no leading tokens; else tiled SDPA over the
+        simulator's Q tiles, each tile's KV box extended by the leading keys (exact, element mask per
+        tile). Other normalizers: the dense reference with the layout's full mask.
+  other devices: the dense reference with the layout's full mask (exact, not faster)
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.reference import reference_attention
+from attnopt.cost import gna
+from attnopt.ir import GNALayout
+
+OP_NAME = "attnopt::gna_attention"
+SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int[] shape, int[] window, "
+    "int[] stride, int[] dilation, bool[] causal, int leading, str normalizer) -> Tensor"
+)
+
+
+def make_layout(shape, window, stride, dilation, causal) -> GNALayout:
+    return GNALayout(tuple(int(x) for x in shape), tuple(int(x) for x in window),
+                     tuple(int(x) for x in stride), tuple(int(x) for x in dilation),
+                     tuple(bool(x) for x in causal))
+
+
+@functools.lru_cache(maxsize=32)
+def full_mask(layout: GNALayout, leading: int) -> Tensor:
+    """Bool [S, S] (True = attend) of the layout with its leading global tokens."""
+    n = int(np.prod(layout.shape))
+    s = leading + n
+    m = np.zeros((s, s), dtype=bool)
+    m[leading:, leading:] = gna.dense_mask(layout, max_tokens=max(n, gna.DENSE_MASK_MAX_TOKENS))
+    m[:, :leading] = True
+    if any(layout.causal):
+        m[:leading, :] = np.tril(np.ones((leading, s), dtype=bool))
+    else:
+        m[:leading, :] = True
+    return torch.from_numpy(m)
+
+
+def _and_mask(attn_mask: Tensor | None, allowed: Tensor) -> Tensor:
+    if attn_mask is None:
+        return allowed
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & allowed
+    return torch.where(allowed, attn_mask, float("-inf"))
+
+
+def reference_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
+                  layout: GNALayout, leading: int, normalizer: str = "softmax") -> Tensor:
+    """Dense reference: the layout as a full mask (any device, any normalizer)."""
+    allowed = full_mask(layout, leading).to(q.device)
+    return reference_attention(q, k, v, _and_mask(attn_mask, allowed), scale=scale,
+                               normalizer=normalizer)
+
+
+@functools.lru_cache(maxsize=32)
+def _tiles(layout: GNALayout, leading: int):
+    from attnopt.codegen.cpu import choose_gna_tile, gna_plan
+
+    plan = gna_plan(layout, choose_gna_tile(layout))
+    nqt = plan.q_idx.shape[0]
+    qi = plan.q_idx + leading
+    lead = torch.arange(leading, dtype=torch.int64).expand(nqt, leading)
+    ki = torch.cat([lead, plan.kv_idx + leading], dim=1)
+    m = torch.cat([torch.ones(nqt, plan.q_idx.shape[1], leading, dtype=torch.bool), plan.mask], dim=2)
+    return qi, ki, m
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, Hx, S, D] at tokens idx [n, T] -> [n * B, Hx, T, D] (tiles folded into the batch)."""
+    B, Hx, _, D = x.shape
+    n, T = idx.shape
+    g = x.index_select(2, idx.reshape(-1)).reshape(B, Hx, n, T, D)
+    return g.permute(2, 0, 1, 3, 4).reshape(n * B, Hx, T, D)
+
+
+def cpu_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
+            layout: GNALayout, leading: int) -> Tensor:
+    """Exact softmax GNA with leading global tokens on CPU (see the module header)."""
+    B, H, S, _ = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    n = int(np.prod(layout.shape))
+    if S != leading + n or k.shape[2] != S:
+        raise ValueError(f"gna_attention: sequence {S}/{k.shape[2]} != leading {leading} + grid {n}")
+    params = AttentionParams(scale=float(scale))
+    if leading == 0:
+        from attnopt.codegen.cpu import gna_attention
+
+        return gna_attention(q, k, v, layout, params, attn_mask)
+    gqa = H != Hkv
+    out = q.new_empty((B, H, S, Dv))
+    am = None
+    if attn_mask is not None:
+        am = attn_mask.expand(*attn_mask.shape[:-2], S, S) if attn_mask.dim() >= 2 else attn_mask
+        while am.dim() < 4:
+            am = am.unsqueeze(0)
+    # leading queries: dense rows (causal among themselves when the layout is causal)
+    lm = None
+    if any(layout.causal):
+        lm = torch.ones(leading, S, dtype=torch.bool).tril()
+    if am is not None:
+        rows = am[:, :, :leading, :]
+        lm = rows if lm is None else _and_mask(rows, lm)
+    out[:, :, :leading] = F.scaled_dot_product_attention(
+        q[:, :, :leading], k, v, attn_mask=_sdpa_mask(lm, q.dtype), scale=float(scale), enable_gqa=gqa)
+    # grid queries: one KV box per Q tile, extended by the leading keys
+    qi, ki, m = _tiles(layout, leading)
+    nqt, TQ = qi.shape
+    TK = ki.shape[1]
+    mask = m[:, None, None].expand(nqt, B, 1, TQ, TK).reshape(nqt * B, 1, TQ, TK)
+    if am is not None:
+        g = am[:, :, qi[:, :, None], ki[:, None, :]]  # [b, h, nqt, TQ, TK]
+        b, h = g.shape[:2]
+        g = g.permute(2, 0, 1, 3, 4).expand(nqt, B, h, TQ, TK).reshape(nqt * B, h, TQ, TK)
+        mask = _and_mask(g, mask)
+    res = F.scaled_dot_product_attention(_gather(q, qi), _gather(k, ki), _gather(v, ki),
+                                         attn_mask=_sdpa_mask(mask, q.dtype), scale=float(scale),
+                                         enable_gqa=gqa)
+    res = res.reshape(nqt, B, H, TQ, Dv).permute(1, 2, 0, 3, 4).reshape(B, H, nqt * TQ, Dv)
+    # tiles at the grid end overlap a neighbour: they write identical rows twice
+    out[:, :, qi.reshape(-1)] = res
+    return out
+
+
+def _sdpa_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if mask is None or mask.dtype == torch.bool or mask.dtype == dtype:
+        return mask
+    return mask.to(dtype)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=(), schema=SCHEMA)
+def gna_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
+                  shape: list[int], window: list[int], stride: list[int], dilation: list[int],
+                  causal: list[bool], leading: int, normalizer: str) -> Tensor:
+    """Default (devices without their own kernel): the exact dense reference."""
+    layout = make_layout(shape, window, stride, dilation, causal)
+    return reference_gna(q, k, v, attn_mask, scale, layout, int(leading), normalizer).contiguous()
+
+
+@gna_attention.register_fake
+def _gna_fake(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D [B, H, S, D]")
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+@gna_attention.register_kernel("cpu")
+def _gna_cpu(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer):
+    layout = make_layout(shape, window, stride, dilation, causal)
+    ok = (normalizer == "softmax" and q.is_floating_point() and q.dtype == k.dtype == v.dtype
+          and q.shape[1] % k.shape[1] == 0
+          and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
+    if not ok:
+        return reference_gna(q, k, v, attn_mask, scale, layout, int(leading), normalizer).contiguous()
+    return cpu_gna(q, k, v, attn_mask, scale, layout, int(leading)).contiguous()
+
+
+def gna_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, scale: float,
+                     layout: GNALayout, leading: int = 0, normalizer: str = "softmax") -> Tensor:
+    """Call torch.ops.attnopt.gna_attention with a GNALayout."""
+    return torch.ops.attnopt.gna_attention(
+        q, k, v, attn_mask, float(scale), list(layout.shape), list(layout.window),
+        list(layout.stride), list(layout.dilation), [bool(c) for c in layout.causal], int(leading),
+        normalizer)
