@@ -1,0 +1,253 @@
+"""Candidate variants of one attention site, each with its predicted cost on a target.
+
+No torch, no graphs: an `AttentionSpec` in, a list of `Candidate`s out. Canonical layouts as in
+roofline.py (q [B, H, Sq, D] ...); GNA layouts cover the grid tokens after `leading` global ones.
+
+Exact candidates (change nothing numerically):
+  * the site's own kernel: dense, causal, or gqa_decode (all run by `attnopt::attention`);
+  * sparsity the mask already implies: a causal sliding window (left L, right 0, Sq = Skv) is the
+    1-D causal GNA layout with window L+1 and stride 1 (same pairs); a block-diagonal mask of block
+    b is the 1-D GNA layout with window = stride = b (same pairs, Sq % b == 0); a non-causal band
+    is the `sliding_window` family (the op's window arguments).
+Approximate candidates (policy "approx" only; the planner measures their error):
+  * images / video: GNA neighborhood (stride 1) and the best-bound strided layout of the
+    simulator's search over the site's token grid, leading non-grid tokens (class token) global;
+  * text encoders: a 1-D GNA layout over the tokens after the first one ([CLS] global);
+  * causal LMs: `SINKS` attention-sink tokens global plus a causal local window.
+Windows are fractions `WINDOW_FRACTIONS` of each grid dimension.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from attnopt.cost.hardware import HardwareProfile
+from attnopt.cost.roofline import Estimate, dense_baseline, estimate, resolve_dims
+from attnopt.cost.search import search
+from attnopt.ir import AttentionSpec, GNALayout, MaskSpec, Variant
+
+WINDOW_FRACTIONS = (0.75, 0.5, 0.25)
+SINKS = 4
+MIN_APPROX_TOKENS = 32  # shorter sequences are not worth approximating
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a site, with its predicted cost on the target.
+
+    leading: tokens before the GNA grid that attend and are attended globally.
+    window: (left, right) for the `sliding_window` family (the op's window arguments).
+    """
+
+    name: str
+    variant: Variant
+    leading: int = 0
+    window: tuple[int | None, int | None] | None = None
+    time_s: float = 0.0
+    baseline_time_s: float = 0.0  # the site's exact kernel (dense / causal) on the target
+    flops: float = 0.0
+    bytes: float = 0.0
+    bound: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return self.variant.exact
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_time_s / self.time_s if self.time_s else 1.0
+
+    @property
+    def saved_s(self) -> float:
+        return self.baseline_time_s - self.time_s
+
+
+def describe_layout(layout: GNALayout | None, leading: int = 0) -> str:
+    if layout is None:
+        return ""
+    x = lambda t: "x".join(str(int(v)) for v in t)  # noqa: E731
+    s = f"grid {x(layout.shape)} window {x(layout.window)} stride {x(layout.stride)}"
+    if any(d != 1 for d in layout.dilation):
+        s += f" dilation {x(layout.dilation)}"
+    if any(layout.causal):
+        s += " causal"
+    if leading:
+        s += f" +{leading} global"
+    return s
+
+
+def static(spec: AttentionSpec) -> bool:
+    try:
+        resolve_dims(spec)
+        return True
+    except ValueError:
+        return False
+
+
+def _base_family(spec: AttentionSpec) -> str:
+    d = resolve_dims(spec)
+    if spec.mask.kind == "causal":
+        return "causal"
+    if d["q_len"] <= 16 and d["num_heads"] != d["num_kv_heads"]:
+        return "gqa_decode"
+    return "dense"
+
+
+def _make(name: str, spec: AttentionSpec, variant: Variant, hw: HardwareProfile, baseline: float,
+          leading: int = 0, window=None) -> Candidate:
+    t, flops, nbytes, bound = _cost(spec, variant, hw, leading)
+    return Candidate(name, variant, leading, window, t, baseline if baseline else t, flops, nbytes, bound)
+
+
+def _cost(spec: AttentionSpec, variant: Variant, hw: HardwareProfile, leading: int):
+    """(time, flops, bytes, bound). A GNA variant with leading tokens runs them in the same
+    kernel: each Q tile visits ceil(leading / kv tile) more KV tiles (the leading keys), and the
+    leading queries add ceil(leading / q tile) rows of dense tiles; time grows with the visited
+    tiles."""
+    if variant.layout is None:
+        e = estimate(spec, variant, hw)
+        return e.time_s, e.flops, e.bytes, e.bound
+    d = resolve_dims(spec)
+    n = math.prod(variant.layout.shape)
+    e = estimate(replace(spec, q_len=n, kv_len=n, mask=MaskSpec()), variant, hw)
+    if not leading:
+        return e.time_s, e.flops, e.bytes, e.bound
+    tq, tk = math.prod(variant.q_tile), math.prod(variant.kv_tile)
+    nq = -(-n // tq)
+    extra = nq * -(-leading // tk) + -(-leading // tq) * -(-d["kv_len"] // tk)
+    f = (e.visited_tiles + extra) / max(e.visited_tiles, 1e-9)
+    t = hw.launch_overhead_s + (e.time_s - hw.launch_overhead_s) * f
+    return t, e.flops * f, e.bytes, e.bound
+
+
+def _tiles_for(layout: GNALayout, hw: HardwareProfile) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    n = len(layout.shape)
+    r = search(layout.shape, layout.window, hw=hw, dilation=layout.dilation, causal=layout.causal,
+               strides=[[s] for s in layout.stride])
+    if r.best is None:
+        return (64,) * 1 if n == 1 else (8,) * n, (64,) if n == 1 else (8,) * n
+    return r.best.q_tile, r.best.kv_tile
+
+
+def baseline(spec: AttentionSpec, hw: HardwareProfile) -> Candidate:
+    """The site's exact kernel as it is (dense / causal / gqa_decode)."""
+    fam = _base_family(spec)
+    dv = dense_baseline(spec, hw)
+    v = Variant(family=fam, q_tile=dv.q_tile, kv_tile=dv.kv_tile)
+    c = _make(f"exact:{fam}", spec, v, hw, 0.0)
+    return replace(c, baseline_time_s=c.time_s)
+
+
+def exact_candidates(spec: AttentionSpec, hw: HardwareProfile) -> list[Candidate]:
+    """The site's own kernel first, then the sparse kernels its mask already implies."""
+    if not static(spec):
+        return []
+    base = baseline(spec, hw)
+    out = [base]
+    d = resolve_dims(spec)
+    sq, skv = d["q_len"], d["kv_len"]
+    m = spec.mask
+    layout = None
+    if m.kind == "sliding_window" and m.right == 0 and m.left is not None and sq == skv and sq > m.left + 1:
+        layout = GNALayout((sq,), (m.left + 1,), (1,), (1,), (True,))
+    elif m.kind == "block" and m.block and sq == skv and sq % m.block == 0 and m.block >= 2 \
+            and m.block < sq:
+        layout = GNALayout((sq,), (m.block,), (m.block,), (1,), (False,))
+    if layout is not None and spec.normalizer == "softmax":
+        qt, kt = _tiles_for(layout, hw)
+        v = Variant(family="block_sparse_gna", q_tile=qt, kv_tile=kt, layout=layout, exact=True)
+        out.append(_make(f"exact:gna({describe_layout(layout)})", spec, v, hw, base.time_s))
+    if m.kind == "sliding_window" and layout is None and m.left is not None and m.right is not None:
+        dv = dense_baseline(spec, hw)
+        v = Variant(family="sliding_window", q_tile=dv.q_tile, kv_tile=dv.kv_tile, exact=True)
+        out.append(_make(f"exact:sliding_window({m.left},{m.right})", spec, v, hw, base.time_s,
+                         window=(m.left, m.right)))
+    return out
+
+
+def _grid_of(spec: AttentionSpec) -> tuple[tuple[int, ...], int, bool] | None:
+    """(grid shape, leading global tokens, causal) an approximation may use, or None."""
+    d = resolve_dims(spec)
+    S = d["q_len"]
+    if S != d["kv_len"] or S < MIN_APPROX_TOKENS:
+        return None
+    if spec.mask.kind == "causal":
+        return (S - SINKS,), SINKS, True
+    if spec.mask.kind not in ("none", "padding"):
+        return None
+    g = spec.token_grid
+    if g is not None and math.prod(g.shape) + g.leading == S:
+        return tuple(g.shape), g.leading, False
+    return (S - 1,), 1, False
+
+
+def approx_candidates(spec: AttentionSpec, hw: HardwareProfile,
+                      fractions: tuple[float, ...] = WINDOW_FRACTIONS) -> list[Candidate]:
+    """Approximate GNA candidates cheaper than the site's exact kernel, most context first."""
+    if not static(spec) or spec.normalizer != "softmax" or spec.score_mods:
+        return []
+    g = _grid_of(spec)
+    if g is None:
+        return []
+    shape, leading, causal = g
+    n = len(shape)
+    base = baseline(spec, hw)
+    out: list[Candidate] = []
+    seen = set()
+    for f in fractions:
+        window = tuple(max(2, min(L, int(round(L * f)))) for L in shape)
+        if window == shape and not causal:
+            continue
+        caus = (causal,) * n
+        r = search(shape, window, hw=hw, causal=caus)
+        pts = [p for p in r.pareto if p.window == window]
+        neigh = search(shape, window, hw=hw, causal=caus, strides=[[1]] * n).best
+        chosen = [neigh] + ([max(pts, key=lambda p: p.speedup_upper_bound)] if pts else [])
+        for p in chosen:
+            if p is None:
+                continue
+            layout = GNALayout(shape, window, p.stride, (1,) * n, caus)
+            if layout in seen:
+                continue
+            seen.add(layout)
+            v = Variant(family="block_sparse_gna", q_tile=p.q_tile, kv_tile=p.kv_tile,
+                        layout=layout, exact=False)
+            c = _make(f"approx:gna({describe_layout(layout, leading)})", spec, v, hw, base.time_s,
+                      leading=leading)
+            if c.time_s < base.time_s:
+                out.append(c)
+    return out
+
+
+def candidate_to_json(c: Candidate) -> dict[str, Any]:
+    v = c.variant
+    lay = v.layout
+    return {
+        "name": c.name,
+        "family": v.family,
+        "exact": v.exact,
+        "q_tile": list(v.q_tile),
+        "kv_tile": list(v.kv_tile),
+        "layout": None if lay is None else {
+            "shape": list(lay.shape), "window": list(lay.window), "stride": list(lay.stride),
+            "dilation": list(lay.dilation), "causal": list(lay.causal)},
+        "leading": c.leading,
+        "window": None if c.window is None else list(c.window),
+        "predicted": {"time_s": c.time_s, "baseline_time_s": c.baseline_time_s,
+                      "speedup": c.speedup, "flops": c.flops, "bytes": c.bytes, "bound": c.bound},
+    }
+
+
+def candidate_from_json(d: dict[str, Any]) -> Candidate:
+    lay = d.get("layout")
+    layout = None if lay is None else GNALayout(
+        tuple(lay["shape"]), tuple(lay["window"]), tuple(lay["stride"]), tuple(lay["dilation"]),
+        tuple(bool(c) for c in lay["causal"]))
+    v = Variant(family=d["family"], q_tile=tuple(d["q_tile"]), kv_tile=tuple(d["kv_tile"]),
+                layout=layout, exact=bool(d["exact"]))
+    p = d.get("predicted") or {}
+    w = d.get("window")
+    return Candidate(d["name"], v, int(d.get("leading", 0)), None if w is None else tuple(w),
+                     float(p.get("time_s", 0.0)), float(p.get("baseline_time_s", 0.0)),
+                     float(p.get("flops", 0.0)), float(p.get("bytes", 0.0)), str(p.get("bound", "")))
