@@ -42,11 +42,19 @@ def _concrete(x: Any) -> Any:
 
 
 def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: str = "fx",
-                          validate: bool = True) -> tuple[fx.GraphModule, OptimizeResult]:
+                          validate: bool = True, plan: Any = None
+                          ) -> tuple[fx.GraphModule, OptimizeResult]:
+    """plan: an attnopt.passes.plan.Plan; its exact variants are validated like any rewrite, its
+    approximate ones afterwards against the plan's max_error (end-to-end relative L2)."""
     inputs = [_concrete(x) for x in inputs]
     graph = fx_front.from_graph_module(gm, list(inputs), source=source)
     sites, rejected = detect(graph)
     recipes, reasons = plan_all(graph, sites)
+    approx, labels = [], {}
+    if plan is not None:
+        from attnopt.passes.plan import split_recipes
+
+        recipes, approx, labels = split_recipes(graph, sites, recipes, plan)
     results: dict[str, SiteResult] = {
         s.name: SiteResult(s.name, s.pattern, "kept", None, reasons[s.name], s.spec)
         for s in sites if s.name in reasons}
@@ -78,7 +86,25 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
         e = site_err.get(r.site)
         results[r.site] = SiteResult(r.site, _pattern(sites, r.site), "rewritten",
                                      e.rel if e else None, "", _spec(sites, r.site),
-                                     variant="exact:" + ("causal" if r.causal else "dense"))
+                                     variant=labels.get(r.site) or
+                                     "exact:" + ("causal" if r.causal else "dense"))
+    if approx:
+        from attnopt.passes.plan import add_approximate
+
+        new_gm, kept_approx, l2, reverted = add_approximate(gm, kept, approx, variants or [list(inputs)],
+                                                            plan.max_error)
+        for r in kept_approx:
+            results[r.site] = SiteResult(r.site, _pattern(sites, r.site), "rewritten", l2,
+                                         "approximate: end-to-end relative L2", _spec(sites, r.site),
+                                         variant=labels[r.site])
+        for name, err in reverted:
+            results[name] = SiteResult(name, _pattern(sites, name), "reverted", err,
+                                       f"validation failed: end-to-end relative L2 {err:.3g} > "
+                                       f"max_error {plan.max_error:g}", _spec(sites, name),
+                                       variant=labels[name])
+        if kept_approx:
+            total = Error.worst([outputs_error(_run(gm, b), _run(new_gm, b))
+                                 for b in (variants or [list(inputs)])])
     ordered = [results[s.name] for s in sites if s.name in results]
     return new_gm, OptimizeResult(model=new_gm, sites=ordered, rejected=rejected,
                                   max_abs_error=total.max_abs, rel_error=total.rel)
@@ -123,11 +149,11 @@ def _padding_positions(graph: Graph, sites: list[Site]) -> list[int]:
     return sorted(order.index(d) for d in deps if d in order)
 
 
-def optimize_torch(model: Any, example_inputs: Any = None, *, validate: bool = True
-                   ) -> OptimizeResult:
+def optimize_torch(model: Any, example_inputs: Any = None, *, validate: bool = True,
+                   plan: Any = None) -> OptimizeResult:
     if isinstance(model, fx.GraphModule) and example_inputs is not None \
             and not isinstance(example_inputs, Mapping):
-        new_gm, res = optimize_graph_module(model, list(example_inputs), validate=validate)
+        new_gm, res = optimize_graph_module(model, list(example_inputs), validate=validate, plan=plan)
         return res
     if isinstance(model, torch.export.ExportedProgram):
         ep = model
@@ -135,7 +161,7 @@ def optimize_torch(model: Any, example_inputs: Any = None, *, validate: bool = T
         ep = fx_front.export_module(model, example_inputs)
     gm = ep.module()
     inputs = flat_example_inputs(ep, gm)
-    new_gm, res = optimize_graph_module(gm, inputs, source="aten", validate=validate)
+    new_gm, res = optimize_graph_module(gm, inputs, source="aten", validate=validate, plan=plan)
     if isinstance(model, torch.export.ExportedProgram):
         args, kwargs = ep.example_inputs
         with torch.no_grad():

@@ -1,0 +1,474 @@
+"""The planner: choose a variant per attention site from the cost model and measured error.
+
+For each site (torch models: nn.Module, ExportedProgram, .pt2):
+  1. exact candidates (cost/variants.py): the site's own kernel and any sparsity its mask already
+     implies; the cheapest on the target is taken (they change nothing numerically).
+  2. policy "approx": approximate GNA candidates; each one is spliced ALONE into the model and its
+     error measured on calibration inputs (per-site output, end-to-end relative L2 and cosine).
+  3. greedy walk: candidates sorted by predicted time saved per unit of end-to-end error (alone);
+     each is tried together with those already accepted (replacing its site's earlier choice when
+     it saves more) and kept if the measured end-to-end relative L2 stays within
+     `SAFETY * max_error`. Every step is kept in `Plan.walk` (the speedup-vs-error curve).
+Per-head choices are not made: a choice applies to every head of a site.
+
+Predicted end-to-end speedup = (other + attention dense) / (other + attention planned), where
+"other" is the non-attention time estimated as 2 * (matrix parameters) * tokens FLOPs at the
+target's peak * mma efficiency (a roofline guess: the planner times attention only).
+
+Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
+  {"format", "version", "policy", "max_error", "target", "hardware",
+   "predicted": {"attention_dense_s", "attention_s", "other_s", "attention_speedup", "end_to_end_speedup"},
+   "measured": {"rel_l2", "cosine", "calibration_batches"},
+   "sites": [{"site", "status" (planned|kept), "reason", "spec": {...},
+              "choice": {"name", "family", "exact", "q_tile", "kv_tile", "layout": {"shape", "window",
+                         "stride", "dilation", "causal"} | null, "leading", "window": [l, r] | null,
+                         "predicted": {"time_s", "baseline_time_s", "speedup", "flops", "bytes", "bound"}} | null,
+              "measured": {"site_rel_l2", "e2e_rel_l2", "e2e_cosine"} | null}],
+   "walk": [{"step", "site", "candidate", "saved_s", "alone_rel_l2", "rel_l2", "cosine",
+             "predicted_speedup", "accepted", "reason"}]}
+`Plan.from_json(plan.to_json()) == plan`; `Plan.load(path)` / `plan.save(path)` (atomic).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from attnopt.cost.hardware import HardwareProfile, get_profile
+from attnopt.cost.variants import (Candidate, approx_candidates, baseline, candidate_from_json,
+                                   candidate_to_json, exact_candidates, static)
+from attnopt.ir import Graph, Site
+from attnopt.passes.rewrite import Recipe
+
+FORMAT, VERSION = "attnopt.plan", 1
+POLICIES = ("exact", "approx")
+TARGETS = ("cpu", "h100", "h200", "b200", "a100")
+SAFETY = 0.8  # approximations are accepted up to this fraction of max_error on calibration inputs
+CALIBRATION_BATCHES = 3
+
+
+# ---- plan objects --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Measured:
+    site_rel_l2: float | None
+    e2e_rel_l2: float
+    e2e_cosine: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"site_rel_l2": self.site_rel_l2, "e2e_rel_l2": self.e2e_rel_l2,
+                "e2e_cosine": self.e2e_cosine}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "Measured | None":
+        return None if d is None else cls(d.get("site_rel_l2"), float(d["e2e_rel_l2"]),
+                                          float(d["e2e_cosine"]))
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    site: str
+    status: str  # planned | kept
+    choice: Candidate | None
+    reason: str = ""
+    spec: dict = field(default_factory=dict, compare=True)
+    measured: Measured | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"site": self.site, "status": self.status, "reason": self.reason, "spec": self.spec,
+                "choice": None if self.choice is None else candidate_to_json(self.choice),
+                "measured": None if self.measured is None else self.measured.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SitePlan":
+        c = d.get("choice")
+        return cls(d["site"], d["status"], None if c is None else candidate_from_json(c),
+                   d.get("reason", ""), d.get("spec") or {}, Measured.from_json(d.get("measured")))
+
+
+@dataclass(frozen=True)
+class WalkStep:
+    step: int
+    site: str
+    candidate: str
+    saved_s: float
+    alone_rel_l2: float
+    rel_l2: float | None       # combined with what was accepted before (None: not tried)
+    cosine: float | None
+    predicted_speedup: float   # end-to-end, if accepted
+    accepted: bool
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "WalkStep":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Plan:
+    policy: str
+    max_error: float
+    target: str
+    hardware: str
+    sites: tuple[SitePlan, ...]
+    walk: tuple[WalkStep, ...] = ()
+    predicted: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "policy": self.policy,
+                "max_error": self.max_error, "target": self.target, "hardware": self.hardware,
+                "predicted": dict(self.predicted), "measured": dict(self.measured),
+                "sites": [s.to_json() for s in self.sites], "walk": [w.to_json() for w in self.walk]}
+
+    @classmethod
+    def from_json(cls, d: dict | str) -> "Plan":
+        if isinstance(d, str):
+            d = json.loads(d)
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not an attnopt plan (format {d.get('format')!r})")
+        if int(d.get("version", 0)) != VERSION:
+            raise ValueError(f"plan version {d.get('version')} is not supported (only {VERSION})")
+        return cls(d["policy"], float(d["max_error"]), d["target"], d["hardware"],
+                   tuple(SitePlan.from_json(s) for s in d["sites"]),
+                   tuple(WalkStep.from_json(w) for w in d.get("walk", [])),
+                   dict(d.get("predicted") or {}), dict(d.get("measured") or {}))
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, allow_nan=False)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        text = self.dumps()
+        Plan.from_json(text)  # never write what cannot be read back
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        return cls.from_json(Path(path).read_text())
+
+    def site(self, name: str) -> SitePlan | None:
+        return next((s for s in self.sites if s.site == name), None)
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+def _floats(x: Any) -> torch.Tensor:
+    flat, _ = torch.utils._pytree.tree_flatten(x)
+    ts = [t.detach().double().reshape(-1) for t in flat
+          if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return torch.cat(ts) if ts else torch.zeros(1, dtype=torch.float64)
+
+
+def rel_l2(ref: Any, new: Any) -> float:
+    a, b = _floats(ref), _floats(new)
+    if a.shape != b.shape:
+        return float("inf")
+    ok = torch.isfinite(a)
+    a, b = a[ok], b[ok]
+    return float((a - b).norm() / max(float(a.norm()), 1e-12))
+
+
+def cosine(ref: Any, new: Any) -> float:
+    a, b = _floats(ref), _floats(new)
+    if a.shape != b.shape:
+        return 0.0
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    a, b = a[ok], b[ok]
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
+
+
+# ---- calibration inputs --------------------------------------------------------------------------
+
+def generated_inputs(example: Sequence[Any], n: int, seed: int = 0) -> list[list[Any]]:
+    """n batches like `example`: float tensors redrawn with the example's mean and std, integer
+    ids redrawn in the example's range; 0/1 masks and bool tensors are kept."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        batch = []
+        for x in example:
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 1:
+                std = float(x.float().std()) or 1.0
+                y = torch.randn(x.shape, generator=g, dtype=torch.float32) * std + float(x.float().mean())
+                batch.append(y.to(x.dtype))
+            elif isinstance(x, torch.Tensor) and x.dtype in (torch.int64, torch.int32) and x.numel() > 1 \
+                    and int(x.max()) > 1:
+                lo, hi = int(x.min()), int(x.max())
+                batch.append(torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype))
+            else:
+                batch.append(x)
+        out.append(batch)
+    return out
+
+
+def load_npz(path: str | os.PathLike, example: Sequence[Any]) -> list[list[Any]]:
+    """Calibration batches from a .npz: arrays in stored order are the model's flat inputs; keys
+    "b<i>_<anything>" group several batches (one batch per prefix)."""
+    data = np.load(path)
+    groups: dict[str, list] = {}
+    for key in data.files:
+        prefix = key.split("_", 1)[0] if key.startswith("b") and "_" in key else ""
+        groups.setdefault(prefix, []).append(torch.from_numpy(data[key]))
+    batches = []
+    for arrays in groups.values():
+        if len(arrays) != len(example):
+            raise ValueError(f"{path}: {len(arrays)} arrays for a model with {len(example)} inputs")
+        batches.append([a.to(e.dtype) if isinstance(e, torch.Tensor) else a for a, e in zip(arrays, example)])
+    return batches
+
+
+def calibration_batches(example: Sequence[Any], calibration: Any = None, seed: int = 0) -> list[list[Any]]:
+    if calibration is None:
+        return [list(example)] + generated_inputs(example, CALIBRATION_BATCHES - 1, seed)
+    if isinstance(calibration, (str, os.PathLike)):
+        return load_npz(calibration, example)
+    return [list(b) if isinstance(b, (list, tuple)) else [b] for b in calibration]
+
+
+# ---- recipes -------------------------------------------------------------------------------------
+
+def _constant_masks(graph: Graph, site: Site, r: Recipe) -> bool:
+    from attnopt.patterns.values import user_inputs_reached
+
+    return (not site.spec.mask.padding and not site.spec.score_mods and
+            all(not user_inputs_reached(graph, m.node) for m in r.masks if m.literal is None))
+
+
+def recipe_for(graph: Graph, site: Site, base: Recipe, c: Candidate) -> Recipe | str:
+    """The base recipe carrying candidate `c`, or the reason it cannot."""
+    v = c.variant
+    if v.layout is None and c.window is None:
+        return base
+    if base.softcap is not None or base.normalizer != "softmax":
+        return "softcap or non-softmax sites keep their kernel"
+    if base.window is not None:
+        return "the recipe already has a window"
+    masks = base.masks
+    if v.exact and _constant_masks(graph, site, base):
+        masks = ()  # the mask allows exactly the variant's pairs
+    if c.window is not None:
+        return replace(base, window=tuple(c.window), masks=masks)
+    if base.causal and not any(v.layout.causal):
+        return "a causal site needs a causal layout"
+    return replace(base, layout=v.layout, leading=c.leading, causal=False, masks=masks)
+
+
+# ---- planning ------------------------------------------------------------------------------------
+
+def _program(model: Any, example_inputs: Any):
+    from attnopt.frontends import fx as fx_front
+    from attnopt.optimize_torch import flat_example_inputs
+
+    if isinstance(model, (str, os.PathLike)):
+        from attnopt.frontends import _load_pt2_program
+
+        model = _load_pt2_program(Path(model))
+    ep = model if isinstance(model, torch.export.ExportedProgram) else \
+        fx_front.export_module(model, example_inputs)
+    gm = ep.module()
+    return ep, gm, flat_example_inputs(ep, gm)
+
+
+def other_time(gm: fx.GraphModule, sites: Sequence[Site], hw: HardwareProfile) -> float:
+    """Roofline guess of the non-attention time: 2 * matrix parameters * tokens FLOPs."""
+    params = sum(p.numel() for p in gm.parameters() if p.dim() >= 2)
+    tokens = max((s.spec.batch * s.spec.q_len for s in sites
+                  if isinstance(s.spec.batch, int) and isinstance(s.spec.q_len, int)), default=0)
+    dt = str(next((s.spec.dtype for s in sites), "bf16") or "bf16")
+    peak = hw.peak_flops.get("fp32" if "32" in dt else "bf16", max(hw.peak_flops.values()))
+    return 2.0 * params * tokens / (peak * hw.mma_efficiency)
+
+
+def _run(gm, inputs, names=()):
+    from attnopt.passes.validate import run_captured
+
+    return run_captured(gm, inputs, set(names))
+
+
+def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
+              max_error: float = 1e-2, target: str = "cpu", calibration: Any = None) -> Plan:
+    """Plan every attention site of a torch model (see the module header)."""
+    from attnopt.frontends import fx as fx_front
+    from attnopt.frontends.fx_splice import splice
+    from attnopt.passes.detect import detect
+    from attnopt.passes.rewrite import plan_all
+
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not max_error >= 0:
+        raise ValueError(f"max_error must be >= 0, got {max_error}")
+    hw = get_profile(target)
+    _ep, gm, inputs = _program(model, example_inputs)
+    graph = fx_front.from_graph_module(gm, list(inputs), source="aten")
+    sites, _rejected = detect(graph)
+    recipes, reasons = plan_all(graph, sites)
+    by_recipe = {r.site: r for r in recipes}
+    site_by = {s.name: s for s in sites}
+
+    chosen: dict[str, Candidate] = {}
+    chosen_recipe: dict[str, Recipe] = {}
+    base_time: dict[str, float] = {}
+    why: dict[str, str] = dict(reasons)
+    for s in sites:
+        if not static(s.spec):
+            why.setdefault(s.name, "symbolic sizes: no cost estimate")
+            continue
+        base_time[s.name] = baseline(s.spec, hw).time_s
+        if s.name not in by_recipe:
+            continue
+        best, best_r = None, None
+        for c in exact_candidates(s.spec, hw):
+            r = recipe_for(graph, s, by_recipe[s.name], c)
+            if isinstance(r, str):
+                continue
+            if best is None or c.time_s < best.time_s:
+                best, best_r = c, r
+        if best is not None:
+            chosen[s.name], chosen_recipe[s.name] = best, best_r
+
+    other = other_time(gm, sites, hw)
+    dense_total = sum(base_time.values())
+
+    def e2e_speedup(picks: dict[str, Candidate]) -> float:
+        t = sum(picks[n].time_s if n in picks else base_time[n] for n in base_time)
+        return (other + dense_total) / (other + t) if (other + t) > 0 else 1.0
+
+    batches = calibration_batches(inputs, calibration)
+    refs = [_run(gm, b, [s.output for s in sites]) for b in batches]
+
+    def measure(recs: dict[str, Recipe], site: str | None = None):
+        new_gm, nodes = splice(gm, list(recs.values()))
+        worst_l2, worst_cos, worst_site = 0.0, 1.0, 0.0
+        for b, (ref, ref_vals) in zip(batches, refs):
+            want = [nodes[site]] if site else []
+            out, vals = _run(new_gm, b, want)
+            worst_l2 = max(worst_l2, rel_l2(ref, out))
+            worst_cos = min(worst_cos, cosine(ref, out))
+            if site:
+                worst_site = max(worst_site, rel_l2(ref_vals[site_by[site].output], vals[nodes[site]]))
+        return worst_l2, worst_cos, worst_site
+
+    measured_site: dict[str, Measured] = {}
+    walk: list[WalkStep] = []
+    if policy == "approx" and chosen_recipe:
+        trials = []
+        for name in chosen_recipe:
+            s = site_by[name]
+            for c in approx_candidates(s.spec, hw):
+                if c.time_s >= chosen[name].time_s:
+                    continue
+                r = recipe_for(graph, s, by_recipe[name], c)
+                if isinstance(r, str):
+                    continue
+                l2, cos, se = measure({**chosen_recipe, name: r}, name)
+                trials.append((name, c, r, l2, cos, se))
+        saved = lambda t: chosen[t[0]].time_s - t[1].time_s  # noqa: E731
+        trials.sort(key=lambda t: saved(t) / max(t[3], 1e-12), reverse=True)
+        accepted: dict[str, Recipe] = {}
+        acc_c: dict[str, Candidate] = {}
+        for name, c, r, l2, cos, se in trials:
+            step = len(walk) + 1
+            picks = {**chosen, **acc_c, name: c}
+            if name in accepted and saved((name, c)) <= saved((name, acc_c[name])):
+                walk.append(WalkStep(step, name, c.name, saved((name, c)), l2, None, None,
+                                     e2e_speedup(picks), False,
+                                     "saves no more than the site's accepted approximation"))
+                continue
+            if l2 > SAFETY * max_error:
+                walk.append(WalkStep(step, name, c.name, saved((name, c)), l2, None, None,
+                                     e2e_speedup(picks), False, "alone exceeds the budget"))
+                continue
+            trial = {**chosen_recipe, **accepted, name: r}
+            tl2, tcos, _ = measure(trial) if accepted else (l2, cos, se)
+            ok = tl2 <= SAFETY * max_error
+            walk.append(WalkStep(step, name, c.name, saved((name, c)), l2, tl2, tcos,
+                                 e2e_speedup(picks), ok, "" if ok else "combined error exceeds the budget"))
+            if ok:  # a later, more aggressive choice at the same site replaces an earlier one
+                accepted[name], acc_c[name] = r, c
+                measured_site[name] = Measured(se, l2, cos)
+        chosen_recipe.update(accepted)
+        chosen.update(acc_c)
+
+    final_l2, final_cos = 0.0, 1.0
+    if chosen_recipe:
+        final_l2, final_cos, _ = measure(chosen_recipe)
+    site_plans = []
+    for s in sites:
+        c = chosen.get(s.name)
+        spec = s.spec.to_json()
+        if c is None:
+            site_plans.append(SitePlan(s.name, "kept", None, why.get(s.name, "no candidate"), spec))
+        else:
+            site_plans.append(SitePlan(s.name, "planned", c, "", spec, measured_site.get(s.name)))
+    att = sum(chosen[n].time_s if n in chosen else base_time[n] for n in base_time)
+    predicted = {"attention_dense_s": dense_total, "attention_s": att, "other_s": other,
+                 "attention_speedup": dense_total / att if att else 1.0,
+                 "end_to_end_speedup": e2e_speedup(chosen)}
+    measured = {"rel_l2": final_l2, "cosine": final_cos, "calibration_batches": len(batches)}
+    return Plan(policy, float(max_error), target, hw.name, tuple(site_plans), tuple(walk),
+                predicted, measured)
+
+
+# ---- applying a plan -----------------------------------------------------------------------------
+
+def split_recipes(graph: Graph, sites: Sequence[Site], recipes: Sequence[Recipe], plan: Plan
+                  ) -> tuple[list[Recipe], list[Recipe], dict[str, str]]:
+    """(exact recipes, approximate recipes in plan walk order, variant label per site)."""
+    site_by = {s.name: s for s in sites}
+    exact, approx, labels = [], [], {}
+    for r in recipes:
+        sp = plan.site(r.site)
+        if sp is None or sp.choice is None:
+            exact.append(r)
+            continue
+        new = recipe_for(graph, site_by[r.site], r, sp.choice)
+        if isinstance(new, str):
+            exact.append(r)
+            continue
+        labels[r.site] = sp.choice.name
+        (exact if sp.choice.exact else approx).append(new)
+    return exact, approx, labels
+
+
+def add_approximate(gm: fx.GraphModule, exact: list[Recipe], approx: list[Recipe],
+                    variants: Sequence[Sequence[Any]], max_error: float):
+    """Splice the approximate recipes on top of the validated exact ones; drop the last added
+    while the end-to-end relative L2 on `variants` exceeds max_error. Returns
+    (module, kept approximate recipes, rel_l2, reverted [(site, rel_l2)])."""
+    from attnopt.frontends.fx_splice import splice
+
+    kept = list(approx)
+    reverted = []
+    refs = [_run(gm, b)[0] for b in variants]
+    while kept:
+        new_gm, _ = splice(gm, exact + kept)
+        l2 = max(rel_l2(ref, _run(new_gm, b)[0]) for ref, b in zip(refs, variants))
+        if l2 <= max_error:
+            return new_gm, kept, l2, reverted
+        reverted.append((kept[-1].site, l2))
+        kept.pop()
+    new_gm = splice(gm, exact)[0] if exact else gm
+    return new_gm, [], 0.0, reverted
+
+
+def plan_model(model: Any, example_inputs: Any = None, *, policy: str = "exact",
+               max_error: float = 1e-2, target: str = "cpu", calibration: Any = None) -> Plan:
+    """`attnopt.plan(...)`: see make_plan."""
+    return make_plan(model, example_inputs, policy=policy, max_error=max_error, target=target,
+                     calibration=calibration)
