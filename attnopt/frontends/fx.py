@@ -182,11 +182,26 @@ class _Translator:
             self.g.add(node.name, "const", [], shape=shape, dtype=dtype, value=value, ref=node,
                        role="param", scope="")
             return
+        if node.op == "call_module" and _is_eval_dropout(self.gm, node):
+            # a symbolic_trace leaf; identity in eval mode like F.dropout(training=False)
+            self.add(node, "identity", [self.lit(node, 0, node.args[0])])
+            return
         handler = _HANDLERS.get(name)
         if handler is None:
             self.other(node)
             return
         handler(self, node)
+
+
+def _is_eval_dropout(gm: torch.nn.Module, node: fx.Node) -> bool:
+    try:
+        mod = _fetch_attr(gm, node.target)
+    except AttributeError:
+        return False
+    drop = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+            torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+    return isinstance(mod, drop) and (not mod.training or mod.p == 0) and len(node.args) == 1 \
+        and isinstance(node.args[0], fx.Node)
 
 
 def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
