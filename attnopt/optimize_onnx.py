@@ -11,6 +11,14 @@ from attnopt.passes.rewrite import Recipe, plan_all
 from attnopt.result import OptimizeResult, SiteResult
 
 TOLERANCE = 1e-4  # relative to output scale, fp32
+HALF_TOLERANCE = 1e-2  # fp16/bf16 outputs: the fused kernel rounds differently (as in torch)
+
+
+def tolerance_for_model(model: Any) -> float:
+    """1e-2 when any graph output is half precision, else 1e-4 (same rule as validate.py)."""
+    half = {10, 16}  # TensorProto.FLOAT16, BFLOAT16
+    outs = getattr(getattr(model, "graph", None), "output", [])
+    return HALF_TOLERANCE if any(o.type.tensor_type.elem_type in half for o in outs) else TOLERANCE
 
 
 def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -> OptimizeResult:
@@ -29,15 +37,16 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
         for s in sites if s.name in reasons}
     original = graph.native_model
     kept = list(recipes)
+    tol = tolerance_for_model(original)
     new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
     while kept:
         new_model = splice(graph, kept, op=op)
         if not validate:
             break
         err = compare_onnx(graph, new_model)
-        if err["max_rel_error"] <= TOLERANCE:
+        if err["max_rel_error"] <= tol:
             break
-        bad = _first_failing(graph, kept, op, compare_onnx, splice)
+        bad = _first_failing(graph, kept, op, compare_onnx, splice, tol)
         results[bad.site] = SiteResult(bad.site, "decomposed", "reverted", None,
                                        "validation failed in ONNX Runtime", None)
         kept.remove(bad)
@@ -56,11 +65,11 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
     return res
 
 
-def _first_failing(graph, kept, op, compare, splice) -> Recipe:
+def _first_failing(graph, kept, op, compare, splice, tol: float = TOLERANCE) -> Recipe:
     """The earliest site that fails on its own."""
     for r in kept:
         e = compare(graph, splice(graph, [r], op=op))
-        if e["max_rel_error"] > TOLERANCE:
+        if e["max_rel_error"] > tol:
             return r
     return kept[-1]
 

@@ -19,6 +19,8 @@ CASES = Path(__file__).parent / "cases"
 REGRESSIONS = {
     # nn.Dropout left as a call_module leaf by symbolic_trace was opaque: the site was missed.
     "dropout_module_leaf.json": 1,
+    # fp16 ONNX sites were always reverted: validation compared them at the fp32 tolerance.
+    "onnx_fp16_tolerance.json": 1,
 }
 
 
