@@ -1,0 +1,263 @@
+"""`attnopt plan`: choose a variant per attention site of a .pt2 model, write the plan as JSON,
+and optionally a self-contained HTML report and PNG pictures of the chosen layouts.
+
+  attnopt plan MODEL.pt2 -o plan.json [--policy exact|approx] [--max-error 1e-2] [--target cpu]
+               [--calibration inputs.npz] [--report report.html] [--png DIR]
+
+The report is ONE file: inline CSS, every picture a base64 PNG, no scripts, no network: summary
+(sites, predicted end-to-end speedup on the target, measured error), a per-site table, each
+chosen sparsity layout with its tile occupancy (cost/draw.py), each site's roofline position,
+and the speedup-vs-error curve of the planner's greedy walk.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _img(data: bytes, alt: str) -> str:
+    return (f'<img alt="{html.escape(alt)}" src="data:image/png;base64,'
+            f'{base64.b64encode(data).decode()}">')
+
+
+def layout_png(choice, path: Path | None = None) -> bytes | None:
+    """The chosen layout's picture (cost/draw.py), or None for a variant without a layout."""
+    from attnopt.cost.draw import draw_png
+    from attnopt.cost.simulator import simulate
+
+    lay = choice.variant.layout if choice is not None else None
+    if lay is None:
+        return None
+    res = simulate(lay, choice.variant.q_tile, choice.variant.kv_tile)
+    with tempfile.TemporaryDirectory() as d:
+        p = draw_png(lay, res, Path(d) / "layout.png")
+        data = p.read_bytes()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return data
+
+
+def _roofline_png(plan, hw) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dt = "bf16"
+    peak = hw.peak_flops.get(dt, max(hw.peak_flops.values())) * hw.mma_efficiency
+    bw = hw.mem_bw * hw.mem_efficiency
+    ai = np.logspace(-1, 4, 200)
+    ax.loglog(ai, np.minimum(peak, ai * bw), color="#444", label=f"roof ({hw.name})")
+    for sp in plan.sites:
+        c = sp.choice
+        if c is None or not c.time_s or not c.bytes:
+            continue
+        x = c.flops / c.bytes
+        ax.scatter([x], [c.flops / c.time_s], s=30,
+                   color="#1565c0" if c.exact else "#ff9800")
+        ax.annotate(sp.site, (x, c.flops / c.time_s), fontsize=6)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("predicted FLOP/s")
+    ax.set_title("roofline position per site (blue exact, orange approximate)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png_bytes(fig)
+
+
+def _curve_png(plan) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # accepted steps in walk order, from the exact plan (1x by convention, error 0)
+    xs = [0.0]
+    ys = [1.0]
+    for w in (w for w in plan.walk if w.accepted):
+        xs.append(w.rel_l2 or 0.0)
+        ys.append(w.predicted_speedup)
+    ax.plot(xs, ys, "-o", color="#1565c0", label="accepted (combined error)")
+    rej = [w for w in plan.walk if not w.accepted]
+    ax.scatter([w.rel_l2 if w.rel_l2 is not None else w.alone_rel_l2 for w in rej],
+               [w.predicted_speedup for w in rej], marker="x", color="#c62828", label="rejected")
+    ax.axvline(plan.max_error, color="#888", linestyle="--", label=f"max_error {plan.max_error:g}")
+    ax.set_xlabel("measured end-to-end relative L2")
+    ax.set_ylabel(f"predicted end-to-end speedup ({plan.target})")
+    ax.set_title("speedup vs error walked by the planner", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png_bytes(fig)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;
+font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f0f0f0}
+.exact{color:#1565c0}.approx{color:#e65100}img{max-width:100%;border:1px solid #ddd;margin:4px 0}
+h2{margin-top:1.5em}.kv{font-family:monospace}"""
+
+
+def render_report(plan, model_name: str = "") -> str:
+    """The plan as one self-contained HTML document."""
+    from attnopt.cost.hardware import get_profile
+
+    hw = get_profile(plan.target)
+    e = html.escape
+    pr, me = plan.predicted, plan.measured
+    n_planned = sum(1 for s in plan.sites if s.choice is not None)
+    n_approx = sum(1 for s in plan.sites if s.choice is not None and not s.choice.exact)
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>attnopt plan {e(model_name)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>attnopt plan {e(model_name)}</h1>", "<h2>Summary</h2><table>"]
+    rows = [("policy", plan.policy), ("max_error", f"{plan.max_error:g}"),
+            ("target", f"{plan.target} ({plan.hardware})"),
+            ("sites", f"{len(plan.sites)} found, {n_planned} planned, {n_approx} approximate"),
+            ("predicted attention speedup", f"{pr.get('attention_speedup', 1.0):.3f}x"),
+            ("predicted end-to-end speedup", f"{pr.get('end_to_end_speedup', 1.0):.3f}x"),
+            ("measured end-to-end relative L2", f"{me.get('rel_l2', 0.0):.3g}"),
+            ("measured cosine similarity", f"{me.get('cosine', 1.0):.6f}"),
+            ("calibration batches", str(me.get("calibration_batches", "-")))]
+    parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows]
+    parts.append("</table><h2>Sites</h2><table><tr><th>site</th><th>q x kv</th><th>mask</th>"
+                 "<th>grid</th><th>variant</th><th>tiles (q / kv)</th><th>predicted time</th>"
+                 "<th>speedup</th><th>bound</th><th>site rel L2</th><th>e2e rel L2</th><th>note</th></tr>")
+    for s in plan.sites:
+        sp = s.spec
+        grid = sp.get("token_grid")
+        gtxt = "-" if not grid else "x".join(map(str, grid["shape"])) + (
+            f"+{grid['leading']}" if grid.get("leading") else "")
+        c = s.choice
+        if c is None:
+            parts.append(f"<tr><td>{e(s.site)}</td><td>{sp.get('q_len')} x {sp.get('kv_len')}</td>"
+                         f"<td>{e(str(sp.get('mask', {}).get('kind')))}</td><td>{e(gtxt)}</td>"
+                         f"<td>kept</td><td>-</td><td>-</td><td>-</td><td>-</td><td>-</td><td>-</td>"
+                         f"<td>{e(s.reason)}</td></tr>")
+            continue
+        m = s.measured
+        cls = "exact" if c.exact else "approx"
+        parts.append(
+            f"<tr><td>{e(s.site)}</td><td>{sp.get('q_len')} x {sp.get('kv_len')}</td>"
+            f"<td>{e(str(sp.get('mask', {}).get('kind')))}</td><td>{e(gtxt)}</td>"
+            f"<td class='{cls}'>{e(c.name)}</td>"
+            f"<td class='kv'>{e(str(list(c.variant.q_tile)))} / {e(str(list(c.variant.kv_tile)))}</td>"
+            f"<td>{c.time_s * 1e6:.2f} us</td><td>{c.speedup:.2f}x</td><td>{e(c.bound)}</td>"
+            f"<td>{'-' if m is None or m.site_rel_l2 is None else f'{m.site_rel_l2:.3g}'}</td>"
+            f"<td>{'-' if m is None else f'{m.e2e_rel_l2:.3g}'}</td><td>{e(s.reason)}</td></tr>")
+    parts.append("</table><h2>Chosen sparsity layouts and tile occupancy</h2>")
+    drawn = {}
+    for s in plan.sites:
+        if s.choice is None or s.choice.variant.layout is None:
+            continue
+        key = (s.choice.variant.layout, s.choice.variant.q_tile, s.choice.variant.kv_tile)
+        if key not in drawn:
+            drawn[key] = layout_png(s.choice)
+        parts.append(f"<h3>{e(s.site)}: {e(s.choice.name)}</h3>{_img(drawn[key], s.site)}")
+    if not drawn:
+        parts.append("<p>No site uses a sparsity layout.</p>")
+    parts.append(f"<h2>Roofline ({e(hw.name)})</h2>{_img(_roofline_png(plan, hw), 'roofline')}")
+    parts.append("<h2>Speedup vs error</h2>")
+    if plan.walk:
+        parts.append(_img(_curve_png(plan), "speedup vs error"))
+        parts.append("<table><tr><th>step</th><th>site</th><th>candidate</th><th>saved</th>"
+                     "<th>alone rel L2</th><th>combined rel L2</th><th>predicted e2e speedup</th>"
+                     "<th>accepted</th><th>reason</th></tr>")
+        for w in plan.walk:
+            parts.append(
+                f"<tr><td>{w.step}</td><td>{e(w.site)}</td><td>{e(w.candidate)}</td>"
+                f"<td>{w.saved_s * 1e6:.2f} us</td><td>{w.alone_rel_l2:.3g}</td>"
+                f"<td>{'-' if w.rel_l2 is None else f'{w.rel_l2:.3g}'}</td>"
+                f"<td>{w.predicted_speedup:.3f}x</td><td>{'yes' if w.accepted else 'no'}</td>"
+                f"<td>{e(w.reason)}</td></tr>")
+        parts.append("</table><p>Order: candidates sorted by predicted time saved per unit of "
+                     "end-to-end error measured alone; each accepted while the combined error "
+                     "stays within the safety fraction of max_error.</p>")
+    else:
+        parts.append("<p>No approximate candidates were considered (policy exact, or none "
+                     "cheaper than the exact kernels).</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(plan, path: str | os.PathLike, model_name: str = "") -> Path:
+    path = Path(path)
+    text = render_report(plan, model_name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    _chmod_default(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _chmod_default(path: str) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan_cmd(
+        model: Path = typer.Argument(..., help="a .pt2 file (torch.export program)"),
+        output: Path = typer.Option(..., "-o", "--output", help="where to write the plan JSON"),
+        policy: str = typer.Option("exact", "--policy", help="exact | approx"),
+        max_error: float = typer.Option(1e-2, "--max-error",
+                                        help="end-to-end relative L2 budget (approx)"),
+        target: str = typer.Option("cpu", "--target", help="cpu | h100 | h200 | b200 | a100"),
+        calibration: Optional[Path] = typer.Option(None, "--calibration",
+                                                   help=".npz of calibration inputs"),
+        report: Optional[Path] = typer.Option(None, "--report", help="write an HTML report"),
+        png: Optional[Path] = typer.Option(None, "--png", help="directory for layout PNGs"),
+        debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+    ) -> None:
+        """Choose a kernel variant per attention site of MODEL; write the plan as JSON."""
+        from attnopt.cli import out, user_errors
+        from attnopt.errors import InputNotFound, OutputError
+
+        with user_errors(debug):
+            from attnopt.passes.plan import POLICIES, TARGETS, make_plan
+
+            if policy not in POLICIES:
+                typer.echo(f"error: --policy must be one of {', '.join(POLICIES)}", err=True)
+                raise typer.Exit(2)
+            if target.lower() not in TARGETS:
+                typer.echo(f"error: --target must be one of {', '.join(TARGETS)}", err=True)
+                raise typer.Exit(2)
+            if not max_error >= 0:
+                typer.echo("error: --max-error must be >= 0", err=True)
+                raise typer.Exit(2)
+            if not model.exists():
+                raise InputNotFound(f"no such file: {model}")
+            for p in (output, report):
+                if p is not None and not p.resolve().parent.is_dir():
+                    raise OutputError(f"output directory {p.resolve().parent} does not exist")
+            plan = make_plan(model, policy=policy, max_error=max_error, target=target.lower(),
+                             calibration=calibration)
+            plan.save(output)
+            if report is not None:
+                write_report(plan, report, model.name)
+            if png is not None:
+                for s in plan.sites:
+                    if s.choice is not None and s.choice.variant.layout is not None:
+                        layout_png(s.choice, png / f"{s.site.replace('/', '_')}.png")
+            pr, me = plan.predicted, plan.measured
+            planned = sum(1 for s in plan.sites if s.choice is not None)
+            out.print(f"{planned}/{len(plan.sites)} sites planned for {plan.target}: predicted "
+                      f"end-to-end speedup {pr.get('end_to_end_speedup', 1.0):.3f}x, measured "
+                      f"relative L2 {me.get('rel_l2', 0.0):.3g}; wrote {output}")
