@@ -86,8 +86,10 @@ def _blocks(S, b):
 
 @pytest.fixture(scope="module")
 def vit():
+    # default init (not sharpened): random sharp attention is global, not local, and no window
+    # would fit any budget; smooth attention is where windows carry (FACTS.md).
     torch.manual_seed(0)
-    return _sharpen(ViT()), (torch.randn(2, 3, 16, 16),)  # 8x8 grid + class token
+    return ViT().eval(), (torch.randn(1, 3, 32, 32),)  # 16x16 grid + class token
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +143,10 @@ def test_approx_plan_respects_max_error_on_held_out(vit, approx_plan):
         with torch.no_grad():
             assert rel_l2(model(*b), res.model(*b)) <= plan.max_error
     chosen = [s for s in plan.sites if s.choice is not None and not s.choice.exact]
-    for s in chosen:  # class token global, layout over the detected 8x8 grid
-        assert s.choice.leading == 1 and s.choice.variant.layout.shape == (8, 8)
+    assert chosen, "expected at least one approximate site at max_error 5e-2"
+    assert any(s.status == "rewritten" and s.variant.startswith("approx:") for s in res.sites)
+    for s in chosen:  # class token global, layout over the detected 16x16 grid
+        assert s.choice.leading == 1 and s.choice.variant.layout.shape == (16, 16)
         assert s.measured is not None and s.measured.e2e_rel_l2 <= SAFETY * plan.max_error
 
 
