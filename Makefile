@@ -25,6 +25,9 @@ demo: $(STAMP)
 	$(VENV)/bin/attnopt optimize $(DEMO)/tiny_transformer.pt2 -o $(DEMO)/tiny_transformer.opt.pt2
 	$(VENV)/bin/attnopt optimize $(DEMO)/tiny_transformer.onnx -o $(DEMO)/tiny_transformer.opt.onnx
 	$(VENV)/bin/attnopt simulate --shape 64x64 --window 16x16 --stride 16x16 --q-tile 16x16 --kv-tile 16x8 --png $(DEMO)/gna_layout.png
+	$(VENV)/bin/attnopt plan $(DEMO)/tiny_transformer.pt2 -o $(DEMO)/plan.json --report $(DEMO)/report.html
+	$(VENV)/bin/attnopt optimize $(DEMO)/tiny_transformer.pt2 --plan $(DEMO)/plan.json -o $(DEMO)/tiny_transformer.planned.pt2
+	@echo "demo outputs in $(DEMO)/: optimized models, gna_layout.png, plan.json, report.html"
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n 2 tests

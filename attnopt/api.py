@@ -54,8 +54,12 @@ def _is_pt2(path: Path) -> bool:
 
 
 def optimize(model: Any, example_inputs: Any = None, policy: str = "exact", *,
-             validate: bool = True, onnx_op: str = "ort"):
+             validate: bool = True, onnx_op: str = "ort", plan: Any = None):
     """Replace every provable attention site by one fused exact kernel call.
+
+    `plan` (an attnopt.Plan, e.g. from attnopt.plan(..., policy="approx")) chooses each site's
+    variant, approximate ones included; approximate sites are validated against the plan's
+    max_error instead of floating-point noise.
 
     Returns an `OptimizeResult` whose `.model` is a GraphModule (for an nn.Module or a dynamo
     GraphModule), an ExportedProgram (for an ExportedProgram or a `.pt2` path) or a ModelProto
@@ -63,10 +67,13 @@ def optimize(model: Any, example_inputs: Any = None, policy: str = "exact", *,
     """
     from attnopt.errors import UnsupportedModel
 
-    if policy != "exact":
-        raise UnsupportedModel(f"policy {policy!r} is not available yet (only 'exact')")
+    if policy != "exact" and plan is None:
+        raise UnsupportedModel(f"policy {policy!r} needs a plan: run attnopt.plan(model, ..., "
+                               f"policy={policy!r}) and pass plan=")
     if (isinstance(model, (str, Path)) and not _is_pt2(Path(model))) \
             or type(model).__module__.startswith("onnx"):
+        if plan is not None:
+            raise UnsupportedModel("plans apply to torch models (.pt2, nn.Module) only so far")
         from attnopt.optimize_onnx import optimize_onnx_model
 
         return optimize_onnx_model(model, op=onnx_op, validate=validate)
@@ -80,4 +87,4 @@ def optimize(model: Any, example_inputs: Any = None, policy: str = "exact", *,
         model = _load_pt2_program(Path(model))
         if not isinstance(model, torch.export.ExportedProgram):
             raise UnsupportedModel("not a torch.export program")
-    return optimize_torch(model, example_inputs, validate=validate)
+    return optimize_torch(model, example_inputs, validate=validate, plan=plan)

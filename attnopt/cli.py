@@ -145,6 +145,8 @@ def optimize(
                                 help="fused ONNX node: 'ort' (com.microsoft.MultiHeadAttention, "
                                      "fastest in ONNX Runtime) or 'standard' (opset-23 Attention)"),
     policy: str = typer.Option("exact", "--policy", help="exact (never changes results)"),
+    plan_file: Path = typer.Option(None, "--plan", help="apply a plan written by `attnopt plan` "
+                                                        "(re-validated; .pt2 models)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Replace every attention site of MODEL by one fused, validated kernel; write OUTPUT."""
@@ -156,8 +158,13 @@ def optimize(
         if not model.exists():
             raise InputNotFound(f"no such file: {model}")
         _check_output(model, output)
+        plan = None
+        if plan_file is not None:
+            if not plan_file.exists():
+                raise InputNotFound(f"no such file: {plan_file}")
+            plan = attnopt.Plan.load(plan_file)
         with err.status(f"optimizing {model} ..."):
-            result = attnopt.optimize(model, policy=policy, onnx_op=onnx_op)
+            result = attnopt.optimize(model, policy=policy, onnx_op=onnx_op, plan=plan)
             write_model(result, output)
         result.output = str(output)
         if as_json:
@@ -202,9 +209,11 @@ def main() -> None:
 
 
 def _register_subcommands() -> None:
+    from attnopt.plan_cli import register as register_plan
     from attnopt.simulate_cli import register
 
     register(app)
+    register_plan(app)
 
 
 _register_subcommands()

@@ -163,7 +163,13 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
-        return cls.from_json(Path(path).read_text())
+        from attnopt.errors import UnreadableModel
+
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UnreadableModel(f"{path} is not a valid attnopt plan: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
 
     def site(self, name: str) -> SitePlan | None:
         return next((s for s in self.sites if s.site == name), None)
