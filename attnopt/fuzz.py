@@ -206,6 +206,9 @@ def forms(c: dict[str, Any]) -> set[tuple[str, Any]]:
 def expectation(c: dict[str, Any]) -> str:
     """'site' (must be found and match), 'reject' (no site) or 'either' (none, or a match)."""
     near = c.get("near", "none")
+    if c.get("product") == "baddbmm" and c.get("mask") != "none" and (
+            c.get("softcap") or c.get("scale") in ("scores_mul", "scores_div")):
+        return "either"  # the bias is softcapped/scaled with the scores: not a mask any more
     if near == "none":
         return "site"
     return "reject" if near in (REJECT if c["kind"] == "torch" else ONNX_REJECT) else "either"

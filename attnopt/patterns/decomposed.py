@@ -143,6 +143,10 @@ class _Matcher:
         if isinstance(c1, str):
             self.reject(c1_node, c1)
         if c1.bias is not None and c1.beta != 0:
+            if softcap is not None or any(d[1] == "scores" for d in self.details["scale_nodes"]):
+                # baddbmm adds its bias first: a later softcap or scale applies to it too
+                self.reject(c1_node, "the baddbmm bias is added before the softcap or the scale "
+                            "on the scores")
             masks.append(MaskOperand(c1.bias, "add", scale=c1.beta))
         scale *= c1.alpha
         s_labels = c1.out_labels
@@ -176,6 +180,9 @@ class _Matcher:
         head_dim = _static(qs[q_lab.index(d_label)], ks[k_lab.index(d_label)])
         v_label = next(iter(v_free))
         v_head_dim = vs[v_lab.index(v_label)]
+        # Head dims are structural too (see heads()).
+        head_dim = _probed(g, q_op, [q_lab.index(d_label)], [head_dim])[0]
+        v_head_dim = _probed(g, v_op, [v_lab.index(v_label)], [v_head_dim])[0]
         if isinstance(v_key, int) and isinstance(kv_len, int) and v_key != kv_len:
             self.reject(c2_node, f"V has {v_key} keys but the scores have {kv_len}")
 
@@ -421,6 +428,15 @@ class _Matcher:
         k_shape = g.shape(c1.operand(k_side))
         k_lab = c1.labels(k_side)
         k_sizes = [k_shape[k_lab.index(l)] if l in k_lab else 1 for l in batch_labels]
+        # Head axes are structural, never sequence-dependent: where an exporter left them
+        # unknown (shape inference's unk__N), their value on the probe inputs is their value.
+        if len(sizes) >= 2 and not all(isinstance(x, int) for x in sizes[1:] + k_sizes[1:]):
+            sizes[1:] = _probed(g, c1.node, [c1.out_labels.index(l) for l in batch_labels[1:]],
+                                sizes[1:])
+            k_op = c1.operand(k_side)
+            idx = [k_lab.index(l) for l in batch_labels[1:] if l in k_lab]
+            if len(idx) == len(batch_labels) - 1:
+                k_sizes[1:] = _probed(g, k_op, idx, k_sizes[1:])
         if len(sizes) == 0:
             return 1, 1, 1
         if len(sizes) == 1:
@@ -439,6 +455,17 @@ class _Matcher:
             kv = kv // rep
         self.details["kv_repeat"] = rep
         return batch, heads, kv
+
+
+def _probed(graph: Graph, nid: str, axes: list[int], dims: list) -> list:
+    """`dims` with the non-static entries replaced by their size on the probe inputs."""
+    if all(isinstance(d, int) for d in dims) or graph.evaluator is None:
+        return dims
+    try:
+        shape = graph.evaluator.probe_shape(nid)
+    except Exception:  # noqa: BLE001 - stay symbolic when the value cannot be computed
+        return dims
+    return [d if isinstance(d, int) else int(shape[a]) for d, a in zip(dims, axes)]
 
 
 def _static(*dims):

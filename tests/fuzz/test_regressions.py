@@ -21,6 +21,8 @@ REGRESSIONS = {
     "dropout_module_leaf.json": 1,
     # fp16 ONNX sites were always reverted: validation compared them at the fp32 tolerance.
     "onnx_fp16_tolerance.json": 1,
+    # baddbmm's bias (a causal mask) was treated as added after the softcap: miscompile.
+    "baddbmm_bias_under_softcap.json": 0,
 }
 
 
