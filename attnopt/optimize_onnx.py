@@ -22,7 +22,7 @@ def tolerance_for_model(model: Any) -> float:
 
 
 def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -> OptimizeResult:
-    from attnopt.frontends.onnx_splice import splice
+    from attnopt.frontends.onnx_splice import splice, splice_report
     from attnopt.passes.validate_onnx import compare_onnx
 
     if op not in ("ort", "standard"):
@@ -36,7 +36,13 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
         s.name: SiteResult(s.name, s.pattern, "kept", None, reasons[s.name], s.spec)
         for s in sites if s.name in reasons}
     original = graph.native_model
-    kept = list(recipes)
+    # Sites the chosen fused node cannot express (e.g. sigmoid, softcap on MHA) stay as they are.
+    skipped = splice_report(graph, recipes, op=op).skipped
+    spec_of = {s.name: s for s in sites}
+    for name, reason in skipped.items():
+        results[name] = SiteResult(name, spec_of[name].pattern, "kept", None, reason,
+                                   spec_of[name].spec)
+    kept = [r for r in recipes if r.site not in skipped]
     tol = tolerance_for_model(original)
     new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
     while kept:
@@ -52,7 +58,6 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
         kept.remove(bad)
     if not kept:
         new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
-    spec_of = {s.name: s for s in sites}
     for r in kept:
         results[r.site] = SiteResult(r.site, spec_of[r.site].pattern, "rewritten",
                                      err["max_rel_error"], "", spec_of[r.site].spec,

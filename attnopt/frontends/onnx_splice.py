@@ -414,7 +414,9 @@ class _Splicer:
         """(query heads, kv heads) after the canonical flattening to 4-D (ints or None)."""
         rb = r.batch_rank
         if rb == 2:
-            return qc[1], kc[1]
+            h = qc[1] if isinstance(qc[1], int) else r.q_heads
+            kh = kc[1] if isinstance(kc[1], int) else r.k_heads
+            return h, kh
         if rb == 3:
             h = qc[1] * qc[2] if isinstance(qc[1], int) and isinstance(qc[2], int) else None
             if r.k_group_broadcast:

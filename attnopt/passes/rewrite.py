@@ -52,6 +52,10 @@ class Recipe:
     output: str = ""
     remove: frozenset[str] = field(default_factory=frozenset)
     nan_guard: bool = False  # the model zeroes NaN probabilities (fully masked rows)
+    # Head counts of the canonical 4-D q and k operands as detection proved them (exporters
+    # may leave the shapes symbolic; a fused node needs them static).
+    q_heads: int | None = None
+    k_heads: int | None = None
     # A GNA layout over the tokens after `leading` global ones: the splice emits
     # `attnopt::gna_attention` instead of `attnopt::attention` (causal/window then come from
     # the layout; `causal` and `window` above must be unset). Set by passes/plan.py only.
@@ -129,7 +133,10 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
         k_group_broadcast=k_group_broadcast, masks=tuple(masks), scale=float(spec.scale),
         causal=causal, causal_alignment=align, window=window, softcap=softcap,
         normalizer=spec.normalizer, out_perm=out_perm, bypass=bypass, output=site.output,
-        remove=frozenset(site.nodes), nan_guard=bool(d.get("nan_guard")))
+        remove=frozenset(site.nodes), nan_guard=bool(d.get("nan_guard")),
+        q_heads=spec.num_heads if isinstance(spec.num_heads, int) else None,
+        k_heads=(spec.num_kv_heads * (d.get("kv_repeat") or 1)
+                 if isinstance(spec.num_kv_heads, int) else None))
 
 
 def _is_constant(graph: Graph, nid: str) -> bool:
