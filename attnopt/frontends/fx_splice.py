@@ -83,6 +83,8 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
             attn = _call(graph, torch.ops.attnopt.attention.default, q, k, v, mask, float(r.scale),
                          bool(r.causal), r.causal_alignment, -1 if wl is None else int(wl),
                          -1 if wr is None else int(wr), float(r.softcap or 0.0), r.normalizer)
+        if r.dead_rows_mean_v:
+            attn = _mean_v_on_dead_rows(graph, by, r, attn, v)
         if r.batch_rank == 1:
             attn = _call(graph, torch.squeeze, attn, 1)
         elif r.batch_rank == 0:
@@ -99,6 +101,34 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
     return result
 
 
+def _mean_v_on_dead_rows(graph: fx.Graph, by: dict, r: Recipe, attn: fx.Node, v: fx.Node
+                         ) -> fx.Node:
+    """Rows whose keys are all masked by a finite fill are softmax(constant) = mean of V in the
+    model; the kernel gives zeros there."""
+    keep = None
+    for t in r.masks:
+        x = _permute(graph, _unsqueezed(graph, by[t.node], t.rank), t.perm)
+        x = _call(graph, torch.Tensor.bool, x)
+        x = x if t.how == "keep" else _call(graph, torch.logical_not, x)
+        keep = x if keep is None else _call(graph, torch.logical_and, keep, x)
+    keep = _to_4d(graph, keep, r, "mask")
+    dead = _call(graph, torch.logical_not, _call(graph, torch.any, keep, -1, True))
+    v_mean = _call(graph, torch.mean, v, -2, True)
+    if r.q_heads and r.k_heads and r.q_heads != r.k_heads:
+        v_mean = _call(graph, torch.repeat_interleave, v_mean, r.q_heads // r.k_heads, 1)
+    return _call(graph, torch.where, dead, _call(graph, torch.Tensor.to, v_mean, attn), attn)
+
+
+def _unsqueezed(graph: fx.Graph, x: fx.Node, rank: int) -> fx.Node:
+    """Prepend size-1 axes up to `rank` (broadcasting, without naming any size)."""
+    val = x.meta.get("val", x.meta.get("example_value"))
+    if not isinstance(val, torch.Tensor):
+        raise ValueError(f"mask {x.name} has no shape")
+    for _ in range(rank - val.dim()):
+        x = _call(graph, torch.unsqueeze, x, 0)
+    return x
+
+
 def _combined_mask(graph: fx.Graph, by: dict, r: Recipe) -> fx.Node | None:
     """One attn_mask from the recipe's terms: a bool mask if all terms are selections with a
     -inf fill, else an additive float mask (sums reproduce the model's own additions)."""
@@ -109,7 +139,7 @@ def _combined_mask(graph: fx.Graph, by: dict, r: Recipe) -> fx.Node | None:
         if t.literal is not None:  # a python scalar in the model: a one-element tensor here
             x = _call(graph, torch.full, [1] * t.rank, float(t.literal))
         else:
-            x = graph.call_method("reshape", (by[t.node], _broadcast_shape_arg(by[t.node], t.rank)))
+            x = _unsqueezed(graph, by[t.node], t.rank)
         x = _permute(graph, x, t.perm)
         parts.append((t, x))
     all_bool = all(t.how in ("keep", "drop") and t.fill == float("-inf") for t, _ in parts)
@@ -127,15 +157,6 @@ def _combined_mask(graph: fx.Graph, by: dict, r: Recipe) -> fx.Node | None:
             term = _call(graph, torch.where, _call(graph, torch.Tensor.bool, cond), float(t.fill), 0.0)
         acc = term if acc is None else _call(graph, operator.add, acc, term)
     return _to_4d(graph, acc, r, "mask")
-
-
-def _broadcast_shape_arg(node: fx.Node, rank: int):
-    val = node.meta.get("val", node.meta.get("example_value"))
-    shape = list(val.shape) if isinstance(val, torch.Tensor) else None
-    if shape is None:
-        raise ValueError(f"mask {node.name} has no shape")
-    shape = [1] * (rank - len(shape)) + shape
-    return [s if isinstance(s, int) else -1 for s in shape]
 
 
 def _remove_dead(graph: fx.Graph, start: set) -> None:

@@ -375,6 +375,9 @@ class _Splicer:
             raise _Skip(f"{r.normalizer} attention has no fused ONNX op")
         if r.softcap is not None and self.op == "ort":
             raise _Skip("MultiHeadAttention has no softcap")
+        if r.dead_rows_mean_v:
+            raise _Skip("an input-dependent where-mask with a finite fill: rows with every key "
+                        "masked average V in the model, which the fused ONNX ops do not")
         if r.window is not None and any(w is not None for w in r.window):
             raise _Skip("sliding-window recipes are not spliced into ONNX yet")
         b = _Block(f"attnopt/{r.site or r.output}", self.taken)

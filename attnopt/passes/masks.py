@@ -232,7 +232,8 @@ def _bias_kind(bias: np.ndarray, allowed: np.ndarray) -> str:
     b = np.asarray(bias, dtype=np.float64)
     if b.shape[-1] < 3:
         return "bias"
-    a = np.broadcast_to(allowed, b.shape)
+    shape = np.broadcast_shapes(b.shape, np.shape(allowed))  # a per-batch mask, a shared bias
+    b, a = np.broadcast_to(b, shape), np.broadcast_to(allowed, shape)
     diff = b[..., 1:] - b[..., :-1]
     both = a[..., 1:] & a[..., :-1]
     flat_d = diff.reshape(-1, diff.shape[-2], diff.shape[-1])

@@ -56,6 +56,10 @@ class Recipe:
     # may leave the shapes symbolic; a fused node needs them static).
     q_heads: int | None = None
     k_heads: int | None = None
+    # The model masks by where(..., finite fill) with an input-dependent mask: a query row whose
+    # keys are all masked is softmax of a constant there, i.e. the mean of V; the fused op must
+    # reproduce that (kernels give such rows zeros).
+    dead_rows_mean_v: bool = False
     # A GNA layout over the tokens after `leading` global ones: the splice emits
     # `attnopt::gna_attention` instead of `attnopt::attention` (causal/window then come from
     # the layout; `causal` and `window` above must be unset). Set by passes/plan.py only.
@@ -118,6 +122,9 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
         literal = graph.scalar(op.node) if graph.ref(op.node) is None else None
         masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm, literal))
 
+    dead_rows = _dead_row_rule(graph, masks, spec.normalizer)
+    if dead_rows.startswith("reject:"):
+        return dead_rows.removeprefix("reject:")
     causal, window, align = False, None, "top_left"
     m = spec.mask
     # A purely structural causal mask (no padding, no bias, static sizes) is dropped for the
@@ -134,6 +141,7 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
         causal=causal, causal_alignment=align, window=window, softcap=softcap,
         normalizer=spec.normalizer, out_perm=out_perm, bypass=bypass, output=site.output,
         remove=frozenset(site.nodes), nan_guard=bool(d.get("nan_guard")),
+        dead_rows_mean_v=dead_rows == "mean_v",
         q_heads=spec.num_heads if isinstance(spec.num_heads, int) else None,
         k_heads=(spec.num_kv_heads * (d.get("kv_repeat") or 1)
                  if isinstance(spec.num_kv_heads, int) else None))
@@ -143,6 +151,24 @@ def _is_constant(graph: Graph, nid: str) -> bool:
     from attnopt.patterns.values import user_inputs_reached
 
     return not user_inputs_reached(graph, nid)
+
+
+def _dead_row_rule(graph: Graph, masks: list[MaskTerm], normalizer: str) -> str:
+    """What a query row with every key masked computes in the model: "" (nothing to do: the
+    mask is constant and the analysis proved every row keeps a key, or masked rows are NaN /
+    zero in the model too), "mean_v", or "reject:<reason>" when it is not reproducible."""
+    import math
+
+    selects = [t for t in masks if t.how in ("keep", "drop")]
+    finite = [t for t in selects if t.fill is not None and math.isfinite(t.fill)]
+    if not finite or normalizer != "softmax":
+        return ""  # -inf fills give NaN rows (undefined); sigmoid gives 0 like the kernels
+    if all(_is_constant(graph, t.node) for t in masks):
+        return ""  # structural: every row keeps a key (or the analysis called it a tensor mask)
+    if any(t.how == "add" for t in masks) or len({t.fill for t in selects}) > 1:
+        return ("reject:an input-dependent where-mask with a finite fill combined with other "
+                "masks: rows with every key masked cannot be reproduced exactly")
+    return "mean_v"
 
 
 def _plan_sdpa(graph: Graph, site: Site) -> Recipe | str:
