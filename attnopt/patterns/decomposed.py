@@ -11,7 +11,10 @@ alpha. Canonical score layout: [batch..., q, k] in the order C1 produced it (`sc
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+
+import numpy as np
 
 from attnopt.ir import LAYOUT_OPS, Graph, Rejection
 from attnopt.patterns.contraction import CONTRACTION_OPS, Contraction, describe_contraction
@@ -142,6 +145,8 @@ class _Matcher:
         c1 = describe_contraction(g, c1_node)
         if isinstance(c1, str):
             self.reject(c1_node, c1)
+        if c1.bias is not None and c1.beta != 0 and _is_zero_constant(g, c1.bias):
+            c1 = dataclasses.replace(c1, bias=None)  # baddbmm(zeros, q, kᵀ) is a plain product
         if c1.bias is not None and c1.beta != 0:
             if softcap is not None or any(d[1] == "scores" for d in self.details["scale_nodes"]):
                 # baddbmm adds its bias first: a later softcap or scale applies to it too
@@ -455,6 +460,17 @@ class _Matcher:
             kv = kv // rep
         self.details["kv_repeat"] = rep
         return batch, heads, kv
+
+
+def _is_zero_constant(graph: Graph, nid: str) -> bool:
+    from attnopt.patterns.values import user_inputs_reached
+
+    if user_inputs_reached(graph, nid) or graph.evaluator is None:
+        return False
+    try:
+        return not np.any(graph.evaluator.evaluate([nid])[nid])
+    except Exception:  # noqa: BLE001 - unknown: keep the bias
+        return False
 
 
 def _probed(graph: Graph, nid: str, axes: list[int], dims: list) -> list:

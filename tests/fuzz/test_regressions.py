@@ -35,6 +35,10 @@ REGRESSIONS = {
     "torch_sigmoid_pad_fill_scalar_bias.json": 1,
     # sigmoid(q kᵀ)ᵀ @ v is sigmoid attention with q and k swapped: a site is fine when it matches
     "torch_sigmoid_transposed_probs.json": 0,
+    # baddbmm(zeros, q, kᵀ) with a softcap: the constant zero bias made the site a near miss; a zero bias is now no bias
+    "torch_baddbmm_zero_bias_softcap.json": 1,
+    # fp16: the original's own rounding reached the tolerance; both programs are now measured against the fp32 twin
+    "onnx_fp16_against_fp32_twin.json": 1,
 }
 
 
