@@ -177,3 +177,56 @@ def test_pt2_optimize_is_deterministic(tmp_path):
     assert run("optimize", src, "-o", b)[0] == 0
     ga, gb = (str(torch.export.load(p).graph) for p in (a, b))
     assert ga == gb
+
+
+def test_read_only_output_directory(model, tmp_path, monkeypatch):
+    """Tests run as root, which ignores directory permissions, so the check is made to see a
+    read-only directory the way it would for a normal user."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro and mode == os.W_OK
+                        else real_access(p, mode))
+    before = model.read_bytes()
+    rc, _, err = run("optimize", model, "-o", ro / "o.onnx")
+    assert rc == 6 and "not writable" in err and one_line(err)
+    assert not list(ro.iterdir()) and model.read_bytes() == before
+
+
+def test_several_outputs_and_returned_attention_weights(tmp_path):
+    """The example model returns (logits, weights of its last layer): that layer is a near
+    miss left alone, the other two are rewritten, and both outputs survive."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    from tiny_transformer import build, example_inputs
+
+    m, x = build(), example_inputs()
+    src = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(m, x), src)
+    out = tmp_path / "o.pt2"
+    rc, stdout, err = run("optimize", src, "-o", out, "--json")
+    assert rc == 0, err
+    ep = torch.export.load(out)
+    logits, weights = ep.module()(*x)
+    ref_logits, ref_weights = m(*x)
+    # the last layer sees the rewritten layers' outputs, equal up to float noise
+    assert torch.allclose(logits, ref_logits, atol=1e-4) and torch.allclose(weights, ref_weights, atol=1e-5)
+    assert '"sites_rewritten": 2' in stdout
+
+
+def test_bf16_model(tmp_path):
+    import torch
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 16, generator=g).bfloat16() for _ in range(3))
+    src = tmp_path / "bf16.pt2"
+    torch.export.save(torch.export.export(Attn(), (q, k, v)), src)
+    rc, out, err = run("inspect", src, "--json")
+    assert rc == 0 and '"dtype": "bfloat16"' in out
+    rc, out, err = run("optimize", src, "-o", tmp_path / "o.pt2", "--json")
+    assert rc == 0 and '"sites_rewritten": 1' in out, err
