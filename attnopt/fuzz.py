@@ -603,12 +603,18 @@ def run_torch(c: dict[str, Any]) -> Outcome:
     if exp == "reject" and n_sites:
         return Outcome(False, n_sites, rew, "near miss produced a site")
     reverted = sum(1 for s in res.sites if s.status == "reverted")
+    # fp16: judged against the program's fp32 twin, as for ONNX (see run_onnx).
+    twin = torch_module(dict(c, dtype="float32")) if c["dtype"] == "float16" else None
     worst = 0.0
     with torch.no_grad():
         for inp in fresh:
             ref = m(*inp)
             got = new_gm(*inp)
-            worst = max(worst, _max_rel(ref, got))
+            if twin is None:
+                worst = max(worst, _max_rel(ref, got))
+                continue
+            truth = twin(*[x.float() if x.is_floating_point() else x for x in inp])
+            worst = max(worst, _max_rel(truth, got) - _max_rel(truth, ref))
     if worst > _tol(c):
         return Outcome(False, n_sites, rew, f"miscompile: optimized output differs by {worst:.3g} "
                        f"(relative) on fresh inputs, tolerance {_tol(c):g}")

@@ -39,6 +39,8 @@ REGRESSIONS = {
     "torch_baddbmm_zero_bias_softcap.json": 1,
     # fp16: the original's own rounding reached the tolerance; both programs are now measured against the fp32 twin
     "onnx_fp16_against_fp32_twin.json": 1,
+    # torch fp16 with unscaled scores: the original's own fp16 rounding reached the tolerance.
+    "torch_fp16_against_fp32_twin.json": 1,
 }
 
 
