@@ -560,6 +560,20 @@ def _tol(c: dict[str, Any]) -> float:
     return 1e-2 if c["dtype"] == "float16" else 1e-4
 
 
+def _site_expectation(c: dict[str, Any], report, res) -> Outcome | None:
+    """A failure when the sites found contradict the grammar's expectation, else None."""
+    n_sites, rew = len(report.sites), res.sites_rewritten
+    exp = expectation(c)
+    if res.sites_found != n_sites:
+        return Outcome(False, n_sites, rew, f"inspect found {n_sites} sites, optimize {res.sites_found}")
+    if exp == "site" and n_sites == 0:
+        why = "; ".join(f"{r.node}: {r.reason}" for r in report.rejected)[:300]
+        return Outcome(False, 0, 0, f"missed: a real attention form has no site ({why or 'no rejection'})")
+    if exp == "reject" and n_sites:
+        return Outcome(False, n_sites, rew, "near miss produced a site")
+    return None
+
+
 def run_torch(c: dict[str, Any]) -> Outcome:
     import torch
 
@@ -592,16 +606,10 @@ def run_torch(c: dict[str, Any]) -> Outcome:
         _Prop.run(gm, inputs)
     report = attnopt.inspect(gm, inputs)
     new_gm, res = optimize_graph_module(gm, inputs, source=source)
-    n_sites = len(report.sites)
-    rew = res.sites_rewritten
-    exp = expectation(c)
-    if res.sites_found != n_sites:
-        return Outcome(False, n_sites, rew, f"inspect found {n_sites} sites, optimize {res.sites_found}")
-    if exp == "site" and n_sites == 0:
-        why = "; ".join(f"{r.node}: {r.reason}" for r in report.rejected)[:300]
-        return Outcome(False, 0, 0, f"missed: a real attention form has no site ({why or 'no rejection'})")
-    if exp == "reject" and n_sites:
-        return Outcome(False, n_sites, rew, "near miss produced a site")
+    n_sites, rew = len(report.sites), res.sites_rewritten
+    wrong = _site_expectation(c, report, res)
+    if wrong is not None:
+        return wrong
     reverted = sum(1 for s in res.sites if s.status == "reverted")
     # fp16: judged against the program's fp32 twin, as for ONNX (see run_onnx).
     twin = torch_module(dict(c, dtype="float32")) if c["dtype"] == "float16" else None
@@ -816,16 +824,10 @@ def run_onnx(c: dict[str, Any]) -> Outcome:
     model = onnx_model(c)
     report = attnopt.inspect(model)
     res = attnopt.optimize(model)
-    n_sites = len(report.sites)
-    rew = res.sites_rewritten
-    exp = expectation(c)
-    if res.sites_found != n_sites:
-        return Outcome(False, n_sites, rew, f"inspect found {n_sites} sites, optimize {res.sites_found}")
-    if exp == "site" and n_sites == 0:
-        why = "; ".join(f"{r.node}: {r.reason}" for r in report.rejected)[:300]
-        return Outcome(False, 0, 0, f"missed: a real attention form has no site ({why or 'no rejection'})")
-    if exp == "reject" and n_sites:
-        return Outcome(False, n_sites, rew, "near miss produced a site")
+    n_sites, rew = len(report.sites), res.sites_rewritten
+    wrong = _site_expectation(c, report, res)
+    if wrong is not None:
+        return wrong
     reverted = sum(1 for s in res.sites if s.status == "reverted")
     seqs = [None] + ([c["S"] + 3] if c["near"] == "dynamic_seq" and c["mask"] not in (
         "causal_where", "causal_add", "sliding", "bias") else [])
