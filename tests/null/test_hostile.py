@@ -230,3 +230,13 @@ def test_bf16_model(tmp_path):
     assert rc == 0 and '"dtype": "bfloat16"' in out
     rc, out, err = run("optimize", src, "-o", tmp_path / "o.pt2", "--json")
     assert rc == 0 and '"sites_rewritten": 1' in out, err
+
+
+def test_unreadable_input(model, monkeypatch):
+    """As for the read-only directory: root reads anything, so the check is shown a file the
+    user may not read."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == model and mode == os.R_OK
+                        else real_access(p, mode))
+    rc, _, err = run("inspect", model)
+    assert rc == 4 and "not readable" in err and one_line(err)
