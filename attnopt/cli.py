@@ -80,7 +80,7 @@ def sites_table(report) -> Table:
 
 @app.command()
 def inspect(
-    model: Path = typer.Argument(..., help="an .onnx or .pt2 file"),
+    model: Path = typer.Argument(..., help="an .onnx or .pt2 file", readable=False),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     explain: bool = typer.Option(False, "--explain", help="also list near misses and why"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
@@ -138,7 +138,7 @@ def results_table(result) -> Table:
 
 @app.command()
 def optimize(
-    model: Path = typer.Argument(..., help="an .onnx or .pt2 file"),
+    model: Path = typer.Argument(..., help="an .onnx or .pt2 file", readable=False),
     output: Path = typer.Option(..., "-o", "--output", help="where to write the optimized model"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
     onnx_op: str = typer.Option("ort", "--onnx-op",
@@ -154,9 +154,9 @@ def optimize(
 
     with user_errors(debug):
         from attnopt.errors import InputNotFound
+        from attnopt.frontends import check_input
 
-        if not model.exists():
-            raise InputNotFound(f"no such file: {model}")
+        check_input(model)
         _check_output(model, output)
         plan = None
         if plan_file is not None:

@@ -32,7 +32,8 @@ def load(model: Any, example_inputs: Any = None) -> Graph:
     raise UnsupportedModel(f"cannot inspect an object of type {type(model).__name__}")
 
 
-def load_path(path: Path) -> Graph:
+def check_input(path: Path) -> None:
+    """One-line errors for a model path that cannot be a model at all."""
     if not path.exists():
         raise InputNotFound(f"no such file: {path}")
     if path.is_dir():
@@ -41,6 +42,10 @@ def load_path(path: Path) -> Graph:
         raise UnreadableModel(f"{path} is not readable")
     if path.stat().st_size == 0:
         raise UnreadableModel(f"{path} is empty")
+
+
+def load_path(path: Path) -> Graph:
+    check_input(path)
     if zipfile.is_zipfile(path):
         return _load_pt2(path)
     if path.suffix == ".pt2":

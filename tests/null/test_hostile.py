@@ -240,3 +240,6 @@ def test_unreadable_input(model, monkeypatch):
                         else real_access(p, mode))
     rc, _, err = run("inspect", model)
     assert rc == 4 and "not readable" in err and one_line(err)
+    rc, _, err = run("optimize", model, "-o", model.with_name("o.onnx"))
+    assert rc == 4 and "not readable" in err and one_line(err)
+    assert not model.with_name("o.onnx").exists()
