@@ -15,7 +15,7 @@ from attnopt.frontends import fx as fx_front
 from attnopt.frontends.fx_splice import splice
 from attnopt.ir import Graph, Site
 from attnopt.passes.detect import detect
-from attnopt.passes.rewrite import Recipe, plan_all
+from attnopt.passes.rewrite import plan_all
 from attnopt.passes.validate import (Error, outputs_error, padded_variants, run_captured,
                                      tensor_error, tolerance_for)
 from attnopt.patterns.values import user_inputs_reached

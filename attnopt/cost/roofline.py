@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from attnopt.cost.hardware import HardwareProfile
 from attnopt.cost.simulator import simulate
-from attnopt.ir import AttentionSpec, GNALayout, MaskSpec, Variant
+from attnopt.ir import AttentionSpec, Variant
 
 _DTYPE = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
           "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",

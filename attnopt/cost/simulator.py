@@ -21,7 +21,6 @@ so a 256x256 layout is simulated in O(L) work; run tiling is exact via box decom
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from attnopt.cost.hardware import HardwareProfile
-from attnopt.cost.roofline import Estimate, dense_baseline, estimate, resolve_dims
+from attnopt.cost.roofline import dense_baseline, estimate, resolve_dims
 from attnopt.cost.search import search
 from attnopt.ir import AttentionSpec, GNALayout, MaskSpec, Variant
 

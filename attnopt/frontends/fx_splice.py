@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from attnopt.frontends.fx import _ASSERT_OPS, base_name
-from attnopt.passes.rewrite import MaskTerm, Recipe
+from attnopt.passes.rewrite import Recipe
 
 def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModule, dict[str, str]]:
     """A new GraphModule with every recipe applied (sharing gm's parameters), and for each

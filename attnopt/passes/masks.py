@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnopt.ir import Graph, MaskSpec
-from attnopt.patterns.match import MaskOperand, Match
+from attnopt.patterns.match import Match
 from attnopt.patterns.values import user_inputs_reached
 
 MASKED_AT_OR_BELOW = -1e4

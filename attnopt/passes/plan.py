@@ -31,7 +31,6 @@ Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field, replace

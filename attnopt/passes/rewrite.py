@@ -181,7 +181,6 @@ def _plan_sdpa(graph: Graph, site: Site) -> Recipe | str:
     slot = (a.get("slots") or {}).get("mask")
     if slot is not None:
         how = "keep" if graph.dtype(slot) == "bool" else "add"
-        r = graph.rank(slot) or 4
         # SDPA's bool mask drops a pair exactly like a -inf fill.
         masks.append(MaskTerm(slot, how, float("-inf") if how == "keep" else None, 1.0, 4, ident))
     return Recipe(

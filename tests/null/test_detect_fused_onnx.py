@@ -3,7 +3,6 @@ Attention and GroupQueryAttention, and the standard opset-23 Attention, with exa
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh

@@ -7,7 +7,6 @@ import base64
 import json
 import math
 import re
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 

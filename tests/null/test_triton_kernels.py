@@ -7,7 +7,6 @@ Outputs are written into NaN-filled scratch first where the launcher allows it (
 """
 from __future__ import annotations
 
-import os
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

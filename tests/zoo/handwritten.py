@@ -8,7 +8,7 @@ Plain torch, B=2, heads 4 (2 for GQA kv), S=12, D=8 unless a case says otherwise
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

@@ -49,7 +49,6 @@ def interpreter_stdlib():
         yield
         return
     import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     saved = []
