@@ -53,8 +53,8 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
         if err["max_rel_error"] <= tol:
             break
         bad = _first_failing(graph, kept, op, compare_onnx, splice, tol)
-        results[bad.site] = SiteResult(bad.site, "decomposed", "reverted", None,
-                                       "validation failed in ONNX Runtime", None)
+        results[bad.site] = SiteResult(bad.site, spec_of[bad.site].pattern, "reverted", None,
+                                       "validation failed in ONNX Runtime", spec_of[bad.site].spec)
         kept.remove(bad)
     if not kept:
         new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
