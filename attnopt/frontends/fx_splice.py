@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from attnopt.frontends.fx import _ASSERT_OPS, base_name
+from attnopt.frontends.fx import _ASSERT_OPS, arg, base_name
 from attnopt.passes.rewrite import Recipe
 
 def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModule, dict[str, str]]:
@@ -184,7 +184,15 @@ def _remove_dead(graph: fx.Graph, start: set) -> None:
 
 
 def _impure(n: fx.Node) -> bool:
+    # fx calls every dropout impure (it draws random numbers), but an eval-mode dropout is the
+    # identity: left in place it kept the whole replaced attention alive (computed twice).
+    if base_name(n) in ("dropout", "feature_dropout", "alpha_dropout") and not _training(n):
+        return False
     try:
         return n.is_impure()
     except Exception:  # noqa: BLE001 - unknown targets are kept
         return True
+
+
+def _training(n: fx.Node) -> bool:
+    return bool(arg(n, 2, "train", arg(n, 2, "training", False)))

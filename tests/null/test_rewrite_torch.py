@@ -150,3 +150,12 @@ def test_pt2_roundtrip(tmp_path):
         "assert sum(n.target is torch.ops.attnopt.attention.default for n in ep.graph.nodes) == 2"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=".")
+
+
+def test_replaced_attention_is_not_left_running():
+    """An eval-mode dropout on the probabilities is the identity: it must not keep the replaced
+    decomposed attention alive (fx calls dropout impure), or the model computes attention twice."""
+    case = hw.get("dropout_eval")
+    res = attnopt.optimize(case.module, case.args)
+    targets = [str(n.target) for n in res.model.graph.nodes if n.op == "call_function"]
+    assert not any("softmax" in t or "matmul" in t for t in targets), targets
