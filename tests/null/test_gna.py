@@ -5,8 +5,8 @@ import itertools
 
 import numpy as np
 import pytest
+from gna_strategies import layouts
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from attnopt.cost import gna
 from attnopt.ir import GNALayout
@@ -43,23 +43,6 @@ def ref_dense(layout: GNALayout) -> np.ndarray:
                                          layout.stride[x], layout.dilation[x], layout.causal[x])
                           for x in range(len(coords[0])))
     return m
-
-
-@st.composite
-def layouts(draw, max_dims=3, max_tokens=200):
-    ndim = draw(st.integers(1, max_dims))
-    shape, window, stride, dil, causal = [], [], [], [], []
-    budget = max_tokens
-    for k in range(ndim):
-        hi = max(2, min(24 if ndim == 1 else 12, budget // (2 ** (ndim - k - 1))))
-        L = draw(st.integers(2, hi))
-        d = draw(st.integers(1, max(1, L // 2)))
-        w = draw(st.integers(2, max(2, L // d)))
-        s = draw(st.integers(1, w))
-        shape.append(L); window.append(w); stride.append(s); dil.append(d)
-        causal.append(draw(st.booleans()))
-        budget = max(2, budget // L)
-    return GNALayout(tuple(shape), tuple(window), tuple(stride), tuple(dil), tuple(causal))
 
 
 @CI

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from gna_strategies import layouts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -75,19 +76,8 @@ def brute(layout, q_tile, kv_tile, dynamic):
 
 @st.composite
 def cases(draw, tiling):
-    ndim = draw(st.integers(1, 3)) if tiling == "box" else draw(st.integers(2, 3))
-    shape, window, stride, dil, causal = [], [], [], [], []
-    budget = 160
-    for k in range(ndim):
-        hi = max(2, min(30 if ndim == 1 else 12, budget // (2 ** (ndim - k - 1))))
-        L = draw(st.integers(2, hi))
-        d = draw(st.integers(1, max(1, L // 2)))
-        w = draw(st.integers(2, max(2, L // d)))
-        s = draw(st.integers(1, w))
-        shape.append(L); window.append(w); stride.append(s); dil.append(d)
-        causal.append(draw(st.booleans()))
-        budget = max(2, budget // L)
-    lay = GNALayout(tuple(shape), tuple(window), tuple(stride), tuple(dil), tuple(causal))
+    lay = draw(layouts(min_dims=1 if tiling == "box" else 2, max_dims=3, max_tokens=160, max_1d=30))
+    shape = lay.shape
     if tiling == "box":
         qt = tuple(draw(st.integers(1, L + 1)) for L in shape)
         kt = tuple(draw(st.integers(1, L + 1)) for L in shape)
