@@ -29,6 +29,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attnopt-cache"))
+    # Numbers only: one config per specialization (autotuning every case would compile ~16 each).
+    monkeypatch.setenv("ATTNOPT_AUTOTUNE", os.environ.get("ATTNOPT_AUTOTUNE", "0"))
 
 
 def _qkv(B, H, Hkv, Sq, Skv, D, dtype, seed=0):

@@ -27,6 +27,7 @@ from attnopt.codegen.triton.launcher import (
     can_run_dense,
     can_run_sigmoid,
     can_run_sliding_window,
+    chosen_config,
     launch,
     select_family,
 )
@@ -54,7 +55,7 @@ if cuda_kernel not in ops.CUDA_KERNELS:
     ops.register_cuda_kernel(cuda_kernel)
 
 __all__ = [
-    "launch", "can_run", "select_family", "CHECKS", "cuda_kernel", "cache_dir", "interpreter_active",
+    "launch", "chosen_config", "can_run", "select_family", "CHECKS", "cuda_kernel", "cache_dir", "interpreter_active",
     "can_run_block_sparse_gna", "can_run_sliding_window", "can_run_causal", "can_run_sigmoid",
     "can_run_dense", "log_fallback_once",
 ]

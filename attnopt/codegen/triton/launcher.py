@@ -290,9 +290,9 @@ def _bench(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=20) * 1e-3
 
 
-def launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-           layout: GNALayout | None = None) -> Tensor | None:
-    """Run the generated kernel for this case, or None when no kernel fits (see `can_run`)."""
+def _prepare(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+             layout: GNALayout | None):
+    """(family, tuned config, run(config) -> out) for this case, or None when no kernel fits."""
     family, _ = select_family(params, q, k, v, attn_mask, layout)
     if family is None:
         return None
@@ -306,4 +306,21 @@ def launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: At
         run = lambda c: _launch_dense(family, c, q, k, v, attn_mask, params)  # noqa: E731
     spec = spec_of(q, k, v, attn_mask, params, layout)
     cfg = generator.tuned_config(_tune_key(spec, variant, q.device), configs, lambda c: _bench(lambda: run(c)))
+    return family, cfg, run
+
+
+def chosen_config(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+                  layout: GNALayout | None = None) -> tuple[str, KernelConfig] | None:
+    """(kernel family, tile config) `launch` runs for this case (autotuning it if needed)."""
+    prepared = _prepare(q, k, v, attn_mask, params, layout)
+    return None if prepared is None else prepared[:2]
+
+
+def launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+           layout: GNALayout | None = None) -> Tensor | None:
+    """Run the generated kernel for this case, or None when no kernel fits (see `can_run`)."""
+    prepared = _prepare(q, k, v, attn_mask, params, layout)
+    if prepared is None:
+        return None
+    _, cfg, run = prepared
     return run(cfg)
