@@ -210,8 +210,8 @@ def test_force_triton_runs_the_op_through_the_kernel(monkeypatch):
 
     monkeypatch.setenv("ATTNOPT_FORCE_TRITON", "1")
     calls = []
-    real = launcher._launch_dense
-    monkeypatch.setattr(launcher, "_launch_dense", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = launcher.dense_call
+    monkeypatch.setattr(launcher, "dense_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v = _qkv(1, 4, 2, 33, 33, 16, torch.float32)
     out = attention_op(q, k, v, scale=0.25, causal=True, softcap=3.0)
     assert calls == [1]

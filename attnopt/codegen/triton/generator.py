@@ -194,14 +194,14 @@ def tuned_config(key: dict, configs: Sequence[KernelConfig],
             return cfg
         except (ValueError, KeyError, TypeError):
             pass
-    timings = []
+    timings, errors = [], []
     for cfg in configs:
         try:
             timings.append((bench(cfg), cfg))
-        except Exception:  # noqa: BLE001  out of shared memory / registers: not a candidate
-            continue
+        except Exception as e:  # noqa: BLE001  out of shared memory / registers: not a candidate
+            errors.append(f"{cfg}: {type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}")
     if not timings:
-        raise RuntimeError("no tile config compiled for this kernel")
+        raise RuntimeError(f"no tile config compiled for this kernel; first error: {errors[0]}")
     best = min(timings, key=lambda x: x[0])[1]
     _atomic_write(path, json.dumps({"key": key, "config": best.to_json(),
                                     "timings_ms": [[t * 1e3, c.to_json()] for t, c in timings]},

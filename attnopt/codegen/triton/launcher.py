@@ -12,7 +12,8 @@ sigmoid, causal alignment) is a constexpr specialization of that family's kernel
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -212,7 +213,27 @@ def _flags(q: Tensor, mask: Tensor | None, params: AttentionParams) -> dict:
     )
 
 
-def _launch_dense(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams) -> Tensor:
+@dataclass
+class KernelCall:
+    """One launch of a generated kernel, built but not yet run (see `run`, and `aot` for compiling
+    it for a GPU target on a machine without one)."""
+
+    fn: Any
+    grid: tuple[int, int]
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    out: Tensor
+
+    def run(self) -> Tensor:
+        with generator.interpreter_stdlib():
+            self.fn[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages)
+        return self.out
+
+
+def dense_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams) -> KernelCall:
     B, H, Sq, D = q.shape
     Skv, Dv = k.shape[2], v.shape[3]
     out = torch.empty((B, H, Sq, Dv), dtype=q.dtype, device=q.device)
@@ -223,18 +244,15 @@ def _launch_dense(family: str, cfg: KernelConfig, q, k, v, mask, params: Attenti
     if params.causal:
         upper = 0 if right is None else min(right, 0)
     bm, bn = cfg.q_tile[0], cfg.kv_tile[0]
-    fn = generator.kernel(family, "dense")
-    grid = (triton_cdiv(Sq, bm), B * H)
-    with generator.interpreter_stdlib():
-        fn[grid](
-            q, k, v, m, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+    args = (q, k, v, m, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             H, Sq, Skv, float(params.scale), float(params.softcap or 0.0), int(offset),
-            int(left or 0), int(upper or 0),
-            GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-            BLOCK_M=bm, BLOCK_N=bn, HAS_UPPER=upper is not None, HAS_LEFT=left is not None,
-            **_flags(q, mask, params), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    return out
+            int(left or 0), int(upper or 0))
+    constexprs = dict(
+        GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        BLOCK_M=bm, BLOCK_N=bn, HAS_UPPER=upper is not None, HAS_LEFT=left is not None,
+        **_flags(q, mask, params))
+    return KernelCall(generator.kernel(family, "dense"), (triton_cdiv(Sq, bm), B * H), args, constexprs,
+                      cfg.num_warps, cfg.num_stages, out)
 
 
 _PLAN_TENSORS: dict = {}
@@ -243,41 +261,40 @@ _PLAN_TENSORS: dict = {}
 def _plan_tensors(plan, device):
     key = (id(plan), str(device))
     if key not in _PLAN_TENSORS:
-        t = lambda a, dt=torch.int32: torch.as_tensor(a, dtype=dt).to(device)  # noqa: E731
+        t = lambda a: torch.as_tensor(a, dtype=torch.int32).to(device)  # noqa: E731
         _PLAN_TENSORS[key] = dict(
-            q_gather=t(plan.q_index.clip(min=0), torch.int64), kv_gather=t(plan.kv_index.clip(min=0), torch.int64),
-            q_idx=t(plan.q_index.clip(min=0)), kv_idx=t(plan.kv_index.clip(min=0)),
+            q_slot=t(plan.q_index), kv_slot=t(plan.kv_index.clip(min=0)),
             q_range=t(plan.q_range), kv_coord=t(plan.kv_coord), tiles=t(plan.tiles), counts=t(plan.counts),
-            inverse=t(plan.inverse_q, torch.int64), plan=plan,  # keep plan alive: id() stays unique
+            plan=plan,  # keep plan alive: id() stays unique
         )
     return _PLAN_TENSORS[key]
 
 
-def _launch_gna(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams,
-                layout: GNALayout) -> Tensor:
+def gna_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams,
+             layout: GNALayout) -> KernelCall:
     B, H, N, D = q.shape
     Dv = v.shape[3]
     plan = gna_tile_plan(layout, tuple(cfg.q_tile), tuple(cfg.kv_tile))
     pt = _plan_tensors(plan, q.device)
-    # Tokens permuted and padded so every tile is a contiguous run of BLOCK rows.
-    qp = q.index_select(2, pt["q_gather"])
-    kp = k.index_select(2, pt["kv_gather"])
-    vp = v.index_select(2, pt["kv_gather"])
-    outp = torch.empty((B, H, qp.shape[2], Dv), dtype=q.dtype, device=q.device)
+    # q/k/v/out stay row-major; the kernel gathers each tile's rows through the slot maps.
+    out = torch.empty((B, H, N, Dv), dtype=q.dtype, device=q.device)
     m, ms = _mask_args(mask, q, (B, H, N, N))
-    fn = generator.kernel(family, "gna")
-    grid = (plan.num_q_tiles, B * H)
-    with generator.interpreter_stdlib():
-        fn[grid](
-            qp, kp, vp, m, outp, pt["tiles"], pt["counts"], pt["q_range"], pt["kv_coord"], pt["q_idx"], pt["kv_idx"],
-            *qp.stride(), *kp.stride(), *vp.stride(), *ms, *outp.stride(),
-            H, plan.tiles.shape[1], float(params.scale), float(params.softcap or 0.0),
-            GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
-            ELEMENT_MASK=plan.element_mask, **_flags(q, mask, params),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    return outp.index_select(2, pt["inverse"])
+    args = (q, k, v, m, out, pt["tiles"], pt["counts"], pt["q_range"], pt["kv_coord"], pt["q_slot"],
+            pt["kv_slot"], *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
+            H, plan.tiles.shape[1], float(params.scale), float(params.softcap or 0.0))
+    constexprs = dict(
+        GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
+        ELEMENT_MASK=plan.element_mask, **_flags(q, mask, params))
+    return KernelCall(generator.kernel(family, "gna"), (plan.num_q_tiles, B * H), args, constexprs,
+                      cfg.num_warps, cfg.num_stages, out)
+
+
+def kernel_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams,
+                layout: GNALayout | None = None) -> KernelCall:
+    if family == "block_sparse_gna":
+        return gna_call(family, cfg, q, k, v, mask, params, layout)
+    return dense_call(family, cfg, q, k, v, mask, params)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -298,12 +315,8 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: 
         return None
     ndim = 1 if layout is None else len(layout.shape)
     configs = generator.candidate_configs(generator.device_family(q.device), ndim)
-    if family == "block_sparse_gna":
-        variant = Variant(family, configs[0].q_tile, configs[0].kv_tile, layout=layout)
-        run = lambda c: _launch_gna(family, c, q, k, v, attn_mask, params, layout)  # noqa: E731
-    else:
-        variant = Variant(family, configs[0].q_tile, configs[0].kv_tile)
-        run = lambda c: _launch_dense(family, c, q, k, v, attn_mask, params)  # noqa: E731
+    variant = Variant(family, configs[0].q_tile, configs[0].kv_tile, layout=layout)
+    run = lambda c: kernel_call(family, c, q, k, v, attn_mask, params, layout).run()  # noqa: E731
     spec = spec_of(q, k, v, attn_mask, params, layout)
     cfg = generator.tuned_config(_tune_key(spec, variant, q.device), configs, lambda c: _bench(lambda: run(c)))
     return family, cfg, run

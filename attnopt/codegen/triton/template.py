@@ -3,8 +3,9 @@
 Canonical layouts (what the host launcher passes):
   q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], out [B, H, Sq, Dv] (any strides);
   mask: the user's attn_mask expanded to [B, H, Sq, Skv] (stride 0 on broadcast dims), bool or float.
-  GNA kernels run on token-permuted, tile-padded buffers (a tile is a box of the grid, padded to
-  BLOCK_M / BLOCK_N rows); per Q tile the host passes the list of KV tiles to visit, full tiles first.
+  GNA kernels walk a token-permuted, tile-padded slot order (a tile is a box of the grid, padded to
+  BLOCK_M / BLOCK_N slots) and gather each slot's row from the row-major tensors through the
+  slot -> token maps; per Q tile the host passes the list of KV tiles to visit, full tiles first.
 
 `render(family, kind)` substitutes the kernel name (`<family>_fwd_kernel`); everything else is
 specialized through the UPPER_CASE constexpr arguments, so one rendered file serves every spec of
@@ -18,7 +19,8 @@ COMMON = r'''
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+# Compiled kernels may only read constexpr globals.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -204,8 +206,10 @@ def _gna_inner(
     for i in range(lo, hi):
         tile = tl.load(p_tiles + i)
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        p_k = p_k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        p_v = p_v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        # Slot -> original token (padding slots read token 0; the element mask drops them).
+        b_kidx = tl.load(KIDX + offs_n)
+        p_k = p_k_base + b_kidx[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        p_v = p_v_base + b_kidx[:, None] * stride_vn + offs_dv[None, :] * stride_vd
         b_k = tl.load(p_k, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         b_v = tl.load(p_v, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         if UPCAST:
@@ -213,7 +217,6 @@ def _gna_inner(
             b_v = b_v.to(tl.float32)
         b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
         if HAS_MASK:
-            b_kidx = tl.load(KIDX + offs_n)
             p_mask = p_mask_base + b_qidx[:, None] * stride_mm + b_kidx[None, :] * stride_mn
             if MASK_IS_BOOL:
                 b_s = tl.where(tl.load(p_mask) != 0, b_s, float("-inf"))
@@ -252,9 +255,12 @@ def @FAMILY@_fwd_kernel(
 ):
     """Block-sparse GNA attention over tile-permuted tokens.
 
-    Q tile pid_m owns rows [pid_m*BLOCK_M, +BLOCK_M) of the permuted, padded buffers. It visits the
-    KV tiles TILES[pid_m, :COUNTS[pid_m, 1]]; the first COUNTS[pid_m, 0] are full (no element mask).
-    With ELEMENT_MASK false the layout is perfectly block-sparse and no mask code is compiled.
+    Q tile pid_m owns slots [pid_m*BLOCK_M, +BLOCK_M) of the permuted, padded token order; QIDX /
+    KIDX map a slot to its original token (QIDX -1 = padding), so q, k, v and out stay in the
+    caller's row-major order and rows are gathered in the kernel (no permutation passes over
+    memory). It visits the KV tiles TILES[pid_m, :COUNTS[pid_m, 1]]; the first COUNTS[pid_m, 0]
+    are full (no element mask). With ELEMENT_MASK false the layout is perfectly block-sparse and
+    no mask code is compiled.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -265,8 +271,11 @@ def @FAMILY@_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    p_q = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    b_qslot = tl.load(QIDX + offs_m)
+    m_q = b_qslot >= 0
+    b_qidx = tl.maximum(b_qslot, 0)
+    p_q = Q + off_b * stride_qb + off_h * stride_qh + b_qidx[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_q[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if UPCAST:
         b_q = b_q.to(tl.float32)
     p_k_base = K + off_b * stride_kb + off_hkv * stride_kh
@@ -283,7 +292,6 @@ def @FAMILY@_fwd_kernel(
     b_qhi1 = tl.load(QRANGE + offs_m * 6 + 3)
     b_qlo2 = tl.load(QRANGE + offs_m * 6 + 4)
     b_qhi2 = tl.load(QRANGE + offs_m * 6 + 5)
-    b_qidx = tl.load(QIDX + offs_m)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -306,8 +314,8 @@ def @FAMILY@_fwd_kernel(
 
     if not SIGMOID:
         b_acc = b_acc / tl.maximum(b_l, 1.17549435e-38)[:, None]
-    p_o = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(p_o, b_acc.to(O.dtype.element_ty), mask=offs_dv[None, :] < HEAD_DIM_V)
+    p_o = O + off_b * stride_ob + off_h * stride_oh + b_qidx[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(p_o, b_acc.to(O.dtype.element_ty), mask=m_q[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 '''
 
 KINDS = {"dense": DENSE, "gna": GNA}
