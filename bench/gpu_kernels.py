@@ -18,6 +18,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -83,13 +84,17 @@ def _err(a, b) -> float:
 
 # ---- dense / causal --------------------------------------------------------------------------
 
-def section_dense(quick: bool, deadline: float) -> None:
+def dense_cases(quick: bool) -> list[tuple]:
     cases = [(torch.bfloat16, 128, S) for S in (1024, 2048, 4096, 8192, 16384)]
     cases += [(torch.bfloat16, 64, S) for S in (4096, 16384)]
     cases += [(torch.float16, 128, S) for S in (4096, 16384)]
     if not quick:
         cases += [(torch.bfloat16, 128, 32768), (torch.float16, 64, 4096), (torch.float16, 64, 16384)]
-    for dtype, D, S in cases:
+    return cases
+
+
+def section_dense(quick: bool, deadline: float) -> None:
+    for dtype, D, S in dense_cases(quick):
         for causal in (False, True):
             if time.time() > deadline:
                 return
@@ -126,8 +131,12 @@ def band_tiles(S: int, bm: int, bn: int, left: int) -> int:
     return total
 
 
+def window_cases(quick: bool) -> tuple:
+    return ((4096, 1024), (16384, 1024), (16384, 4096)) + (() if quick else ((32768, 4096),))
+
+
 def section_window(quick: bool, deadline: float) -> None:
-    for S, W in ((4096, 1024), (16384, 1024), (16384, 4096)) + (() if quick else ((32768, 4096),)):
+    for S, W in window_cases(quick):
         if time.time() > deadline:
             return
         dtype, D, H = torch.bfloat16, 128, 16
@@ -227,6 +236,74 @@ def section_gna(quick: bool, deadline: float) -> None:
               "fully_block_sparse": sim.fully_block_sparse, "max_abs_err_vs_flex": _err(out, ref)})
 
 
+# ---- parallel precompile ----------------------------------------------------------------------
+# Autotuning compiles every candidate config of every case (~1-2 s each, ~250 in all); doing that
+# inside the timed sequence would spend most of a GPU lease compiling. Worker processes compile
+# (by running each config once on the case's real shapes) into the shared TRITON_CACHE_DIR first;
+# the sequential, timed phase then loads the binaries from disk. Timing stays single-process.
+
+def kernel_cases(sections, quick: bool) -> list[tuple]:
+    """(B, H, S, D, dtype name, params kwargs, layout) of every generated-kernel launch below."""
+    out = []
+    if "dense" in sections:
+        for dtype, D, S in dense_cases(quick):
+            H, B = (16 if D == 128 else 32), max(1, 16384 // S)
+            for causal in (False, True):
+                out.append((B, H, S, D, str(dtype)[6:], {"scale": D ** -0.5, "causal": causal}, None))
+    if "window" in sections:
+        for S, W in window_cases(quick):
+            B = max(1, 16384 // S)
+            out.append((B, 16, S, 128, "bfloat16", {"scale": 128 ** -0.5, "window": (W - 1, 0)}, None))
+            out.append((B, 16, S, 128, "bfloat16", {"scale": 128 ** -0.5, "causal": True}, None))
+    if "gna" in sections:
+        for name, layout in GNA_CASES.items():
+            if quick and name in QUICK_SKIP:
+                continue
+            N = math.prod(layout.shape)
+            out.append((1, 16, N, 128, "bfloat16", {"scale": 128 ** -0.5}, layout))
+            out.append((1, 16, N, 128, "bfloat16", {"scale": 128 ** -0.5}, None))
+    return list({repr(c): c for c in out}.values())
+
+
+def _compile_worker(jobs: list[tuple]) -> list[str]:
+    from attnopt.codegen.triton import launcher
+
+    errors = []
+    for (B, H, S, D, dt, kw, layout), cfg in jobs:
+        try:
+            q = torch.randn(B, H, S, D, device="cuda", dtype=getattr(torch, dt))
+            p = AttentionParams(**kw)
+            family, _ = launcher.select_family(p, q, q, q, None, layout)
+            launcher.kernel_call(family, cfg, q, q, q, None, p, layout).run()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001  reported, the timed phase skips what fails
+            errors.append(f"{cfg}: {type(e).__name__}: {str(e)[:120]}")
+    return errors
+
+
+def precompile(cases: list[tuple], workers: int) -> None:
+    import multiprocessing as mp
+
+    from attnopt.codegen.triton import generator
+
+    jobs = []
+    for case in cases:
+        ndim = 1 if case[6] is None else len(case[6].shape)
+        jobs += [(case, cfg) for cfg in generator.candidate_configs("hopper", ndim)]
+    # Jobs that share a binary (same dtype, head dim, kernel flags, layout and config; only the
+    # sequence length differs) go to one worker, so each binary is compiled once.
+    chunks = [[] for _ in range(workers)]
+    for case, cfg in jobs:
+        B, H, S, D, dt, kw, layout = case
+        key = repr((dt, D, sorted(k for k in kw if kw[k] not in (False, None)), layout, cfg))
+        chunks[int(hashlib.sha1(key.encode()).hexdigest(), 16) % workers].append((case, cfg))
+    t = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        errors = [e for errs in pool.map(_compile_worker, chunks) for e in errs]
+    print(f"precompiled {len(jobs)} (case, config) pairs with {workers} processes in {time.time() - t:.0f} s;"
+          f" {len(errors)} failed {errors[:3]}", flush=True)
+
+
 def print_table() -> None:
     from rich.console import Console
     from rich.table import Table
@@ -252,6 +329,7 @@ def main() -> None:
     ap.add_argument("--sections", nargs="+", default=["dense", "window", "gna"])
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cases after this")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile-workers", type=int, default=12, help="0: compile inside the timed phase")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_kernels.py needs a CUDA device")
@@ -259,6 +337,8 @@ def main() -> None:
     import triton
 
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if a.compile_workers:
+        precompile(kernel_cases(a.sections, a.quick), a.compile_workers)
     for name in a.sections:
         t0 = time.time()
         {"dense": section_dense, "window": section_window, "gna": section_gna}[name](a.quick, deadline)
