@@ -30,22 +30,39 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Natural-unit scores q @ kT * scale, soft-capped."""
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=INPUT_PRECISION) * scale
+def _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP: tl.constexpr, SIGMOID: tl.constexpr,
+            INPUT_PRECISION: tl.constexpr):
+    """Scores q @ kT * scale, soft-capped: in log2 units (x log2(e)) for softmax, so the online
+    softmax feeds exp2 without a second multiply per element; natural units for sigmoid."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=INPUT_PRECISION)
     if HAS_SOFTCAP:
-        b_s = softcap * _tanh(b_s / softcap)
+        b_s = softcap * _tanh(b_s * (scale / softcap))
+        if not SIGMOID:
+            b_s = b_s * LOG2E
+    elif SIGMOID:
+        b_s = b_s * scale
+    else:
+        b_s = b_s * (scale * LOG2E)
     return b_s
 
 
 @triton.jit
+def _add_bias(b_s, b_bias, SIGMOID: tl.constexpr):
+    """An additive mask/bias (natural units) joins the scores in their units."""
+    if SIGMOID:
+        return b_s + b_bias
+    return b_s + b_bias * LOG2E
+
+
+@triton.jit
 def _update(b_acc, b_m, b_l, b_s, b_v, SIGMOID: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One online-softmax step (exp2, fp32 state) or a plain sigmoid accumulation."""
+    """One online-softmax step (exp2, fp32 state; b_s in log2 units) or a plain sigmoid
+    accumulation (b_s in natural units)."""
     if SIGMOID:
         b_p = 1.0 / (1.0 + tl.exp(-b_s))  # sigmoid(-inf) == 0: masked keys add nothing
         b_acc += tl.dot(b_p.to(b_v.dtype), b_v, input_precision=INPUT_PRECISION)
     else:
-        b_s2 = b_s * LOG2E
+        b_s2 = b_s
         b_m_new = tl.maximum(b_m, tl.max(b_s2, 1))
         # A fully masked row keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -68,19 +85,24 @@ def _dense_inner(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     APPLY_STRUCTURE: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    SIGMOID: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SIGMOID: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         m_n = offs_n < KV_LEN
         p_k = p_k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         p_v = p_v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        b_k = tl.load(p_k, mask=m_n[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        b_v = tl.load(p_v, mask=m_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if APPLY_STRUCTURE or not EVEN_D:
+            b_k = tl.load(p_k, mask=m_n[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            b_v = tl.load(p_v, mask=m_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        else:
+            # Interior tiles lie inside [0, KV_LEN) and the head dim fills the block: no predicates.
+            b_k = tl.load(p_k)
+            b_v = tl.load(p_v)
         if UPCAST:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
-        b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+        b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, SIGMOID, INPUT_PRECISION)
         if HAS_MASK:
             p_mask = p_mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
             m_in = (offs_m[:, None] < Q_LEN) & m_n[None, :]
@@ -88,7 +110,7 @@ def _dense_inner(
                 b_mk = tl.load(p_mask, mask=m_in, other=0)
                 b_s = tl.where(b_mk != 0, b_s, float("-inf"))
             else:
-                b_s += tl.load(p_mask, mask=m_in, other=0.0).to(tl.float32)
+                b_s = _add_bias(b_s, tl.load(p_mask, mask=m_in, other=0.0).to(tl.float32), SIGMOID)
         if APPLY_STRUCTURE:
             m_keep = m_n[None, :]
             rel = offs_n[None, :] - offs_m[:, None] - offset
@@ -114,7 +136,7 @@ def @FAMILY@_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_UPPER: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SIGMOID: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Dense / causal / sliding-window attention on a 1-D sequence.
 
@@ -170,19 +192,19 @@ def @FAMILY@_fwd_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         Q_LEN, KV_LEN, scale, softcap, offset, win_left, win_right,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, HAS_UPPER, HAS_LEFT, HAS_MASK, MASK_IS_BOOL,
-        HAS_SOFTCAP, SIGMOID, UPCAST, INPUT_PRECISION)
+        HAS_SOFTCAP, SIGMOID, UPCAST, INPUT_PRECISION, EVEN_D)
     b_acc, b_m, b_l = _dense_inner(
         b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, offs_m, offs_d, offs_dv, full_lo, full_hi,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         Q_LEN, KV_LEN, scale, softcap, offset, win_left, win_right,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, False, HAS_UPPER, HAS_LEFT, HAS_MASK, MASK_IS_BOOL,
-        HAS_SOFTCAP, SIGMOID, UPCAST, INPUT_PRECISION)
+        HAS_SOFTCAP, SIGMOID, UPCAST, INPUT_PRECISION, EVEN_D)
     b_acc, b_m, b_l = _dense_inner(
         b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, offs_m, offs_d, offs_dv, full_hi, hi,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         Q_LEN, KV_LEN, scale, softcap, offset, win_left, win_right,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, True, HAS_UPPER, HAS_LEFT, HAS_MASK, MASK_IS_BOOL,
-        HAS_SOFTCAP, SIGMOID, UPCAST, INPUT_PRECISION)
+        HAS_SOFTCAP, SIGMOID, UPCAST, INPUT_PRECISION, EVEN_D)
 
     if not SIGMOID:
         b_acc = b_acc / tl.maximum(b_l, 1.17549435e-38)[:, None]
@@ -201,7 +223,7 @@ def _gna_inner(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, NDIM: tl.constexpr,
     ELEMENT_MASK: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, SIGMOID: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     for i in range(lo, hi):
         tile = tl.load(p_tiles + i)
@@ -210,18 +232,22 @@ def _gna_inner(
         b_kidx = tl.load(KIDX + offs_n)
         p_k = p_k_base + b_kidx[:, None] * stride_kn + offs_d[None, :] * stride_kd
         p_v = p_v_base + b_kidx[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        b_k = tl.load(p_k, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        b_v = tl.load(p_v, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        if EVEN_D:
+            b_k = tl.load(p_k)
+            b_v = tl.load(p_v)
+        else:
+            b_k = tl.load(p_k, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            b_v = tl.load(p_v, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         if UPCAST:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
-        b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+        b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, SIGMOID, INPUT_PRECISION)
         if HAS_MASK:
             p_mask = p_mask_base + b_qidx[:, None] * stride_mm + b_kidx[None, :] * stride_mn
             if MASK_IS_BOOL:
                 b_s = tl.where(tl.load(p_mask) != 0, b_s, float("-inf"))
             else:
-                b_s += tl.load(p_mask).to(tl.float32)
+                b_s = _add_bias(b_s, tl.load(p_mask).to(tl.float32), SIGMOID)
         if ELEMENT_MASK:
             # Exact GNA mask in permuted coordinates: per dimension, lo <= key < hi.
             # Padding keys carry coordinate -1 and never attend.
@@ -251,7 +277,7 @@ def @FAMILY@_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NDIM: tl.constexpr, ELEMENT_MASK: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SIGMOID: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Block-sparse GNA attention over tile-permuted tokens.
 
@@ -286,12 +312,20 @@ def @FAMILY@_fwd_kernel(
     n_all = tl.load(COUNTS + pid_m * 2 + 1)
 
     # Per query and dimension: its key range [lo, hi) in permuted coordinates (QRANGE [M, 6]).
-    b_qlo0 = tl.load(QRANGE + offs_m * 6 + 0)
-    b_qhi0 = tl.load(QRANGE + offs_m * 6 + 1)
-    b_qlo1 = tl.load(QRANGE + offs_m * 6 + 2)
-    b_qhi1 = tl.load(QRANGE + offs_m * 6 + 3)
-    b_qlo2 = tl.load(QRANGE + offs_m * 6 + 4)
-    b_qhi2 = tl.load(QRANGE + offs_m * 6 + 5)
+    if ELEMENT_MASK:
+        b_qlo0 = tl.load(QRANGE + offs_m * 6 + 0)
+        b_qhi0 = tl.load(QRANGE + offs_m * 6 + 1)
+        b_qlo1 = tl.load(QRANGE + offs_m * 6 + 2)
+        b_qhi1 = tl.load(QRANGE + offs_m * 6 + 3)
+        b_qlo2 = tl.load(QRANGE + offs_m * 6 + 4)
+        b_qhi2 = tl.load(QRANGE + offs_m * 6 + 5)
+    else:  # perfectly block-sparse: the ranges are never read
+        b_qlo0 = tl.zeros([BLOCK_M], dtype=tl.int32)
+        b_qhi0 = b_qlo0
+        b_qlo1 = b_qlo0
+        b_qhi1 = b_qlo0
+        b_qlo2 = b_qlo0
+        b_qhi2 = b_qlo0
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -302,7 +336,7 @@ def @FAMILY@_fwd_kernel(
         offs_d, offs_dv, b_qlo0, b_qhi0, b_qlo1, b_qhi1, b_qlo2, b_qhi2, b_qidx, KCOORD, KIDX, 0, n_full,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, False, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
-        UPCAST, INPUT_PRECISION)
+        UPCAST, INPUT_PRECISION, EVEN_D)
     if ELEMENT_MASK:
         b_acc, b_m, b_l = _gna_inner(
             b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, p_tiles,
@@ -310,7 +344,7 @@ def @FAMILY@_fwd_kernel(
             n_full, n_all,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, True, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
-            UPCAST, INPUT_PRECISION)
+            UPCAST, INPUT_PRECISION, EVEN_D)
 
     if not SIGMOID:
         b_acc = b_acc / tl.maximum(b_l, 1.17549435e-38)[:, None]
