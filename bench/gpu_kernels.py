@@ -60,6 +60,15 @@ def flex():
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
+        # Every case is a new shape or mask: without this, dynamo stops recompiling after 8 and
+        # silently runs flex_attention eagerly (unfused), which made flex look 30-90x slower.
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 4096)
+
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
 
