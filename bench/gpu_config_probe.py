@@ -30,7 +30,7 @@ from attnopt.cost.gna import dense_mask
 from attnopt.ir import GNALayout
 kw, layout, ndim = {case}
 i = {index}
-cfg = generator.candidate_configs("hopper", ndim)[i]
+cfg = {explicit} or generator.candidate_configs("hopper", ndim)[i]
 p = AttentionParams(**kw)
 N = 4096
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -44,8 +44,8 @@ print(json.dumps({{"config": cfg.to_json(), "err": (out.float() - ref).abs().max
 '''
 
 
-def probe(case: str, index: int) -> dict:
-    code = CHILD.format(case=CASES[case], index=index)
+def probe(case: str, index: int, explicit: str = "None") -> dict:
+    code = CHILD.format(case=CASES[case], index=index, explicit=explicit)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     if proc.returncode == 0:
         row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -61,7 +61,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--cases", nargs="+", default=list(CASES))
+    ap.add_argument("--config", default=None, help="q,kv,warps,stages of one 1-D config to probe, e.g. 128,64,8,3")
     a = ap.parse_args()
+    if a.config:
+        bq, bk, w, st = (int(x) for x in a.config.split(","))
+        explicit = f"generator.KernelConfig(({bq},), ({bk},), {w}, {st})"
+        rows = [probe(c, 0, explicit) for c in a.cases]
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        return
     from attnopt.codegen.triton import generator
 
     todo = []
