@@ -17,7 +17,7 @@ from attnopt.ir import Graph, Site
 from attnopt.passes.detect import detect
 from attnopt.passes.rewrite import plan_all
 from attnopt.passes.validate import (Error, outputs_error, padded_variants, run_captured,
-                                     tensor_error, tolerance_for)
+                                     tensor_error, tolerance_for, low_precision_tolerance)
 from attnopt.patterns.values import user_inputs_reached
 from attnopt.result import OptimizeResult, SiteResult
 
@@ -64,12 +64,15 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
     new_gm = gm
     site_err: dict[str, Error] = {}
     total = Error(0.0, 0.0)
+    tol = None
     while kept:
         new_gm, result_nodes = splice(gm, kept)
         if not validate:
             break
         total, site_err = _measure(gm, new_gm, variants, kept, result_nodes)
-        tol = tolerance_for(_run(gm, variants[0]))
+        if tol is None:
+            ref0 = _run(gm, variants[0])
+            tol = low_precision_tolerance(gm, variants[0], ref0, tolerance_for(ref0))
         if total.rel <= tol:
             break
         # Revert the earliest site that moved beyond tolerance (later ones see its error).

@@ -176,7 +176,7 @@ class _Translator:
             t = _fetch_attr(self.gm, node.target)
             value = None
             if isinstance(t, torch.Tensor) and t.numel() <= SMALL_CONST:
-                value = t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+                value = _to_numpy(t)
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else None
             dtype = _dtype_name(t.dtype) if isinstance(t, torch.Tensor) else None
             self.g.add(node.name, "const", [], shape=shape, dtype=dtype, value=value, ref=node,
@@ -541,11 +541,12 @@ def _probe_tensor(name: str, val: Any, gen: torch.Generator) -> Any:
         return val
     shape = [d if isinstance(d, int) else int(d.node.hint) for d in val.shape]
     dt = val.dtype
+    dev = val.device if val.device.type != "meta" else "cpu"
     if dt.is_floating_point:
-        return torch.randn(shape, generator=gen).to(dt)
+        return torch.randn(shape, generator=gen).to(dev, dt)
     if dt == torch.bool:
-        return torch.ones(shape, dtype=dt)
-    return (torch.ones if "mask" in name.lower() else torch.zeros)(shape, dtype=dt)
+        return torch.ones(shape, dtype=dt, device=dev)
+    return (torch.ones if "mask" in name.lower() else torch.zeros)(shape, dtype=dt, device=dev)
 
 
 class FxEvaluator(Evaluator):
@@ -588,8 +589,8 @@ class FxEvaluator(Evaluator):
         tfeeds = {k: torch.as_tensor(v) for k, v in (feeds or {}).items()}
         for k, v in list(tfeeds.items()):
             d = self.defaults.get(k)
-            if isinstance(d, torch.Tensor):
-                tfeeds[k] = v.to(d.dtype)
+            if isinstance(d, torch.Tensor):  # probes arrive as numpy: back to the graph's device
+                tfeeds[k] = v.to(d.device, d.dtype)
         targets, consts = [], {}
         for nid in nids:
             if nid in self.nodes:

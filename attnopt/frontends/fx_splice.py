@@ -71,7 +71,7 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
         q = _to_4d(graph, _permute(graph, by[r.q.node], r.q.perm), r)
         k = _to_4d(graph, _permute(graph, by[r.k.node], r.k.perm), r, "kv")
         v = _to_4d(graph, _permute(graph, by[r.v.node], r.v.perm), r, "kv")
-        mask = _combined_mask(graph, by, r)
+        mask = _combined_mask(graph, by, r, q)
         if r.layout is not None:  # a GNA layout (passes/plan.py): causal/window come from it
             lay = r.layout
             attn = _call(graph, torch.ops.attnopt.gna_attention.default, q, k, v, mask,
@@ -129,15 +129,17 @@ def _unsqueezed(graph: fx.Graph, x: fx.Node, rank: int) -> fx.Node:
     return x
 
 
-def _combined_mask(graph: fx.Graph, by: dict, r: Recipe) -> fx.Node | None:
+def _combined_mask(graph: fx.Graph, by: dict, r: Recipe, q: fx.Node) -> fx.Node | None:
     """One attn_mask from the recipe's terms: a bool mask if all terms are selections with a
     -inf fill, else an additive float mask (sums reproduce the model's own additions)."""
     if not r.masks:
         return None
     parts = []
     for t in r.masks:
-        if t.literal is not None:  # a python scalar in the model: a one-element tensor here
-            x = _call(graph, torch.full, [1] * t.rank, float(t.literal))
+        if t.literal is not None:  # a python scalar in the model: a one-element tensor here,
+            # on q's device (a CPU [1, 1, 1, 1] tensor cannot meet CUDA scores)
+            x = graph.call_function(torch.Tensor.new_full, (q, [1] * t.rank, float(t.literal)),
+                                    {"dtype": torch.float32})
         else:
             x = _unsqueezed(graph, by[t.node], t.rank)
         x = _permute(graph, x, t.perm)

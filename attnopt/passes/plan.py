@@ -214,11 +214,11 @@ def generated_inputs(example: Sequence[Any], n: int, seed: int = 0) -> list[list
             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() > 1:
                 std = float(x.float().std()) or 1.0
                 y = torch.randn(x.shape, generator=g, dtype=torch.float32) * std + float(x.float().mean())
-                batch.append(y.to(x.dtype))
+                batch.append(y.to(x.device, x.dtype))
             elif isinstance(x, torch.Tensor) and x.dtype in (torch.int64, torch.int32) and x.numel() > 1 \
                     and int(x.max()) > 1:
                 lo, hi = int(x.min()), int(x.max())
-                batch.append(torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype))
+                batch.append(torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype).to(x.device))
             else:
                 batch.append(x)
         out.append(batch)

@@ -79,6 +79,51 @@ def test_validation_catches_planted_bugs(monkeypatch, bug):
     assert _op_calls(res.model) == 0
 
 
+def _bf16_model(name):
+    from zoo import hf
+
+    zm = hf.build(name)
+    kw = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in zm.kwargs.items()}
+    return zm.model.to(torch.bfloat16), kw
+
+
+@pytest.mark.parametrize("name", ["llama_eager", "mistral_eager"])
+def test_bf16_model_rewritten_within_its_own_rounding_noise(name):
+    """In bf16 the fused kernel (fp32 softmax state) differs from the original by the original's
+    own rounding noise (2-7% on sharpened 2-layer models, seen on an H100); validation measures
+    that noise against an fp32 twin instead of rejecting every site at a fixed 2e-2."""
+    model, kw = _bf16_model(name)
+    res = attnopt.optimize(model, kw)
+    assert res.sites_rewritten == res.sites_found == 2, res.to_json()
+
+
+@pytest.mark.parametrize("bug", ["scale_x1.5", "mask_dropped"])
+def test_bf16_validation_still_catches_planted_bugs(monkeypatch, bug):
+    if bug == "scale_x1.5":
+        _plant(monkeypatch, lambda r: dataclasses.replace(r, scale=r.scale * 1.5))
+    else:
+        _plant(monkeypatch, lambda r: dataclasses.replace(r, masks=()))
+    model, kw = _bf16_model("bert_eager")
+    res = attnopt.optimize(model, kw)
+    assert res.sites_rewritten == 0 and all(s.status == "reverted" for s in res.sites), res.to_json()
+
+
+def test_fp32_twin_computes_in_fp32():
+    from attnopt.passes.validate import fp32_twin
+
+    from attnopt.frontends.fx import export_module
+    from attnopt.optimize_torch import flat_example_inputs
+
+    model, kw = _bf16_model("llama_eager")
+    ep = export_module(model, kw)
+    gm = ep.module()
+    inputs = flat_example_inputs(ep, gm)
+    twin = fp32_twin(gm)
+    out = twin(*[x.float() if x.is_floating_point() else x for x in inputs])
+    assert torch.utils._pytree.tree_flatten(out)[0][0].dtype == torch.float32
+    assert next(gm.parameters()).dtype == torch.bfloat16  # the original is untouched
+
+
 def test_unplanted_site_passes_validation():
     case = hw.get("additive_padding_from_int_mask")
     res = attnopt.optimize(case.module, case.args)
