@@ -235,3 +235,23 @@ def test_functional_triton_backend_on_interpreter():
     with pytest.raises(RuntimeError, match="head dim"):
         big = torch.randn(1, 1, 8, 512)
         attention(big, big, big, backend="triton")
+
+
+def test_finfo_min_additive_mask_matches_sdpa_on_fully_masked_rows():
+    """HF masks with finfo.min: a row masked everywhere gets uniform weights in SDPA and eager
+    softmax; the kernels must not turn it into -inf (weight 0) when moving to log2 units."""
+    from attnopt.codegen.ops import exact_attention
+
+    q, k, v = _qkv(2, 2, 2, 33, 33, 16, torch.float32)
+    bias = torch.zeros(2, 1, 33, 33)
+    low = torch.finfo(torch.float32).min
+    bias[1, :, :, 20:] = low
+    bias[0, :, 5, :] = low  # one query row masked everywhere
+    bias[0, :, 7, :] = float("-inf")  # a real -inf row stays undefined (NaN in SDPA): skip it
+    p = AttentionParams(scale=0.25)
+    out = tk.launch(q, k, v, bias, p)
+    ref = exact_attention(q, k, v, bias, p)
+    rows = torch.ones(33, dtype=torch.bool)
+    rows[7] = False
+    assert (out[:, :, rows] - ref[:, :, rows]).abs().max().item() < 1e-5
+    assert torch.isfinite(out).all()

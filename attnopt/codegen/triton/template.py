@@ -48,10 +48,18 @@ def _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP: tl.constexpr, SIGMOID: tl.con
 
 @triton.jit
 def _add_bias(b_s, b_bias, SIGMOID: tl.constexpr):
-    """An additive mask/bias (natural units) joins the scores in their units."""
+    """An additive mask/bias (natural units) joins the scores in their units.
+
+    A finite bias must stay finite: HF models mask with finfo.min, which overflows to -inf once
+    multiplied by log2(e). SDPA and eager softmax give a row masked everywhere by finfo.min
+    uniform weights (every score rounds to finfo.min), and a model's own dead-row handling may
+    rely on that; -inf would give weight 0 instead. So clamp to the fp32 minimum, keeping only a
+    real -inf infinite."""
     if SIGMOID:
         return b_s + b_bias
-    return b_s + b_bias * LOG2E
+    b_b = tl.maximum(b_bias * LOG2E, -3.4028234663852886e38)
+    b_b = tl.where(b_bias == float("-inf"), b_bias, b_b)
+    return b_s + b_b
 
 
 @triton.jit
