@@ -8,8 +8,7 @@ call of every contender per round) and speedups are medians of per-round ratios.
 bound is for the tiles the kernel uses: Q boxes `q_tile`, KV = the exact box each Q tile gathers
 (dynamic KV tiling with 1-token KV tiles), i.e. simulate(layout, q_tile, (1, 1), dynamic=True).
 
-GPU (only with CUDA): generated Triton kernels vs SDPA (flash) and compiled flex_attention, fp16,
-sequence 1K-32K, for a 1-D sliding window and 2-D GNA layouts.
+The GPU benchmark of the generated Triton kernels is bench/gpu_kernels.py.
 
     .venv/bin/python bench/kernels.py [--rounds 7] [--threads 2] [--no-flex] [--json out.json]
 """
@@ -109,44 +108,6 @@ def bench_cpu(rounds: int, threads: int, flex: bool) -> list[dict]:
     return rows
 
 
-def bench_gpu(rounds: int) -> list[dict]:  # pragma: no cover - needs CUDA
-    import triton.testing
-
-    from attnopt.codegen import triton as tk
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    rows = []
-    B, H, D = 1, 16, 128
-    for S in (1024, 2048, 4096, 8192, 16384, 32768):
-        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.float16) for _ in range(3))
-        side = int(math.isqrt(S))
-        cases = [("window_1d_256", AttentionParams(scale=D ** -0.5, window=(256, 256)), None)]
-        if side * side == S:
-            w = max(2, side // 4)
-            cases += [(f"gna_2d_{side}x{side}_w{w}", AttentionParams(scale=D ** -0.5),
-                       GNALayout((side, side), (w, w))),
-                      (f"gna_2d_{side}x{side}_w{w}_blocked", AttentionParams(scale=D ** -0.5),
-                       GNALayout((side, side), (w, w), (w, w)))]
-        for name, p, layout in cases:
-            tk.launch(q, k, v, None, p, layout)  # autotune + cache
-            t_tri = triton.testing.do_bench(lambda: tk.launch(q, k, v, None, p, layout))
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v))
-            row = {"S": S, "case": name, "triton_ms": t_tri, "sdpa_flash_dense_ms": t_sdpa}
-            if S <= 16384:
-                if layout is not None:
-                    mask = torch.from_numpy(dense_mask(layout, max_tokens=1 << 15)).cuda()
-                else:
-                    i = torch.arange(S, device="cuda")
-                    mask = (i[None, :] - i[:, None]).abs() <= 256
-                flex_fn, compile_s = _flex_setup(mask, S, q, k, v, "cuda")
-                row["flex_ms"] = triton.testing.do_bench(flex_fn)
-                row["flex_compile_s"] = compile_s
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
@@ -155,10 +116,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     result = {"cpu": bench_cpu(a.rounds, a.threads, not a.no_flex)}
-    if torch.cuda.is_available():
-        result["gpu"] = bench_gpu(a.rounds)
-    else:
-        print("no CUDA device: GPU section skipped")
+    print("GPU kernels: bench/gpu_kernels.py")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1, default=list)
