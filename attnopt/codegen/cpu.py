@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -160,14 +161,38 @@ def choose_gna_tile(layout: GNALayout) -> tuple[int, ...]:
     return best
 
 
-def _tile_major(x: Tensor, idx: Tensor, group: int = 1) -> Tensor:
+_WORKSPACE = threading.local()
+
+
+def _workspace(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A per-thread buffer reused across calls. Gathered tiles are tens of MB; a fresh allocation
+    that size is mmap-ed and page-faulted on first touch every call (measured: 27 ms to gather
+    the 64x64/16x16 layout's K tiles fresh vs 7 ms into a reused buffer, 2-core EPYC)."""
+    cache = getattr(_WORKSPACE, "bufs", None)
+    if cache is None:
+        cache = _WORKSPACE.bufs = {}
+    key = (slot, like.dtype, like.device)
+    buf = cache.get(key)
+    n = math.prod(shape)
+    if buf is None or buf.numel() < n:
+        buf = cache[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
+
+
+def _tile_major(x: Tensor, idx: Tensor, group: int = 1, slot: str | None = None) -> Tensor:
     """x [B, Hx, S, D] at tokens idx [n, T] -> [B, Hx * n, T, D], tiles folded into the head dim.
+    With `slot`, the copy lands in that reused per-thread workspace (valid until the next call
+    that uses the same slot).
 
     group > 1 (q of a GQA call): heads ordered (kv head, tile, member) so that SDPA's enable_gqa
     (q head j reads kv head j // group) pairs each q tile with its kv head's same tile."""
     B, Hx, _, D = x.shape
     n, T = idx.shape
-    g = x.index_select(2, idx.reshape(-1))  # one copy; the views below are free
+    flat = idx.reshape(-1)
+    if slot is None:
+        g = x.index_select(2, flat)  # one copy; the views below are free
+    else:
+        g = torch.index_select(x, 2, flat, out=_workspace(slot, (B, Hx, flat.numel(), D), x))
     if group == 1:
         return g.view(B, Hx * n, T, D)
     g = g.view(B, Hx // group, group, n, T, D).transpose(2, 3)
@@ -246,8 +271,12 @@ def _run_tiles(q, k, v, attn_mask, params: AttentionParams, tiles: _Tiles, maske
     n = tiles.n
     if n == 0:
         return
-    qg = _tile_major(q, tiles.q_idx, group)
-    kg, vg = _tile_major(k, tiles.kv_idx), _tile_major(v, tiles.kv_idx)
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        qg = _tile_major(q, tiles.q_idx, group)
+        kg, vg = _tile_major(k, tiles.kv_idx), _tile_major(v, tiles.kv_idx)
+    else:  # inference: reuse the gather buffers (autograd would need them kept per call)
+        qg = _tile_major(q, tiles.q_idx, group, "q")
+        kg, vg = _tile_major(k, tiles.kv_idx, slot="k"), _tile_major(v, tiles.kv_idx, slot="v")
     fast = params.normalizer == "softmax" and params.softcap is None
     m = None
     if attn_mask is not None:
