@@ -126,13 +126,7 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
     if dead_rows.startswith("reject:"):
         return dead_rows.removeprefix("reject:")
     causal, window, align = False, None, "top_left"
-    m = spec.mask
-    # A purely structural causal mask (no padding, no bias, static sizes) is dropped for the
-    # op's causal flag: the same pairs attend, and the fast path needs no mask tensor.
-    if (m.kind == "causal" and not m.padding and not spec.score_mods and masks
-            and isinstance(spec.q_len, int) and isinstance(spec.kv_len, int)
-            and all(_is_constant(graph, mt.node) for mt in masks)):
-        causal, align, masks = True, m.alignment, []
+    masks, causal, align = _simplify_constant_masks(graph, spec, masks, causal, align)
     softcap = next((float(s.split(":")[1]) for s in spec.score_mods if s.startswith("softcap:")), None)
     bypass = tuple((n, path) for n, side, _f, path in d.get("scale_nodes", []) if side in ("q", "k"))
     return Recipe(
@@ -145,6 +139,26 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
         q_heads=spec.num_heads if isinstance(spec.num_heads, int) else None,
         k_heads=(spec.num_kv_heads * (d.get("kv_repeat") or 1)
                  if isinstance(spec.num_kv_heads, int) else None))
+
+
+def _simplify_constant_masks(graph: Graph, spec, masks: list, causal: bool, align: str):
+    """(masks, causal, alignment) with masks the analysis proved structural dropped.
+
+    Masks that depend on no user input, carry no bias and whose evaluated pattern is "none"
+    (every pair attends: HF's bidirectional models build such an all-True mask) are dropped
+    outright; a purely causal one (static sizes) becomes the op's causal flag. Either way the
+    same pairs attend, and the fast path needs no mask tensor (a 4K-token all-True bool mask cost
+    the SDPA call 100 ms of mask conversion on CPU)."""
+    m = spec.mask
+    if (not masks or m.padding or spec.score_mods or not isinstance(spec.q_len, int)
+            or not isinstance(spec.kv_len, int)
+            or not all(_is_constant(graph, mt.node) for mt in masks)):
+        return masks, causal, align
+    if m.kind == "none":
+        return [], causal, align
+    if m.kind == "causal" and not causal:
+        return [], True, m.alignment
+    return masks, causal, align
 
 
 def _is_constant(graph: Graph, nid: str) -> bool:
@@ -183,9 +197,12 @@ def _plan_sdpa(graph: Graph, site: Site) -> Recipe | str:
         how = "keep" if graph.dtype(slot) == "bool" else "add"
         # SDPA's bool mask drops a pair exactly like a -inf fill.
         masks.append(MaskTerm(slot, how, float("-inf") if how == "keep" else None, 1.0, 4, ident))
+    causal, align = bool(a.get("is_causal")), "top_left"
+    if not causal:
+        masks, causal, align = _simplify_constant_masks(graph, site.spec, masks, causal, align)
     return Recipe(
         site=site.name, q=Operand(site.q, ident), k=Operand(site.k, ident),
         v=Operand(site.v, ident), batch_rank=2, batch_sizes=tuple(qs[:2]), k_group_broadcast=False,
-        masks=tuple(masks), scale=float(site.spec.scale), causal=bool(a.get("is_causal")),
-        causal_alignment="top_left", window=None, softcap=None, normalizer="softmax",
+        masks=tuple(masks), scale=float(site.spec.scale), causal=causal,
+        causal_alignment=align, window=None, softcap=None, normalizer="softmax",
         out_perm=ident, output=site.output, remove=frozenset([site.output]))
