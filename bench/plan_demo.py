@@ -40,7 +40,7 @@ def llama(layers: int):
 
     cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      attn_implementation="sdpa")
+                      attn_implementation="sdpa", use_cache=False)  # prefill: no KV cache output
     torch.manual_seed(0)
     model = LlamaModel(cfg).eval()
     make = lambda seed: {"input_ids": torch.randint(0, 1000, (1, 4096),  # noqa: E731

@@ -176,15 +176,34 @@ class Plan:
 
 # ---- errors --------------------------------------------------------------------------------------
 
-def _floats(x: Any) -> torch.Tensor:
+def valid_rows(batch: Sequence[Any], padding_positions: Sequence[int]) -> torch.Tensor | None:
+    """Real-token positions [B, S] of a batch, from its first key-padding input in the HF
+    convention (integer/float, nonzero = real token), or None. Outputs at padded positions are
+    meaningless to users (they pool with the same mask) yet an approximation moves them most:
+    a padded query whose local window holds only padding keys sees nothing at all. Boolean masks
+    are left alone (libraries disagree on whether True means keep or pad)."""
+    for i in padding_positions:
+        t = batch[i] if i < len(batch) else None
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.dtype != torch.bool:
+            return t != 0
+    return None
+
+
+def _floats(x: Any, valid: torch.Tensor | None = None) -> torch.Tensor:
     flat, _ = torch.utils._pytree.tree_flatten(x)
-    ts = [t.detach().double().reshape(-1) for t in flat
-          if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    ts = []
+    for t in flat:
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            continue
+        if valid is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(valid.shape):
+            t = t[valid.to(t.device)]  # [B, S, ...] outputs: real tokens only
+        ts.append(t.detach().double().reshape(-1))
     return torch.cat(ts) if ts else torch.zeros(1, dtype=torch.float64)
 
 
-def rel_l2(ref: Any, new: Any) -> float:
-    a, b = _floats(ref), _floats(new)
+def rel_l2(ref: Any, new: Any, valid: torch.Tensor | None = None) -> float:
+    """Relative L2 over every floating output (with `valid`: real-token rows of [B, S, ...] ones)."""
+    a, b = _floats(ref, valid), _floats(new, valid)
     if a.shape != b.shape:
         return float("inf")
     ok = torch.isfinite(a)
@@ -192,8 +211,8 @@ def rel_l2(ref: Any, new: Any) -> float:
     return float((a - b).norm() / max(float(a.norm()), 1e-12))
 
 
-def cosine(ref: Any, new: Any) -> float:
-    a, b = _floats(ref), _floats(new)
+def cosine(ref: Any, new: Any, valid: torch.Tensor | None = None) -> float:
+    a, b = _floats(ref, valid), _floats(new, valid)
     if a.shape != b.shape:
         return 0.0
     ok = torch.isfinite(a) & torch.isfinite(b)
@@ -359,15 +378,18 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
 
     batches = calibration_batches(inputs, calibration)
     refs = [_run(gm, b, [s.output for s in sites]) for b in batches]
+    from attnopt.optimize_torch import _padding_positions
+
+    valids = [valid_rows(b, _padding_positions(graph, sites)) for b in batches]
 
     def measure(recs: dict[str, Recipe], site: str | None = None):
         new_gm, nodes = splice(gm, list(recs.values()))
         worst_l2, worst_cos, worst_site = 0.0, 1.0, 0.0
-        for b, (ref, ref_vals) in zip(batches, refs):
+        for b, (ref, ref_vals), valid in zip(batches, refs, valids):
             want = [nodes[site]] if site else []
             out, vals = _run(new_gm, b, want)
-            worst_l2 = max(worst_l2, rel_l2(ref, out))
-            worst_cos = min(worst_cos, cosine(ref, out))
+            worst_l2 = max(worst_l2, rel_l2(ref, out, valid))
+            worst_cos = min(worst_cos, cosine(ref, out, valid))
             if site:
                 worst_site = max(worst_site, rel_l2(ref_vals[site_by[site].output], vals[nodes[site]]))
         return worst_l2, worst_cos, worst_site
@@ -455,7 +477,8 @@ def split_recipes(graph: Graph, sites: Sequence[Site], recipes: Sequence[Recipe]
 
 
 def add_approximate(gm: fx.GraphModule, exact: list[Recipe], approx: list[Recipe],
-                    variants: Sequence[Sequence[Any]], max_error: float):
+                    variants: Sequence[Sequence[Any]], max_error: float,
+                    padding_positions: Sequence[int] = ()):
     """Splice the approximate recipes on top of the validated exact ones; drop the last added
     while the end-to-end relative L2 on `variants` exceeds max_error. Returns
     (module, kept approximate recipes, rel_l2, reverted [(site, rel_l2)])."""
@@ -464,9 +487,10 @@ def add_approximate(gm: fx.GraphModule, exact: list[Recipe], approx: list[Recipe
     kept = list(approx)
     reverted = []
     refs = [_run(gm, b)[0] for b in variants]
+    valids = [valid_rows(b, padding_positions) for b in variants]
     while kept:
         new_gm, _ = splice(gm, exact + kept)
-        l2 = max(rel_l2(ref, _run(new_gm, b)[0]) for ref, b in zip(refs, variants))
+        l2 = max(rel_l2(ref, _run(new_gm, b)[0], valid) for ref, b, valid in zip(refs, variants, valids))
         if l2 <= max_error:
             return new_gm, kept, l2, reverted
         reverted.append((kept[-1].site, l2))
