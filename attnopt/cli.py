@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -166,6 +167,9 @@ def optimize(
         with err.status(f"optimizing {model} ..."):
             result = attnopt.optimize(model, policy=policy, onnx_op=onnx_op, plan=plan)
             write_model(result, output)
+        # The output is written: the command has succeeded, and a ^C now (while the report is
+        # printed) must not turn that into "interrupted" with the file in place.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         result.output = str(output)
         if as_json:
             data = result.to_json()
@@ -205,7 +209,18 @@ def main() -> None:
 
     if "--debug" not in sys.argv:
         warnings.filterwarnings("ignore")  # library deprecation chatter is not for our users
-    app()
+    try:
+        app()
+    except SystemExit:
+        # The command has finished (its output is written or it failed cleanly). Tearing down
+        # torch and ONNX Runtime takes about a second, and a ^C in that window killed the process
+        # by signal (exit -2, no message): ignore it, the outcome is already decided.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
+    except KeyboardInterrupt:  # between typer's own steps, outside a command's handling
+        err.print("[red]error:[/red] interrupted", highlight=False)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.exit(Interrupted.exit_code)
 
 
 def _register_subcommands() -> None:
