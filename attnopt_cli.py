@@ -1,20 +1,28 @@
 """Console entry point for `attnopt`, outside the package on purpose.
 
-Importing `attnopt` imports torch, which takes seconds; a ^C in that window must still end
-with the one-line "interrupted" error and exit code 130, so the import itself happens here,
-under the same handling as the commands (attnopt.cli.user_errors).
+Importing `attnopt` imports torch, which takes seconds. A KeyboardInterrupt raised inside a native
+extension's initialization can abort the process (seen: SIGABRT) or lose the message, so during the
+import a ^C is only recorded; once the import is done the process ends with the one-line
+"interrupted" error and exit code 130, as the commands do (attnopt.cli.user_errors).
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 
 def main() -> None:
+    hit: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
     try:
         from attnopt.cli import main as cli_main
-    except KeyboardInterrupt:
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
         sys.stderr.write("error: interrupted\n")
-        sys.exit(130)
+        sys.stderr.flush()
+        os._exit(130)  # no teardown of torch (see attnopt.cli.main)
     cli_main()
 
 

@@ -43,7 +43,9 @@ def user_errors(debug: bool) -> Iterator[None]:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        err.print("[red]error:[/red] interrupted", highlight=False)
+        # Straight to the real stderr: a ^C can land while rich's live status display has
+        # sys.stderr redirected, and the message was then lost (exit 130, nothing printed).
+        _report_interrupt()
         raise typer.Exit(Interrupted.exit_code) from None
     except Exception as e:  # noqa: BLE001 - a bug: still one line unless --debug
         if debug:
@@ -169,7 +171,7 @@ def optimize(
             write_model(result, output)
         # The output is written: the command has succeeded, and a ^C now (while the report is
         # printed) must not turn that into "interrupted" with the file in place.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _ignore_late_interrupts()
         result.output = str(output)
         if as_json:
             data = result.to_json()
@@ -209,18 +211,53 @@ def main() -> None:
 
     if "--debug" not in sys.argv:
         warnings.filterwarnings("ignore")  # library deprecation chatter is not for our users
+    global _PROCESS_ENTRY
+    _PROCESS_ENTRY = True
     try:
         app()
-    except SystemExit:
-        # The command has finished (its output is written or it failed cleanly). Tearing down
-        # torch and ONNX Runtime takes about a second, and a ^C in that window killed the process
-        # by signal (exit -2, no message): ignore it, the outcome is already decided.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise
+    except SystemExit as e:
+        code = e.code
     except KeyboardInterrupt:  # between typer's own steps, outside a command's handling
-        err.print("[red]error:[/red] interrupted", highlight=False)
+        code = Interrupted.exit_code
+    else:
+        code = 0
+    if code == Interrupted.exit_code:  # typer also maps a ^C it sees itself to exit 130, silently
+        _report_interrupt()
+    # The command has finished (its output is written, or it failed cleanly). Interpreter
+    # teardown (torch, ONNX Runtime) takes about a second, and CPython restores ^C's default
+    # action for it: a ^C then killed the process by signal (exit -2, no message). The outcome is
+    # decided, so leave without the teardown.
+    _ignore_late_interrupts()
+    if isinstance(code, str):
+        err.print(code, highlight=False)
+        code = 1
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or redirected stream: nothing left to flush
+            pass
+    os._exit(int(code or 0))
+
+
+_PROCESS_ENTRY = False  # True when main() runs as the process (console script / -m)
+_INTERRUPT_REPORTED = False
+
+
+def _report_interrupt() -> None:
+    """The one-line ^C message, once, straight to the real stderr: a ^C can land while rich's
+    live status display has sys.stderr redirected, and the message was then lost."""
+    global _INTERRUPT_REPORTED
+    if not _INTERRUPT_REPORTED:
+        _INTERRUPT_REPORTED = True
+        sys.__stderr__.write("error: interrupted\n")
+        sys.__stderr__.flush()
+
+
+def _ignore_late_interrupts() -> None:
+    """Ignore ^C from here on, but only when attnopt is the process: an in-process caller (a test
+    runner, CliRunner) keeps its handler, and its child processes do not inherit SIG_IGN."""
+    if _PROCESS_ENTRY:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        sys.exit(Interrupted.exit_code)
 
 
 def _register_subcommands() -> None:

@@ -144,15 +144,17 @@ def test_sigint_during_optimize(model, tmp_path, delay):
     out = tmp_path / "o.onnx"
     before = model.read_bytes()
     # The console entry point (attnopt_cli) handles a ^C during the torch import too.
+    # The child must start with ^C's default disposition whatever the test runner set for itself
+    # (an ignored SIGINT is inherited and would make this test vacuous).
     p = subprocess.Popen([sys.executable, "-m", "attnopt_cli", "optimize", str(model), "-o", str(out)],
-                         stderr=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     if p.returncode == 0:
         pytest.skip("optimize finished before the signal")
-    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (delay, p.returncode, err[-800:])
     assert not out.exists() and not list(tmp_path.glob("*.tmp-*")) and model.read_bytes() == before
 
 
