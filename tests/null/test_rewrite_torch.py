@@ -245,3 +245,27 @@ def test_all_true_constant_mask_is_dropped():
         got = res.model(pixel_values=x)
     got = got[0] if isinstance(got, (tuple, list)) else got.last_hidden_state
     assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_hf_decoder_with_kv_cache_output_is_optimized():
+    """HF decoders return a DynamicCache by default (use_cache=True): export needs transformers'
+    pytree registration, and the optimized model returns the same cache tensors."""
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaModel(cfg).eval()
+    ids = torch.randint(0, 100, (1, 24))
+    res = attnopt.optimize(model, {"input_ids": ids})
+    assert res.sites_rewritten == res.sites_found == 2
+    with torch.no_grad():
+        ref = model(input_ids=ids)
+        got = res.model(input_ids=ids)
+    ref_flat = torch.utils._pytree.tree_flatten(ref.to_tuple())[0]
+    got_flat = torch.utils._pytree.tree_flatten(got)[0]
+    ref_t = [t for t in ref_flat if isinstance(t, torch.Tensor)]
+    got_t = [t for t in got_flat if isinstance(t, torch.Tensor)]
+    assert len(ref_t) == len(got_t) >= 5  # hidden state + 2 layers x (keys, values)
+    for a, b in zip(ref_t, got_t):
+        assert (a - b).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
