@@ -10,21 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from zoo.testing import run_cli as run
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "attnopt.cli"]
-
-
-def run(*args):
-    """In-process (a subprocess per call costs seconds of torch import)."""
-    from typer.testing import CliRunner
-
-    from attnopt.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r.exit_code, r.stdout, r.stderr
 
 
 def run_process(*args):

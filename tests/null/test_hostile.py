@@ -16,19 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from attnopt import fuzz
+from zoo.testing import run_cli as run
 
-CLI = [sys.executable, "-m", "attnopt.cli"]
-
-
-def run(*args):
-    from typer.testing import CliRunner
-
-    from attnopt.cli import app
-
-    r = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r.exit_code, r.stdout, r.stderr
 
 
 def one_line(err: str) -> bool:

@@ -133,3 +133,16 @@ def reference_attention(want: dict[str, Any], q, k, v, key_padding: torch.Tensor
     else:
         raise ValueError(want["normalizer"])
     return p @ v
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `attnopt ARGS`, in-process (a subprocess per call costs
+    seconds of torch import); non-exit exceptions propagate so a test sees the real failure."""
+    from typer.testing import CliRunner
+
+    from attnopt.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.stdout, r.stderr
