@@ -13,12 +13,11 @@ import torch.fx as fx
 
 from attnopt.frontends import fx as fx_front
 from attnopt.frontends.fx_splice import splice
-from attnopt.ir import Graph, Site
+from attnopt.ir import Site
 from attnopt.passes.detect import detect
 from attnopt.passes.rewrite import plan_all
-from attnopt.passes.validate import (Error, outputs_error, padded_variants, run_captured,
+from attnopt.passes.validate import (Error, outputs_error, padded_variants, padding_positions, run_captured,
                                      tensor_error, tolerance_for, low_precision_tolerance)
-from attnopt.patterns.values import user_inputs_reached
 from attnopt.result import OptimizeResult, SiteResult
 
 
@@ -58,7 +57,7 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
     results: dict[str, SiteResult] = {
         s.name: SiteResult(s.name, s.pattern, "kept", None, reasons[s.name], s.spec)
         for s in sites if s.name in reasons}
-    positions = _padding_positions(graph, sites)
+    positions = padding_positions(graph, sites)
     variants = padded_variants(list(inputs), positions) if validate else []
     kept = list(recipes)
     new_gm = gm
@@ -140,16 +139,6 @@ def _measure(gm, new_gm, variants, recipes, result_nodes) -> tuple[Error, dict[s
             else:
                 per_site[r.site].append(Error(float("inf"), float("inf")))
     return Error.worst(totals), {k: Error.worst(v) for k, v in per_site.items()}
-
-
-def _padding_positions(graph: Graph, sites: list[Site]) -> list[int]:
-    deps: set[str] = set()
-    for s in sites:
-        if s.spec.mask.padding:
-            for node in s.mask:
-                deps.update(user_inputs_reached(graph, node))
-    order = [n for n in graph.inputs]
-    return sorted(order.index(d) for d in deps if d in order)
 
 
 def optimize_torch(model: Any, example_inputs: Any = None, *, validate: bool = True,

@@ -46,6 +46,7 @@ from attnopt.cost.variants import (Candidate, approx_candidates, baseline, candi
                                    candidate_to_json, exact_candidates, static)
 from attnopt.ir import Graph, Site
 from attnopt.passes.rewrite import Recipe
+from attnopt.passes.validate import padding_positions
 
 FORMAT, VERSION = "attnopt.plan", 1
 POLICIES = ("exact", "approx")
@@ -378,9 +379,8 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
 
     batches = calibration_batches(inputs, calibration)
     refs = [_run(gm, b, [s.output for s in sites]) for b in batches]
-    from attnopt.optimize_torch import _padding_positions
-
-    valids = [valid_rows(b, _padding_positions(graph, sites)) for b in batches]
+    positions = padding_positions(graph, sites)
+    valids = [valid_rows(b, positions) for b in batches]
 
     def measure(recs: dict[str, Recipe], site: str | None = None):
         new_gm, nodes = splice(gm, list(recs.values()))

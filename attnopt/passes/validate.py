@@ -100,6 +100,19 @@ def run_captured(gm: fx.GraphModule, inputs: Sequence[Any], names: set[str]) -> 
     return out, cap.values
 
 
+def padding_positions(graph, sites) -> list[int]:
+    """Indices (in the graph's flat input order) of the key-padding inputs the sites' masks use."""
+    from attnopt.patterns.values import user_inputs_reached
+
+    deps: set[str] = set()
+    for s in sites:
+        if s.spec.mask.padding:
+            for node in s.mask:
+                deps.update(user_inputs_reached(graph, node))
+    order = list(graph.inputs)
+    return sorted(order.index(d) for d in deps if d in order)
+
+
 def padded_variants(inputs: Sequence[Any], padding_positions: Sequence[int]) -> list[list[Any]]:
     """The inputs, and (if any key-padding inputs) a copy with padded rows."""
     variants = [list(inputs)]
