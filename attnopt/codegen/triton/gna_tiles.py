@@ -41,14 +41,6 @@ class GNATilePlan:
     def visited(self) -> int:
         return int(self.counts[:, 1].sum())
 
-    @property
-    def inverse_q(self) -> np.ndarray:
-        """[N] slot of each original token (to scatter the output back)."""
-        inv = np.empty(int(np.prod(self.layout.shape)), dtype=np.int64)
-        valid = self.q_index >= 0
-        inv[self.q_index[valid]] = np.nonzero(valid)[0]
-        return inv
-
 
 def _slots(shape, perms, tile):
     """Slots of box tiling: (original token or -1, permuted coords [slots, ndim], valid)."""

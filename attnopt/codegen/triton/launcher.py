@@ -202,9 +202,13 @@ def _mask_args(mask: Tensor | None, q: Tensor, shape4) -> tuple[Tensor, tuple[in
     return m, strides
 
 
-def _flags(q: Tensor, mask: Tensor | None, params: AttentionParams) -> dict:
+def _flags(q: Tensor, v: Tensor, mask: Tensor | None, params: AttentionParams, group: int) -> dict:
+    """The constexprs every kernel kind takes (head dims, GQA group, mask kind, score mods)."""
     interp = generator.interpreter_active()
+    D, Dv = q.shape[3], v.shape[3]
     return dict(
+        GROUP=group, HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        EVEN_D=_pow2(D) == D and _pow2(Dv) == Dv,
         HAS_MASK=mask is not None,
         MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
         HAS_SOFTCAP=params.softcap is not None,
@@ -248,10 +252,8 @@ def dense_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionP
     args = (q, k, v, m, out, *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             H, Sq, Skv, float(params.scale), float(params.softcap or 0.0), int(offset),
             int(left or 0), int(upper or 0))
-    constexprs = dict(
-        GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        BLOCK_M=bm, BLOCK_N=bn, HAS_UPPER=upper is not None, HAS_LEFT=left is not None,
-        EVEN_D=_pow2(D) == D and _pow2(Dv) == Dv, **_flags(q, mask, params))
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, HAS_UPPER=upper is not None, HAS_LEFT=left is not None,
+                      **_flags(q, v, mask, params, H // k.shape[1]))
     return KernelCall(generator.kernel(family, "dense"), (triton_cdiv(Sq, bm), B * H), args, constexprs,
                       cfg.num_warps, cfg.num_stages, out)
 
@@ -283,10 +285,8 @@ def gna_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionPar
     args = (q, k, v, m, out, pt["tiles"], pt["counts"], pt["q_range"], pt["kv_coord"], pt["q_slot"],
             pt["kv_slot"], *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             H, plan.tiles.shape[1], float(params.scale), float(params.softcap or 0.0))
-    constexprs = dict(
-        GROUP=H // k.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
-        ELEMENT_MASK=plan.element_mask, EVEN_D=_pow2(D) == D and _pow2(Dv) == Dv, **_flags(q, mask, params))
+    constexprs = dict(BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
+                      ELEMENT_MASK=plan.element_mask, **_flags(q, v, mask, params, H // k.shape[1]))
     return KernelCall(generator.kernel(family, "gna"), (plan.num_q_tiles, B * H), args, constexprs,
                       cfg.num_warps, cfg.num_stages, out)
 
