@@ -449,10 +449,13 @@ _SDPA_NAMES = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attent
                "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math")
 
 
-@_handles(*_SDPA_NAMES)
-def _sdpa(t: _Translator, n: fx.Node) -> None:
+def is_sdpa(n: fx.Node) -> bool:
+    return n.op == "call_function" and base_name(n) in _SDPA_NAMES
+
+
+def sdpa_args(n: fx.Node) -> tuple[Any, float, bool, Any]:
+    """(mask, dropout_p, is_causal, scale) of an SDPA node, whichever variant's signature it has."""
     name = base_name(n)
-    q, k, v = n.args[0], n.args[1], n.args[2]
     if name == "_scaled_dot_product_efficient_attention":
         mask = arg(n, 3, "attn_bias")
         dropout_p, is_causal = arg(n, 5, "dropout_p", 0.0), arg(n, 6, "is_causal", False)
@@ -465,6 +468,13 @@ def _sdpa(t: _Translator, n: fx.Node) -> None:
         mask = arg(n, 3, "attn_mask")
         dropout_p, is_causal = arg(n, 4, "dropout_p", 0.0), arg(n, 5, "is_causal", False)
         scale = arg(n, 6, "scale")
+    return mask, float(dropout_p or 0.0), is_causal, scale
+
+
+@_handles(*_SDPA_NAMES)
+def _sdpa(t: _Translator, n: fx.Node) -> None:
+    q, k, v = n.args[0], n.args[1], n.args[2]
+    mask, dropout_p, is_causal, scale = sdpa_args(n)
     enable_gqa = bool(n.kwargs.get("enable_gqa", arg(n, 7, "enable_gqa", False)))
     inputs = [q.name, k.name, v.name]
     slots = {"q": q.name, "k": k.name, "v": v.name, "mask": None}
@@ -475,7 +485,7 @@ def _sdpa(t: _Translator, n: fx.Node) -> None:
     ks, _ = _shape_dtype(k)
     t.add(n, "sdpa", inputs, flavor="torch_sdpa", layout="BHSD", slots=slots,
           is_causal=bool(is_causal), scale=None if scale is None else float(scale),
-          dropout_p=float(dropout_p or 0.0), enable_gqa=enable_gqa, softcap=None,
+          dropout_p=dropout_p, enable_gqa=enable_gqa, softcap=None,
           num_heads=qs[-3] if qs and len(qs) >= 3 else 1,
           num_kv_heads=ks[-3] if ks and len(ks) >= 3 else 1)
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from attnopt.frontends.fx import _ASSERT_OPS, arg, base_name
+from attnopt.frontends.fx import _ASSERT_OPS, arg, base_name, is_sdpa, sdpa_args
 from attnopt.passes.rewrite import Recipe
 
 def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModule, dict[str, str]]:
@@ -185,21 +185,15 @@ def _remove_dead(graph: fx.Graph, start: set) -> None:
         work.extend(inputs)
 
 
-# Fused attention ops fx calls impure because they may draw dropout masks (the aten schemas carry
-# the nondeterministic_seeded tag). With dropout_p == 0 they are pure; left in place, the SDPA a
-# site was rewritten from ran next to the fused op and doubled the attention time (found timing an
-# HF ViT with SDPA attention: 2 sites, 4 SDPA calls).
-_FUSED_ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                    "_scaled_dot_product_cudnn_attention")
-
-
 def _impure(n: fx.Node) -> bool:
     # fx calls every dropout impure (it draws random numbers), but an eval-mode dropout is the
     # identity: left in place it kept the whole replaced attention alive (computed twice).
     if base_name(n) in ("dropout", "feature_dropout", "alpha_dropout") and not _training(n):
         return False
-    if base_name(n) in _FUSED_ATTENTION and float(arg(n, 4, "dropout_p", 0.0) or 0.0) == 0.0:
+    # fx calls SDPA impure too (the aten schemas carry the nondeterministic_seeded tag for their
+    # dropout). Without dropout it is pure; left in place, the SDPA a site was rewritten from ran
+    # next to the fused op and doubled the attention time (found timing an HF ViT with SDPA).
+    if is_sdpa(n) and sdpa_args(n)[1] == 0.0:
         return False
     try:
         return n.is_impure()

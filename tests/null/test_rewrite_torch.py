@@ -269,3 +269,20 @@ def test_hf_decoder_with_kv_cache_output_is_optimized():
     assert len(ref_t) == len(got_t) >= 5  # hidden state + 2 layers x (keys, values)
     for a, b in zip(ref_t, got_t):
         assert (a - b).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("dropout_p,causal,removable", [(0.0, True, True), (0.0, False, True),
+                                                        (0.1, False, False), (0.1, True, False)])
+def test_sdpa_purity_reads_each_variants_own_dropout_argument(dropout_p, causal, removable):
+    """The flash variants put dropout_p at position 3 (is_causal at 4): dead-code removal must read
+    the right one, or a dropout-carrying SDPA would be dropped as pure."""
+    from attnopt.frontends.fx_splice import _impure
+
+    g = torch.fx.Graph()
+    q, k, v = (g.placeholder(n) for n in "qkv")
+    flash = g.call_function(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                            (q, k, v, dropout_p, causal))
+    plain = g.call_function(torch.ops.aten.scaled_dot_product_attention.default,
+                            (q, k, v, None, dropout_p, causal))
+    assert _impure(flash) is not removable
+    assert _impure(plain) is not removable
