@@ -63,15 +63,14 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
     new_gm = gm
     site_err: dict[str, Error] = {}
     total = Error(0.0, 0.0)
-    tol = None
+    if validate and kept:
+        ref0 = _run(gm, variants[0])
+        tol = low_precision_tolerance(gm, variants[0], ref0, tolerance_for(ref0))
     while kept:
         new_gm, result_nodes = splice(gm, kept)
         if not validate:
             break
         total, site_err = _measure(gm, new_gm, variants, kept, result_nodes)
-        if tol is None:
-            ref0 = _run(gm, variants[0])
-            tol = low_precision_tolerance(gm, variants[0], ref0, tolerance_for(ref0))
         if total.rel <= tol:
             break
         # Revert the earliest site that moved beyond tolerance (later ones see its error).

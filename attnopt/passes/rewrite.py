@@ -125,14 +125,13 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
     dead_rows = _dead_row_rule(graph, masks, spec.normalizer)
     if dead_rows.startswith("reject:"):
         return dead_rows.removeprefix("reject:")
-    causal, window, align = False, None, "top_left"
-    masks, causal, align = _simplify_constant_masks(graph, spec, masks, causal, align)
+    masks, causal, align = _simplify_constant_masks(graph, spec, masks)
     softcap = next((float(s.split(":")[1]) for s in spec.score_mods if s.startswith("softcap:")), None)
     bypass = tuple((n, path) for n, side, _f, path in d.get("scale_nodes", []) if side in ("q", "k"))
     return Recipe(
         site=site.name, q=q, k=k, v=v, batch_rank=len(batch), batch_sizes=batch_sizes,
         k_group_broadcast=k_group_broadcast, masks=tuple(masks), scale=float(spec.scale),
-        causal=causal, causal_alignment=align, window=window, softcap=softcap,
+        causal=causal, causal_alignment=align, window=None, softcap=softcap,
         normalizer=spec.normalizer, out_perm=out_perm, bypass=bypass, output=site.output,
         remove=frozenset(site.nodes), nan_guard=bool(d.get("nan_guard")),
         dead_rows_mean_v=dead_rows == "mean_v",
@@ -141,8 +140,9 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
                  if isinstance(spec.num_kv_heads, int) else None))
 
 
-def _simplify_constant_masks(graph: Graph, spec, masks: list, causal: bool, align: str):
-    """(masks, causal, alignment) with masks the analysis proved structural dropped.
+def _simplify_constant_masks(graph: Graph, spec, masks: list) -> tuple[list, bool, str]:
+    """(masks, causal flag, alignment) for a site without a causal flag of its own, with masks
+    the analysis proved structural dropped.
 
     Masks that depend on no user input, carry no bias and whose evaluated pattern is "none"
     (every pair attends: HF's bidirectional models build such an all-True mask) are dropped
@@ -153,12 +153,12 @@ def _simplify_constant_masks(graph: Graph, spec, masks: list, causal: bool, alig
     if (not masks or m.padding or spec.score_mods or not isinstance(spec.q_len, int)
             or not isinstance(spec.kv_len, int)
             or not all(_is_constant(graph, mt.node) for mt in masks)):
-        return masks, causal, align
+        return masks, False, "top_left"
     if m.kind == "none":
-        return [], causal, align
-    if m.kind == "causal" and not causal:
+        return [], False, "top_left"
+    if m.kind == "causal":
         return [], True, m.alignment
-    return masks, causal, align
+    return masks, False, "top_left"
 
 
 def _is_constant(graph: Graph, nid: str) -> bool:
@@ -199,7 +199,7 @@ def _plan_sdpa(graph: Graph, site: Site) -> Recipe | str:
         masks.append(MaskTerm(slot, how, float("-inf") if how == "keep" else None, 1.0, 4, ident))
     causal, align = bool(a.get("is_causal")), "top_left"
     if not causal:
-        masks, causal, align = _simplify_constant_masks(graph, site.spec, masks, causal, align)
+        masks, causal, align = _simplify_constant_masks(graph, site.spec, masks)
     return Recipe(
         site=site.name, q=Operand(site.q, ident), k=Operand(site.k, ident),
         v=Operand(site.v, ident), batch_rank=2, batch_sizes=tuple(qs[:2]), k_group_broadcast=False,
