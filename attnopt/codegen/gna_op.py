@@ -9,7 +9,13 @@ Canonical layouts (BHSD), as attnopt::attention:
 Schema:
   attnopt::gna_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int[] shape,
                          int[] window, int[] stride, int[] dilation, bool[] causal, int leading,
-                         str normalizer) -> Tensor
+                         str normalizer, int[] heads=[]) -> Tensor
+
+Per-head choices: `heads` lists the query heads that run the layout (empty: every head); the
+others run exact attention (dense, or causal when the layout is causal: a full-window 1-D causal
+layout with leading sinks is plain causal attention). With grouped KV heads a selection holds
+whole groups (the planner makes them so), so the selected query heads read only their own KV
+heads.
 
 Which pairs attend (on top of attn_mask):
   * a leading query attends every key (if the layout is causal: every key j <= i);
@@ -40,7 +46,7 @@ from attnopt.ir import GNALayout
 OP_NAME = "attnopt::gna_attention"
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int[] shape, int[] window, "
-    "int[] stride, int[] dilation, bool[] causal, int leading, str normalizer) -> Tensor"
+    "int[] stride, int[] dilation, bool[] causal, int leading, str normalizer, int[] heads=[]) -> Tensor"
 )
 
 
@@ -74,11 +80,23 @@ def _and_mask(attn_mask: Tensor | None, allowed: Tensor) -> Tensor:
 
 
 def reference_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
-                  layout: GNALayout, leading: int, normalizer: str = "softmax") -> Tensor:
-    """Dense reference: the layout as a full mask (any device, any normalizer)."""
+                  layout: GNALayout, leading: int, normalizer: str = "softmax", heads=()) -> Tensor:
+    """Dense reference: the layout as a full mask (any device, any normalizer); with `heads`,
+    only those heads get the layout (the others: the same mask minus the layout)."""
     allowed = full_mask(layout, leading).to(q.device)
+    if heads and len(set(heads)) != q.shape[1]:
+        full = full_mask(_full_window(layout), leading).to(q.device)
+        per_head = full.repeat(q.shape[1], 1, 1)
+        per_head[sorted(set(int(h) for h in heads))] = allowed
+        allowed = per_head
     return reference_attention(q, k, v, _and_mask(attn_mask, allowed), scale=scale,
                                normalizer=normalizer)
+
+
+def _full_window(layout: GNALayout) -> GNALayout:
+    """The layout's exact counterpart: every grid key (causal ones: every earlier key)."""
+    n = len(layout.shape)
+    return GNALayout(layout.shape, layout.shape, (1,) * n, (1,) * n, layout.causal)
 
 
 @functools.lru_cache(maxsize=32)
@@ -156,36 +174,84 @@ def _sdpa_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+def _exact_rest(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
+                layout: GNALayout, leading: int) -> Tensor:
+    """The site's exact attention for heads that keep it: dense, or causal for a causal layout."""
+    allowed = None
+    if any(layout.causal):
+        S = q.shape[2]
+        allowed = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    mask = attn_mask if allowed is None else _and_mask(attn_mask, allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(mask, q.dtype), scale=float(scale),
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def split_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, heads, run_layout,
+                run_exact) -> Tensor:
+    """out[:, heads] = run_layout(...those heads...), out[:, others] = run_exact(...): each
+    receives q/k/v (and a per-head mask) restricted to its heads and their KV groups."""
+    H, Hkv = q.shape[1], k.shape[1]
+    group = H // Hkv
+    sel = sorted({int(h) for h in heads})
+    if any(not 0 <= h < H for h in sel):
+        raise ValueError(f"gna_attention: heads {sel} out of range for {H} heads")
+    kv_sel = sorted({h // group for h in sel})
+    if len(sel) != len(kv_sel) * group:
+        raise ValueError(f"gna_attention: heads {sel} split a group of {group} query heads per KV head")
+    rest = [h for h in range(H) if h not in set(sel)]
+    kv_rest = [g for g in range(Hkv) if g not in set(kv_sel)]
+    out = q.new_empty((q.shape[0], H, q.shape[2], v.shape[3]))
+    for qh, kh, fn in ((sel, kv_sel, run_layout), (rest, kv_rest, run_exact)):
+        if not qh:
+            continue
+        m = attn_mask
+        if m is not None and m.dim() == 4 and m.shape[1] == H and H > 1:
+            m = m[:, qh]
+        out[:, qh] = fn(q[:, qh], k[:, kh], v[:, kh], m)
+    return out
+
+
+def _dispatch(q, k, v, attn_mask, scale, layout: GNALayout, leading: int, heads, run_layout) -> Tensor:
+    if not heads or len(set(heads)) == q.shape[1]:
+        return run_layout(q, k, v, attn_mask).contiguous()
+    return split_heads(q, k, v, attn_mask, heads, run_layout,
+                       lambda q_, k_, v_, m_: _exact_rest(q_, k_, v_, m_, scale, layout, leading))
+
+
 @torch.library.custom_op(OP_NAME, mutates_args=(), schema=SCHEMA)
 def gna_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
                   shape: list[int], window: list[int], stride: list[int], dilation: list[int],
-                  causal: list[bool], leading: int, normalizer: str) -> Tensor:
+                  causal: list[bool], leading: int, normalizer: str, heads: list[int] = ()) -> Tensor:
     """Default (devices without their own kernel): the exact dense reference."""
     layout = make_layout(shape, window, stride, dilation, causal)
-    return reference_gna(q, k, v, attn_mask, scale, layout, int(leading), normalizer).contiguous()
+    return reference_gna(q, k, v, attn_mask, scale, layout, int(leading), normalizer, heads).contiguous()
 
 
 @gna_attention.register_fake
-def _gna_fake(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer):
+def _gna_fake(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer,
+              heads=()):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D [B, H, S, D]")
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
 @gna_attention.register_kernel("cpu")
-def _gna_cpu(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer):
+def _gna_cpu(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer,
+             heads=()):
     layout = make_layout(shape, window, stride, dilation, causal)
     ok = (normalizer == "softmax" and q.is_floating_point() and q.dtype == k.dtype == v.dtype
           and q.shape[1] % k.shape[1] == 0
           and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
     if not ok:
-        return reference_gna(q, k, v, attn_mask, scale, layout, int(leading), normalizer).contiguous()
-    return cpu_gna(q, k, v, attn_mask, scale, layout, int(leading)).contiguous()
+        return reference_gna(q, k, v, attn_mask, scale, layout, int(leading), normalizer, heads).contiguous()
+    return _dispatch(q, k, v, attn_mask, scale, layout, int(leading), heads,
+                     lambda q_, k_, v_, m_: cpu_gna(q_, k_, v_, m_, scale, layout, int(leading)))
 
 
 def gna_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, scale: float,
-                     layout: GNALayout, leading: int = 0, normalizer: str = "softmax") -> Tensor:
+                     layout: GNALayout, leading: int = 0, normalizer: str = "softmax",
+                     heads=()) -> Tensor:
     """Call torch.ops.attnopt.gna_attention with a GNALayout."""
     return torch.ops.attnopt.gna_attention(
         q, k, v, attn_mask, float(scale), list(layout.shape), list(layout.window),
         list(layout.stride), list(layout.dilation), [bool(c) for c in layout.causal], int(leading),
-        normalizer)
+        normalizer, [int(h) for h in heads])

@@ -38,6 +38,8 @@ class Candidate:
 
     leading: tokens before the GNA grid that attend and are attended globally.
     window: (left, right) for the `sliding_window` family (the op's window arguments).
+    heads: the query heads that run the layout (empty: every head); the others keep the exact
+        kernel. Predicted time then interpolates between the two by the share of heads.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Candidate:
     flops: float = 0.0
     bytes: float = 0.0
     bound: str = ""
+    heads: tuple[int, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -220,6 +223,16 @@ def approx_candidates(spec: AttentionSpec, hw: HardwareProfile,
     return out
 
 
+def on_heads(c: Candidate, base: Candidate, heads: tuple[int, ...], num_heads: int) -> Candidate:
+    """`c` applied to `heads` only, the others keeping `base` (the site's exact kernel): time,
+    FLOPs and bytes interpolate by the share of heads (the head gathers are not modelled)."""
+    f = len(heads) / num_heads
+    mix = lambda a, b: a * f + b * (1.0 - f)  # noqa: E731
+    return replace(c, name=f"{c.name} on heads {','.join(map(str, heads))} of {num_heads}",
+                   heads=tuple(heads), time_s=mix(c.time_s, base.time_s),
+                   flops=mix(c.flops, base.flops), bytes=mix(c.bytes, base.bytes))
+
+
 def candidate_to_json(c: Candidate) -> dict[str, Any]:
     v = c.variant
     lay = v.layout
@@ -234,6 +247,7 @@ def candidate_to_json(c: Candidate) -> dict[str, Any]:
             "dilation": list(lay.dilation), "causal": list(lay.causal)},
         "leading": c.leading,
         "window": None if c.window is None else list(c.window),
+        "heads": list(c.heads) or None,
         "predicted": {"time_s": c.time_s, "baseline_time_s": c.baseline_time_s,
                       "speedup": c.speedup, "flops": c.flops, "bytes": c.bytes, "bound": c.bound},
     }
@@ -250,4 +264,5 @@ def candidate_from_json(d: dict[str, Any]) -> Candidate:
     w = d.get("window")
     return Candidate(d["name"], v, int(d.get("leading", 0)), None if w is None else tuple(w),
                      float(p.get("time_s", 0.0)), float(p.get("baseline_time_s", 0.0)),
-                     float(p.get("flops", 0.0)), float(p.get("bytes", 0.0)), str(p.get("bound", "")))
+                     float(p.get("flops", 0.0)), float(p.get("bytes", 0.0)), str(p.get("bound", "")),
+                     tuple(int(h) for h in d.get("heads") or ()))

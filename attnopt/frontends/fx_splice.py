@@ -77,7 +77,7 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
             attn = _call(graph, torch.ops.attnopt.gna_attention.default, q, k, v, mask,
                          float(r.scale), list(lay.shape), list(lay.window), list(lay.stride),
                          list(lay.dilation), [bool(c) for c in lay.causal], int(r.leading),
-                         r.normalizer)
+                         r.normalizer, [int(h) for h in r.heads])
         else:
             wl, wr = (r.window or (None, None))
             attn = _call(graph, torch.ops.attnopt.attention.default, q, k, v, mask, float(r.scale),

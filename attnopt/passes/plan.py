@@ -9,7 +9,12 @@ For each site (torch models: nn.Module, ExportedProgram, .pt2):
      each is tried together with those already accepted (replacing its site's earlier choice when
      it saves more) and kept if the measured end-to-end relative L2 stays within
      `SAFETY * max_error`. Every step is kept in `Plan.walk` (the speedup-vs-error curve).
-Per-head choices are not made: a choice applies to every head of a site.
+Per-head choices: a candidate whose end-to-end error alone exceeds the budget is also tried on
+a subset of the site's heads (the rest keep the exact kernel): heads (whole KV groups under GQA)
+are ranked by their own error under the candidate (relative L2 of that head's output at the
+site), and the best quarter, half and three quarters become candidates of their own, measured
+and walked like the others. Heads differ (some attend locally, some far away), so a layout too
+coarse for a whole site can still pay on the heads it suits.
 
 Predicted end-to-end speedup = (other + attention dense) / (other + attention planned), where
 "other" is the non-attention time estimated as 2 * (matrix parameters) * tokens FLOPs at the
@@ -42,8 +47,9 @@ import torch
 import torch.fx as fx
 
 from attnopt.cost.hardware import HardwareProfile, get_profile
+from attnopt.cost.roofline import resolve_dims
 from attnopt.cost.variants import (Candidate, approx_candidates, baseline, candidate_from_json,
-                                   candidate_to_json, exact_candidates, static)
+                                   candidate_to_json, exact_candidates, on_heads, static)
 from attnopt.ir import Graph, Site
 from attnopt.passes.rewrite import Recipe
 from attnopt.passes.validate import padding_positions
@@ -53,6 +59,7 @@ POLICIES = ("exact", "approx")
 TARGETS = ("cpu", "h100", "h200", "b200", "a100")
 SAFETY = 0.8  # approximations are accepted up to this fraction of max_error on calibration inputs
 CALIBRATION_BATCHES = 3
+HEAD_SHARES = (0.25, 0.5, 0.75)  # per-head candidates: these shares of a site's heads
 
 
 # ---- plan objects --------------------------------------------------------------------------------
@@ -294,7 +301,10 @@ def recipe_for(graph: Graph, site: Site, base: Recipe, c: Candidate) -> Recipe |
         return replace(base, window=tuple(c.window), masks=masks)
     if base.causal and not any(v.layout.causal):
         return "a causal site needs a causal layout"
-    return replace(base, layout=v.layout, leading=c.leading, causal=False, masks=masks)
+    if c.heads and base.batch_rank != 2:
+        return "per-head choices need a site with [B, H, S, D] operands"
+    return replace(base, layout=v.layout, leading=c.leading, causal=False, masks=masks,
+                   heads=tuple(c.heads))
 
 
 # ---- planning ------------------------------------------------------------------------------------
@@ -382,16 +392,25 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     positions = padding_positions(graph, sites)
     valids = [valid_rows(b, positions) for b in batches]
 
+    head_errors: dict[tuple[str, str], np.ndarray] = {}
+
     def measure(recs: dict[str, Recipe], site: str | None = None):
         new_gm, nodes = splice(gm, list(recs.values()))
         worst_l2, worst_cos, worst_site = 0.0, 1.0, 0.0
+        per_head = None
         for b, (ref, ref_vals), valid in zip(batches, refs, valids):
             want = [nodes[site]] if site else []
             out, vals = _run(new_gm, b, want)
             worst_l2 = max(worst_l2, rel_l2(ref, out, valid))
             worst_cos = min(worst_cos, cosine(ref, out, valid))
             if site:
-                worst_site = max(worst_site, rel_l2(ref_vals[site_by[site].output], vals[nodes[site]]))
+                a, o = ref_vals[site_by[site].output], vals[nodes[site]]
+                worst_site = max(worst_site, rel_l2(a, o))
+                if recs[site].batch_rank == 2 and not recs[site].heads:
+                    e = _head_errors(a, o, recs[site].out_perm, valid)
+                    per_head = e if per_head is None else np.maximum(per_head, e)
+        if site and per_head is not None:
+            head_errors[(site, str(recs[site].layout))] = per_head
         return worst_l2, worst_cos, worst_site
 
     measured_site: dict[str, Measured] = {}
@@ -408,6 +427,15 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
                     continue
                 l2, cos, se = measure({**chosen_recipe, name: r}, name)
                 trials.append((name, c, r, l2, cos, se))
+                errs = head_errors.get((name, str(r.layout)))
+                if l2 <= SAFETY * max_error or errs is None:
+                    continue
+                for sub in head_subsets(errs, resolve_dims(s.spec)["num_kv_heads"]):
+                    ch = on_heads(c, baseline(s.spec, hw), sub, len(errs))
+                    rh = recipe_for(graph, s, by_recipe[name], ch)
+                    if isinstance(rh, str) or ch.time_s >= chosen[name].time_s:
+                        continue
+                    trials.append((name, ch, rh, *measure({**chosen_recipe, name: rh}, name)))
         saved = lambda t: chosen[t[0]].time_s - t[1].time_s  # noqa: E731
         trials.sort(key=lambda t: saved(t) / max(t[3], 1e-12), reverse=True)
         accepted: dict[str, Recipe] = {}
@@ -453,6 +481,46 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     measured = {"rel_l2": final_l2, "cosine": final_cos, "calibration_batches": len(batches)}
     return Plan(policy, float(max_error), target, hw.name, tuple(site_plans), tuple(walk),
                 predicted, measured)
+
+
+def _head_errors(ref: torch.Tensor, new: torch.Tensor, out_perm: Sequence[int],
+                 valid: torch.Tensor | None) -> np.ndarray:
+    """Relative L2 per head of a site output (canonical [B, H, Sq, Dv] after undoing out_perm),
+    at real-token query rows when `valid` [B, Sq] is known."""
+    inv = [0] * len(out_perm)
+    for i, p in enumerate(out_perm):
+        inv[p] = i
+    a = ref.detach().double().permute(inv)
+    b = new.detach().double().permute(inv)
+    if valid is not None and tuple(valid.shape) == (a.shape[0], a.shape[2]):
+        w = valid.to(a.device)[:, None, :, None].double()
+        a, b = a * w, b * w
+    a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    b = torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
+    num = (a - b).transpose(0, 1).reshape(a.shape[1], -1).norm(dim=1)
+    den = a.transpose(0, 1).reshape(a.shape[1], -1).norm(dim=1).clamp_min(1e-12)
+    return (num / den).cpu().numpy()
+
+
+def head_subsets(errors: np.ndarray, num_kv_heads: int,
+                 shares: Sequence[float] = HEAD_SHARES) -> list[tuple[int, ...]]:
+    """Head subsets to try: the lowest-error `share` of the heads, whole KV groups at a time
+    (a group's error is its worst head's), each subset a proper, non-empty one."""
+    H = len(errors)
+    if num_kv_heads <= 0 or H % num_kv_heads:
+        return []
+    g = H // num_kv_heads
+    group_err = errors.reshape(num_kv_heads, g).max(axis=1)
+    order = np.argsort(group_err, kind="stable")
+    out: list[tuple[int, ...]] = []
+    for share in shares:
+        n = int(round(num_kv_heads * share))
+        if not 0 < n < num_kv_heads:
+            continue
+        sub = tuple(sorted(int(grp) * g + j for grp in order[:n] for j in range(g)))
+        if sub not in out:
+            out.append(sub)
+    return out
 
 
 # ---- applying a plan -----------------------------------------------------------------------------

@@ -65,6 +65,9 @@ class Recipe:
     # the layout; `causal` and `window` above must be unset). Set by passes/plan.py only.
     layout: GNALayout | None = None
     leading: int = 0
+    # Per-head choice: the canonical query heads that run `layout` (empty: all of them); the
+    # others keep the site's exact attention.
+    heads: tuple[int, ...] = ()
 
 
 def plan_all(graph: Graph, sites: list[Site]) -> tuple[list[Recipe], dict[str, str]]:

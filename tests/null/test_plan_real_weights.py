@@ -22,7 +22,9 @@ SEQ = 256
 @pytest.fixture(scope="module")
 def setup():
     model, tok = minilm.load()
-    calib = minilm.batches(tok, SEQ, 2, held_out=False, seed=1)
+    # three calibration batches, the planner's own default count: with two, a per-head plan at
+    # 1e-1 measured 0.078 on them and 0.105 on held-out text (2026-11-23)
+    calib = minilm.batches(tok, SEQ, 3, held_out=False, seed=1)
     held = minilm.batches(tok, SEQ, 1, held_out=True, seed=1)
     return model, calib, held
 
@@ -35,8 +37,9 @@ def _hidden(model, b):
 
 @pytest.mark.parametrize("max_error", [1e-1, 2e-1])
 def test_approx_plan_holds_on_held_out_real_text(setup, max_error):
-    """Measured 2026-11-23 at seq 256: 1 (1e-1) and 4 (2e-1) of 6 sites approximated (window 191 of
-    255 text tokens, stride 64, [CLS] global); held-out L2 0.067 / 0.178, embedding cosine >= 0.987."""
+    """Measured 2026-11-23 at seq 256 with per-head choices: 2 (1e-1: one site on 9 of 12 heads) and
+    5 (2e-1) of 6 sites approximated (windows 191 of 255 text tokens, [CLS] global); held-out L2
+    0.076 / 0.172."""
     model, calib, held = setup
     plan = attnopt.plan(model, calib[0], policy="approx", max_error=max_error, target="h100",
                         calibration=[[b["input_ids"], b["attention_mask"]] for b in calib])
