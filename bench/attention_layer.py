@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--masks", nargs="+", default=["none", "int", "bool"],
+                    help="none; int: (1 - float(mask)) * finfo.min (classic BERT); bool: "
+                         "where(bool(mask), 0, finfo.min) (transformers 5 exports)")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -48,10 +51,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        for mask in (False, True):
+        for mask in args.masks:
             for s in args.seq:
-                model = decomposed(1, s, args.heads, args.head_dim, mask)
-                path = os.path.join(tmp, f"attn{s}_{int(mask)}.onnx")
+                model = decomposed(1, s, args.heads, args.head_dim, {"none": False}.get(mask, mask))
+                path = os.path.join(tmp, f"attn{s}_{mask}.onnx")
                 onnx.save(model, path)
                 variants = {"decomposed": model}
                 notes = []
@@ -67,7 +70,7 @@ def main() -> None:
                     variants[op] = res.model
                 feeds = {n: rng.standard_normal((1, s, args.heads * args.head_dim)).astype(np.float32)
                          for n in "qkv"}
-                if mask:
+                if mask != "none":
                     am = np.ones((1, s), np.int64)
                     am[0, -s // 4:] = 0
                     feeds["attention_mask"] = am
@@ -91,7 +94,7 @@ def main() -> None:
                     return f"{med['decomposed'] / med[k]:.2f}x" if k in med else "failed"
 
                 load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-                print(f"| {'padding' if mask else 'none'} | {s} | {cell('decomposed')} | {cell('ort')} | "
+                print(f"| {mask} | {s} | {cell('decomposed')} | {cell('ort')} | "
                       f"{cell('standard')} | {ratio('ort')} | {ratio('standard')} | {err:.1e} | {load} |",
                       flush=True)
                 for n in notes:

@@ -23,7 +23,9 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 
-def decomposed(b: int, s: int, heads: int, d: int, mask: bool) -> onnx.ModelProto:
+def decomposed(b: int, s: int, heads: int, d: int, mask: bool | str) -> onnx.ModelProto:
+    """mask: False (none), True or "int" (BERT's classic (1 - float(mask)) * finfo.min from the
+    int64 attention_mask), or "bool" (transformers 5: Where(bool(mask), 0, finfo.min))."""
     e = heads * d
     nodes = [
         h.make_node("Reshape", ["q", "shp4"], ["q4"]), h.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
@@ -34,7 +36,12 @@ def decomposed(b: int, s: int, heads: int, d: int, mask: bool) -> onnx.ModelProt
     ]
     ins = [h.make_tensor_value_info(n, T.FLOAT, [b, s, e]) for n in "qkv"]
     last = "qks"
-    if mask:
+    if mask == "bool":
+        nodes += [h.make_node("Unsqueeze", ["attention_mask", "ax12"], ["am4"]),
+                  h.make_node("Cast", ["am4"], ["amb"], to=T.BOOL),
+                  h.make_node("Where", ["amb", "zero", "neg"], ["ext"]),
+                  h.make_node("Add", ["qks", "ext"], ["qkm"])]
+    elif mask:
         nodes += [h.make_node("Unsqueeze", ["attention_mask", "ax12"], ["am4"]),
                   h.make_node("Cast", ["am4"], ["amf"], to=T.FLOAT),
                   h.make_node("Sub", ["one", "amf"], ["inv"]),
@@ -53,6 +60,7 @@ def decomposed(b: int, s: int, heads: int, d: int, mask: bool) -> onnx.ModelProt
              nh.from_array(np.array(d ** -0.5, np.float32), "scale"),
              nh.from_array(np.array([1, 2], np.int64), "ax12"),
              nh.from_array(np.array(1.0, np.float32), "one"),
+             nh.from_array(np.array(0.0, np.float32), "zero"),
              nh.from_array(np.array(np.finfo(np.float32).min, np.float32), "neg")]
     g = h.make_graph(nodes, "attention", ins, [h.make_tensor_value_info("y", T.FLOAT, [b, s, e])], inits)
     return h.make_model(g, opset_imports=[h.make_opsetid("", 20)])

@@ -27,6 +27,7 @@ Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
    "sites": [{"site", "status" (planned|kept), "reason", "spec": {...},
               "choice": {"name", "family", "exact", "q_tile", "kv_tile", "layout": {"shape", "window",
                          "stride", "dilation", "causal"} | null, "leading", "window": [l, r] | null,
+                         "heads": [query heads that run the layout] | null (null: all),
                          "predicted": {"time_s", "baseline_time_s", "speedup", "flops", "bytes", "bound"}} | null,
               "measured": {"site_rel_l2", "e2e_rel_l2", "e2e_cosine"} | null}],
    "walk": [{"step", "site", "candidate", "saved_s", "alone_rel_l2", "rel_l2", "cosine",
