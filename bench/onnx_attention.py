@@ -47,6 +47,7 @@ def decomposed(b: int, s: int, heads: int, d: int, mask: bool | str) -> onnx.Mod
                   h.make_node("Sub", ["one", "amf"], ["inv"]),
                   h.make_node("Mul", ["inv", "neg"], ["ext"]),
                   h.make_node("Add", ["qks", "ext"], ["qkm"])]
+    if mask:
         ins.append(h.make_tensor_value_info("attention_mask", T.INT64, [b, s]))
         last = "qkm"
     nodes += [

@@ -185,6 +185,8 @@ def session(path: Path, threads: int = 2):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # sessions are alternated: no spin-waiting, or one's idle threads starve the next one
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # graph_optimization_level left at ORT's default (ORT_ENABLE_ALL)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 

@@ -36,6 +36,10 @@ def session(model: onnx.ModelProto | str | os.PathLike, base_dir: str | None = N
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # No spin-waiting after a run: callers keep two or more sessions alive and alternate them
+    # (validation: original vs optimized; benchmarks: interleaved variants), and on a 2-core
+    # machine one session's spinning threads starved the next one's (medians 4x off).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if base_dir is not None:
