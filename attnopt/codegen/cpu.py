@@ -179,68 +179,60 @@ def _workspace(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     return buf[:n].view(shape)
 
 
-def _tile_major(x: Tensor, idx: Tensor, group: int = 1, slot: str | None = None) -> Tensor:
-    """x [B, Hx, S, D] at tokens idx [n, T] -> [B, Hx * n, T, D], tiles folded into the head dim.
+def _tile_major(x: Tensor, idx: Tensor, slot: str | None = None) -> Tensor:
+    """x [B, Hx, S, D] at tokens idx [n, T] -> [n, B * Hx, T, D]: tiles in SDPA's batch dim,
+    batch and heads merged in its head dim (a view of one gathered copy: SDPA's CPU kernel takes
+    strided inputs). A tile's mask then broadcasts over every head instead of being repeated per
+    head (47 MB per call on the 64x64 / 16x16 layout). Under GQA, q head b * H + h pairs with kv
+    head (b * H + h) // group = b * Hkv + h // group, as enable_gqa wants.
     With `slot`, the copy lands in that reused per-thread workspace (valid until the next call
-    that uses the same slot).
-
-    group > 1 (q of a GQA call): heads ordered (kv head, tile, member) so that SDPA's enable_gqa
-    (q head j reads kv head j // group) pairs each q tile with its kv head's same tile."""
+    that uses the same slot)."""
     B, Hx, _, D = x.shape
     n, T = idx.shape
     flat = idx.reshape(-1)
     if slot is None:
-        g = x.index_select(2, flat)  # one copy; the views below are free
+        g = x.index_select(2, flat)
     else:
         g = torch.index_select(x, 2, flat, out=_workspace(slot, (B, Hx, flat.numel(), D), x))
-    if group == 1:
-        return g.view(B, Hx * n, T, D)
-    g = g.view(B, Hx // group, group, n, T, D).transpose(2, 3)
-    return g.reshape(B, Hx * n, T, D)
+    return g.view(B, Hx, n, T, D).permute(2, 0, 1, 3, 4).reshape(n, B * Hx, T, D)
 
 
-def _untile(res: Tensor, heads: int, n: int, group: int) -> Tensor:
-    """Inverse of _tile_major for the output: [B, H * n, T, Dv] -> [B, H, n * T, Dv]."""
-    B, _, T, Dv = res.shape
-    if group == 1:
-        return res.view(B, heads, n * T, Dv)
-    r = res.view(B, heads // group, n, group, T, Dv).transpose(2, 3)
-    return r.reshape(B, heads, n * T, Dv)
+def _untile(res: Tensor, batch: int, heads: int) -> Tensor:
+    """Inverse of _tile_major for the output: [n, B * H, T, Dv] -> [B, H, n * T, Dv]."""
+    n, _, T, Dv = res.shape
+    return res.view(n, batch, heads, T, Dv).permute(1, 2, 0, 3, 4).reshape(batch, heads, n * T, Dv)
 
 
-def _fold_heads(m: Tensor, heads: int, group: int) -> Tensor:
-    """A per-tile mask [mb, mh, n, TQ, TK] (mh in {1, heads}) -> [mb, heads * n, TQ, TK] in the
-    head order of _tile_major."""
+def _fold_heads(m: Tensor, batch: int, heads: int) -> Tensor:
+    """A per-tile mask [mb, mh, n, TQ, TK] (mb in {1, B}, mh in {1, H}) -> [n, 1 | B * H, TQ, TK]
+    in the layout of _tile_major (shared by every head when mb = mh = 1)."""
     mb, mh, n, TQ, TK = m.shape
-    if group == 1 and mh == heads:
-        return m.reshape(mb, heads * n, TQ, TK)
-    m = m.expand(mb, heads, n, TQ, TK)
-    if group > 1:
-        m = m.view(mb, heads // group, group, n, TQ, TK).transpose(2, 3)
-    return m.reshape(mb, heads * n, TQ, TK)
+    m = m.permute(2, 0, 1, 3, 4)
+    if mb == 1 and mh == 1:
+        return m.reshape(n, 1, TQ, TK)
+    return m.expand(n, batch, heads, TQ, TK).reshape(n, batch * heads, TQ, TK)
 
 
 _MASK_CACHE: dict = {}
 
 
-def _tile_mask(tile_mask: Tensor, heads: int, group: int, dtype: torch.dtype) -> Tensor:
-    """The element mask of the tiles, folded into heads, as an additive mask of `dtype` (what
-    SDPA's CPU kernel consumes; a bool mask would be converted on every call). Cached."""
-    key = (tile_mask.data_ptr(), tuple(tile_mask.shape), heads, group, dtype)
+def _tile_mask(tile_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The element mask of the tiles [n, 1, TQ, TK] as an additive mask of `dtype` (what SDPA's
+    CPU kernel consumes; a bool mask would be converted on every call). Cached."""
+    key = (tile_mask.data_ptr(), tuple(tile_mask.shape), dtype)
     hit = _MASK_CACHE.get(key)
     if hit is not None and hit[0] is tile_mask:
         return hit[1]
-    add = torch.zeros(tile_mask.shape, dtype=dtype).masked_fill_(~tile_mask, float("-inf"))
-    folded = _fold_heads(add.unsqueeze(0).unsqueeze(0), heads, group)
+    add = torch.zeros(tile_mask.shape, dtype=dtype).masked_fill_(~tile_mask, float("-inf")).unsqueeze(1)
     if len(_MASK_CACHE) > 32:
         _MASK_CACHE.clear()
-    _MASK_CACHE[key] = (tile_mask, folded)
-    return folded
+    _MASK_CACHE[key] = (tile_mask, add)
+    return add
 
 
-def _gather_mask(attn_mask: Tensor, tile_mask: Tensor, q_idx: Tensor, kv_idx: Tensor, heads: int,
-                 group: int, Sq: int, Skv: int) -> Tensor:
-    """attn_mask at the tiles' (q, kv) pairs AND-ed with the element mask: [mb, heads * n, TQ, TK]."""
+def _gather_mask(attn_mask: Tensor, tile_mask: Tensor, q_idx: Tensor, kv_idx: Tensor, batch: int,
+                 heads: int, Sq: int, Skv: int) -> Tensor:
+    """attn_mask at the tiles' (q, kv) pairs AND-ed with the element mask: [n, 1 | B * H, TQ, TK]."""
     m = attn_mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
@@ -250,7 +242,7 @@ def _gather_mask(attn_mask: Tensor, tile_mask: Tensor, q_idx: Tensor, kv_idx: Te
         g = g & tile_mask
     else:
         g = torch.where(tile_mask, g, torch.tensor(float("-inf"), dtype=g.dtype))
-    return _fold_heads(g, heads, group)
+    return _fold_heads(g, batch, heads)
 
 
 class _Tiles:
@@ -272,26 +264,25 @@ def _run_tiles(q, k, v, attn_mask, params: AttentionParams, tiles: _Tiles, maske
     if n == 0:
         return
     if q.requires_grad or k.requires_grad or v.requires_grad:
-        qg = _tile_major(q, tiles.q_idx, group)
+        qg = _tile_major(q, tiles.q_idx)
         kg, vg = _tile_major(k, tiles.kv_idx), _tile_major(v, tiles.kv_idx)
     else:  # inference: reuse the gather buffers (autograd would need them kept per call)
-        qg = _tile_major(q, tiles.q_idx, group, "q")
-        kg, vg = _tile_major(k, tiles.kv_idx, slot="k"), _tile_major(v, tiles.kv_idx, slot="v")
+        qg = _tile_major(q, tiles.q_idx, "q")
+        kg, vg = _tile_major(k, tiles.kv_idx, "k"), _tile_major(v, tiles.kv_idx, "v")
     fast = params.normalizer == "softmax" and params.softcap is None
     m = None
     if attn_mask is not None:
-        m = _gather_mask(attn_mask, tiles.mask, tiles.q_idx, tiles.kv_idx, H, group, Sq, Skv)
+        m = _gather_mask(attn_mask, tiles.mask, tiles.q_idx, tiles.kv_idx, B, H, Sq, Skv)
         if fast and m.dtype != torch.bool:
             m = m.to(q.dtype)
     elif masked:
-        m = _tile_mask(tiles.mask, H, group, q.dtype) if fast else _fold_heads(
-            tiles.mask[None, None], H, group)
+        m = _tile_mask(tiles.mask, q.dtype) if fast else _fold_heads(tiles.mask[None, None], B, H)
     if fast:
         res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m, scale=params.scale, enable_gqa=group > 1)
     else:
         res = reference_attention(qg, kg, vg, m, scale=params.scale, softcap=params.softcap,
                                   normalizer=params.normalizer)
-    out.index_copy_(2, tiles.q_idx.reshape(-1), _untile(res, H, n, group).to(out.dtype))
+    out.index_copy_(2, tiles.q_idx.reshape(-1), _untile(res, B, H).to(out.dtype))
 
 
 def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
