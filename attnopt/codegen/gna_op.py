@@ -27,11 +27,15 @@ Implementations:
   CPU   softmax: codegen.cpu.gna_attention when there are no leading tokens; else tiled SDPA over the
         simulator's Q tiles, each tile's KV box extended by the leading keys (exact, element mask per
         tile). Other normalizers: the dense reference with the layout's full mask.
+        ATTNOPT_FORCE_TRITON=1 runs the CUDA path below under the Triton interpreter (CI).
+  CUDA  the generated block-sparse GNA Triton kernel when there are no leading tokens and it fits
+        (codegen.triton.can_run); else SDPA with the layout as a bool mask (exact, dense work).
   other devices: the dense reference with the layout's full mask (exact, not faster)
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -234,17 +238,59 @@ def _gna_fake(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
+def _kernel_ok(q, k, v, attn_mask, normalizer) -> bool:
+    return (normalizer == "softmax" and q.is_floating_point() and q.dtype == k.dtype == v.dtype
+            and q.shape[1] % k.shape[1] == 0
+            and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
+
+
+def triton_or_sdpa_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
+                       layout: GNALayout, leading: int) -> Tensor:
+    """Softmax GNA on an accelerator: the generated Triton kernel when it fits (no leading tokens:
+    its tiles cover the grid only), else SDPA with the layout as a bool mask (exact)."""
+    if leading == 0:
+        from attnopt.codegen.ops import _ensure_triton_kernels
+
+        _ensure_triton_kernels()
+        try:
+            from attnopt.codegen import triton as tk
+        except ImportError:  # pragma: no cover - no triton: the SDPA path serves
+            tk = None
+        if tk is not None:
+            p = AttentionParams(scale=float(scale))
+            ok, why = tk.can_run(q, k, v, attn_mask, p, layout)
+            out = tk.launch(q, k, v, attn_mask, p, layout) if ok else None
+            if out is not None:
+                return out
+            tk.log_fallback_once(f"gna_attention: {why or 'no kernel config fits'}")
+    allowed = full_mask(layout, leading).to(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(_and_mask(attn_mask, allowed), q.dtype),
+                                          scale=float(scale), enable_gqa=q.shape[1] != k.shape[1])
+
+
 @gna_attention.register_kernel("cpu")
 def _gna_cpu(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer,
              heads=()):
+    from attnopt.codegen.ops import FORCE_TRITON_ENV
+
     layout = make_layout(shape, window, stride, dilation, causal)
-    ok = (normalizer == "softmax" and q.is_floating_point() and q.dtype == k.dtype == v.dtype
-          and q.shape[1] % k.shape[1] == 0
-          and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
-    if not ok:
+    if not _kernel_ok(q, k, v, attn_mask, normalizer):
+        return reference_gna(q, k, v, attn_mask, scale, layout, int(leading), normalizer, heads).contiguous()
+    if os.environ.get(FORCE_TRITON_ENV, "0") == "1":
+        run = lambda q_, k_, v_, m_: triton_or_sdpa_gna(q_, k_, v_, m_, scale, layout, int(leading))  # noqa: E731
+    else:
+        run = lambda q_, k_, v_, m_: cpu_gna(q_, k_, v_, m_, scale, layout, int(leading))  # noqa: E731
+    return _dispatch(q, k, v, attn_mask, scale, layout, int(leading), heads, run)
+
+
+@gna_attention.register_kernel("cuda")
+def _gna_cuda(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer,
+              heads=()):
+    layout = make_layout(shape, window, stride, dilation, causal)
+    if not _kernel_ok(q, k, v, attn_mask, normalizer):
         return reference_gna(q, k, v, attn_mask, scale, layout, int(leading), normalizer, heads).contiguous()
     return _dispatch(q, k, v, attn_mask, scale, layout, int(leading), heads,
-                     lambda q_, k_, v_, m_: cpu_gna(q_, k_, v_, m_, scale, layout, int(leading)))
+                     lambda q_, k_, v_, m_: triton_or_sdpa_gna(q_, k_, v_, m_, scale, layout, int(leading)))
 
 
 def gna_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, scale: float,

@@ -111,3 +111,23 @@ def test_op_uses_generated_kernel_and_falls_back():
     assert tk.launch(big, big, big, None, AttentionParams(scale=0.05)) is None
     out = attention_op(big, big, big, scale=0.05)  # exact path
     _check(out, reference_attention(big, big, big, scale=0.05), torch.float16)
+
+
+@pytest.mark.parametrize("leading,heads", [(0, ()), (0, (1, 2)), (1, ())])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gna_op_on_cuda(monkeypatch, leading, heads, dtype):
+    """attnopt::gna_attention on CUDA (what approximate plans splice): the generated GNA kernel on
+    a bare grid, SDPA with the layout mask with leading global tokens, per-head splits."""
+    from attnopt.codegen.gna_op import gna_attention_op, reference_gna
+    from attnopt.codegen.triton import launcher
+
+    calls = []
+    real = launcher.gna_call
+    monkeypatch.setattr(launcher, "gna_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    layout = GNALayout((32, 48), (9, 13), (2, 3), (1, 1), (False, False))
+    q, k, v = _qkv(2, 4, 4, leading + 32 * 48, leading + 32 * 48, 64, dtype, seed=4)
+    out = gna_attention_op(q, k, v, None, scale=0.125, layout=layout, leading=leading, heads=heads)
+    ref = reference_gna(q.float(), k.float(), v.float(), None, 0.125, layout, leading, "softmax", heads)
+    err = (out.float() - ref).abs().max().item()
+    assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), err
+    assert bool(calls) == (leading == 0)

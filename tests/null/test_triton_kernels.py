@@ -255,3 +255,22 @@ def test_finfo_min_additive_mask_matches_sdpa_on_fully_masked_rows():
     rows[7] = False
     assert (out[:, :, rows] - ref[:, :, rows]).abs().max().item() < 1e-5
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("leading,heads", [(0, ()), (0, (1,)), (2, ())])
+def test_gna_op_forced_triton(monkeypatch, leading, heads):
+    """attnopt::gna_attention's accelerator path (run here by ATTNOPT_FORCE_TRITON=1 under the
+    interpreter): the generated GNA kernel for a bare grid, SDPA with the layout mask when there
+    are leading global tokens; per-head splits around either."""
+    from attnopt.codegen.gna_op import gna_attention_op, reference_gna
+    from attnopt.codegen.triton import launcher
+
+    monkeypatch.setenv("ATTNOPT_FORCE_TRITON", "1")
+    calls = []
+    real = launcher.gna_call
+    monkeypatch.setattr(launcher, "gna_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    layout = GNALayout((9, 7), (5, 3), (2, 1), (1, 1), (False, False))
+    q, k, v = _qkv(1, 2, 2, leading + 63, leading + 63, 16, torch.float32, seed=3)
+    out = gna_attention_op(q, k, v, None, scale=0.3, layout=layout, leading=leading, heads=heads)
+    _check(out, reference_gna(q, k, v, None, 0.3, layout, leading, "softmax", heads), torch.float32)
+    assert bool(calls) == (leading == 0)
