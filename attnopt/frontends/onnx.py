@@ -12,6 +12,7 @@ evaluator needs it.
 from __future__ import annotations
 
 import ast
+import collections
 import os
 import re
 from pathlib import Path
@@ -29,6 +30,7 @@ MIN_OPSET = 13
 PROBE_BATCH = 2
 PROBE_DIM = 48
 PROBE_SEED = 0
+MAX_PROBE_SESSIONS = 4  # probe sessions kept (see OnnxEvaluator._sessions)
 
 _DTYPES = {
     TensorProto.FLOAT: "float32", TensorProto.UINT8: "uint8", TensorProto.INT8: "int8",
@@ -875,7 +877,10 @@ class OnnxEvaluator(Evaluator):
             self._reads.append(reads)
         self._inits = {t.name: t for t in gp.initializer}
         self._input_vi = {vi.name: vi for vi in gp.input if vi.name not in self._inits}
-        self._sessions: dict[frozenset, Any] = {}
+        # Probe sessions, least recently used first. Each holds the weights of the subgraph it
+        # runs (up to the whole model) and ORT's buffers: a BERT-base at seq 2048 grew by ~1 GB
+        # per cached session and was killed for memory after 24 of them; a few suffice.
+        self._sessions: collections.OrderedDict[frozenset, Any] = collections.OrderedDict()
         self._cache: dict[str, np.ndarray] = {}
         self._probe_sizes: dict[str, int] = {}
         self._default_feeds: dict[str, np.ndarray] | None = None
@@ -1000,6 +1005,7 @@ class OnnxEvaluator(Evaluator):
     def _session(self, names: Sequence[str]):
         key = frozenset(names)
         if key in self._sessions:
+            self._sessions.move_to_end(key)
             return self._sessions[key]
         import onnxruntime as ort
 
@@ -1045,9 +1051,12 @@ class OnnxEvaluator(Evaluator):
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.enable_cpu_mem_arena = False  # give score-sized buffers back after each probe
         if self.base_dir is not None:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         self.base_dir)
+        while len(self._sessions) >= MAX_PROBE_SESSIONS:
+            self._sessions.popitem(last=False)
         try:
             sess = ort.InferenceSession(m.SerializeToString(), so,
                                         providers=["CPUExecutionProvider"])
