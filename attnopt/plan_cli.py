@@ -219,7 +219,8 @@ def register(app: typer.Typer) -> None:
         policy: str = typer.Option("exact", "--policy", help="exact | approx"),
         max_error: float = typer.Option(1e-2, "--max-error",
                                         help="end-to-end relative L2 budget (approx)"),
-        target: str = typer.Option("cpu", "--target", help="cpu | h100 | h200 | b200 | a100"),
+        target: Optional[str] = typer.Option(None, "--target",
+                                             help="cpu | h100 | h200 | b200 | a100 (default: this machine)"),
         calibration: Optional[Path] = typer.Option(None, "--calibration",
                                                    help=".npz of calibration inputs"),
         report: Optional[Path] = typer.Option(None, "--report", help="write an HTML report"),
@@ -236,7 +237,7 @@ def register(app: typer.Typer) -> None:
             if policy not in POLICIES:
                 typer.echo(f"error: --policy must be one of {', '.join(POLICIES)}", err=True)
                 raise typer.Exit(2)
-            if target.lower() not in TARGETS:
+            if target is not None and target.lower() not in TARGETS:
                 typer.echo(f"error: --target must be one of {', '.join(TARGETS)}", err=True)
                 raise typer.Exit(2)
             if not max_error >= 0:
@@ -247,7 +248,8 @@ def register(app: typer.Typer) -> None:
             for p in (output, report):
                 if p is not None and not p.resolve().parent.is_dir():
                     raise OutputError(f"output directory {p.resolve().parent} does not exist")
-            plan = make_plan(model, policy=policy, max_error=max_error, target=target.lower(),
+            plan = make_plan(model, policy=policy, max_error=max_error,
+                             target=None if target is None else target.lower(),
                              calibration=calibration)
             plan.save(output)
             if report is not None:

@@ -203,6 +203,23 @@ def cpu_profile(refresh: bool = False) -> HardwareProfile:
         sfu_overlap=0.0, launch_overhead_s=2e-6, source=f"measured {m.get('measured_at', '')}")
 
 
+def local_target() -> str:
+    """The profile name of this machine's accelerator (the first CUDA device, by its name), or
+    "cpu" when there is none or its kind has no profile."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+        name = torch.cuda.get_device_name(0).upper()
+    except Exception:  # noqa: BLE001 - no usable CUDA: plan for the CPU
+        return "cpu"
+    for key in ("H200", "H100", "B200", "A100"):  # H200 before H100: names like "NVIDIA H200"
+        if key in name:
+            return key.lower()
+    return "cpu"
+
+
 def get_profile(name: str) -> HardwareProfile:
     key = name.lower().replace("-", "_").replace(" ", "_")
     if key == "cpu":

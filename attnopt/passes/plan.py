@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from attnopt.cost.hardware import HardwareProfile, get_profile
+from attnopt.cost.hardware import HardwareProfile, get_profile, local_target
 from attnopt.cost.roofline import resolve_dims
 from attnopt.cost.variants import (Candidate, approx_candidates, baseline, candidate_from_json,
                                    candidate_to_json, exact_candidates, on_heads, static)
@@ -341,8 +341,9 @@ def _run(gm, inputs, names=()):
 
 
 def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
-              max_error: float = 1e-2, target: str = "cpu", calibration: Any = None) -> Plan:
-    """Plan every attention site of a torch model (see the module header)."""
+              max_error: float = 1e-2, target: str | None = None, calibration: Any = None) -> Plan:
+    """Plan every attention site of a torch model (see the module header). target None: this
+    machine's accelerator if it has a profile, else the CPU (cost.hardware.local_target)."""
     from attnopt.frontends import fx as fx_front
     from attnopt.frontends.fx_splice import splice
     from attnopt.passes.detect import detect
@@ -352,6 +353,8 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if not max_error >= 0:
         raise ValueError(f"max_error must be >= 0, got {max_error}")
+    if target is None:
+        target = local_target()
     hw = get_profile(target)
     _ep, gm, inputs = _program(model, example_inputs)
     graph = fx_front.from_graph_module(gm, list(inputs), source="aten")
@@ -569,7 +572,7 @@ def add_approximate(gm: fx.GraphModule, exact: list[Recipe], approx: list[Recipe
 
 
 def plan_model(model: Any, example_inputs: Any = None, *, policy: str = "exact",
-               max_error: float = 1e-2, target: str = "cpu", calibration: Any = None) -> Plan:
+               max_error: float = 1e-2, target: str | None = None, calibration: Any = None) -> Plan:
     """`attnopt.plan(...)`: see make_plan."""
     return make_plan(model, example_inputs, policy=policy, max_error=max_error, target=target,
                      calibration=calibration)

@@ -270,3 +270,20 @@ def test_gna_op_matches_reference(shape, window, stride, causal, leading, hkv):
         out = gna_attention_op(q, k, v, m, scale=0.3, layout=lay, leading=leading)
         ref = reference_gna(q, k, v, m, 0.3, lay, leading)
         assert (out - ref).abs().max() < 1e-5
+
+
+def test_default_target_is_the_local_device(monkeypatch):
+    """--target defaults to this machine: its accelerator's profile when it has one, else the CPU."""
+    from attnopt.cost.hardware import local_target
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_target() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, want in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                       ("NVIDIA A100-SXM4-40GB", "a100"), ("NVIDIA GeForce RTX 4090", "cpu")):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0, n=name: n)
+        assert local_target() == want, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 PCIe")
+    torch.manual_seed(0)
+    model, x = _sharpen(Net(layers=1)), (torch.randn(1, 16, 32),)
+    assert make_plan(model, x, policy="exact").target == "h100"
