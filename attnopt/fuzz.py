@@ -50,7 +50,7 @@ REJECT = {"softmax_axis", "probs_returned", "scores_returned", "nonconst_scale",
           "contract_query", "extra_op_probs", "extra_op_scores"}
 ONNX_SCALES = ["scores_mul", "scores_div", "q_mul", "split_sqrt", "none"]
 ONNX_KTRANS = ["transpose", "bshd_permute", "pretransposed"]
-ONNX_MASKS = ["none", "pad_add", "causal_where", "causal_add", "sliding", "bias", "dense_input"]
+ONNX_MASKS = ["none", "pad_add", "pad_bool", "causal_where", "causal_add", "sliding", "bias", "dense_input"]
 ONNX_GQA = ["none", "expand", "tile"]
 ONNX_NEAR = ["none", "softmax_axis", "probs_returned", "nonconst_scale", "contract_query",
              "extra_op_probs", "dynamic_seq"]
@@ -735,6 +735,21 @@ def onnx_model(c: dict[str, Any]):
         f = node("Mul", [f, const(float(np.finfo(npdt).min))])
         f = node("Unsqueeze", [f, const([1, 2], np.int64)])
         s = node("Add", [s, f])
+    elif m == "pad_bool":
+        # transformers 5: a bool key mask broadcast over queries by And with a trivially true
+        # query test, turned additive by Where (the form attnopt folds into q/k for ORT's MHA)
+        inputs.append(helper.make_tensor_value_info("am", TensorProto.INT64, [B, skdim]))
+        kb = node("Unsqueeze", [node("Cast", ["am"], to=TensorProto.BOOL), const([1, 2], np.int64)])
+        if dyn:  # the query positions at run time (not provably >= 0 to attnopt: not folded)
+            n = node("Gather", [node("Shape", [s]), const([2], np.int64)], axis=0)
+            qi = node("Range", [const(0, np.int64), node("Squeeze", [n, const([0], np.int64)]),
+                                const(1, np.int64)])
+            qi = node("Reshape", [qi, const([1, 1, -1, 1], np.int64)])
+        else:
+            qi = const(np.arange(S).reshape(1, 1, S, 1), np.int64)
+        qok = node("GreaterOrEqual", [qi, const(0, np.int64)])
+        both = node("And", [qok, kb])
+        s = node("Add", [s, node("Where", [both, const(0.0), const(fillv)])])
     elif m == "causal_where":
         s = node("Where", [const(tril, bool), s, const(fillv)])
     elif m == "causal_add":
@@ -789,6 +804,8 @@ def onnx_feeds(c: dict[str, Any], model, seed: int, pad: bool = True, seq: int |
             if pad:
                 for b in range(shape[0]):
                     a[b, rng.integers(1, shape[1] + 1):] = 0
+            if empty_row and c["mask"] == "pad_bool":
+                a[0] = 0  # every key of batch row 0 masked
             feeds[vi.name] = a
         elif vi.name == "dm":
             d = rng.random(shape) < 0.6
