@@ -192,7 +192,7 @@ def _sample_onnx(rng: random.Random, c: dict[str, Any]) -> None:
         c["gqa"] = c["gqa"] if kvh else "none"
         c["KVH"] = max(kvh) if kvh else H
     c["KVH"] = c.get("KVH", H) if c["gqa"] != "none" else H
-    if c["cross"] and (c["mask"] in ("causal_where", "causal_add", "sliding")
+    if c["cross"] and (c["mask"] in ("causal_where", "causal_add", "sliding", "pad_bool")
                        or c["near"] == "contract_query"):
         c["cross"], c["Sk"] = False, c["S"]
     if c["near"] == "contract_query" and c["v_dim"]:
@@ -740,8 +740,8 @@ def onnx_model(c: dict[str, Any]):
         # query test, turned additive by Where (the form attnopt folds into q/k for ORT's MHA)
         inputs.append(helper.make_tensor_value_info("am", TensorProto.INT64, [B, skdim]))
         kb = node("Unsqueeze", [node("Cast", ["am"], to=TensorProto.BOOL), const([1, 2], np.int64)])
-        if dyn:  # the query positions at run time (not provably >= 0 to attnopt: not folded)
-            n = node("Gather", [node("Shape", [s]), const([2], np.int64)], axis=0)
+        if dyn:  # the query positions at run time (self-attention: the mask's length)
+            n = node("Gather", [node("Shape", ["am"]), const([1], np.int64)], axis=0)
             qi = node("Range", [const(0, np.int64), node("Squeeze", [n, const([0], np.int64)]),
                                 const(1, np.int64)])
             qi = node("Reshape", [qi, const([1, 1, -1, 1], np.int64)])

@@ -15,6 +15,9 @@ or an unknown shape gives None. Rules:
   * Expand: its input's (expanding repeats values along broadcast axes);
   * Unsqueeze / Squeeze / Transpose with constant axes and known ranks: the axes moved;
   * Reshape: only output axes whose size is not 1 (static shape or folded target) may vary;
+  * x >= c, x > c, c <= x, c < x with a proven lower bound of x (Range from a constant start with
+    a positive constant step, through shape ops and casts): all true, varies along no axis (the
+    "query index >= 0" term of exporters' masks at dynamic lengths);
   * graph inputs and anything else: every axis whose static size is not 1.
 
 `zero_or_masked(name)`: True when every value is 0 or a fill that masks exactly (-inf, or finite
@@ -141,6 +144,8 @@ class AxisFacts:
         op = n.op_type if n.domain in ("", "ai.onnx") else None
         if op == "ConstantOfShape":
             return frozenset()
+        if op in ("GreaterOrEqual", "Greater", "LessOrEqual", "Less") and self._always_true(n):
+            return frozenset()
         if op in ELEMENTWISE or op == "Expand":
             ins = [x for x in (n.input[:1] if op == "Expand" else n.input) if x]
             acc: frozenset[int] = frozenset()
@@ -155,6 +160,30 @@ class AxisFacts:
         if op == "Reshape":
             return self._reshaped(n, depth)
         return self._all_axes(name)
+
+    def _always_true(self, n: onnx.NodeProto) -> bool:
+        x, c = (n.input[0], n.input[1]) if n.op_type.startswith("Greater") else (n.input[1], n.input[0])
+        lo, cv = self._lower_bound(x), self._value(c)
+        if lo is None or cv is None or np.asarray(cv).size == 0:
+            return False
+        top = float(np.max(cv))
+        return lo >= top if n.op_type in ("GreaterOrEqual", "LessOrEqual") else lo > top
+
+    def _lower_bound(self, name: str, depth: int = 0) -> float | None:
+        v = self._value(name)
+        if v is not None:
+            return float(np.min(v)) if np.asarray(v).size else None
+        n = self.producer.get(name)
+        if n is None or depth > 20 or n.domain not in ("", "ai.onnx"):
+            return None
+        if n.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Expand", "Identity", "Flatten", "Cast",
+                         "Transpose"):
+            return self._lower_bound(n.input[0], depth + 1)
+        if n.op_type == "Range":
+            start, delta = self._value(n.input[0]), self._value(n.input[2])
+            if start is not None and delta is not None and float(np.asarray(delta)) > 0:
+                return float(np.asarray(start))
+        return None
 
     def _reshaped(self, n: onnx.NodeProto, depth: int) -> frozenset[int] | None:
         """Values only move, so an output axis of size 1 cannot vary; the sizes come from the

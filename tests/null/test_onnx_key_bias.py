@@ -191,3 +191,21 @@ def test_value_sets():
     f.dtype_of = {"b": "bool", "i": "int64"}.get
     assert f.zero_or_masked("ext") and f.zero_or_masked("w")
     assert not f.zero_or_masked("ext4") and not f.zero_or_masked("exti")
+
+
+def test_axes_query_index_test_at_dynamic_length():
+    """Exporters at dynamic lengths build "query index >= 0" from Range(0, n, 1): all true."""
+    nodes = [h.make_node("Shape", ["s"], ["shp"]),
+             h.make_node("Gather", ["shp", "i2"], ["n1"], axis=0),
+             h.make_node("Squeeze", ["n1", "ax0"], ["n"]),
+             h.make_node("Range", ["zero", "n", "one"], ["qi"]),
+             h.make_node("Reshape", ["qi", "shape4"], ["qi4"]),
+             h.make_node("GreaterOrEqual", ["qi4", "zero"], ["qok"]),
+             h.make_node("Greater", ["qi4", "zero"], ["qpos"]),  # not always true (index 0)
+             h.make_node("Identity", ["qok"], ["out"])]
+    f = _facts(nodes, [h.make_tensor_value_info("s", T.FLOAT, ["batch", 4, "seq", "seq"])],
+               [nh.from_array(np.array([2], np.int64), "i2"), nh.from_array(np.array([0], np.int64), "ax0"),
+                nh.from_array(np.array(0, np.int64), "zero"), nh.from_array(np.array(1, np.int64), "one"),
+                nh.from_array(np.array([1, 1, -1, 1], np.int64), "shape4")])
+    assert f.varying("qok") == frozenset()
+    assert f.varying("qpos") != frozenset()
