@@ -71,6 +71,12 @@ def draw_png(layout: GNALayout, result: SimResult, path: str | Path) -> Path:
         ax0.set_title(f"KV runs per Q run (worst {result.max_kv_tiles})", fontsize=9)
         heat = vis[None, :]
     im = ax1.imshow(heat, cmap="viridis", interpolation="nearest", aspect="auto")
+    if n == 1 or heat.shape[0] == 1:  # a single row: its y axis would only show -0.5..0.5
+        ax1.set_yticks([])
+        ax1.set_xlabel("Q tile index")
+    if n == 1 and result.tiling == "box":
+        ax0.set_yticks([])
+        ax0.set_xlabel("key position")
     fig.colorbar(im, ax=ax1, label="KV tiles visited")
     ax1.set_title(f"KV tiles per Q tile: max {result.max_kv_tiles}, mean "
                   f"{result.mean_kv_tiles:.1f} of {result.full_kv_tiles}; masked "
