@@ -8,8 +8,9 @@ Axes are counted from the right (-1 = last), which is how ONNX broadcasting alig
 `varying(name)` is the set of right-aligned axes along which the tensor may take different
 values, or None when nothing is known (every axis may vary). Sound, not complete: an unknown op
 or an unknown shape gives None. Rules:
-  * constants (initializers, Constant, Shape of a static shape, and small subgraphs of those,
-    folded with onnx's reference evaluator): measured from the value;
+  * constants (the IR's small constants: initializers and Constant nodes as the frontend read them,
+    external data included; Shape of a static shape; and small subgraphs of those, folded with
+    onnx's reference evaluator): measured from the value;
   * ConstantOfShape: varies along no axis;
   * element-wise ops: the union of their inputs' varying axes (broadcasting never adds any);
   * Expand: its input's (expanding repeats values along broadcast axes);
@@ -33,7 +34,8 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from attnopt.ir import Graph
 
 ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Pow", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Floor",
@@ -50,15 +52,26 @@ FOLD_MAX_ELEMENTS = 1 << 16
 
 class AxisFacts:
     def __init__(self, model: onnx.ModelProto, rank_of: Callable[[str], int | None],
-                 shape_of: Callable[[str], tuple | None], dtype_of: Callable[[str], str | None] = lambda n: None):
-        g = model.graph
-        self.producer = {o: n for n in g.node for o in n.output if o}
-        self.consts = {t.name: t for t in g.initializer}
+                 shape_of: Callable[[str], tuple | None], dtype_of: Callable[[str], str | None],
+                 const_of: Callable[[str], np.ndarray | None]):
+        self.producer = {o: n for n in model.graph.node for o in n.output if o}
         self.rank_of = rank_of
         self.shape_of = shape_of  # sizes: ints, or symbols (str) for unknown sizes
         self.dtype_of = dtype_of  # numpy dtype names
+        self.const_of = const_of  # value of a small constant (initializer or Constant), else None
         self.memo: dict[str, frozenset[int] | None] = {}
         self.values: dict[str, np.ndarray | None] = {}
+
+    @classmethod
+    def of_graph(cls, graph: Graph) -> "AxisFacts":
+        """Facts about an IR graph loaded from ONNX (graph.native_model), with its shapes, dtypes
+        and constants."""
+        known = lambda n: n in graph  # noqa: E731
+        return cls(graph.native_model,
+                   rank_of=lambda n: graph.rank(n) if known(n) else None,
+                   shape_of=lambda n: tuple(graph.shape(n)) if known(n) and graph.shape(n) is not None else None,
+                   dtype_of=lambda n: graph.dtype(n) if known(n) else None,
+                   const_of=lambda n: graph.value(n) if known(n) and graph.op(n) == "const" else None)
 
     # -- helpers --------------------------------------------------------------------------
     def _value(self, name: str, depth: int = 0) -> np.ndarray | None:
@@ -69,16 +82,12 @@ class AxisFacts:
         return v
 
     def _fold(self, name: str, depth: int) -> np.ndarray | None:
-        if name in self.consts:
-            return numpy_helper.to_array(self.consts[name])
+        v = self.const_of(name)
+        if v is not None:
+            return np.asarray(v)
         n = self.producer.get(name)
-        if n is None or n.domain not in ("", "ai.onnx"):
-            return None
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-            return None
+        if n is None or n.domain not in ("", "ai.onnx") or n.op_type == "Constant":
+            return None  # graph inputs, large or external constants, other domains: unknown
         if n.op_type == "Shape" and not n.attribute:
             shape = self.shape_of(n.input[0])
             if shape is not None and all(isinstance(d, int) for d in shape):

@@ -264,6 +264,7 @@ class _Splicer:
         gp = model.graph
         self.taken: set[str] = {n.name for n in gp.node} | {o for n in gp.node for o in n.output} \
             | {t.name for t in gp.initializer} | {i.name for i in gp.input}
+        self._axes = None  # onnx_axes.AxisFacts, built when a key-padding fold is first considered
 
     # shape facts from the IR (static ints, else symbolic strings / None)
     def shape(self, nid: str):
@@ -536,10 +537,8 @@ class _Splicer:
             return None
         if r.causal and not (self.sq == self.skv and self.sq is not None):
             return None  # an explicit causal mask would be needed anyway
-        if not hasattr(self, "_axes"):
-            self._axes = AxisFacts(self.m, lambda n: self.g.rank(n) if n in self.g else None,
-                                   lambda n: None if self.shape(n) is None else tuple(self.shape(n)),
-                                   lambda n: self.g.dtype(n) if n in self.g else None)
+        if self._axes is None:
+            self._axes = AxisFacts.of_graph(self.g)
         rb = r.batch_rank
         allowed = {rb + 1} | ({0} if rb >= 1 else set())
         for t in r.masks:

@@ -121,14 +121,13 @@ def test_masks_varying_along_queries_or_heads_keep_the_bias(export_dir, extra):
 # ---- the axis analysis on small graphs -----------------------------------------------------
 
 def _facts(nodes, inputs, inits=()):
+    """AxisFacts over the IR of a small model (its shapes, dtypes and constants, as the splice
+    sees them)."""
+    from attnopt.frontends.onnx import load_onnx
+
     g = h.make_graph(nodes, "g", inputs, [h.make_tensor_value_info(nodes[-1].output[0], T.FLOAT, None)],
                      list(inits))
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
-    m = onnx.shape_inference.infer_shapes(m)
-    shapes = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                             for d in vi.type.tensor_type.shape.dim)
-              for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)}
-    return AxisFacts(m, lambda n: len(shapes[n]) if n in shapes else None, shapes.get)
+    return AxisFacts.of_graph(load_onnx(h.make_model(g, opset_imports=[h.make_opsetid("", 18)])))
 
 
 def test_axes_padding_broadcast_by_and_with_a_trivially_true_query_test():
@@ -188,7 +187,6 @@ def test_value_sets():
                 nh.from_array(np.array(np.finfo(np.float32).min, np.float32), "fmin"),
                 nh.from_array(np.array(-1e4, np.float32), "f4"), nh.from_array(np.array(0.0, np.float32), "zero"),
                 nh.from_array(np.array(-np.inf, np.float32), "ninf")])
-    f.dtype_of = {"b": "bool", "i": "int64"}.get
     assert f.zero_or_masked("ext") and f.zero_or_masked("w")
     assert not f.zero_or_masked("ext4") and not f.zero_or_masked("exti")
 
