@@ -88,7 +88,7 @@ def reference_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, sca
     """Dense reference: the layout as a full mask (any device, any normalizer); with `heads`,
     only those heads get the layout (the others: the same mask minus the layout)."""
     allowed = full_mask(layout, leading).to(q.device)
-    if heads and len(set(heads)) != q.shape[1]:
+    if not _every_head(heads, q.shape[1]):
         full = full_mask(_full_window(layout), leading).to(q.device)
         per_head = full.repeat(q.shape[1], 1, 1)
         per_head[sorted(set(int(h) for h in heads))] = allowed
@@ -180,19 +180,19 @@ def _sdpa_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def _exact_rest(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
                 layout: GNALayout, leading: int) -> Tensor:
-    """The site's exact attention for heads that keep it: dense, or causal for a causal layout
-    (is_causal when there is no other mask: an explicit S x S tril made the dense heads of a 4K
+    """The site's exact attention for heads that keep it: the layout's full-window counterpart,
+    as in reference_gna. For a 1-D causal layout that is plain causal attention, run with
+    is_causal when there is no other mask (an explicit S x S mask made the exact heads of a 4K
     Llama site 1.6x slower than the whole site had been)."""
     gqa = q.shape[1] != k.shape[1]
-    causal = any(layout.causal)
-    if causal and attn_mask is None:
+    if not any(layout.causal):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(attn_mask, q.dtype),
+                                              scale=float(scale), enable_gqa=gqa)
+    if len(layout.shape) == 1 and attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=float(scale), enable_gqa=gqa)
-    mask = attn_mask
-    if causal:
-        S = q.shape[2]
-        mask = _and_mask(attn_mask, torch.ones(S, S, dtype=torch.bool, device=q.device).tril())
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(mask, q.dtype), scale=float(scale),
-                                          enable_gqa=gqa)
+    allowed = full_mask(_full_window(layout), leading).to(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(_and_mask(attn_mask, allowed), q.dtype),
+                                          scale=float(scale), enable_gqa=gqa)
 
 
 def split_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, heads, run_layout,
@@ -207,8 +207,8 @@ def split_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, heads
     kv_sel = sorted({h // group for h in sel})
     if len(sel) != len(kv_sel) * group:
         raise ValueError(f"gna_attention: heads {sel} split a group of {group} query heads per KV head")
-    rest = [h for h in range(H) if h not in set(sel)]
-    kv_rest = [g for g in range(Hkv) if g not in set(kv_sel)]
+    rest = sorted(set(range(H)) - set(sel))
+    kv_rest = sorted(set(range(Hkv)) - set(kv_sel))
     out = q.new_empty((q.shape[0], H, q.shape[2], v.shape[3]))
     for qh, kh, fn in ((sel, kv_sel, run_layout), (rest, kv_rest, run_exact)):
         if not qh:
@@ -220,8 +220,13 @@ def split_heads(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, heads
     return out
 
 
+def _every_head(heads, num_heads: int) -> bool:
+    """`heads` selects every head (empty means all)."""
+    return not heads or len(set(heads)) == num_heads
+
+
 def _dispatch(q, k, v, attn_mask, scale, layout: GNALayout, leading: int, heads, run_layout) -> Tensor:
-    if not heads or len(set(heads)) == q.shape[1]:
+    if _every_head(heads, q.shape[1]):
         return run_layout(q, k, v, attn_mask).contiguous()
     return split_heads(q, k, v, attn_mask, heads, run_layout,
                        lambda q_, k_, v_, m_: _exact_rest(q_, k_, v_, m_, scale, layout, leading))

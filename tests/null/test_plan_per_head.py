@@ -144,3 +144,20 @@ def test_gna_op_rejects_split_groups():
     q, k = torch.randn(1, 4, 21, 8), torch.randn(1, 2, 21, 8)
     with pytest.raises(Exception, match="split a group"):
         gna_attention_op(q, k, k, None, scale=0.3, layout=lay, leading=1, heads=(1,))
+
+
+@pytest.mark.parametrize("causal,masked", [((True, False), False), ((True,), True)])
+def test_gna_op_exact_heads_follow_the_full_window_layout(causal, masked):
+    """Heads outside the selection get the layout's full-window counterpart: block-causal for a
+    2-D layout causal along its first axis (not token-order causal), plain causal for 1-D."""
+    torch.manual_seed(5)
+    shape = (6, 7) if len(causal) == 2 else (42,)
+    lay = GNALayout(shape, (3,) * len(shape), (1,) * len(shape), (1,) * len(shape), causal)
+    S = 1 + math.prod(shape)
+    q, k, v = torch.randn(1, 3, S, 8), torch.randn(1, 3, S, 8), torch.randn(1, 3, S, 8)
+    m = None
+    if masked:
+        m = torch.ones(1, 1, 1, S, dtype=torch.bool)
+        m[..., -4:] = False
+    out = gna_attention_op(q, k, v, m, scale=0.3, layout=lay, leading=1, heads=(1,))
+    torch.testing.assert_close(out, reference_gna(q, k, v, m, 0.3, lay, 1, "softmax", (1,)), atol=2e-6, rtol=0)
