@@ -400,9 +400,8 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     positions = padding_positions(graph, sites)
     valids = [valid_rows(b, positions) for b in batches]
 
-    head_errors: dict[tuple[str, str], np.ndarray] = {}
-
     def measure(recs: dict[str, Recipe], site: str | None = None):
+        """(end-to-end rel L2, cosine, site rel L2, per-head site errors or None) on calibration."""
         new_gm, nodes = splice(gm, list(recs.values()))
         worst_l2, worst_cos, worst_site = 0.0, 1.0, 0.0
         per_head = None
@@ -417,9 +416,7 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
                 if recs[site].batch_rank == 2 and not recs[site].heads:
                     e = _head_errors(a, o, recs[site].out_perm, valid)
                     per_head = e if per_head is None else np.maximum(per_head, e)
-        if site and per_head is not None:
-            head_errors[(site, str(recs[site].layout))] = per_head
-        return worst_l2, worst_cos, worst_site
+        return worst_l2, worst_cos, worst_site, per_head
 
     measured_site: dict[str, Measured] = {}
     walk: list[WalkStep] = []
@@ -428,23 +425,23 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
         for name in chosen_recipe:
             s = site_by[name]
             worth = (1.0 - MIN_APPROX_SAVING) * chosen[name].time_s
+            base = baseline(s.spec, hw)
             for c in approx_candidates(s.spec, hw):
                 if c.time_s > worth:
                     continue
                 r = recipe_for(graph, s, by_recipe[name], c)
                 if isinstance(r, str):
                     continue
-                l2, cos, se = measure({**chosen_recipe, name: r}, name)
+                l2, cos, se, errs = measure({**chosen_recipe, name: r}, name)
                 trials.append((name, c, r, l2, cos, se))
-                errs = head_errors.get((name, str(r.layout)))
                 if l2 <= SAFETY * max_error or errs is None:
                     continue
                 for sub in head_subsets(errs, resolve_dims(s.spec)["num_kv_heads"]):
-                    ch = on_heads(c, baseline(s.spec, hw), sub, len(errs))
+                    ch = on_heads(c, base, sub, len(errs))
                     rh = recipe_for(graph, s, by_recipe[name], ch)
                     if isinstance(rh, str) or ch.time_s > worth:
                         continue
-                    trials.append((name, ch, rh, *measure({**chosen_recipe, name: rh}, name)))
+                    trials.append((name, ch, rh, *measure({**chosen_recipe, name: rh}, name)[:3]))
         saved = lambda t: chosen[t[0]].time_s - t[1].time_s  # noqa: E731
         trials.sort(key=lambda t: saved(t) / max(t[3], 1e-12), reverse=True)
         accepted: dict[str, Recipe] = {}
@@ -462,7 +459,7 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
                                      e2e_speedup(picks), False, "alone exceeds the budget"))
                 continue
             trial = {**chosen_recipe, **accepted, name: r}
-            tl2, tcos, _ = measure(trial) if accepted else (l2, cos, se)
+            tl2, tcos = measure(trial)[:2] if accepted else (l2, cos)
             ok = tl2 <= SAFETY * max_error
             walk.append(WalkStep(step, name, c.name, saved((name, c)), l2, tl2, tcos,
                                  e2e_speedup(picks), ok, "" if ok else "combined error exceeds the budget"))
@@ -474,7 +471,7 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
 
     final_l2, final_cos = 0.0, 1.0
     if chosen_recipe:
-        final_l2, final_cos, _ = measure(chosen_recipe)
+        final_l2, final_cos = measure(chosen_recipe)[:2]
     site_plans = []
     for s in sites:
         c = chosen.get(s.name)
