@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import platform
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnopt.codegen import autotune
 from attnopt.codegen.ops import AttentionParams
 from attnopt.codegen.reference import alignment_offset, reference_attention
 from attnopt.cost import gna
@@ -96,8 +100,10 @@ def _plan(q_acc, k_acc, m_acc, q_tile, extent) -> CpuTilePlan:
 
 
 @functools.lru_cache(maxsize=64)
-def gna_plan(layout: GNALayout, q_tile: tuple[int, ...]) -> CpuTilePlan:
-    """Tiles of a GNA layout with Q boxes `q_tile` (in dilation-permuted grid coordinates)."""
+def gna_plan(layout: GNALayout, q_tile: tuple[int, ...], leading: int = 0) -> CpuTilePlan:
+    """Tiles of a GNA layout with Q boxes `q_tile` (in dilation-permuted grid coordinates). With
+    `leading` global tokens before the grid, token indices are shifted past them and every Q tile's
+    KV box starts with all leading keys (a grid query attends every leading key)."""
     gna.validate(layout)
     shape = tuple(int(x) for x in layout.shape)
     if len(q_tile) != len(shape):
@@ -118,7 +124,13 @@ def gna_plan(layout: GNALayout, q_tile: tuple[int, ...]) -> CpuTilePlan:
         parts.append((perm[q_pos] * strides[d], perm[k_pos] * strides[d], m))
         tiles.append(tq)
         extents.append(E)
-    return _plan(*_combine(parts), tiles, extents)
+    q_acc, k_acc, m_acc = _combine(parts)
+    if leading:
+        nqt, tq = q_acc.shape
+        q_acc = q_acc + leading
+        k_acc = np.concatenate([np.broadcast_to(np.arange(leading), (nqt, leading)), k_acc + leading], axis=1)
+        m_acc = np.concatenate([np.ones((nqt, tq, leading), dtype=bool), m_acc], axis=2)
+    return _plan(q_acc, k_acc, m_acc, tiles, extents)
 
 
 def window_bounds(params: AttentionParams) -> tuple[int, int] | None:
@@ -146,19 +158,84 @@ def window_plan(q_len: int, kv_len: int, left: int, upper: int, offset: int, q_t
     return _plan(i, j, m, (tq,), (E,))
 
 
-def choose_gna_tile(layout: GNALayout) -> tuple[int, ...]:
-    """The Q box with the least estimated work: the CPU tile table, plus the stride box (each Q tile
-    one stride group, perfectly block-sparse when strides tile the grid) and a small box."""
+def tile_candidates(layout: GNALayout, leading: int = 0) -> list[tuple[int, ...]]:
+    """Q boxes worth trying, least estimated work first: the CPU tile table, plus the stride box
+    (each Q tile one stride group, perfectly block-sparse when strides tile the grid) and a small
+    box."""
     n = len(layout.shape)
-    cands = [tuple(t) for t in TILE_TABLES["cpu"][f"q_{n}d"]]
-    cands += [(4,) * n if n > 1 else (16,)]
     if n == 1:
         cands = [tuple(t) for t in TILE_TABLES["cpu"]["q_1d"]] + [(16,)]
+    else:
+        cands = [tuple(t) for t in TILE_TABLES["cpu"][f"q_{n}d"]] + [(4,) * n]
     st = tuple(min(s, L) for s, L in zip(layout.stride, layout.shape))
-    if math.prod(st) >= 16 and math.prod(st) <= 1024:
+    if 16 <= math.prod(st) <= 1024:
         cands.append(st)
-    best = min(cands, key=lambda t: (gna_plan(layout, t).cost, -math.prod(t)))
+    # clip to the grid: boxes that clip to the same tiles are one candidate
+    cands = list(dict.fromkeys(tuple(min(t, L) for t, L in zip(c, layout.shape)) for c in cands))
+    return sorted(cands, key=lambda t: (gna_plan(layout, t, leading).cost, -math.prod(t)))
+
+
+def choose_gna_tile(layout: GNALayout, leading: int = 0) -> tuple[int, ...]:
+    """The Q box with the least estimated work (no measurement; see tuned_gna_tile)."""
+    return tile_candidates(layout, leading)[0]
+
+
+# Tuning: how many of the best-estimated Q boxes are timed, and the least work (score elements
+# per call, summed over batch and heads) worth timing: below it a call takes well under a
+# millisecond and the estimate is as good as a noisy measurement.
+TUNE_TOP = 4
+TUNE_MIN_ELEMS = 1 << 22
+_TUNED: dict = {}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("ATTNOPT_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _bench_seconds(fn, repeats: int = 2) -> float:
+    fn()  # warm: gather workspaces, cached masks
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
     return best
+
+
+def tuned_gna_tile(layout: GNALayout, leading: int, q: Tensor, k: Tensor, v: Tensor,
+                   attn_mask: Tensor | None, params: AttentionParams) -> tuple[int, ...]:
+    """The Q box this kernel runs fastest with, for these inputs' shapes on this machine: the
+    TUNE_TOP best-estimated boxes are timed once per (layout, shapes, dtype, mask kind, threads,
+    CPU, torch) and the winner is remembered in memory and in $ATTNOPT_CACHE_DIR/cpu/. The estimate
+    alone misses SDPA's own blocking (measured on a 2-core EPYC, 64x64 grid, 16x16 window: 8x8
+    boxes ran 13% (stride 1) and 27% (stride 8) faster than the 16x8 boxes the estimate chose).
+    Every box gives the same result up to floating-point summation order."""
+    cands = tile_candidates(layout, leading)[:TUNE_TOP]
+    plan = gna_plan(layout, cands[0], leading)
+    elems = q.shape[0] * q.shape[1] * plan.num_tiles * plan.q_idx.shape[1] * plan.kv_idx.shape[1]
+    if (len(cands) == 1 or not _autotune_enabled() or elems < TUNE_MIN_ELEMS
+            or q.requires_grad or k.requires_grad or v.requires_grad):
+        return cands[0]
+    key = {"kernel": "cpu_gna", "layout": repr(layout), "leading": leading, "q": list(q.shape),
+           "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
+           "mask": None if attn_mask is None else [str(attn_mask.dtype), list(attn_mask.shape)],
+           "normalizer": params.normalizer, "softcap": params.softcap is not None,
+           "threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__}
+    return autotune.fastest(
+        key, cands, lambda t: _bench_seconds(lambda: run_plan(q, k, v, attn_mask, params, gna_plan(layout, t, leading))),
+        subdir="cpu", encode=list, decode=tuple, memo=_TUNED)
 
 
 _WORKSPACE = threading.local()
@@ -318,7 +395,8 @@ def _common(q, k, v, attn_mask) -> tuple[bool, str]:
     return True, ""
 
 
-def can_run_cpu_gna(params: AttentionParams, q, k, v, attn_mask, layout: GNALayout | None) -> tuple[bool, str]:
+def can_run_cpu_gna(params: AttentionParams, q, k, v, attn_mask, layout: GNALayout | None,
+                    leading: int = 0) -> tuple[bool, str]:
     if layout is None:
         return False, "no GNA layout"
     ok, why = _common(q, k, v, attn_mask)
@@ -326,9 +404,9 @@ def can_run_cpu_gna(params: AttentionParams, q, k, v, attn_mask, layout: GNALayo
         return ok, why
     if params.causal or params.window is not None:
         return False, "causal/window come from the GNA layout's own flags"
-    n = math.prod(layout.shape)
+    n = leading + math.prod(layout.shape)
     if q.shape[2] != n or k.shape[2] != n:
-        return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != grid tokens {n}"
+        return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != leading {leading} + grid tokens {n - leading}"
     return True, ""
 
 
@@ -342,13 +420,42 @@ def can_run_cpu_sliding_window(params: AttentionParams, q, k, v, attn_mask) -> t
 
 
 def gna_attention(q: Tensor, k: Tensor, v: Tensor, layout: GNALayout, params: AttentionParams,
-                  attn_mask: Tensor | None = None, q_tile: tuple[int, ...] | None = None) -> Tensor:
-    """Exact GNA attention on CPU (equals the dense reference with `gna.dense_mask(layout)`)."""
-    ok, why = can_run_cpu_gna(params, q, k, v, attn_mask, layout)
+                  attn_mask: Tensor | None = None, q_tile: tuple[int, ...] | None = None,
+                  leading: int = 0) -> Tensor:
+    """Exact GNA attention on CPU (equals the dense reference with `gna.dense_mask(layout)`; with
+    `leading` global tokens before the grid, as attnopt::gna_attention defines them). Without
+    `q_tile` the Q box is tuned (tuned_gna_tile)."""
+    ok, why = can_run_cpu_gna(params, q, k, v, attn_mask, layout, leading)
     if not ok:
         raise ValueError(f"cpu GNA kernel cannot run: {why}")
-    plan = gna_plan(layout, tuple(q_tile) if q_tile is not None else choose_gna_tile(layout))
-    return run_plan(q, k, v, attn_mask, params, plan)
+    if q_tile is None:
+        q_tile = tuned_gna_tile(layout, leading, q, k, v, attn_mask, params)
+    out = run_plan(q, k, v, attn_mask, params, gna_plan(layout, tuple(q_tile), leading))
+    if leading:
+        out[:, :, :leading] = _leading_rows(q, k, v, attn_mask, params, leading, any(layout.causal))
+    return out
+
+
+def _leading_rows(q, k, v, attn_mask, params: AttentionParams, leading: int, causal: bool) -> Tensor:
+    """Leading (global) queries attend every key; under a causal layout every key j <= i."""
+    S = k.shape[2]
+    m = torch.ones(leading, S, dtype=torch.bool).tril() if causal else None
+    if attn_mask is not None:
+        rows = attn_mask.expand(*attn_mask.shape[:-2], q.shape[2], S)[..., :leading, :]
+        if m is None:
+            m = rows
+        elif rows.dtype == torch.bool:
+            m = rows & m
+        else:
+            m = torch.where(m, rows, torch.tensor(float("-inf"), dtype=rows.dtype))
+    ql = q[:, :, :leading]
+    if params.normalizer == "softmax" and params.softcap is None:
+        if m is not None and m.dtype != torch.bool:
+            m = m.to(q.dtype)
+        return F.scaled_dot_product_attention(ql, k, v, attn_mask=m, scale=params.scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    return reference_attention(ql, k, v, m, scale=params.scale, softcap=params.softcap,
+                               normalizer=params.normalizer)
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,

@@ -24,9 +24,9 @@ Which pairs attend (on top of attn_mask):
 
 Implementations:
   fake  shape [B, H, S, Dv] in q.dtype
-  CPU   softmax: codegen.cpu.gna_attention when there are no leading tokens; else tiled SDPA over the
-        simulator's Q tiles, each tile's KV box extended by the leading keys (exact, element mask per
-        tile). Other normalizers: the dense reference with the layout's full mask.
+  CPU   softmax: codegen.cpu.gna_attention (tiled SDPA over Q boxes, each tile's KV box extended
+        by the leading keys; the box is tuned per shape). Other normalizers: the dense reference
+        with the layout's full mask.
         ATTNOPT_FORCE_TRITON=1 runs the CUDA path below under the Triton interpreter (CI).
   CUDA  the generated block-sparse GNA Triton kernel when there are no leading tokens and it fits
         (codegen.triton.can_run); else SDPA with the layout as a bool mask (exact, dense work).
@@ -103,73 +103,15 @@ def _full_window(layout: GNALayout) -> GNALayout:
     return GNALayout(layout.shape, layout.shape, (1,) * n, (1,) * n, layout.causal)
 
 
-@functools.lru_cache(maxsize=32)
-def _tiles(layout: GNALayout, leading: int):
-    from attnopt.codegen.cpu import choose_gna_tile, gna_plan
-
-    plan = gna_plan(layout, choose_gna_tile(layout))
-    nqt = plan.q_idx.shape[0]
-    qi = plan.q_idx + leading
-    lead = torch.arange(leading, dtype=torch.int64).expand(nqt, leading)
-    ki = torch.cat([lead, plan.kv_idx + leading], dim=1)
-    m = torch.cat([torch.ones(nqt, plan.q_idx.shape[1], leading, dtype=torch.bool), plan.mask], dim=2)
-    return qi, ki, m
-
-
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    """x [B, Hx, S, D] at tokens idx [n, T] -> [n * B, Hx, T, D] (tiles folded into the batch)."""
-    B, Hx, _, D = x.shape
-    n, T = idx.shape
-    g = x.index_select(2, idx.reshape(-1)).reshape(B, Hx, n, T, D)
-    return g.permute(2, 0, 1, 3, 4).reshape(n * B, Hx, T, D)
-
-
 def cpu_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
             layout: GNALayout, leading: int) -> Tensor:
-    """Exact softmax GNA with leading global tokens on CPU (see the module header)."""
-    B, H, S, _ = q.shape
-    Hkv, Dv = k.shape[1], v.shape[3]
-    n = int(np.prod(layout.shape))
+    """Exact softmax GNA with leading global tokens on CPU (codegen.cpu, tile choice tuned)."""
+    from attnopt.codegen.cpu import gna_attention
+
+    S, n = q.shape[2], int(np.prod(layout.shape))
     if S != leading + n or k.shape[2] != S:
         raise ValueError(f"gna_attention: sequence {S}/{k.shape[2]} != leading {leading} + grid {n}")
-    params = AttentionParams(scale=float(scale))
-    if leading == 0:
-        from attnopt.codegen.cpu import gna_attention
-
-        return gna_attention(q, k, v, layout, params, attn_mask)
-    gqa = H != Hkv
-    out = q.new_empty((B, H, S, Dv))
-    am = None
-    if attn_mask is not None:
-        am = attn_mask.expand(*attn_mask.shape[:-2], S, S) if attn_mask.dim() >= 2 else attn_mask
-        while am.dim() < 4:
-            am = am.unsqueeze(0)
-    # leading queries: dense rows (causal among themselves when the layout is causal)
-    lm = None
-    if any(layout.causal):
-        lm = torch.ones(leading, S, dtype=torch.bool).tril()
-    if am is not None:
-        rows = am[:, :, :leading, :]
-        lm = rows if lm is None else _and_mask(rows, lm)
-    out[:, :, :leading] = F.scaled_dot_product_attention(
-        q[:, :, :leading], k, v, attn_mask=_sdpa_mask(lm, q.dtype), scale=float(scale), enable_gqa=gqa)
-    # grid queries: one KV box per Q tile, extended by the leading keys
-    qi, ki, m = _tiles(layout, leading)
-    nqt, TQ = qi.shape
-    TK = ki.shape[1]
-    mask = m[:, None, None].expand(nqt, B, 1, TQ, TK).reshape(nqt * B, 1, TQ, TK)
-    if am is not None:
-        g = am[:, :, qi[:, :, None], ki[:, None, :]]  # [b, h, nqt, TQ, TK]
-        b, h = g.shape[:2]
-        g = g.permute(2, 0, 1, 3, 4).expand(nqt, B, h, TQ, TK).reshape(nqt * B, h, TQ, TK)
-        mask = _and_mask(g, mask)
-    res = F.scaled_dot_product_attention(_gather(q, qi), _gather(k, ki), _gather(v, ki),
-                                         attn_mask=_sdpa_mask(mask, q.dtype), scale=float(scale),
-                                         enable_gqa=gqa)
-    res = res.reshape(nqt, B, H, TQ, Dv).permute(1, 2, 0, 3, 4).reshape(B, H, nqt * TQ, Dv)
-    # tiles at the grid end overlap a neighbour: they write identical rows twice
-    out[:, :, qi.reshape(-1)] = res
-    return out
+    return gna_attention(q, k, v, layout, AttentionParams(scale=float(scale)), attn_mask, leading=leading)
 
 
 def _sdpa_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:

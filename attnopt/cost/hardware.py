@@ -148,9 +148,9 @@ PROFILES: dict[str, HardwareProfile] = {
 # ---- local CPU: measured once, cached -----------------------------------------------------
 
 def _cache_path() -> Path:
-    root = os.environ.get("ATTNOPT_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "attnopt"
-    return base / "cpu_profile.json"
+    from attnopt.codegen.autotune import cache_root  # deferred: codegen imports this module
+
+    return cache_root() / "cpu_profile.json"
 
 
 def _best_time(fn, repeats: int = 3) -> float:
@@ -190,11 +190,10 @@ def cpu_profile(refresh: bool = False) -> HardwareProfile:
         except (ValueError, KeyError, TypeError):
             m = None
     if m is None:
+        from attnopt.codegen.autotune import atomic_write
+
         m = measure_cpu()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(m, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(m, indent=1))
     f = float(m["fp32_flops"])
     return HardwareProfile(
         name="local CPU", family="cpu", peak_flops={"bf16": f, "fp16": f, "fp32": f},

@@ -108,3 +108,80 @@ def test_functional_cpu_backends_agree():
             assert (attention(q, k, v, backend=backend, **kw) - ref).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="grid"):
         attention(q, k, v, stride=2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gna_cpu_leading_tokens(causal):
+    """Leading global tokens ([CLS], sinks): tiles' KV boxes start with every leading key; leading
+    rows attend every key (causal: every earlier key). Against the op's dense reference, with a
+    float bias, GQA, and a non-softmax normalizer."""
+    from attnopt.codegen.gna_op import reference_gna
+
+    layout = GNALayout((12, 10), (5, 3), (2, 1), (1, 2), (causal, False))
+    S = 3 + 120
+    q, k, v = _qkv(2, 4, 2, S, S, 16, seed=5)
+    bias = torch.randn(2, 1, S, S)
+    pad = torch.ones(2, 1, 1, S, dtype=torch.bool)
+    pad[1, ..., -7:] = False
+    for mask in (None, bias, pad):
+        for normalizer in ("softmax", "sigmoid"):
+            p = AttentionParams(scale=0.3, normalizer=normalizer)
+            ref = reference_gna(q, k, v, mask, 0.3, layout, 3, normalizer)
+            for q_tile in (None, (4, 4), (8, 8)):
+                out = cpu.gna_attention(q, k, v, layout, p, mask, q_tile=q_tile, leading=3)
+                assert (out - ref).abs().max().item() < 1e-5, (mask is None, normalizer, q_tile)
+
+
+def test_gna_cpu_tile_is_tuned_once_and_remembered(tmp_path, monkeypatch):
+    """Without q_tile the kernel times its best-estimated Q boxes once per shape, keeps the fastest
+    in memory and on disk, and a second process reads it from disk without timing anything."""
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu, "TUNE_MIN_ELEMS", 0)
+    monkeypatch.setattr(cpu, "_TUNED", {})
+    layout = GNALayout((24, 24), (9, 9))
+    q, k, v = _qkv(1, 2, 2, 576, 576, 16, seed=6)
+    p = AttentionParams(scale=0.25)
+    ref = reference_attention(q, k, v, torch.from_numpy(dense_mask(layout)), **p.kwargs())
+    timed = []
+    real = cpu._bench_seconds
+    monkeypatch.setattr(cpu, "_bench_seconds", lambda fn: timed.append(1) or real(fn))
+    out = cpu.gna_attention(q, k, v, layout, p)
+    assert (out - ref).abs().max().item() < 1e-5
+    cands = cpu.tile_candidates(layout)[:cpu.TUNE_TOP]
+    assert len(timed) == len(cands) > 1
+    files = list((tmp_path / "cpu").glob("tune-*.json"))
+    assert len(files) == 1
+    chosen = cpu.tuned_gna_tile(layout, 0, q, k, v, None, p)
+    assert chosen in cands and len(timed) == len(cands)  # memory: not timed again
+    monkeypatch.setattr(cpu, "_TUNED", {})
+    monkeypatch.setattr(cpu, "_bench_seconds", lambda fn: pytest.fail("re-tuned"))
+    assert cpu.tuned_gna_tile(layout, 0, q, k, v, None, p) == chosen  # disk
+    # another shape is another choice; ATTNOPT_AUTOTUNE=0 takes the estimate without timing
+    monkeypatch.setenv("ATTNOPT_AUTOTUNE", "0")
+    assert cpu.tuned_gna_tile(layout, 0, q[:, :1], k[:, :1], v[:, :1], None, p) == cands[0]
+
+
+def test_fastest_skips_failing_and_stale_choices(tmp_path, monkeypatch):
+    from attnopt.codegen import autotune
+
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    memo = {}
+
+    def bench(c):
+        if c == "broken":
+            raise RuntimeError("cannot run here")
+        return {"a": 2.0, "b": 1.0}[c]
+
+    kw = dict(subdir="x", encode=str, decode=str)
+    assert autotune.fastest({"k": 1}, ["broken", "a", "b"], bench, memo=memo, **kw) == "b"
+    # a remembered choice that is no longer offered is re-measured
+    assert autotune.fastest({"k": 1}, ["a"], bench, memo={}, **kw) == "a"
+    with pytest.raises(RuntimeError, match="no candidate ran"):
+        autotune.fastest({"k": 2}, ["broken"], bench, memo={}, **kw)
+    (tmp_path / "x" / f"tune-{autotune.key_hash({'k': 3})}.json").write_text("{not json")
+    assert autotune.fastest({"k": 3}, ["a", "b"], bench, memo={}, **kw) == "b"
+
+
+def test_tile_candidates_clip_to_the_grid():
+    cands = cpu.tile_candidates(GNALayout((4, 40), (3, 9)))
+    assert len(cands) == len(set(cands)) and all(t[0] <= 4 for t in cands)

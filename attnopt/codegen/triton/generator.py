@@ -11,15 +11,14 @@ without tuning and nothing but the source is written.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from attnopt.codegen.autotune import atomic_write, cache_root, fastest
 from attnopt.codegen.triton import template
 from attnopt.cost.hardware import TILE_TABLES
 
@@ -77,16 +76,7 @@ def _wrapped(fn):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ATTNOPT_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "attnopt"
-    return base / "triton"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return cache_root() / "triton"
 
 
 _MODULES: dict[tuple[str, str, bool], Any] = {}
@@ -101,7 +91,7 @@ def kernel(family: str, kind: str) -> Callable:
     source = template.render(family, kind)
     path = cache_dir() / f"{family}_{kind}_{template.template_hash()}.py"
     if not path.exists() or path.read_text() != source:
-        _atomic_write(path, source)
+        atomic_write(path, source)
     # The interpreter flag is read when @triton.jit runs, so each mode gets its own module object.
     mod_name = f"attnopt_generated.{family}_{kind}_{template.template_hash()}{'_interp' if interp else ''}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -180,10 +170,6 @@ def candidate_configs(family: str, ndim: int) -> list[KernelConfig]:
     return out
 
 
-def _key_hash(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 _TUNED: dict[str, KernelConfig] = {}
 
 
@@ -193,28 +179,5 @@ def tuned_config(key: dict, configs: Sequence[KernelConfig],
     then autotuning with `bench(config) -> seconds` (a config that fails to compile is skipped)."""
     if interpreter_active() or len(configs) == 1:
         return configs[0]
-    h = _key_hash(key)
-    if h in _TUNED:
-        return _TUNED[h]
-    path = cache_dir() / f"tune-{h}.json"
-    if path.exists():
-        try:
-            cfg = KernelConfig.from_json(json.loads(path.read_text())["config"])
-            _TUNED[h] = cfg
-            return cfg
-        except (ValueError, KeyError, TypeError):
-            pass
-    timings, errors = [], []
-    for cfg in configs:
-        try:
-            timings.append((bench(cfg), cfg))
-        except Exception as e:  # noqa: BLE001  out of shared memory / registers: not a candidate
-            errors.append(f"{cfg}: {type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}")
-    if not timings:
-        raise RuntimeError(f"no tile config compiled for this kernel; first error: {errors[0]}")
-    best = min(timings, key=lambda x: x[0])[1]
-    _atomic_write(path, json.dumps({"key": key, "config": best.to_json(),
-                                    "timings_ms": [[t * 1e3, c.to_json()] for t, c in timings]},
-                                   indent=1, default=str))
-    _TUNED[h] = best
-    return best
+    return fastest(key, configs, bench, subdir="triton", encode=KernelConfig.to_json,
+                   decode=KernelConfig.from_json, memo=_TUNED)

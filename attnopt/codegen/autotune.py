@@ -1,0 +1,69 @@
+"""Measured choice among kernel configurations, remembered in memory and on disk.
+
+Used by the generated Triton kernels (tile config per spec/variant/device) and by the exact CPU GNA
+kernel (Q tile per layout/shape/thread count). A choice is keyed by a JSON-able dict; the first
+process that needs it times every candidate and writes the winner, later processes read it.
+
+Cache layout ($ATTNOPT_CACHE_DIR or ~/.cache/attnopt, then <subdir>/):
+  tune-<key hash>.json   {"key": ..., "config": <encoded winner>, "timings_ms": [[ms, <encoded>], ...]}
+Files are written to a temporary name and renamed, so a reader never sees a partial file; an
+unreadable or stale file is ignored and the choice re-measured.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("ATTNOPT_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "attnopt"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def fastest(key: dict, candidates: Sequence[T], bench: Callable[[T], float], *, subdir: str,
+            encode: Callable[[T], Any], decode: Callable[[Any], T], memo: dict[str, T]) -> T:
+    """The candidate with the least `bench(candidate)` seconds for `key`: from `memo`, then from
+    disk, then measured. A candidate whose bench raises is skipped (it cannot run here); when none
+    runs, the first error is raised. A remembered choice that is no longer a candidate is ignored."""
+    h = key_hash(key)
+    if h in memo:
+        return memo[h]
+    path = cache_root() / subdir / f"tune-{h}.json"
+    if path.exists():
+        try:
+            choice = decode(json.loads(path.read_text())["config"])
+            if choice in candidates:
+                memo[h] = choice
+                return choice
+        except (ValueError, KeyError, TypeError):
+            pass
+    timings, errors = [], []
+    for cand in candidates:
+        try:
+            timings.append((bench(cand), cand))
+        except Exception as e:  # noqa: BLE001  a candidate that cannot run is not a candidate
+            errors.append(f"{cand}: {type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}")
+    if not timings:
+        raise RuntimeError(f"no candidate ran for this kernel; first error: {errors[0]}")
+    best = min(timings, key=lambda x: x[0])[1]
+    atomic_write(path, json.dumps({"key": key, "config": encode(best),
+                                   "timings_ms": [[t * 1e3, encode(c)] for t, c in timings]},
+                                  indent=1, default=str))
+    memo[h] = best
+    return best
