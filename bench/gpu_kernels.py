@@ -12,6 +12,8 @@ Sections:
   gna     2-D / 3-D GNA layouts (stride 1 and perfectly block-sparse) vs flex with the GNA mask,
           vs our dense kernel and flash; realized speedup over our dense kernel as a fraction of
           the simulator's bound for the tile shapes the autotuner chose
+  leading GNA with leading global tokens ([CLS], registers) through attnopt::gna_attention vs flex
+          with the same mask, flash on the whole sequence, and the bare grid
 
     python bench/gpu_kernels.py [--quick] [--sections dense window gna] [--json out.json]
 """
@@ -245,6 +247,51 @@ def section_gna(quick: bool, deadline: float) -> None:
               "fully_block_sparse": sim.fully_block_sparse, "max_abs_err_vs_flex": _err(out, ref)})
 
 
+LEADING_CASES = {  # ViT [CLS] / register tokens and LLM-style sinks before a 2-D grid
+    "cls1_2d_64x64_w16": (GNALayout((64, 64), (16, 16)), 1),
+    "reg4_2d_64x64_w16_s16_blocksparse": (GNALayout((64, 64), (16, 16), (16, 16)), 4),
+    "cls1_2d_128x128_w32": (GNALayout((128, 128), (32, 32)), 1),
+}
+
+
+def section_leading(quick: bool, deadline: float) -> None:
+    """attnopt::gna_attention with leading global tokens (what an approximate ViT plan splices):
+    the GNA kernel with one extra block of leading keys per Q tile, plus SDPA for the leading
+    rows; vs flash on the whole sequence, flex with the same mask, and the bare grid (leading 0)."""
+    from attnopt.codegen.gna_op import gna_attention_op
+
+    for name, (layout, lead) in LEADING_CASES.items():
+        if time.time() > deadline or (quick and "128" in name):
+            continue
+        dtype, D, H, B = torch.bfloat16, 128, 16, 1
+        N = math.prod(layout.shape)
+        S = lead + N
+        q, k, v = _qkv(B, H, S, D, dtype, seed=3)
+        scale = D ** -0.5
+        op = lambda: gna_attention_op(q, k, v, None, scale=scale, layout=layout, leading=lead)  # noqa: E731
+        out = op()
+        t_op = bench_ms(op)
+        qg, kg, vg = (x[:, :, lead:].contiguous() for x in (q, k, v))
+        bare = lambda: gna_attention_op(qg, kg, vg, None, scale=scale, layout=layout)  # noqa: E731
+        bare()
+        t_bare = bench_ms(bare)
+        t_flash, _ = flash_ms(q, k, v, False)
+        grid_mod = gna_mask_mod(layout)
+
+        def mod(b, h, qi, ki):
+            g = grid_mod(b, h, (qi - lead).clamp(min=0), (ki - lead).clamp(min=0))
+            return (qi < lead) | (ki < lead) | g
+
+        bm = block_mask(mod, S)
+        ref = flex()(q, k, v, block_mask=bm, scale=scale)
+        t_flex = bench_ms(lambda: flex()(q, k, v, block_mask=bm, scale=scale))
+        emit({"section": "leading", "case": name, "layout": repr(layout), "leading": lead, "S": S,
+              "B": B, "H": H, "D": D, "dtype": "bfloat16", "triton_ms": t_op, "bare_grid_ms": t_bare,
+              "flex_ms": t_flex, "flash_dense_ms": t_flash, "vs_flex": t_flex / t_op,
+              "vs_flash_dense": t_flash / t_op, "leading_overhead": t_op / t_bare,
+              "max_abs_err_vs_flex": _err(out, ref)})
+
+
 # ---- parallel precompile ----------------------------------------------------------------------
 # Autotuning compiles every candidate config of every case (~1-2 s each, ~250 in all); doing that
 # inside the timed sequence would spend most of a GPU lease compiling. Worker processes compile
@@ -335,7 +382,7 @@ def print_table() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", nargs="+", default=["dense", "window", "gna"])
+    ap.add_argument("--sections", nargs="+", default=["dense", "window", "gna", "leading"])
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cases after this")
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile-workers", type=int, default=12, help="0: compile inside the timed phase")
@@ -350,7 +397,8 @@ def main() -> None:
         precompile(kernel_cases(a.sections, a.quick), a.compile_workers)
     for name in a.sections:
         t0 = time.time()
-        {"dense": section_dense, "window": section_window, "gna": section_gna}[name](a.quick, deadline)
+        {"dense": section_dense, "window": section_window, "gna": section_gna,
+         "leading": section_leading}[name](a.quick, deadline)
         print(f"section {name}: {time.time() - t0:.0f} s", flush=True)
     if a.json:
         with open(a.json, "w") as f:

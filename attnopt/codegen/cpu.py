@@ -432,14 +432,15 @@ def gna_attention(q: Tensor, k: Tensor, v: Tensor, layout: GNALayout, params: At
         q_tile = tuned_gna_tile(layout, leading, q, k, v, attn_mask, params)
     out = run_plan(q, k, v, attn_mask, params, gna_plan(layout, tuple(q_tile), leading))
     if leading:
-        out[:, :, :leading] = _leading_rows(q, k, v, attn_mask, params, leading, any(layout.causal))
+        out[:, :, :leading] = leading_rows(q, k, v, attn_mask, params, leading, any(layout.causal))
     return out
 
 
-def _leading_rows(q, k, v, attn_mask, params: AttentionParams, leading: int, causal: bool) -> Tensor:
-    """Leading (global) queries attend every key; under a causal layout every key j <= i."""
+def leading_rows(q, k, v, attn_mask, params: AttentionParams, leading: int, causal: bool) -> Tensor:
+    """Rows [:leading] of attnopt::gna_attention: leading (global) queries attend every key; under a
+    causal layout every key j <= i. Any device."""
     S = k.shape[2]
-    m = torch.ones(leading, S, dtype=torch.bool).tril() if causal else None
+    m = torch.ones(leading, S, dtype=torch.bool, device=q.device).tril() if causal else None
     if attn_mask is not None:
         rows = attn_mask.expand(*attn_mask.shape[:-2], q.shape[2], S)[..., :leading, :]
         if m is None:
@@ -447,7 +448,7 @@ def _leading_rows(q, k, v, attn_mask, params: AttentionParams, leading: int, cau
         elif rows.dtype == torch.bool:
             m = rows & m
         else:
-            m = torch.where(m, rows, torch.tensor(float("-inf"), dtype=rows.dtype))
+            m = torch.where(m, rows, torch.tensor(float("-inf"), dtype=rows.dtype, device=rows.device))
     ql = q[:, :, :leading]
     if params.normalizer == "softmax" and params.softcap is None:
         if m is not None and m.dtype != torch.bool:

@@ -28,8 +28,9 @@ Implementations:
         by the leading keys; the box is tuned per shape). Other normalizers: the dense reference
         with the layout's full mask.
         ATTNOPT_FORCE_TRITON=1 runs the CUDA path below under the Triton interpreter (CI).
-  CUDA  the generated block-sparse GNA Triton kernel when there are no leading tokens and it fits
-        (codegen.triton.can_run); else SDPA with the layout as a bool mask (exact, dense work).
+  CUDA  the generated block-sparse GNA Triton kernel when it fits (codegen.triton.can_run; leading
+        keys are one extra block per Q tile, leading query rows dense SDPA); else SDPA with the
+        layout as a bool mask (exact, dense work).
   other devices: the dense reference with the layout's full mask (exact, not faster)
 """
 from __future__ import annotations
@@ -198,23 +199,27 @@ def _kernel_ok(q, k, v, attn_mask, normalizer) -> bool:
 
 def triton_or_sdpa_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
                        layout: GNALayout, leading: int) -> Tensor:
-    """Softmax GNA on an accelerator: the generated Triton kernel when it fits (no leading tokens:
-    its tiles cover the grid only), else SDPA with the layout as a bool mask (exact)."""
-    if leading == 0:
-        from attnopt.codegen.ops import _ensure_triton_kernels
+    """Softmax GNA on an accelerator: the generated block-sparse Triton kernel when it fits (its
+    tiles cover the grid, plus one block of the leading keys per Q tile; the leading queries' own
+    rows are dense SDPA rows), else SDPA with the layout as a bool mask (exact, dense work)."""
+    from attnopt.codegen.ops import _ensure_triton_kernels
 
-        _ensure_triton_kernels()
-        try:
-            from attnopt.codegen import triton as tk
-        except ImportError:  # pragma: no cover - no triton: the SDPA path serves
-            tk = None
-        if tk is not None:
-            p = AttentionParams(scale=float(scale))
-            ok, why = tk.can_run(q, k, v, attn_mask, p, layout)
-            out = tk.launch(q, k, v, attn_mask, p, layout) if ok else None
-            if out is not None:
-                return out
-            tk.log_fallback_once(f"gna_attention: {why or 'no kernel config fits'}")
+    _ensure_triton_kernels()
+    try:
+        from attnopt.codegen import triton as tk
+    except ImportError:  # pragma: no cover - no triton: the SDPA path serves
+        tk = None
+    if tk is not None:
+        p = AttentionParams(scale=float(scale))
+        ok, why = tk.can_run(q, k, v, attn_mask, p, layout, leading)
+        out = tk.launch(q, k, v, attn_mask, p, layout, leading) if ok else None
+        if out is not None:
+            if leading:
+                from attnopt.codegen.cpu import leading_rows
+
+                out[:, :, :leading] = leading_rows(q, k, v, attn_mask, p, leading, any(layout.causal))
+            return out
+        tk.log_fallback_once(f"gna_attention: {why or 'no kernel config fits'}")
     allowed = full_mask(layout, leading).to(q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(_and_mask(attn_mask, allowed), q.dtype),
                                           scale=float(scale), enable_gqa=q.shape[1] != k.shape[1])

@@ -257,11 +257,14 @@ def test_finfo_min_additive_mask_matches_sdpa_on_fully_masked_rows():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("leading,heads", [(0, ()), (0, (1,)), (2, ())])
-def test_gna_op_forced_triton(monkeypatch, leading, heads):
+@pytest.mark.parametrize("leading,heads,causal,mask", [
+    (0, (), False, None), (0, (1,), False, None), (2, (), False, None), (2, (0,), True, "bool"),
+    (17, (), True, "bias"), (1, (), False, "bias")])
+def test_gna_op_forced_triton(monkeypatch, leading, heads, causal, mask):
     """attnopt::gna_attention's accelerator path (run here by ATTNOPT_FORCE_TRITON=1 under the
-    interpreter): the generated GNA kernel for a bare grid, SDPA with the layout mask when there
-    are leading global tokens; per-head splits around either."""
+    interpreter): the generated GNA kernel, with leading global tokens as one extra KV block per
+    Q tile (17 leading keys: a 32-wide block, half padding) and the leading rows filled by SDPA;
+    per-head splits around it; causal layouts; padding and bias masks."""
     from attnopt.codegen.gna_op import gna_attention_op, reference_gna
     from attnopt.codegen.triton import launcher
 
@@ -269,8 +272,34 @@ def test_gna_op_forced_triton(monkeypatch, leading, heads):
     calls = []
     real = launcher.gna_call
     monkeypatch.setattr(launcher, "gna_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    layout = GNALayout((9, 7), (5, 3), (2, 1), (1, 1), (False, False))
-    q, k, v = _qkv(1, 2, 2, leading + 63, leading + 63, 16, torch.float32, seed=3)
-    out = gna_attention_op(q, k, v, None, scale=0.3, layout=layout, leading=leading, heads=heads)
-    _check(out, reference_gna(q, k, v, None, 0.3, layout, leading, "softmax", heads), torch.float32)
-    assert bool(calls) == (leading == 0)
+    layout = GNALayout((9, 7), (5, 3), (2, 1), (1, 1), (causal, False))
+    S = leading + 63
+    q, k, v = _qkv(2, 2, 2, S, S, 16, torch.float32, seed=3)
+    m = None
+    if mask == "bool":
+        m = torch.ones(2, 1, 1, S, dtype=torch.bool)
+        m[1, ..., -5:] = False
+        m[1, ..., 0] = False  # a masked leading key
+    elif mask == "bias":
+        m = torch.randn(2, 1, S, S)
+    out = gna_attention_op(q, k, v, m, scale=0.3, layout=layout, leading=leading, heads=heads)
+    _check(out, reference_gna(q, k, v, m, 0.3, layout, leading, "softmax", heads), torch.float32)
+    assert calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gna_kernel_leading_tokens_gqa_3d(dtype):
+    """The kernel with leading keys on a 3-D layout under GQA 4:1, head dim 24 (padded to 32):
+    grid rows against the dense reference (the leading rows are the caller's)."""
+    from attnopt.codegen.gna_op import reference_gna
+
+    layout = GNALayout((3, 5, 6), (3, 3, 3), (1, 2, 1), (1, 1, 2), (True, False, False))
+    leading = 3
+    S = leading + 90
+    q, k, v = _qkv(1, 4, 1, S, S, 24, dtype, seed=7)
+    p = AttentionParams(scale=24 ** -0.5)
+    out = tk.launch(q, k, v, None, p, layout, leading)
+    ref = reference_gna(q.float(), k.float(), v.float(), None, p.scale, layout, leading).to(dtype)
+    _check(out[:, :, leading:], ref[:, :, leading:], dtype)
+    ok, why = tk.can_run(q, k, v, None, p, None, leading)
+    assert not ok and "leading" in why

@@ -3,8 +3,9 @@
 Canonical layouts: q [B, H, Sq, D], k/v [B, Hkv, Skv, D/Dv], attn_mask broadcastable to
 [B, H, Sq, Skv], out [B, H, Sq, Dv]; with a GNA layout the sequence is the row-major flattened grid.
 
-  launch(q, k, v, attn_mask, params, layout=None) -> Tensor | None   (None: no kernel fits)
-  can_run(q, k, v, attn_mask, params, layout=None) -> (ok, family or the reasons)
+  launch(q, k, v, attn_mask, params, layout=None, leading=0) -> Tensor | None   (None: no kernel fits;
+      with leading > 0 only the grid rows are written)
+  can_run(q, k, v, attn_mask, params, layout=None, leading=0) -> (ok, family or the reasons)
 
 Importing this package registers `cuda_kernel` in attnopt.codegen.ops.CUDA_KERNELS, so the CUDA
 implementation of attnopt::attention runs the generated kernels and falls back to the exact path

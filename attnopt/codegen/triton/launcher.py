@@ -3,7 +3,8 @@
 Canonical layouts (as attnopt::attention):
   q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], attn_mask broadcastable to
   [B, H, Sq, Skv] (bool: True = attend; float: added), out [B, H, Sq, Dv] in q.dtype.
-  With a GNA layout, Sq = Skv = prod(layout.shape) and tokens are the row-major flattened grid.
+  With a GNA layout, Sq = Skv = leading + prod(layout.shape): `leading` global tokens ([CLS],
+  sinks; 0 by default) then the row-major flattened grid.
 
 Selection is an ordered list of `can_run_<variant>(params, q, k, v, mask, layout) -> (ok, reason)`;
 the first that fits names the kernel family; everything else (head dim, GQA, mask kind, softcap,
@@ -72,7 +73,8 @@ def _common(params: AttentionParams, q: Tensor, k: Tensor, v: Tensor, mask: Tens
     return True, ""
 
 
-def can_run_block_sparse_gna(params, q, k, v, mask, layout: GNALayout | None = None) -> tuple[bool, str]:
+def can_run_block_sparse_gna(params, q, k, v, mask, layout: GNALayout | None = None,
+                             leading: int = 0) -> tuple[bool, str]:
     if layout is None:
         return False, "no GNA layout"
     ok, why = _common(params, q, k, v, mask)
@@ -80,9 +82,9 @@ def can_run_block_sparse_gna(params, q, k, v, mask, layout: GNALayout | None = N
         return ok, why
     if params.causal or params.window is not None:
         return False, "causal/window come from the GNA layout's own flags, not the op's"
-    n = math.prod(layout.shape)
+    n = leading + math.prod(layout.shape)
     if q.shape[2] != n or k.shape[2] != n:
-        return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != grid tokens {n}"
+        return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != {leading} leading + grid tokens {n - leading}"
     try:
         from attnopt.cost import gna
 
@@ -131,19 +133,26 @@ CHECKS: tuple[tuple[str, CanRun], ...] = (
 )
 
 
-def select_family(params, q, k, v, mask, layout=None) -> tuple[str | None, dict[str, str]]:
-    """(first family whose check passes, {family: reason} of those that declined)."""
+def select_family(params, q, k, v, mask, layout=None, leading: int = 0) -> tuple[str | None, dict[str, str]]:
+    """(first family whose check passes, {family: reason} of those that declined). Leading global
+    tokens before a GNA grid are a block_sparse_gna feature only."""
     reasons = {}
     for family, check in CHECKS:
-        ok, why = check(params, q, k, v, mask, layout)
+        if family == "block_sparse_gna":
+            ok, why = check(params, q, k, v, mask, layout, leading)
+        elif leading:
+            ok, why = False, "leading global tokens need the block_sparse_gna kernel"
+        else:
+            ok, why = check(params, q, k, v, mask, layout)
         if ok:
             return family, reasons
         reasons[family] = why
     return None, reasons
 
 
-def can_run(q, k, v, attn_mask, params: AttentionParams, layout: GNALayout | None = None) -> tuple[bool, str]:
-    family, reasons = select_family(params, q, k, v, attn_mask, layout)
+def can_run(q, k, v, attn_mask, params: AttentionParams, layout: GNALayout | None = None,
+            leading: int = 0) -> tuple[bool, str]:
+    family, reasons = select_family(params, q, k, v, attn_mask, layout, leading)
     if family is not None:
         return True, family
     return False, "; ".join(f"{f}: {r}" for f, r in reasons.items())
@@ -176,11 +185,11 @@ def spec_of(q, k, v, mask, params: AttentionParams, layout: GNALayout | None) ->
     )
 
 
-def _tune_key(spec: AttentionSpec, variant: Variant, device) -> dict:
+def _tune_key(spec: AttentionSpec, variant: Variant, device, leading: int = 0) -> dict:
     import triton
 
     return {"spec": spec.to_json(), "family": variant.family,
-            "layout": None if variant.layout is None else repr(variant.layout),
+            "layout": None if variant.layout is None else repr(variant.layout), "leading": leading,
             "device": generator.device_name(device), "triton": triton.__version__,
             "template": generator.template.template_hash()}
 
@@ -274,7 +283,9 @@ def _plan_tensors(plan, device):
 
 
 def gna_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams,
-             layout: GNALayout) -> KernelCall:
+             layout: GNALayout, leading: int = 0) -> KernelCall:
+    """With `leading` tokens before the grid the kernel writes the grid rows of out only; the
+    caller fills out[:, :, :leading]."""
     B, H, N, D = q.shape
     Dv = v.shape[3]
     plan = gna_tile_plan(layout, tuple(cfg.q_tile), tuple(cfg.kv_tile))
@@ -286,15 +297,15 @@ def gna_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionPar
             pt["kv_slot"], *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             H, plan.tiles.shape[1], float(params.scale), float(params.softcap or 0.0))
     constexprs = dict(BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
-                      ELEMENT_MASK=plan.element_mask, **_flags(q, v, mask, params, H // k.shape[1]))
+                      LEADING=int(leading), BLOCK_L=_pow2(max(1, leading)), ELEMENT_MASK=plan.element_mask, **_flags(q, v, mask, params, H // k.shape[1]))
     return KernelCall(generator.kernel(family, "gna"), (plan.num_q_tiles, B * H), args, constexprs,
                       cfg.num_warps, cfg.num_stages, out)
 
 
 def kernel_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams,
-                layout: GNALayout | None = None) -> KernelCall:
+                layout: GNALayout | None = None, leading: int = 0) -> KernelCall:
     if family == "block_sparse_gna":
-        return gna_call(family, cfg, q, k, v, mask, params, layout)
+        return gna_call(family, cfg, q, k, v, mask, params, layout, leading)
     return dense_call(family, cfg, q, k, v, mask, params)
 
 
@@ -311,31 +322,31 @@ def _bench(fn: Callable[[], object]) -> float:
 _CHOSEN: dict[tuple, tuple[str, KernelConfig] | None] = {}
 
 
-def _case_key(q, k, v, mask, params: AttentionParams, layout) -> tuple:
+def _case_key(q, k, v, mask, params: AttentionParams, layout, leading: int) -> tuple:
     """Everything `select_family` and the tuner look at, as a cheap hashable key."""
     def desc(t):
         return None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
-    return (desc(q), desc(k), desc(v), desc(mask), params, layout, generator.interpreter_active(),
+    return (desc(q), desc(k), desc(v), desc(mask), params, layout, leading, generator.interpreter_active(),
             os.environ.get("ATTNOPT_AUTOTUNE", "1"))
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-             layout: GNALayout | None):
+             layout: GNALayout | None, leading: int = 0):
     """(family, tuned config, run(config) -> out) for this case, or None when no kernel fits.
 
     The (family, config) choice is memoized per case: at small sizes the checks, spec building
     and tune-key hashing cost more host time than the kernel runs (seen on an H100: a 4K-token
     GNA call took 0.31 ms, most of it Python, before this cache)."""
-    run = lambda c: kernel_call(family, c, q, k, v, attn_mask, params, layout).run()  # noqa: E731
-    key = _case_key(q, k, v, attn_mask, params, layout)
+    run = lambda c: kernel_call(family, c, q, k, v, attn_mask, params, layout, leading).run()  # noqa: E731
+    key = _case_key(q, k, v, attn_mask, params, layout, leading)
     if key in _CHOSEN:
         chosen = _CHOSEN[key]
         if chosen is None:
             return None
         family, cfg = chosen
         return family, cfg, run
-    family, _ = select_family(params, q, k, v, attn_mask, layout)
+    family, _ = select_family(params, q, k, v, attn_mask, layout, leading)
     if family is None:
         _CHOSEN[key] = None
         return None
@@ -343,22 +354,25 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: 
     configs = generator.candidate_configs(generator.device_family(q.device), ndim)
     variant = Variant(family, configs[0].q_tile, configs[0].kv_tile, layout=layout)
     spec = spec_of(q, k, v, attn_mask, params, layout)
-    cfg = generator.tuned_config(_tune_key(spec, variant, q.device), configs, lambda c: _bench(lambda: run(c)))
+    cfg = generator.tuned_config(_tune_key(spec, variant, q.device, leading), configs,
+                                 lambda c: _bench(lambda: run(c)))
     _CHOSEN[key] = (family, cfg)
     return family, cfg, run
 
 
 def chosen_config(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-                  layout: GNALayout | None = None) -> tuple[str, KernelConfig] | None:
+                  layout: GNALayout | None = None, leading: int = 0) -> tuple[str, KernelConfig] | None:
     """(kernel family, tile config) `launch` runs for this case (autotuning it if needed)."""
-    prepared = _prepare(q, k, v, attn_mask, params, layout)
+    prepared = _prepare(q, k, v, attn_mask, params, layout, leading)
     return None if prepared is None else prepared[:2]
 
 
 def launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-           layout: GNALayout | None = None) -> Tensor | None:
-    """Run the generated kernel for this case, or None when no kernel fits (see `can_run`)."""
-    prepared = _prepare(q, k, v, attn_mask, params, layout)
+           layout: GNALayout | None = None, leading: int = 0) -> Tensor | None:
+    """Run the generated kernel for this case, or None when no kernel fits (see `can_run`). With
+    `leading` tokens before a GNA grid, only the grid rows of the result are written: the caller
+    fills out[:, :, :leading] (see attnopt.codegen.gna_op)."""
+    prepared = _prepare(q, k, v, attn_mask, params, layout, leading)
     if prepared is None:
         return None
     _, cfg, run = prepared

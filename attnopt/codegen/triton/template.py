@@ -229,15 +229,15 @@ def _gna_inner(
     KCOORD, KIDX, lo, hi,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, NDIM: tl.constexpr,
-    ELEMENT_MASK: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    LEADING: tl.constexpr, ELEMENT_MASK: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, SIGMOID: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     for i in range(lo, hi):
         tile = tl.load(p_tiles + i)
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        # Slot -> original token (padding slots read token 0; the element mask drops them).
-        b_kidx = tl.load(KIDX + offs_n)
+        # Slot -> original token (padding slots read grid token 0; the element mask drops them).
+        b_kidx = tl.load(KIDX + offs_n) + LEADING
         p_k = p_k_base + b_kidx[:, None] * stride_kn + offs_d[None, :] * stride_kd
         p_v = p_v_base + b_kidx[:, None] * stride_vn + offs_dv[None, :] * stride_vd
         if EVEN_D:
@@ -273,6 +273,35 @@ def _gna_inner(
 
 
 @triton.jit
+def _leading_keys(
+    b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, offs_d, offs_dv, b_qidx,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, LEADING: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    SIGMOID: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # Every grid query attends every leading key ([CLS], sinks: tokens 0..LEADING-1), causal or not.
+    offs_l = tl.arange(0, BLOCK_L)
+    m_l = offs_l < LEADING
+    p_k = p_k_base + offs_l[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    p_v = p_v_base + offs_l[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    b_k = tl.load(p_k, mask=m_l[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    b_v = tl.load(p_v, mask=m_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, SIGMOID, INPUT_PRECISION)
+    if HAS_MASK:
+        p_mask = p_mask_base + b_qidx[:, None] * stride_mm + offs_l[None, :] * stride_mn
+        if MASK_IS_BOOL:
+            b_s = tl.where(tl.load(p_mask, mask=m_l[None, :], other=0) != 0, b_s, float("-inf"))
+        else:
+            b_s = _add_bias(b_s, tl.load(p_mask, mask=m_l[None, :], other=0.0).to(tl.float32), SIGMOID)
+    b_s = tl.where(m_l[None, :], b_s, float("-inf"))
+    return _update(b_acc, b_m, b_l, b_s, b_v, SIGMOID, INPUT_PRECISION)
+
+
+@triton.jit
 def @FAMILY@_fwd_kernel(
     Q, K, V, MASK, O, TILES, COUNTS, QRANGE, KCOORD, QIDX, KIDX,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -283,7 +312,8 @@ def @FAMILY@_fwd_kernel(
     H, MAX_TILES, scale, softcap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NDIM: tl.constexpr, ELEMENT_MASK: tl.constexpr, HAS_MASK: tl.constexpr,
+    NDIM: tl.constexpr, LEADING: tl.constexpr, BLOCK_L: tl.constexpr, ELEMENT_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SIGMOID: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -294,7 +324,9 @@ def @FAMILY@_fwd_kernel(
     caller's row-major order and rows are gathered in the kernel (no permutation passes over
     memory). It visits the KV tiles TILES[pid_m, :COUNTS[pid_m, 1]]; the first COUNTS[pid_m, 0]
     are full (no element mask). With ELEMENT_MASK false the layout is perfectly block-sparse and
-    no mask code is compiled.
+    no mask code is compiled. With LEADING > 0 the grid starts at token LEADING (q/k/v/out hold the
+    whole sequence) and each Q tile first visits one extra block holding the leading keys; the
+    leading queries' own rows are the host's to fill.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -307,7 +339,7 @@ def @FAMILY@_fwd_kernel(
 
     b_qslot = tl.load(QIDX + offs_m)
     m_q = b_qslot >= 0
-    b_qidx = tl.maximum(b_qslot, 0)
+    b_qidx = tl.maximum(b_qslot, 0) + LEADING
     p_q = Q + off_b * stride_qb + off_h * stride_qh + b_qidx[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_q[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if UPCAST:
@@ -339,11 +371,17 @@ def @FAMILY@_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
+    if LEADING > 0:
+        b_acc, b_m, b_l = _leading_keys(
+            b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, offs_d, offs_dv, b_qidx,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
+            HEAD_DIM, HEAD_DIM_V, LEADING, BLOCK_L, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
+            UPCAST, INPUT_PRECISION)
     b_acc, b_m, b_l = _gna_inner(
         b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, p_tiles,
         offs_d, offs_dv, b_qlo0, b_qhi0, b_qlo1, b_qhi1, b_qlo2, b_qhi2, b_qidx, KCOORD, KIDX, 0, n_full,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, False, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, LEADING, False, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
         UPCAST, INPUT_PRECISION, EVEN_D)
     if ELEMENT_MASK:
         b_acc, b_m, b_l = _gna_inner(
@@ -351,7 +389,7 @@ def @FAMILY@_fwd_kernel(
             offs_d, offs_dv, b_qlo0, b_qhi0, b_qlo1, b_qhi1, b_qlo2, b_qhi2, b_qidx, KCOORD, KIDX,
             n_full, n_all,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, True, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, LEADING, True, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
             UPCAST, INPUT_PRECISION, EVEN_D)
 
     if not SIGMOID:
