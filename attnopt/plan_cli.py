@@ -132,7 +132,9 @@ def render_report(plan, model_name: str = "") -> str:
             ("predicted end-to-end speedup", f"{pr.get('end_to_end_speedup', 1.0):.3f}x"),
             ("measured end-to-end relative L2", f"{me.get('rel_l2', 0.0):.3g}"),
             ("measured cosine similarity", f"{me.get('cosine', 1.0):.6f}"),
-            ("calibration batches", str(me.get("calibration_batches", "-")))]
+            ("calibration batches", str(me.get("calibration_batches", "-"))),
+            ("held-out relative L2", "-" if me.get("holdout_rel_l2") is None else
+             f"{me['holdout_rel_l2']:.3g} ({me.get('holdout_batches', 1)} batch, never used to choose)")]
     parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows]
     parts.append("</table><h2>Sites</h2><table><tr><th>site</th><th>q x kv</th><th>mask</th>"
                  "<th>grid</th><th>variant</th><th>tiles (q / kv)</th><th>predicted time</th>"
@@ -262,4 +264,6 @@ def register(app: typer.Typer) -> None:
             planned = sum(1 for s in plan.sites if s.choice is not None)
             out.print(f"{planned}/{len(plan.sites)} sites planned for {plan.target}: predicted "
                       f"end-to-end speedup {pr.get('end_to_end_speedup', 1.0):.3f}x, measured "
-                      f"relative L2 {me.get('rel_l2', 0.0):.3g}; wrote {output}")
+                      f"relative L2 {me.get('rel_l2', 0.0):.3g}"
+                      + ("" if me.get("holdout_rel_l2") is None else f" (held out: {me['holdout_rel_l2']:.3g})")
+                      + f"; wrote {output}")

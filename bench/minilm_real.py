@@ -57,6 +57,8 @@ def run(seq: int, errors, batches: int) -> list[dict]:
         row = {"seq": seq, "policy": policy, "max_error": err,
                "choices": [s.choice.name if s.choice is not None else "kept" for s in plan.sites],
                "calibration_rel_l2": plan.measured.get("rel_l2"),
+               "planner_holdout_rel_l2": plan.measured.get("holdout_rel_l2"),
+               "withdrawn": [w.candidate for w in plan.walk if w.reason.startswith("withdrawn")],
                "held_out_rel_l2": max(l2s), "embedding_cosine_mean": sum(cos) / len(cos),
                "embedding_cosine_min": min(cos),
                "predicted_h100_attention_speedup": plan.predicted["attention_speedup"],
@@ -71,7 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", nargs="+", type=int, default=[256, 512])
     ap.add_argument("--errors", nargs="+", type=float, default=[1e-2, 5e-2, 1e-1])
-    ap.add_argument("--batches", type=int, default=3, help="calibration batches (2 sequences each)")
+    ap.add_argument("--batches", type=int, default=4,
+                    help="calibration batches (2 sequences each; the planner holds out the last)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()

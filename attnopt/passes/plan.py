@@ -10,6 +10,13 @@ For each site (torch models: nn.Module, ExportedProgram, .pt2):
      each is tried together with those already accepted (replacing its site's earlier choice when
      it saves more) and kept if the measured end-to-end relative L2 stays within
      `SAFETY * max_error`. Every step is kept in `Plan.walk` (the speedup-vs-error curve).
+  4. hold-out check: with two or more calibration batches the last one is held out of steps 2-3
+     (choosing approximations by their error on the very inputs they are judged on overfits: a
+     per-head plan measured 0.078 on its calibration batches and 0.105 on new text at a 0.1
+     budget). The final plan is run on it; while its error there exceeds SAFETY * max_error (the
+     held-out batch estimates the error on unseen inputs, so it keeps the same margin), the most
+     recently accepted approximation is withdrawn (a walk step says so; the site goes back to
+     exact) and the plan re-checked.
 Per-head choices: a candidate whose end-to-end error alone exceeds the budget is also tried on
 a subset of the site's heads (the rest keep the exact kernel): heads (whole KV groups under GQA)
 are ranked by their own error under the candidate (relative L2 of that head's output at the
@@ -24,7 +31,7 @@ target's peak * mma efficiency (a roofline guess: the planner times attention on
 Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
   {"format", "version", "policy", "max_error", "target", "hardware",
    "predicted": {"attention_dense_s", "attention_s", "other_s", "attention_speedup", "end_to_end_speedup"},
-   "measured": {"rel_l2", "cosine", "calibration_batches"},
+   "measured": {"rel_l2", "cosine", "calibration_batches", "holdout_rel_l2", "holdout_batches"},
    "sites": [{"site", "status" (planned|kept), "reason", "spec": {...},
               "choice": {"name", "family", "exact", "q_tile", "kv_tile", "layout": {"shape", "window",
                          "stride", "dilation", "causal"} | null, "leading", "window": [l, r] | null,
@@ -60,7 +67,9 @@ FORMAT, VERSION = "attnopt.plan", 1
 POLICIES = ("exact", "approx")
 TARGETS = ("cpu", "h100", "h200", "b200", "a100")
 SAFETY = 0.8  # approximations are accepted up to this fraction of max_error on calibration inputs
-CALIBRATION_BATCHES = 3
+# Generated calibration: the example batch plus redrawn ones. The last batch is held out: the
+# walk never sees it, and the final plan must stay within max_error on it.
+CALIBRATION_BATCHES = 4
 HEAD_SHARES = (0.25, 0.5, 0.75)  # per-head candidates: these shares of a site's heads
 # An approximation must save at least this share of its site's predicted exact time: error for a
 # 1% gain is a bad trade (a 4K Llama plan took a window on 1 of 4 heads for a predicted 0.7%).
@@ -395,17 +404,23 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
         t = sum(picks[n].time_s if n in picks else base_time[n] for n in base_time)
         return (other + dense_total) / (other + t) if (other + t) > 0 else 1.0
 
-    batches = calibration_batches(inputs, calibration)
-    refs = [_run(gm, b, [s.output for s in sites]) for b in batches]
+    all_batches = calibration_batches(inputs, calibration)
+    # approximations are never chosen on the batch they are checked on (step 4)
+    batches, holdout = (all_batches[:-1], all_batches[-1:]) if len(all_batches) > 1 else (all_batches, [])
     positions = padding_positions(graph, sites)
+    refs = [_run(gm, b, [s.output for s in sites]) for b in batches]
     valids = [valid_rows(b, positions) for b in batches]
 
-    def measure(recs: dict[str, Recipe], site: str | None = None):
-        """(end-to-end rel L2, cosine, site rel L2, per-head site errors or None) on calibration."""
+    def measure(recs: dict[str, Recipe], site: str | None = None, on_holdout: bool = False):
+        """(end-to-end rel L2, cosine, site rel L2, per-head site errors or None) on calibration
+        (or on the held-out batch: end to end only)."""
         new_gm, nodes = splice(gm, list(recs.values()))
         worst_l2, worst_cos, worst_site = 0.0, 1.0, 0.0
         per_head = None
-        for b, (ref, ref_vals), valid in zip(batches, refs, valids):
+        runs = zip(batches, refs, valids)
+        if on_holdout:
+            runs = [(b, _run(gm, b), valid_rows(b, positions)) for b in holdout]
+        for b, (ref, ref_vals), valid in runs:
             want = [nodes[site]] if site else []
             out, vals = _run(new_gm, b, want)
             worst_l2 = max(worst_l2, rel_l2(ref, out, valid))
@@ -466,12 +481,28 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
             if ok:  # a later, more aggressive choice at the same site replaces an earlier one
                 accepted[name], acc_c[name] = r, c
                 measured_site[name] = Measured(se, l2, cos)
+        # step 4: the held-out batch; withdraw the latest acceptances while it is over budget
+        order = [w.site for w in walk if w.accepted]
+        while accepted and holdout:
+            hl2, hcos = measure({**chosen_recipe, **accepted}, on_holdout=True)[:2]
+            if hl2 <= SAFETY * max_error:
+                break
+            name = next(n for n in reversed(order) if n in accepted)
+            walk.append(WalkStep(len(walk) + 1, name, acc_c[name].name, saved((name, acc_c[name])),
+                                 measured_site[name].e2e_rel_l2, hl2, hcos,
+                                 e2e_speedup({**chosen, **{n: c for n, c in acc_c.items() if n != name}}),
+                                 False, f"withdrawn: the plan's error on the held-out batch, {hl2:.3g}, "
+                                        f"exceeds {SAFETY:g} x max_error {max_error:g}"))
+            del accepted[name], acc_c[name], measured_site[name]
         chosen_recipe.update(accepted)
         chosen.update(acc_c)
 
     final_l2, final_cos = 0.0, 1.0
+    holdout_l2 = 0.0 if holdout else None
     if chosen_recipe:
         final_l2, final_cos = measure(chosen_recipe)[:2]
+        if holdout:
+            holdout_l2 = measure(chosen_recipe, on_holdout=True)[0]
     site_plans = []
     for s in sites:
         c = chosen.get(s.name)
@@ -484,7 +515,8 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     predicted = {"attention_dense_s": dense_total, "attention_s": att, "other_s": other,
                  "attention_speedup": dense_total / att if att else 1.0,
                  "end_to_end_speedup": e2e_speedup(chosen)}
-    measured = {"rel_l2": final_l2, "cosine": final_cos, "calibration_batches": len(batches)}
+    measured = {"rel_l2": final_l2, "cosine": final_cos, "calibration_batches": len(batches),
+                "holdout_rel_l2": holdout_l2, "holdout_batches": len(holdout)}
     return Plan(policy, float(max_error), target, hw.name, tuple(site_plans), tuple(walk),
                 predicted, measured)
 

@@ -161,3 +161,27 @@ def test_gna_op_exact_heads_follow_the_full_window_layout(causal, masked):
         m[..., -4:] = False
     out = gna_attention_op(q, k, v, m, scale=0.3, layout=lay, leading=1, heads=(1,))
     torch.testing.assert_close(out, reference_gna(q, k, v, m, 0.3, lay, 1, "softmax", (1,)), atol=2e-6, rtol=0)
+
+
+def test_holdout_batch_withdraws_what_calibration_overfit():
+    """Approximations are chosen on all but the last calibration batch and the final plan is
+    checked on that one. Calibrated on near-zero inputs (attention output ~ the value bias, so any
+    window looks free) and checked on real-scale inputs, the accepted windows are withdrawn and the
+    plan ends exact; calibrated on like batches, the plan keeps an approximation and its held-out
+    error is within budget."""
+    torch.manual_seed(0)
+    model = MixedHeads(local=0).eval()
+    x = torch.randn(2, 512, 32)
+    g = torch.Generator().manual_seed(1)
+    tiny = [[0.02 * torch.randn(2, 512, 32, generator=g)] for _ in range(2)]
+    plan = make_plan(model, (x,), policy="approx", max_error=2e-2, target="h100",
+                     calibration=tiny + [[torch.randn(2, 512, 32, generator=g)]])
+    withdrawn = [w for w in plan.walk if w.reason.startswith("withdrawn")]
+    assert withdrawn and all(w.rel_l2 > plan.max_error for w in withdrawn)
+    assert all(s.choice.exact for s in plan.sites)
+    assert plan.measured["holdout_batches"] == 1 and plan.measured["holdout_rel_l2"] <= plan.max_error
+    assert Plan.from_json(plan.to_json()) == plan
+    same = make_plan(model, (x,), policy="approx", max_error=2e-2, target="h100", calibration=tiny * 2)
+    assert any(not s.choice.exact for s in same.sites)
+    assert not any(w.reason.startswith("withdrawn") for w in same.walk)
+    assert same.measured["calibration_batches"] == 3 and same.measured["holdout_rel_l2"] <= same.max_error

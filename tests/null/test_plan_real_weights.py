@@ -22,9 +22,10 @@ SEQ = 256
 @pytest.fixture(scope="module")
 def setup():
     model, tok = minilm.load()
-    # three calibration batches, the planner's own default count: with two, a per-head plan at
-    # 1e-1 measured 0.078 on them and 0.105 on held-out text (2026-11-23)
-    calib = minilm.batches(tok, SEQ, 3, held_out=False, seed=1)
+    # four calibration batches, the planner's own default count (three to choose on, the last
+    # held out by the planner): choosing on two, a per-head plan at 1e-1 measured 0.078 on them
+    # and 0.105 on held-out text (2026-11-23)
+    calib = minilm.batches(tok, SEQ, 4, held_out=False, seed=1)
     held = minilm.batches(tok, SEQ, 1, held_out=True, seed=1)
     return model, calib, held
 
@@ -43,7 +44,7 @@ def test_approx_plan_holds_on_held_out_real_text(setup, max_error):
     model, calib, held = setup
     plan = attnopt.plan(model, calib[0], policy="approx", max_error=max_error, target="h100",
                         calibration=[[b["input_ids"], b["attention_mask"]] for b in calib])
-    assert plan.measured["rel_l2"] <= max_error
+    assert plan.measured["rel_l2"] <= max_error and plan.measured["holdout_rel_l2"] <= max_error
     res = attnopt.optimize(model, calib[0], plan=plan)
     for b in held:
         ref, got = _hidden(model, b), _hidden(res.model, b)
