@@ -9,6 +9,10 @@ bound is for the tiles the kernel uses (its Q box is tuned on first use: the ben
 cache and reports the untuned estimate's box beside it): Q boxes `q_tile`, KV = the exact box each Q tile gathers
 (dynamic KV tiling with 1-token KV tiles), i.e. simulate(layout, q_tile, (1, 1), dynamic=True).
 
+Also 1-D causal sliding windows (LLM style, 4K tokens, windows 256 and 1024, 8 heads) through
+attnopt::attention's CPU path (the exact window kernel) vs the dense masked SDPA, SDPA is_causal
+and compiled flex_attention.
+
 The GPU benchmark of the generated Triton kernels is bench/gpu_kernels.py.
 
     .venv/bin/python bench/kernels.py [--rounds 7] [--threads 2] [--no-flex] [--json out.json]
@@ -124,6 +128,55 @@ def bench_cpu(rounds: int, threads: int, flex: bool) -> list[dict]:
     return rows
 
 
+def bench_cpu_window(rounds: int, threads: int, flex: bool) -> list[dict]:
+    """1-D causal sliding windows (LLM style): attnopt::attention with a window on CPU (the exact
+    window kernel) vs the dense masked SDPA the op ran before, SDPA is_causal (dense causal work,
+    not the same function: the work a window must beat), and compiled flex_attention."""
+    torch.set_num_threads(threads)
+    from attnopt.codegen.ops import attention_op
+
+    B, H, D, S = 1, 8, 64, 4096
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    rows = []
+    for W in (256, 1024):
+        p = AttentionParams(scale=D ** -0.5, causal=True, window=(W - 1, 0))
+        i = torch.arange(S)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - W)
+        t = time.perf_counter()
+        out = attention_op(q, k, v, scale=p.scale, causal=True, window=(W - 1, 0))  # tunes
+        tune_s = time.perf_counter() - t
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        fns = {
+            "attnopt_op": lambda: attention_op(q, k, v, scale=p.scale, causal=True, window=(W - 1, 0)),
+            "sdpa_bool_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        }
+        compile_s = None
+        if flex:
+            fns["flex_compiled"], compile_s = _flex_setup(mask, S, q, k, v, "cpu")
+        times = interleaved(fns, rounds)
+
+        def ratio(other):
+            return statistics.median(o / a for o, a in zip(times[other], times["attnopt_op"]))
+
+        left, upper = cpu_kernels.window_bounds(p)
+        tq = cpu_kernels.tuned_window_tile(left, upper, 0, q, k, v, None, p)
+        plan = cpu_kernels.window_plan(S, S, left, upper, 0, tq)
+        work = plan.num_tiles * plan.q_idx.shape[1] * plan.kv_idx.shape[1]
+        row = {"case": f"causal window {W}", "S": S, "H": H, "D": D, "q_tile": tq, "kv_run": plan.kv_extent,
+               "tune_s": round(tune_s, 2), "max_abs_err": (out - ref).abs().max().item(),
+               "ms": {n: round(statistics.median(t) * 1e3, 1) for n, t in times.items()},
+               "speedup_vs_bool_mask": ratio("sdpa_bool_mask"), "speedup_vs_causal": ratio("sdpa_causal"),
+               "work_bound_vs_causal": (S * (S + 1) / 2) / work}
+        if flex:
+            row["speedup_vs_flex"] = ratio("flex_compiled")
+            row["flex_compile_s"] = round(compile_s, 1)
+        rows.append(row)
+        print(json.dumps(row, default=list), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
@@ -133,7 +186,8 @@ def main() -> None:
     a = ap.parse_args()
     # Tune from scratch, as a user's first run does (the kernel times its Q-box candidates once).
     os.environ["ATTNOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnopt-bench-cache-")
-    result = {"cpu": bench_cpu(a.rounds, a.threads, not a.no_flex)}
+    result = {"cpu": bench_cpu(a.rounds, a.threads, not a.no_flex),
+              "cpu_window": bench_cpu_window(a.rounds, a.threads, not a.no_flex)}
     print("GPU kernels: bench/gpu_kernels.py")
     if a.json:
         with open(a.json, "w") as f:

@@ -64,6 +64,10 @@ class CpuTilePlan:
     def full_tiles(self) -> "_Tiles":
         return _Tiles(self, self.full)
 
+    @functools.cached_property
+    def all_tiles(self) -> "_Tiles":
+        return _Tiles(self, None)
+
     @property
     def num_tiles(self) -> int:
         return int(self.q_idx.shape[0])
@@ -222,19 +226,45 @@ def tuned_gna_tile(layout: GNALayout, leading: int, q: Tensor, k: Tensor, v: Ten
     alone misses SDPA's own blocking (measured on a 2-core EPYC, 64x64 grid, 16x16 window: 8x8
     boxes ran 13% (stride 1) and 27% (stride 8) faster than the 16x8 boxes the estimate chose).
     Every box gives the same result up to floating-point summation order."""
-    cands = tile_candidates(layout, leading)[:TUNE_TOP]
-    plan = gna_plan(layout, cands[0], leading)
+    return _tuned({"kernel": "cpu_gna", "layout": repr(layout), "leading": leading},
+                  tile_candidates(layout, leading), lambda t: gna_plan(layout, t, leading),
+                  q, k, v, attn_mask, params)
+
+
+WINDOW_TILES = (32, 64, 128, 256)
+
+
+def tuned_window_tile(left: int, upper: int, offset: int, q: Tensor, k: Tensor, v: Tensor,
+                      attn_mask: Tensor | None, params: AttentionParams) -> int:
+    """The query run length the 1-D window kernel runs fastest with (as tuned_gna_tile): short
+    runs waste less of each run's key range, long ones give SDPA larger blocks."""
+    Sq, Skv = q.shape[2], k.shape[2]
+
+    def plan_of(t):
+        return window_plan(Sq, Skv, left, upper, offset, t[0])
+
+    cands = sorted({(min(t, Sq),) for t in WINDOW_TILES}, key=lambda t: (plan_of(t).cost, -t[0]))
+    return _tuned({"kernel": "cpu_window", "left": left, "upper": upper, "offset": offset},
+                  cands, plan_of, q, k, v, attn_mask, params)[0]
+
+
+def _tuned(kernel_key: dict, cands: list[tuple[int, ...]], plan_of, q: Tensor, k: Tensor, v: Tensor,
+           attn_mask: Tensor | None, params: AttentionParams) -> tuple[int, ...]:
+    """The fastest of the TUNE_TOP best-estimated candidates (`cands` in estimate order) for these
+    inputs, timed once and remembered; the estimate alone for small work, training or when
+    ATTNOPT_AUTOTUNE=0."""
+    cands = cands[:TUNE_TOP]
+    plan = plan_of(cands[0])
     elems = q.shape[0] * q.shape[1] * plan.num_tiles * plan.q_idx.shape[1] * plan.kv_idx.shape[1]
     if (len(cands) == 1 or not _autotune_enabled() or elems < TUNE_MIN_ELEMS
             or q.requires_grad or k.requires_grad or v.requires_grad):
         return cands[0]
-    key = {"kernel": "cpu_gna", "layout": repr(layout), "leading": leading, "q": list(q.shape),
-           "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
+    key = {**kernel_key, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
            "mask": None if attn_mask is None else [str(attn_mask.dtype), list(attn_mask.shape)],
            "normalizer": params.normalizer, "softcap": params.softcap is not None,
            "threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__}
     return autotune.fastest(
-        key, cands, lambda t: _bench_seconds(lambda: run_plan(q, k, v, attn_mask, params, gna_plan(layout, t, leading))),
+        key, cands, lambda t: _bench_seconds(lambda: run_plan(q, k, v, attn_mask, params, plan_of(t))),
         subdir="cpu", encode=list, decode=tuple, memo=_TUNED)
 
 
@@ -325,27 +355,74 @@ def _gather_mask(attn_mask: Tensor, tile_mask: Tensor, q_idx: Tensor, kv_idx: Te
 class _Tiles:
     """A subset of a plan's tiles (kept as tensors so cached masks stay valid)."""
 
-    def __init__(self, plan: CpuTilePlan, sel: Tensor | None):
+    def __init__(self, plan: CpuTilePlan | "_Tiles", sel: Tensor | None):
         self.q_idx = plan.q_idx if sel is None else plan.q_idx[sel]
         self.kv_idx = plan.kv_idx if sel is None else plan.kv_idx[sel]
         self.mask = plan.mask if sel is None else plan.mask[sel]
         self.n = int(self.q_idx.shape[0])
 
+    @functools.cached_property
+    def kv_runs(self) -> list[tuple["_Tiles", int, int]] | None:
+        """[(tiles, first KV start, start step)]: the tiles cut into runs whose KV tokens are
+        contiguous ranges starting at an arithmetic progression, so a run's K and V are one strided
+        view of the caller's tensors (no gather). None when some tile's KV tokens are not one
+        contiguous range (2-D/3-D boxes, dilation, leading tokens). 1-D windows give about three
+        runs: the clamped start, the interior, the clamped end."""
+        kv = self.kv_idx
+        if self.n == 0 or (kv.shape[1] > 1 and not bool((kv[:, 1:] - kv[:, :-1] == 1).all())):
+            return None
+        starts = kv[:, 0].tolist()
+        runs, i = [], 0
+        while i < self.n:
+            j = i + 1
+            step = starts[j] - starts[i] if j < self.n else 0
+            while j < self.n and starts[j] - starts[j - 1] == step:
+                j += 1
+            runs.append((_Tiles(self, torch.arange(i, j)), starts[i], step))
+            i = j
+        return runs
+
+
+def _kv_view(x: Tensor, n: int, T: int, start: int, step: int) -> Tensor:
+    """Tokens [start + i * step, + T) of x [B, Hx, S, D] for i < n, as [n, B * Hx, T, D] without
+    copying (overlapping windows of one strided view; SDPA's CPU kernel reads strided inputs)."""
+    B, Hx, _, D = x.shape
+    if B > 1 and x.stride(0) != Hx * x.stride(1):
+        x = x.contiguous()  # batch and heads must merge into one stride
+    sb, sh, ss, sd = x.stride()
+    return x.as_strided((n, B * Hx, T, D), (step * ss, sh if Hx > 1 or B == 1 else sb, ss, sd),
+                        x.storage_offset() + start * ss)
+
 
 def _run_tiles(q, k, v, attn_mask, params: AttentionParams, tiles: _Tiles, masked: bool, out: Tensor) -> None:
     """Attention of `tiles`, scattered into out [B, H, Sq, Dv]."""
-    B, H, Sq, _ = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
-    group = H // Hkv
-    n = tiles.n
-    if n == 0:
+    if tiles.n == 0:
         return
-    if q.requires_grad or k.requires_grad or v.requires_grad:
-        qg = _tile_major(q, tiles.q_idx)
-        kg, vg = _tile_major(k, tiles.kv_idx), _tile_major(v, tiles.kv_idx)
-    else:  # inference: reuse the gather buffers (autograd would need them kept per call)
-        qg = _tile_major(q, tiles.q_idx, "q")
-        kg, vg = _tile_major(k, tiles.kv_idx, "k"), _tile_major(v, tiles.kv_idx, "v")
+    Skv = k.shape[2]
+    if tiles.kv_runs is None:
+        _attend_tiles(q, k, v, False, Skv, attn_mask, params, tiles, masked, out)
+        return
+    for run, start, step in tiles.kv_runs:
+        T = int(run.kv_idx.shape[1])
+        _attend_tiles(q, _kv_view(k, run.n, T, start, step), _kv_view(v, run.n, T, start, step), True,
+                      Skv, attn_mask, params, run, masked, out)
+
+
+def _attend_tiles(q, k, v, kv_tiled: bool, Skv: int, attn_mask, params: AttentionParams, tiles: _Tiles,
+                  masked: bool, out: Tensor) -> None:
+    """One SDPA call over `tiles`. k, v: the caller's [B, Hkv, Skv, D] (gathered here per tile), or
+    with kv_tiled their tile views [n, B * Hkv, T, D] (_kv_view)."""
+    B, H, Sq, _ = q.shape
+    Hkv = k.shape[1] // B if kv_tiled else k.shape[1]
+    group = H // Hkv
+    # inference reuses the gather buffers (autograd would need them kept per call)
+    grad = q.requires_grad or k.requires_grad or v.requires_grad
+    qg = _tile_major(q, tiles.q_idx, None if grad else "q")
+    if kv_tiled:
+        kg, vg = k, v
+    else:
+        kg = _tile_major(k, tiles.kv_idx, None if grad else "k")
+        vg = _tile_major(v, tiles.kv_idx, None if grad else "v")
     fast = params.normalizer == "softmax" and params.softcap is None
     m = None
     if attn_mask is not None:
@@ -367,11 +444,11 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: 
     B, H, Sq, _ = q.shape
     out = torch.empty((B, H, Sq, v.shape[3]), dtype=q.dtype, device=q.device)
     if attn_mask is not None:
-        _run_tiles(q, k, v, attn_mask, params, _Tiles(plan, None), True, out)
+        _run_tiles(q, k, v, attn_mask, params, plan.all_tiles, True, out)
     elif bool(plan.full.all()):
-        _run_tiles(q, k, v, None, params, _Tiles(plan, None), False, out)
+        _run_tiles(q, k, v, None, params, plan.all_tiles, False, out)
     elif not bool(plan.full.any()):
-        _run_tiles(q, k, v, None, params, _Tiles(plan, None), True, out)
+        _run_tiles(q, k, v, None, params, plan.all_tiles, True, out)
     else:
         # Partial tiles first: a shifted border tile may overlap a full one; both give the same rows.
         _run_tiles(q, k, v, None, params, plan.partial_tiles, True, out)
@@ -460,12 +537,15 @@ def leading_rows(q, k, v, attn_mask, params: AttentionParams, leading: int, caus
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
-                             attn_mask: Tensor | None = None, q_tile: int = 64) -> Tensor:
-    """Exact 1-D sliding-window (and bounded causal-window) attention on CPU."""
+                             attn_mask: Tensor | None = None, q_tile: int | None = None) -> Tensor:
+    """Exact 1-D sliding-window (and bounded causal-window) attention on CPU. Without `q_tile`
+    the query run length is tuned (tuned_window_tile)."""
     ok, why = can_run_cpu_sliding_window(params, q, k, v, attn_mask)
     if not ok:
         raise ValueError(f"cpu sliding-window kernel cannot run: {why}")
     left, upper = window_bounds(params)
     offset = alignment_offset(q.shape[2], k.shape[2], params.causal_alignment)
+    if q_tile is None:
+        q_tile = tuned_window_tile(left, upper, offset, q, k, v, attn_mask, params)
     plan = window_plan(q.shape[2], k.shape[2], left, upper, offset, int(q_tile))
     return run_plan(q, k, v, attn_mask, params, plan)

@@ -242,9 +242,28 @@ def _attention_cpu(q, k, v, attn_mask, scale, causal, causal_alignment, window_l
     out = _forced_triton(q, k, v, attn_mask, p)
     if out is not None:
         return out.contiguous()
+    if p.window is not None:
+        out = _cpu_window(q, k, v, attn_mask, p)
+        if out is not None:
+            return out
     # The fake impl promises a contiguous [B, H, Sq, Dv] result (inductor asserts strides);
     # SDPA's CPU kernel returns a transposed view.
     return exact_attention(q, k, v, attn_mask, p).contiguous()
+
+
+def _cpu_window(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p: AttentionParams) -> Tensor | None:
+    """The exact CPU sliding-window kernel when the window leaves keys out (the dense path would
+    compute every query x key pair under a mask: measured 890 ms vs 63 ms for a 4K causal window
+    of 256, 8 heads, 2-core EPYC), else None."""
+    from attnopt.codegen import cpu as cpu_kernels
+
+    ok, _ = cpu_kernels.can_run_cpu_sliding_window(p, q, k, v, attn_mask)
+    if not ok:
+        return None
+    left, upper = cpu_kernels.window_bounds(p)
+    if min(q.shape[2], 64) + left + upper >= k.shape[2]:
+        return None  # every run of queries sees (nearly) every key: nothing to skip
+    return cpu_kernels.sliding_window_attention(q, k, v, p, attn_mask).contiguous()
 
 
 @attention.register_kernel("cuda")

@@ -185,3 +185,24 @@ def test_fastest_skips_failing_and_stale_choices(tmp_path, monkeypatch):
 def test_tile_candidates_clip_to_the_grid():
     cands = cpu.tile_candidates(GNALayout((4, 40), (3, 9)))
     assert len(cands) == len(set(cands)) and all(t[0] <= 4 for t in cands)
+
+
+def test_sliding_window_reads_kv_in_place():
+    """1-D windows: every tile's keys are one contiguous range, so K/V are strided views of the
+    caller's tensors (no gather), in runs of arithmetic-progression starts; batch 2, GQA 4:2,
+    transposed (non-contiguous) k/v and a float bias all still match the reference."""
+    plan = cpu.window_plan(1000, 1000, 100, 0, 0, 64)
+    runs = plan.all_tiles.kv_runs
+    assert runs is not None and 1 < len(runs) <= 4 and sum(r.n for r, _, _ in runs) == plan.num_tiles
+    assert cpu.gna_plan(GNALayout((32, 32), (8, 8)), (8, 8)).all_tiles.kv_runs is None  # 2-D boxes
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 333, 16, generator=g)
+    k, v = (torch.randn(2, 333, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
+    bias = torch.randn(2, 1, 333, 333, generator=g)
+    for kw in (dict(window=(40, 0), causal=True), dict(window=(17, 23))):
+        p = AttentionParams(scale=0.25, **kw)
+        for mask in (None, bias):
+            ref = reference_attention(q, k, v, mask, **p.kwargs())
+            for tq in (16, 64):
+                out = cpu.sliding_window_attention(q, k, v, p, mask, q_tile=tq)
+                assert (out - ref).abs().max().item() < 1e-5, (kw, mask is None, tq)
