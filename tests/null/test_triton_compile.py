@@ -28,7 +28,7 @@ def test_every_specialization_compiles_for_sm90():
     assert proc.returncode == 0
     names = {r["name"] for r in rows}
     assert {"dense_bf16_d128", "causal_bf16", "window", "sigmoid", "softcap", "padding_mask", "bias",
-            "gqa_4to1", "mqa", "gna_1d", "gna_2d", "gna_2d_blocksparse", "gna_3d"} <= names
+            "gqa_4to1", "mqa", "gna_1d", "gna_2d", "gna_2d_blocksparse", "gna_3d", "gna_2d_leading_cls"} <= names
     # Half-precision dots must reach Hopper's tensor-core instruction (wgmma), not a scalar path.
     half = [r for r in rows if not r["name"].endswith("fp32") and r["name"] != "window_both"]
     assert all(r["wgmma"] for r in half), [r["name"] for r in half if not r["wgmma"]]

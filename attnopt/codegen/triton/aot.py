@@ -102,13 +102,15 @@ def specializations():
         ("gna_2d_dilated_mask", GNALayout((50, 44), (7, 9), (3, 4), (2, 1)), ((1, 1, 2200, 2200), f32), f16),
         ("gna_3d", GNALayout((8, 24, 24), (4, 8, 8), (1, 2, 4), (1, 1, 1), (True, False, False)), None, bf16),
     ]
-    out = list(dense)
-    for name, layout, mask, dt in gna_cases:
+    out = [(*c, None, 0) if len(c) == 6 else (*c, 0) for c in dense]
+    gna_cases.append(("gna_2d_leading_cls", GNALayout((48, 40), (13, 9)), None, bf16, 1))
+    for name, layout, mask, dt, *lead in gna_cases:
         import math
 
-        n = math.prod(layout.shape)
-        out.append((name, "block_sparse_gna", P(scale=0.1), (1, 4, 2, n, n, 64), mask, dt, layout))
-    return [c if len(c) == 7 else (*c, None) for c in out]
+        leading = lead[0] if lead else 0
+        n = leading + math.prod(layout.shape)
+        out.append((name, "block_sparse_gna", P(scale=0.1), (1, 4, 2, n, n, 64), mask, dt, layout, leading))
+    return out
 
 
 def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
@@ -120,7 +122,7 @@ def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
     from attnopt.codegen.triton import generator, launcher
 
     rows = []
-    for name, family, params, (B, H, Hkv, Sq, Skv, D), mask_spec, dtype, layout in specializations():
+    for name, family, params, (B, H, Hkv, Sq, Skv, D), mask_spec, dtype, layout, leading in specializations():
         q = torch.empty(B, H, Sq, D, dtype=dtype)
         k = torch.empty(B, Hkv, Skv, D, dtype=dtype)
         mask = None
@@ -132,7 +134,7 @@ def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
             row = {"name": name, "family": family, "table": table, "arch": arch, "config": cfg.to_json()}
             t = time.time()
             try:
-                call = launcher.kernel_call(family, cfg, q, k, k, mask, params, layout)
+                call = launcher.kernel_call(family, cfg, q, k, k, mask, params, layout, leading)
                 row.update(resources(compile_call(call, arch)), ok=True)
             except Exception as e:  # noqa: BLE001  reported per row
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-400:]}")
