@@ -67,6 +67,14 @@ def _flex_setup(mask: torch.Tensor, S: int, q, k, v, device: str):
     return (lambda: compiled(q, k, v, block_mask=block_mask)), compile_s
 
 
+def _emit(rows: list[dict], row: dict, ratio, compile_s: float | None) -> None:
+    if compile_s is not None:  # flex ran
+        row["speedup_vs_flex"] = ratio("flex_compiled")
+        row["flex_compile_s"] = round(compile_s, 1)
+    rows.append(row)
+    print(json.dumps(row, default=list), flush=True)
+
+
 def bench_cpu(rounds: int, threads: int, flex: bool) -> list[dict]:
     torch.set_num_threads(threads)
     B, H, D = 1, 4, 64
@@ -120,11 +128,7 @@ def bench_cpu(rounds: int, threads: int, flex: bool) -> list[dict]:
                 o / a for o, a in zip(times["sdpa_dense"], times["attnopt_cpu_estimated_tile"]))
             row["estimated_tile_fraction_of_bound"] = (row["estimated_tile_speedup_vs_dense"]
                                                        / est_sim.speedup_upper_bound)
-        if flex:
-            row["speedup_vs_flex"] = ratio("flex_compiled")
-            row["flex_compile_s"] = round(compile_s, 1)
-        rows.append(row)
-        print(json.dumps(row, default=list), flush=True)
+        _emit(rows, row, ratio, compile_s)
     return rows
 
 
@@ -169,11 +173,7 @@ def bench_cpu_window(rounds: int, threads: int, flex: bool) -> list[dict]:
                "ms": {n: round(statistics.median(t) * 1e3, 1) for n, t in times.items()},
                "speedup_vs_bool_mask": ratio("sdpa_bool_mask"), "speedup_vs_causal": ratio("sdpa_causal"),
                "work_bound_vs_causal": (S * (S + 1) / 2) / work}
-        if flex:
-            row["speedup_vs_flex"] = ratio("flex_compiled")
-            row["flex_compile_s"] = round(compile_s, 1)
-        rows.append(row)
-        print(json.dumps(row, default=list), flush=True)
+        _emit(rows, row, ratio, compile_s)
     return rows
 
 

@@ -63,6 +63,21 @@ def _add_bias(b_s, b_bias, SIGMOID: tl.constexpr):
 
 
 @triton.jit
+def _user_mask(b_s, p_mask, m_in, CHECKED: tl.constexpr, MASK_IS_BOOL: tl.constexpr, SIGMOID: tl.constexpr):
+    """The caller's mask applied to the scores: bool (False -> -inf) or additive. With CHECKED,
+    m_in marks the elements that exist (others read as 0 / no bias)."""
+    if CHECKED:
+        b_mk = tl.load(p_mask, mask=m_in, other=0)
+    else:
+        b_mk = tl.load(p_mask)
+    if MASK_IS_BOOL:
+        b_s = tl.where(b_mk != 0, b_s, float("-inf"))
+    else:
+        b_s = _add_bias(b_s, b_mk.to(tl.float32), SIGMOID)
+    return b_s
+
+
+@triton.jit
 def _update(b_acc, b_m, b_l, b_s, b_v, SIGMOID: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One online-softmax step (exp2, fp32 state; b_s in log2 units) or a plain sigmoid
     accumulation (b_s in natural units)."""
@@ -113,12 +128,7 @@ def _dense_inner(
         b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, SIGMOID, INPUT_PRECISION)
         if HAS_MASK:
             p_mask = p_mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-            m_in = (offs_m[:, None] < Q_LEN) & m_n[None, :]
-            if MASK_IS_BOOL:
-                b_mk = tl.load(p_mask, mask=m_in, other=0)
-                b_s = tl.where(b_mk != 0, b_s, float("-inf"))
-            else:
-                b_s = _add_bias(b_s, tl.load(p_mask, mask=m_in, other=0.0).to(tl.float32), SIGMOID)
+            b_s = _user_mask(b_s, p_mask, (offs_m[:, None] < Q_LEN) & m_n[None, :], True, MASK_IS_BOOL, SIGMOID)
         if APPLY_STRUCTURE:
             m_keep = m_n[None, :]
             rel = offs_n[None, :] - offs_m[:, None] - offset
@@ -252,10 +262,7 @@ def _gna_inner(
         b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, SIGMOID, INPUT_PRECISION)
         if HAS_MASK:
             p_mask = p_mask_base + b_qidx[:, None] * stride_mm + b_kidx[None, :] * stride_mn
-            if MASK_IS_BOOL:
-                b_s = tl.where(tl.load(p_mask) != 0, b_s, float("-inf"))
-            else:
-                b_s = _add_bias(b_s, tl.load(p_mask).to(tl.float32), SIGMOID)
+            b_s = _user_mask(b_s, p_mask, None, False, MASK_IS_BOOL, SIGMOID)
         if ELEMENT_MASK:
             # Exact GNA mask in permuted coordinates: per dimension, lo <= key < hi.
             # Padding keys carry coordinate -1 and never attend.
@@ -293,10 +300,7 @@ def _leading_keys(
     b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, SIGMOID, INPUT_PRECISION)
     if HAS_MASK:
         p_mask = p_mask_base + b_qidx[:, None] * stride_mm + offs_l[None, :] * stride_mn
-        if MASK_IS_BOOL:
-            b_s = tl.where(tl.load(p_mask, mask=m_l[None, :], other=0) != 0, b_s, float("-inf"))
-        else:
-            b_s = _add_bias(b_s, tl.load(p_mask, mask=m_l[None, :], other=0.0).to(tl.float32), SIGMOID)
+        b_s = _user_mask(b_s, p_mask, m_l[None, :], True, MASK_IS_BOOL, SIGMOID)
     b_s = tl.where(m_l[None, :], b_s, float("-inf"))
     return _update(b_acc, b_m, b_l, b_s, b_v, SIGMOID, INPUT_PRECISION)
 
