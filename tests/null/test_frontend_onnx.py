@@ -385,3 +385,30 @@ def test_exporter_dim_expressions_simplified():
     g = load_onnx(m)
     assert g.shape("y") == ("seq", "Min(512, seq)")
     assert g.evaluator.probe_shape("y") == (48, 48)
+
+
+def test_probe_shapes_come_from_one_run(monkeypatch):
+    """Shapes the IR cannot size are probed for every such value in one run of the whole graph
+    (outputs are Shape(value) only); if the whole graph will not run on the probes, each value
+    falls back to its own prefix probe."""
+    nodes = [h.make_node("Unsqueeze", ["x", "ax"], ["u"]), h.make_node("Relu", ["u"], ["r"]),
+             h.make_node("Reshape", ["r", "shp"], ["y"]),
+             # unrelated to y, of unknown shape, and fails on the probes: index 1000 is out of range
+             h.make_node("Gather", ["x", "bad"], ["g0"], axis=1), h.make_node("Reshape", ["g0", "shp"], ["g"])]
+    inits = [nh.from_array(np.array([0], np.int64), "ax"), nh.from_array(np.array([-1, 6], np.int64), "shp"),
+             nh.from_array(np.array([1000], np.int64), "bad")]
+    m = _model(nodes, [_vi("x", ["n", 12])], [_vi("y", None), _vi("g", None)], inits, opset=17)
+    sessions = []
+
+    def count(real):
+        return lambda self, names, shapes=False: sessions.append(shapes) or real(self, names, shapes)
+
+    monkeypatch.setattr(OnnxEvaluator, "_session", count(OnnxEvaluator._session))
+    g = load_onnx(m)
+    assert g.evaluator.probe_shape("y") == (96, 6)  # bulk run failed on "g": its own probe
+    assert sessions == [True, False]
+    good = _model(nodes[:3], [_vi("x", ["n", 12])], [_vi("y", None)], inits[:2], opset=17)
+    sessions.clear()
+    g = load_onnx(good)
+    assert g.evaluator.probe_shape("y") == (96, 6) and g.evaluator.probe_shape("r") == (1, 48, 12)
+    assert sessions == [True]  # one run answered both
