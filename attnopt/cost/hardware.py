@@ -99,6 +99,10 @@ class HardwareProfile:
     sfu_overlap: float = 0.5       # fraction of softmax time hidden under the GEMMs
     launch_overhead_s: float = 5e-6
     source: str = "spec sheet"
+    # Fraction of a sparse kernel's tile bound it realizes, relative to the dense kernel's rate
+    # (sparse tiles are smaller work units). 1.0 where unmeasured. CPU: the exact CPU GNA and
+    # window kernels (SDPA on gathered tiles) measured 46-65% on a 2-core EPYC (RESULTS.md).
+    sparse_efficiency: float = 1.0
 
     @property
     def tiles(self) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -199,7 +203,8 @@ def cpu_profile(refresh: bool = False) -> HardwareProfile:
         name="local CPU", family="cpu", peak_flops={"bf16": f, "fp16": f, "fp32": f},
         alu_flops=f, mem_bw=float(m["mem_bw"]), num_sms=int(m["cores"]),
         sfu_exp_per_s=float(m["exp_per_s"]), mma_efficiency=1.0, mem_efficiency=1.0,
-        sfu_overlap=0.0, launch_overhead_s=2e-6, source=f"measured {m.get('measured_at', '')}")
+        sfu_overlap=0.0, launch_overhead_s=2e-6, source=f"measured {m.get('measured_at', '')}",
+        sparse_efficiency=0.55)
 
 
 def local_target() -> str:

@@ -13,6 +13,8 @@ Model (each term is stated so it can be checked against measurements):
     tiles; at spec bandwidth * mem_efficiency.
   * Waves: CTAs = batch*heads*q_tiles run in ceil(CTAs/SMs) waves; the last partial wave and,
     for block-sparse layouts, the slowest Q tile of a wave stretch the compute time.
+  * Sparse kernels (block-sparse GNA, sliding window) realize `sparse_efficiency` of the dense
+    rate on their visited tiles (1.0 unless measured; the CPU's SDPA-on-tiles kernels: 0.55).
   * time = max(compute, memory) + launch overhead.
 """
 from __future__ import annotations
@@ -195,6 +197,8 @@ def _finish(spec, variant, hw, dims, dt, gemm, sfu, alu, nbytes, ctas, imbalance
     compute *= waves * hw.num_sms / ctas  # the last wave leaves SMs idle
     # in a wave, the slowest CTA decides; more waves average the imbalance out
     compute *= 1.0 + (imbalance - 1.0) / waves
+    if fam in ("block_sparse_gna", "sliding_window"):
+        compute /= hw.sparse_efficiency
     memory = nbytes / (hw.mem_bw * hw.mem_efficiency)
     time_s = max(compute, memory) + hw.launch_overhead_s
     est = Estimate(time_s=time_s, flops=gemm, bytes=nbytes,
