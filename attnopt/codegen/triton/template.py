@@ -63,6 +63,22 @@ def _add_bias(b_s, b_bias, SIGMOID: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(p_k, p_v, m_rows, offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+             CHECKED: tl.constexpr, UPCAST: tl.constexpr):
+    """A K and a V tile; with CHECKED, rows outside m_rows and padded head-dim columns read 0."""
+    if CHECKED:
+        b_k = tl.load(p_k, mask=m_rows[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        b_v = tl.load(p_v, mask=m_rows[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    else:
+        b_k = tl.load(p_k)
+        b_v = tl.load(p_v)
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    return b_k, b_v
+
+
+@triton.jit
 def _user_mask(b_s, p_mask, m_in, CHECKED: tl.constexpr, MASK_IS_BOOL: tl.constexpr, SIGMOID: tl.constexpr):
     """The caller's mask applied to the scores: bool (False -> -inf) or additive. With CHECKED,
     m_in marks the elements that exist (others read as 0 / no bias)."""
@@ -115,16 +131,9 @@ def _dense_inner(
         m_n = offs_n < KV_LEN
         p_k = p_k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         p_v = p_v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        if APPLY_STRUCTURE or not EVEN_D:
-            b_k = tl.load(p_k, mask=m_n[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            b_v = tl.load(p_v, mask=m_n[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        else:
-            # Interior tiles lie inside [0, KV_LEN) and the head dim fills the block: no predicates.
-            b_k = tl.load(p_k)
-            b_v = tl.load(p_v)
-        if UPCAST:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
+        # Interior tiles lie inside [0, KV_LEN) and the head dim fills the block: no predicates.
+        b_k, b_v = _load_kv(p_k, p_v, m_n, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V,
+                            APPLY_STRUCTURE or not EVEN_D, UPCAST)
         b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, SIGMOID, INPUT_PRECISION)
         if HAS_MASK:
             p_mask = p_mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
@@ -292,11 +301,7 @@ def _leading_keys(
     m_l = offs_l < LEADING
     p_k = p_k_base + offs_l[:, None] * stride_kn + offs_d[None, :] * stride_kd
     p_v = p_v_base + offs_l[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    b_k = tl.load(p_k, mask=m_l[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    b_v = tl.load(p_v, mask=m_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    if UPCAST:
-        b_k = b_k.to(tl.float32)
-        b_v = b_v.to(tl.float32)
+    b_k, b_v = _load_kv(p_k, p_v, m_l, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, True, UPCAST)
     b_s = _scores(b_q, b_k, scale, softcap, HAS_SOFTCAP, SIGMOID, INPUT_PRECISION)
     if HAS_MASK:
         p_mask = p_mask_base + b_qidx[:, None] * stride_mm + offs_l[None, :] * stride_mn
