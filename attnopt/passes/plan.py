@@ -16,7 +16,7 @@ For each site (torch models: nn.Module, ExportedProgram, .pt2):
      budget). The final plan is run on it; while its error there exceeds SAFETY * max_error (the
      held-out batch estimates the error on unseen inputs, so it keeps the same margin), the most
      recently accepted approximation is withdrawn (a walk step says so; the site goes back to
-     exact) and the plan re-checked.
+     the choice it had accepted before, if any, else to exact) and the plan re-checked.
 Per-head choices: a candidate whose end-to-end error alone exceeds the budget is also tried on
 a subset of the site's heads (the rest keep the exact kernel): heads (whole KV groups under GQA)
 are ranked by their own error under the candidate (relative L2 of that head's output at the
@@ -461,6 +461,7 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
         trials.sort(key=lambda t: saved(t) / max(t[3], 1e-12), reverse=True)
         accepted: dict[str, Recipe] = {}
         acc_c: dict[str, Candidate] = {}
+        history: list[tuple[str, Recipe, Candidate, Measured]] = []  # acceptances, in order
         for name, c, r, l2, cos, se in trials:
             step = len(walk) + 1
             picks = {**chosen, **acc_c, name: c}
@@ -481,19 +482,36 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
             if ok:  # a later, more aggressive choice at the same site replaces an earlier one
                 accepted[name], acc_c[name] = r, c
                 measured_site[name] = Measured(se, l2, cos)
-        # step 4: the held-out batch; withdraw the latest acceptances while it is over budget
-        order = [w.site for w in walk if w.accepted]
+                history.append((name, r, c, measured_site[name]))
+        # step 4: the held-out batch; withdraw the latest acceptances while it is over budget. A
+        # site whose withdrawn choice had replaced an earlier one gets that one back, and the
+        # combination must then pass the calibration budget again too.
+        restored = False
         while accepted and holdout:
             hl2, hcos = measure({**chosen_recipe, **accepted}, on_holdout=True)[:2]
-            if hl2 <= SAFETY * max_error:
+            over = hl2 > SAFETY * max_error
+            if not over and restored:
+                cl2 = measure({**chosen_recipe, **accepted})[0]
+                over = cl2 > SAFETY * max_error
+            if not over:
                 break
-            name = next(n for n in reversed(order) if n in accepted)
-            walk.append(WalkStep(len(walk) + 1, name, acc_c[name].name, saved((name, acc_c[name])),
-                                 measured_site[name].e2e_rel_l2, hl2, hcos,
-                                 e2e_speedup({**chosen, **{n: c for n, c in acc_c.items() if n != name}}),
-                                 False, f"withdrawn: the plan's error on the held-out batch, {hl2:.3g}, "
-                                        f"exceeds {SAFETY:g} x max_error {max_error:g}"))
-            del accepted[name], acc_c[name], measured_site[name]
+            name, _, c, m = history.pop()
+            earlier = [h for h in history if h[0] == name]
+            rest = {n: x for n, x in acc_c.items() if n != name}
+            if earlier:
+                rest[name] = earlier[-1][2]
+            note = (f"withdrawn: the plan's error on the held-out batch, {hl2:.3g}, exceeds "
+                    f"{SAFETY:g} x max_error {max_error:g}" if hl2 > SAFETY * max_error else
+                    "withdrawn: with an earlier choice restored the calibration error exceeds the budget")
+            if earlier:
+                note += f"; the site's earlier choice {earlier[-1][2].name} is restored"
+            walk.append(WalkStep(len(walk) + 1, name, c.name, saved((name, c)), m.e2e_rel_l2, hl2, hcos,
+                                 e2e_speedup({**chosen, **rest}), False, note))
+            if earlier:
+                _, accepted[name], acc_c[name], measured_site[name] = earlier[-1]
+                restored = True
+            else:
+                del accepted[name], acc_c[name], measured_site[name]
         chosen_recipe.update(accepted)
         chosen.update(acc_c)
 

@@ -185,3 +185,21 @@ def test_holdout_batch_withdraws_what_calibration_overfit():
     assert any(not s.choice.exact for s in same.sites)
     assert not any(w.reason.startswith("withdrawn") for w in same.walk)
     assert same.measured["calibration_batches"] == 3 and same.measured["holdout_rel_l2"] <= same.max_error
+
+
+def test_holdout_withdrawal_restores_the_sites_earlier_choice():
+    """When the withdrawn approximation had replaced a less aggressive one at its site, that one
+    comes back (and must pass both the held-out and the calibration budget)."""
+    torch.manual_seed(0)
+    model = MixedHeads(local=0).eval()
+    x = torch.randn(2, 512, 32)
+    g = torch.Generator().manual_seed(1)
+    calib = [[0.02 * torch.randn(2, 512, 32, generator=g)] for _ in range(2)]
+    plan = make_plan(model, (x,), policy="approx", max_error=2e-2, target="h100",
+                     calibration=calib + [[0.03 * torch.randn(2, 512, 32, generator=g)]])
+    (w,) = [w for w in plan.walk if w.reason.startswith("withdrawn")]
+    assert "is restored" in w.reason
+    (site,) = plan.sites
+    assert not site.choice.exact and site.choice.name in w.reason and site.choice.name != w.candidate
+    assert plan.measured["holdout_rel_l2"] <= SAFETY * plan.max_error
+    assert plan.measured["rel_l2"] <= SAFETY * plan.max_error
