@@ -55,6 +55,9 @@ class CpuTilePlan:
     kv_idx: Tensor = field(repr=False)  # int64 [nqt, TK]
     mask: Tensor = field(repr=False)    # bool [nqt, TQ, TK], True = attend
     full: Tensor = field(repr=False)    # bool [nqt]: every query of the tile attends its whole box
+    # The token grid when every KV box is a plain (undilated) 2-D/3-D box of it with no leading
+    # tokens: then K/V are relaid out once per distinct inner-dims corner (see _Tiles.box_runs).
+    grid: tuple[int, ...] | None = None
 
     @functools.cached_property
     def partial_tiles(self) -> "_Tiles":
@@ -97,10 +100,10 @@ def _combine(parts):
     return q_acc, k_acc, m_acc
 
 
-def _plan(q_acc, k_acc, m_acc, q_tile, extent) -> CpuTilePlan:
+def _plan(q_acc, k_acc, m_acc, q_tile, extent, grid=None) -> CpuTilePlan:
     mask = torch.from_numpy(np.ascontiguousarray(m_acc))
     return CpuTilePlan(tuple(q_tile), tuple(extent), torch.from_numpy(q_acc), torch.from_numpy(k_acc),
-                       mask, mask.flatten(1).all(1))
+                       mask, mask.flatten(1).all(1), grid)
 
 
 @functools.lru_cache(maxsize=64)
@@ -134,7 +137,8 @@ def gna_plan(layout: GNALayout, q_tile: tuple[int, ...], leading: int = 0) -> Cp
         q_acc = q_acc + leading
         k_acc = np.concatenate([np.broadcast_to(np.arange(leading), (nqt, leading)), k_acc + leading], axis=1)
         m_acc = np.concatenate([np.ones((nqt, tq, leading), dtype=bool), m_acc], axis=2)
-    return _plan(q_acc, k_acc, m_acc, tiles, extents)
+    boxes = len(shape) > 1 and not leading and all(int(d) == 1 for d in layout.dilation)
+    return _plan(q_acc, k_acc, m_acc, tiles, extents, shape if boxes else None)
 
 
 def window_bounds(params: AttentionParams) -> tuple[int, int] | None:
@@ -360,6 +364,44 @@ class _Tiles:
         self.kv_idx = plan.kv_idx if sel is None else plan.kv_idx[sel]
         self.mask = plan.mask if sel is None else plan.mask[sel]
         self.n = int(self.q_idx.shape[0])
+        self.grid, self.kv_extent = plan.grid, plan.kv_extent
+
+    def _runs(self, starts: list[int]) -> list[tuple["_Tiles", int, int]]:
+        """The tiles cut into maximal runs whose `starts` form a non-decreasing arithmetic
+        progression (a strided view cannot step backwards)."""
+        runs, i = [], 0
+        while i < self.n:
+            j = i + 1
+            step = starts[j] - starts[i] if j < self.n else 0
+            while j < self.n and step >= 0 and starts[j] - starts[j - 1] == step:
+                j += 1
+            if j == i + 1:
+                step = 0  # a single tile: its step is never used, and must not be negative
+            runs.append((_Tiles(self, torch.arange(i, j)), starts[i], step))
+            i = j
+        return runs
+
+    @functools.cached_property
+    def box_runs(self) -> tuple[Tensor, list[tuple["_Tiles", int, int]]] | None:
+        """2-D/3-D boxes: (relayout, runs). `relayout` lists, for each distinct corner of the
+        boxes in the inner dims (all but the first), the tokens of that inner box over every
+        position of the first dim; gathered once, each tile's keys are one contiguous range of it
+        (its rows of its group), so runs of tiles read strided views as in kv_runs. On a 64x64
+        grid with 8x8 tiles and 23x23 boxes that gathers 11.8K tokens instead of 33.9K."""
+        if self.grid is None or self.n == 0:
+            return None
+        L0, inner = self.grid[0], math.prod(self.grid[1:])
+        ext = self.kv_extent
+        e_in = math.prod(ext[1:])
+        offs = np.zeros(1, dtype=np.int64)  # token offsets of an inner box, row-major
+        for d in range(1, len(self.grid)):
+            offs = (offs[:, None] * self.grid[d] + np.arange(ext[d])[None, :]).reshape(-1)
+        offs = offs - offs[0]
+        corner = self.kv_idx[:, 0].numpy()
+        corners, group = np.unique(corner % inner, return_inverse=True)
+        relayout = (corners[:, None, None] + np.arange(L0)[None, :, None] * inner + offs[None, None, :])
+        starts = (group * L0 * e_in + (corner // inner) * e_in).tolist()
+        return torch.from_numpy(relayout.reshape(-1)), self._runs(starts)
 
     @functools.cached_property
     def kv_runs(self) -> list[tuple["_Tiles", int, int]] | None:
@@ -371,16 +413,7 @@ class _Tiles:
         kv = self.kv_idx
         if self.n == 0 or (kv.shape[1] > 1 and not bool((kv[:, 1:] - kv[:, :-1] == 1).all())):
             return None
-        starts = kv[:, 0].tolist()
-        runs, i = [], 0
-        while i < self.n:
-            j = i + 1
-            step = starts[j] - starts[i] if j < self.n else 0
-            while j < self.n and starts[j] - starts[j - 1] == step:
-                j += 1
-            runs.append((_Tiles(self, torch.arange(i, j)), starts[i], step))
-            i = j
-        return runs
+        return self._runs(kv[:, 0].tolist())
 
 
 def _kv_view(x: Tensor, n: int, T: int, start: int, step: int) -> Tensor:
@@ -399,13 +432,28 @@ def _run_tiles(q, k, v, attn_mask, params: AttentionParams, tiles: _Tiles, maske
     if tiles.n == 0:
         return
     Skv = k.shape[2]
-    if tiles.kv_runs is None:
+    if tiles.kv_runs is not None:
+        runs = tiles.kv_runs
+    elif tiles.box_runs is not None:
+        relayout, runs = tiles.box_runs
+        grad = q.requires_grad or k.requires_grad or v.requires_grad
+        k, v = (_gathered(x, relayout, None if grad else slot) for x, slot in ((k, "kbox"), (v, "vbox")))
+    else:
         _attend_tiles(q, k, v, False, Skv, attn_mask, params, tiles, masked, out)
         return
-    for run, start, step in tiles.kv_runs:
+    for run, start, step in runs:
         T = int(run.kv_idx.shape[1])
         _attend_tiles(q, _kv_view(k, run.n, T, start, step), _kv_view(v, run.n, T, start, step), True,
                       Skv, attn_mask, params, run, masked, out)
+
+
+def _gathered(x: Tensor, idx: Tensor, slot: str | None) -> Tensor:
+    """x [B, Hx, S, D] at tokens idx -> [B, Hx, len(idx), D], contiguous (in a reused workspace
+    with `slot`)."""
+    if slot is None:
+        return x.index_select(2, idx)
+    B, Hx, _, D = x.shape
+    return torch.index_select(x, 2, idx, out=_workspace(slot, (B, Hx, idx.numel(), D), x))
 
 
 def _attend_tiles(q, k, v, kv_tiled: bool, Skv: int, attn_mask, params: AttentionParams, tiles: _Tiles,

@@ -206,3 +206,21 @@ def test_sliding_window_reads_kv_in_place():
             for tq in (16, 64):
                 out = cpu.sliding_window_attention(q, k, v, p, mask, q_tile=tq)
                 assert (out - ref).abs().max().item() < 1e-5, (kw, mask is None, tq)
+
+
+@pytest.mark.parametrize("q_tile", [(8, 8), (12, 8), (5, 7)])
+def test_gna_cpu_boxes_relaid_out_once(q_tile):
+    """2-D boxes: K/V are gathered once per distinct column range (over all rows) and each tile
+    reads its box as a contiguous range of that (runs of strided views); tile sizes that do not
+    divide the grid shift the last tiles back (non-monotone starts: separate runs)."""
+    layout = GNALayout((30, 26), (9, 7), (1, 2))
+    plan = cpu.gna_plan(layout, q_tile)
+    relayout, runs = plan.all_tiles.box_runs
+    assert sum(r.n for r, _, _ in runs) == plan.num_tiles and all(step >= 0 for _, _, step in runs)
+    assert relayout.numel() < plan.kv_idx.numel()
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 4, 780, 16, generator=g)
+    k, v = (torch.randn(2, 780, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
+    p = AttentionParams(scale=0.25)
+    ref = reference_attention(q, k, v, torch.from_numpy(dense_mask(layout)), **p.kwargs())
+    assert (cpu.gna_attention(q, k, v, layout, p, q_tile=q_tile) - ref).abs().max().item() < 1e-5
