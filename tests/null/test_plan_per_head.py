@@ -163,19 +163,26 @@ def test_gna_op_exact_heads_follow_the_full_window_layout(causal, masked):
     torch.testing.assert_close(out, reference_gna(q, k, v, m, 0.3, lay, 1, "softmax", (1,)), atol=2e-6, rtol=0)
 
 
-def test_holdout_batch_withdraws_what_calibration_overfit():
-    """Approximations are chosen on all but the last calibration batch and the final plan is
-    checked on that one. Calibrated on near-zero inputs (attention output ~ the value bias, so any
-    window looks free) and checked on real-scale inputs, the accepted windows are withdrawn and the
-    plan ends exact; calibrated on like batches, the plan keeps an approximation and its held-out
-    error is within budget."""
+def _planned_with_holdout(scale: float):
+    """A content-only layer planned at 2e-2 on two near-zero calibration batches (attention output
+    ~ the value bias, so any window looks free), the held-out batch drawn at `scale`."""
     torch.manual_seed(0)
     model = MixedHeads(local=0).eval()
     x = torch.randn(2, 512, 32)
     g = torch.Generator().manual_seed(1)
     tiny = [[0.02 * torch.randn(2, 512, 32, generator=g)] for _ in range(2)]
     plan = make_plan(model, (x,), policy="approx", max_error=2e-2, target="h100",
-                     calibration=tiny + [[torch.randn(2, 512, 32, generator=g)]])
+                     calibration=tiny + [[scale * torch.randn(2, 512, 32, generator=g)]])
+    return plan, (model, x, tiny)
+
+
+def test_holdout_batch_withdraws_what_calibration_overfit():
+    """Approximations are chosen on all but the last calibration batch and the final plan is
+    checked on that one. Calibrated on near-zero inputs (attention output ~ the value bias, so any
+    window looks free) and checked on real-scale inputs, the accepted windows are withdrawn and the
+    plan ends exact; calibrated on like batches, the plan keeps an approximation and its held-out
+    error is within budget."""
+    plan, (model, x, tiny) = _planned_with_holdout(1.0)
     withdrawn = [w for w in plan.walk if w.reason.startswith("withdrawn")]
     assert withdrawn and all(w.rel_l2 > plan.max_error for w in withdrawn)
     assert all(s.choice.exact for s in plan.sites)
@@ -190,13 +197,7 @@ def test_holdout_batch_withdraws_what_calibration_overfit():
 def test_holdout_withdrawal_restores_the_sites_earlier_choice():
     """When the withdrawn approximation had replaced a less aggressive one at its site, that one
     comes back (and must pass both the held-out and the calibration budget)."""
-    torch.manual_seed(0)
-    model = MixedHeads(local=0).eval()
-    x = torch.randn(2, 512, 32)
-    g = torch.Generator().manual_seed(1)
-    calib = [[0.02 * torch.randn(2, 512, 32, generator=g)] for _ in range(2)]
-    plan = make_plan(model, (x,), policy="approx", max_error=2e-2, target="h100",
-                     calibration=calib + [[0.03 * torch.randn(2, 512, 32, generator=g)]])
+    plan, _ = _planned_with_holdout(0.03)
     (w,) = [w for w in plan.walk if w.reason.startswith("withdrawn")]
     assert "is restored" in w.reason
     (site,) = plan.sites
