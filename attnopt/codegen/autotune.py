@@ -20,6 +20,11 @@ from typing import Any, Callable, Sequence, TypeVar
 T = TypeVar("T")
 
 
+def enabled() -> bool:
+    """Whether kernels may time their candidates (ATTNOPT_AUTOTUNE=0 takes the first one)."""
+    return os.environ.get("ATTNOPT_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
+
+
 def cache_root() -> Path:
     root = os.environ.get("ATTNOPT_CACHE_DIR")
     return Path(root) if root else Path.home() / ".cache" / "attnopt"

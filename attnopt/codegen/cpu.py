@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import platform
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,10 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnopt.codegen import autotune
+from attnopt.codegen.gna_op import leading_rows
 from attnopt.codegen.ops import AttentionParams
 from attnopt.codegen.reference import alignment_offset, reference_attention
 from attnopt.cost import gna
-from attnopt.cost.hardware import TILE_TABLES
+from attnopt.cost.hardware import TILE_TABLES, best_time
 from attnopt.ir import GNALayout
 
 # Per-tile fixed cost in units of (query x key) score elements, to weigh many small tiles
@@ -196,10 +195,6 @@ TUNE_MIN_ELEMS = 1 << 22
 _TUNED: dict = {}
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("ATTNOPT_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
-
-
 @functools.cache
 def _cpu_name() -> str:
     try:
@@ -214,12 +209,7 @@ def _cpu_name() -> str:
 
 def _bench_seconds(fn, repeats: int = 2) -> float:
     fn()  # warm: gather workspaces, cached masks
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best_time(fn, repeats)
 
 
 def tuned_gna_tile(layout: GNALayout, leading: int, q: Tensor, k: Tensor, v: Tensor,
@@ -260,7 +250,7 @@ def _tuned(kernel_key: dict, cands: list[tuple[int, ...]], plan_of, q: Tensor, k
     cands = cands[:TUNE_TOP]
     plan = plan_of(cands[0])
     elems = q.shape[0] * q.shape[1] * plan.num_tiles * plan.q_idx.shape[1] * plan.kv_idx.shape[1]
-    if (len(cands) == 1 or not _autotune_enabled() or elems < TUNE_MIN_ELEMS
+    if (len(cands) == 1 or not autotune.enabled() or elems < TUNE_MIN_ELEMS
             or q.requires_grad or k.requires_grad or v.requires_grad):
         return cands[0]
     key = {**kernel_key, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
@@ -300,11 +290,7 @@ def _tile_major(x: Tensor, idx: Tensor, slot: str | None = None) -> Tensor:
     that uses the same slot)."""
     B, Hx, _, D = x.shape
     n, T = idx.shape
-    flat = idx.reshape(-1)
-    if slot is None:
-        g = x.index_select(2, flat)
-    else:
-        g = torch.index_select(x, 2, flat, out=_workspace(slot, (B, Hx, flat.numel(), D), x))
+    g = _gathered(x, idx.reshape(-1), slot)
     return g.view(B, Hx, n, T, D).permute(2, 0, 1, 3, 4).reshape(n, B * Hx, T, D)
 
 
@@ -559,29 +545,6 @@ def gna_attention(q: Tensor, k: Tensor, v: Tensor, layout: GNALayout, params: At
     if leading:
         out[:, :, :leading] = leading_rows(q, k, v, attn_mask, params, leading, any(layout.causal))
     return out
-
-
-def leading_rows(q, k, v, attn_mask, params: AttentionParams, leading: int, causal: bool) -> Tensor:
-    """Rows [:leading] of attnopt::gna_attention: leading (global) queries attend every key; under a
-    causal layout every key j <= i. Any device."""
-    S = k.shape[2]
-    m = torch.ones(leading, S, dtype=torch.bool, device=q.device).tril() if causal else None
-    if attn_mask is not None:
-        rows = attn_mask.expand(*attn_mask.shape[:-2], q.shape[2], S)[..., :leading, :]
-        if m is None:
-            m = rows
-        elif rows.dtype == torch.bool:
-            m = rows & m
-        else:
-            m = torch.where(m, rows, torch.tensor(float("-inf"), dtype=rows.dtype, device=rows.device))
-    ql = q[:, :, :leading]
-    if params.normalizer == "softmax" and params.softcap is None:
-        if m is not None and m.dtype != torch.bool:
-            m = m.to(q.dtype)
-        return F.scaled_dot_product_attention(ql, k, v, attn_mask=m, scale=params.scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-    return reference_attention(ql, k, v, m, scale=params.scale, softcap=params.softcap,
-                               normalizer=params.normalizer)
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,

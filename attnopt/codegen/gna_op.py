@@ -115,6 +115,23 @@ def cpu_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: fl
     return gna_attention(q, k, v, layout, AttentionParams(scale=float(scale)), attn_mask, leading=leading)
 
 
+def leading_rows(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+                 leading: int, causal: bool) -> Tensor:
+    """Rows [:leading] of the op: leading (global) queries attend every key; under a causal
+    layout every key j <= i. Any device; the kernels fill the grid rows."""
+    S = k.shape[2]
+    m = torch.ones(leading, S, dtype=torch.bool, device=q.device).tril() if causal else None
+    if attn_mask is not None:
+        rows = attn_mask.expand(*attn_mask.shape[:-2], q.shape[2], S)[..., :leading, :]
+        m = rows if m is None else _and_mask(rows, m)
+    ql = q[:, :, :leading]
+    if params.normalizer == "softmax" and params.softcap is None:
+        return F.scaled_dot_product_attention(ql, k, v, attn_mask=_sdpa_mask(m, q.dtype), scale=params.scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    return reference_attention(ql, k, v, m, scale=params.scale, softcap=params.softcap,
+                               normalizer=params.normalizer)
+
+
 def _sdpa_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if mask is None or mask.dtype == torch.bool or mask.dtype == dtype:
         return mask
@@ -215,8 +232,6 @@ def triton_or_sdpa_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
         out = tk.launch(q, k, v, attn_mask, p, layout, leading) if ok else None
         if out is not None:
             if leading:
-                from attnopt.codegen.cpu import leading_rows
-
                 out[:, :, :leading] = leading_rows(q, k, v, attn_mask, p, leading, any(layout.causal))
             return out
         tk.log_fallback_once(f"gna_attention: {why or 'no kernel config fits'}")

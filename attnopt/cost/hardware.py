@@ -157,7 +157,8 @@ def _cache_path() -> Path:
     return cache_root() / "cpu_profile.json"
 
 
-def _best_time(fn, repeats: int = 3) -> float:
+def best_time(fn, repeats: int = 3) -> float:
+    """Least wall time of `repeats` calls of fn, in seconds."""
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -171,13 +172,13 @@ def measure_cpu() -> dict[str, float]:
     n = 1024
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     a @ a  # warm BLAS threads
-    flops = 2 * n ** 3 / _best_time(lambda: a @ a)
+    flops = 2 * n ** 3 / best_time(lambda: a @ a)
     src = np.ones(16 * 2 ** 20, dtype=np.float32)  # 64 MiB, past the caches
     dst = np.empty_like(src)
-    bw = 2 * src.nbytes / _best_time(lambda: np.copyto(dst, src))  # read + write
+    bw = 2 * src.nbytes / best_time(lambda: np.copyto(dst, src))  # read + write
     x = np.linspace(-4, 4, 2 ** 22, dtype=np.float32)
     out = np.empty_like(x)
-    exp_rate = x.size / _best_time(lambda: np.exp(x, out=out))
+    exp_rate = x.size / best_time(lambda: np.exp(x, out=out))
     return {"fp32_flops": flops, "mem_bw": bw, "exp_per_s": exp_rate,
             "cores": os.cpu_count() or 1, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 

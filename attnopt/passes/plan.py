@@ -44,6 +44,7 @@ Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -411,16 +412,18 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     refs = [_run(gm, b, [s.output for s in sites]) for b in batches]
     valids = [valid_rows(b, positions) for b in batches]
 
+    @functools.cache
+    def held():
+        """(batch, reference outputs, real rows) of the held-out batch, computed once on first use."""
+        return [(b, _run(gm, b), valid_rows(b, positions)) for b in holdout]
+
     def measure(recs: dict[str, Recipe], site: str | None = None, on_holdout: bool = False):
         """(end-to-end rel L2, cosine, site rel L2, per-head site errors or None) on calibration
         (or on the held-out batch: end to end only)."""
         new_gm, nodes = splice(gm, list(recs.values()))
         worst_l2, worst_cos, worst_site = 0.0, 1.0, 0.0
         per_head = None
-        runs = zip(batches, refs, valids)
-        if on_holdout:
-            runs = [(b, _run(gm, b), valid_rows(b, positions)) for b in holdout]
-        for b, (ref, ref_vals), valid in runs:
+        for b, (ref, ref_vals), valid in (held() if on_holdout else zip(batches, refs, valids)):
             want = [nodes[site]] if site else []
             out, vals = _run(new_gm, b, want)
             worst_l2 = max(worst_l2, rel_l2(ref, out, valid))
@@ -435,6 +438,7 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
 
     measured_site: dict[str, Measured] = {}
     walk: list[WalkStep] = []
+    holdout_l2: float | None = None  # the final plan's error on the held-out batch
     if policy == "approx" and chosen_recipe:
         trials = []
         for name in chosen_recipe:
@@ -494,6 +498,7 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
                 cl2 = measure({**chosen_recipe, **accepted})[0]
                 over = cl2 > SAFETY * max_error
             if not over:
+                holdout_l2 = hl2  # the final plan's: not measured again below
                 break
             name, _, c, m = history.pop()
             earlier = [h for h in history if h[0] == name]
@@ -516,11 +521,12 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
         chosen.update(acc_c)
 
     final_l2, final_cos = 0.0, 1.0
-    holdout_l2 = 0.0 if holdout else None
     if chosen_recipe:
         final_l2, final_cos = measure(chosen_recipe)[:2]
-        if holdout:
+        if holdout and holdout_l2 is None:
             holdout_l2 = measure(chosen_recipe, on_holdout=True)[0]
+    if holdout and holdout_l2 is None:
+        holdout_l2 = 0.0  # nothing spliced: the model itself
     site_plans = []
     for s in sites:
         c = chosen.get(s.name)

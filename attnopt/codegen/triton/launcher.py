@@ -297,7 +297,8 @@ def gna_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionPar
             pt["kv_slot"], *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
             H, plan.tiles.shape[1], float(params.scale), float(params.softcap or 0.0))
     constexprs = dict(BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
-                      LEADING=int(leading), BLOCK_L=_pow2(max(1, leading)), ELEMENT_MASK=plan.element_mask, **_flags(q, v, mask, params, H // k.shape[1]))
+                      LEADING=int(leading), BLOCK_L=_pow2(max(1, leading)), ELEMENT_MASK=plan.element_mask,
+                      **_flags(q, v, mask, params, H // k.shape[1]))
     return KernelCall(generator.kernel(family, "gna"), (plan.num_q_tiles, B * H), args, constexprs,
                       cfg.num_warps, cfg.num_stages, out)
 
