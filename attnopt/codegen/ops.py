@@ -13,7 +13,8 @@ in exported programs):
 
 Implementations:
   fake/meta  shape [B, H, Sq, Dv], dtype q.dtype (torch.export, torch.compile, dynamic shapes)
-  CPU        exact: F.scaled_dot_product_attention whenever it can express the case, else reference math
+  CPU        exact: F.scaled_dot_product_attention whenever it can express the case, else reference math;
+             trailing keys that a padding mask hides from every query are skipped (exactly 0)
   CUDA       tries each function in CUDA_KERNELS (filled by the Triton codegen, imported on first
              call), then the exact path
   ATTNOPT_FORCE_TRITON=1 makes the CPU implementation run the Triton kernels under the interpreter
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from attnopt.codegen.reference import (
     CAUSAL_ALIGNMENTS,
@@ -127,8 +129,51 @@ def sdpa_can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p: A
     return True, ""
 
 
+# A float mask value at or below this adds a probability of exactly 0 (exp underflows for any
+# finite score); HF masks use finfo.min, older BERTs -10000 (not certain: scores are unbounded).
+_EXACT_FILL = -1e30
+# Below this many keys the scan costs more than trimming can save.
+_TRIM_MIN_KEYS = 128
+
+
+def trim_padded_keys(k: Tensor, v: Tensor, attn_mask: Tensor, p: AttentionParams
+                     ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Drop the trailing keys that the mask hides from every query (key padding at the end of a
+    fixed-length input): their probabilities are exactly 0, so attention over the keys before
+    them is the same computation minus zeros. Returns (k, v, mask) views, or None when nothing
+    can be dropped or dropping would not be exact: causal/window layouts (bottom-right alignment
+    depends on the key count), masks broadcast over keys, a float fill above -1e30, or a query
+    row with every key masked (its softmax is uniform over all keys, trimmed ones included).
+    Cost when there is no padding: one read of the mask's last column."""
+    kv_len = k.shape[2]
+    if p.causal or p.window is not None or kv_len < _TRIM_MIN_KEYS or attn_mask.shape[-1] != kv_len:
+        return None
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(attn_mask):
+        return None  # the key count would depend on data: a tracer cannot follow it
+    if attn_mask.dtype == torch.bool:
+        hidden_last = ~attn_mask[..., -1]
+    else:
+        hidden_last = attn_mask[..., -1] <= _EXACT_FILL
+    if not bool(hidden_last.all()):
+        return None
+    keep = attn_mask if attn_mask.dtype == torch.bool else ~(attn_mask <= _EXACT_FILL)
+    rows_live = keep.any(-1)
+    if not bool(rows_live.all()):
+        return None
+    live_keys = keep.reshape(-1, kv_len).any(0).nonzero()
+    n = int(live_keys[-1]) + 1
+    if n >= kv_len:
+        return None
+    return k[:, :, :n], v[:, :, :n], attn_mask[..., :n]
+
+
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p: AttentionParams) -> Tensor:
-    """The case expressed with F.scaled_dot_product_attention (caller checked sdpa_can_run)."""
+    """The case expressed with F.scaled_dot_product_attention (caller checked sdpa_can_run).
+    On CPU, keys that padding hides from every query are not computed (trim_padded_keys)."""
+    if attn_mask is not None and q.device.type == "cpu":
+        trimmed = trim_padded_keys(k, v, attn_mask, p)
+        if trimmed is not None:
+            k, v, attn_mask = trimmed
     q_len, kv_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     is_causal = False

@@ -213,6 +213,76 @@ def test_fully_masked_rows_structural_and_fallback_paths():
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
 
 
+# ---------------------------------------------------------------- trailing key padding (CPU)
+
+
+def _padded(lengths, sq, skv, kind, full_rows=False):
+    keep = torch.arange(skv)[None, :] < torch.tensor(lengths)[:, None]
+    keep = keep[:, None, None, :]
+    if full_rows:  # HF's materialized [B, 1, Sq, Skv] form
+        keep = keep.expand(len(lengths), 1, sq, skv).clone()
+    if kind == "bool":
+        return keep
+    fill = {"float": torch.finfo(torch.float32).min, "neginf": -math.inf, "legacy": -10000.0}[kind]
+    return torch.zeros(keep.shape).masked_fill(~keep, fill)
+
+
+@pytest.mark.parametrize("full_rows", [False, True])
+@pytest.mark.parametrize("kind", ["bool", "float", "neginf"])
+def test_trailing_key_padding_is_skipped_exactly(kind, full_rows):
+    from attnopt.codegen.ops import trim_padded_keys
+
+    q, k, v = make(2, 4, 2, 63, 197, 8)
+    mask = _padded([150, 100], 63, 197, kind, full_rows)
+    trimmed = trim_padded_keys(k, v, mask, AttentionParams(scale=0.3))
+    assert trimmed is not None and trimmed[0].shape[2] == 150 and trimmed[2].shape[-1] == 150
+    got = attention_op(q, k, v, mask, scale=0.3)
+    want = naive_attention(q, k, v, mask, scale=0.3)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    untrimmed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(got, untrimmed, atol=1e-6, rtol=1e-6)
+
+
+def test_trailing_key_padding_gradients_match():
+    """Through the functional API (the op has no autograd formula), which shares the exact path."""
+    from attnopt.functional import attention
+
+    q, k, v = (x.requires_grad_() for x in make(2, 4, 4, 40, 160, 8))
+    mask = _padded([120, 90], 40, 160, "float")
+    attention(q, k, v, mask=mask, scale=0.3).square().sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).square().sum().backward()
+    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (grads[1][:, :, 120:] == 0).all()
+
+
+def test_trailing_key_padding_near_misses_are_not_trimmed():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from attnopt.codegen.ops import trim_padded_keys
+
+    q, k, v = make(2, 4, 4, 63, 197, 8)
+    p = AttentionParams(scale=0.3)
+    pad = lambda kind="float", lengths=(150, 100): _padded(list(lengths), 63, 197, kind, True)  # noqa: E731
+    assert trim_padded_keys(k, v, pad("legacy"), p) is None          # -10000 is not provably 0
+    assert trim_padded_keys(k, v, pad(lengths=(197, 100)), p) is None  # one row has no padding
+    assert trim_padded_keys(k, v, pad()[..., :1, :], p) is not None
+    assert trim_padded_keys(k, v, pad()[..., :1], p) is None         # broadcast over keys
+    assert trim_padded_keys(k, v, pad(), AttentionParams(scale=0.3, causal=True)) is None
+    assert trim_padded_keys(k, v, pad(), AttentionParams(scale=0.3, window=(8, 8))) is None
+    dead = pad()
+    dead[1, 0, 7] = torch.finfo(torch.float32).min  # a query row that sees no key: uniform over all
+    assert trim_padded_keys(k, v, dead, p) is None
+    got = attention_op(q, k, v, dead, scale=0.3)
+    torch.testing.assert_close(got[1, :, 7], v[1].mean(1), atol=1e-5, rtol=1e-5)
+    with FakeTensorMode() as mode:
+        fk, fv, fm = (mode.from_tensor(x) for x in (k, v, pad()))
+        assert trim_padded_keys(fk, fv, fm, p) is None
+
+
 # ---------------------------------------------------------------- routing and argument conventions
 
 
