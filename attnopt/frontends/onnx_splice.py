@@ -22,6 +22,10 @@ Targets (measured on onnxruntime 1.32, CPU provider):
                  attention_layer.py); the extra head-dim column costs ~5%. fp32 only (the
                  column / scale must not overflow, and fp16 would round the mask), and only
                  masks of 0 and exact fills (-inf or <= -1e30: onnx_axes.zero_or_masked).
+                 With such a key mask (and no causal flag), k and v are also sliced at run
+                 time to end at the last key any query attends: trailing padding is not
+                 computed (its probabilities are exactly 0); not when a batch row masks
+                 every key (its softmax is uniform over all of them).
   op="standard"  ONNX Attention (opset 23) with 4-D q/k/v (native GQA). attn_mask needs the
                  full Sq in its second-to-last dim (a [B,1,1,Skv] mask is rejected) and
                  is_causal aligns top-left, so bottom-right causal with Sq != Skv becomes an
@@ -498,6 +502,10 @@ class _Splicer:
         q3 = to_bsd("q", False)
         k3 = to_bsd("k", expand)
         v3 = to_bsd("v", expand)
+        if key_bias is not None and not r.causal:
+            n = self._live_key_count(b, key_bias, r.scale)
+            k3, v3 = (b.node("Slice", [x, b.ints([0], f"{w}_trim_start"), n, b.ints([1], f"{w}_trim_axis")],
+                             f"{w}_trimmed") for x, w in ((k3, "k"), (v3, "v")))
         ins = [q3, k3, v3]
         if mask is not None:
             ins += ["", "", self._mask4(b, r, mask)]
@@ -515,6 +523,31 @@ class _Splicer:
             o4 = b.transpose(b.reshape(out, [0, 0, h, self.dv], "out_bshd"), p1, "out_bhsd")
             b.transpose(self._from4(b, r, o4), r.out_perm, "out")
         return fused_name
+
+    def _live_key_count(self, b: _Block, key_bias: str, scale: float) -> str:
+        """[1] int64: 1 + the last key some query attends, so the keys after it (padding at the
+        end of a fixed-length input) can be sliced off k and v: their probabilities are exactly 0
+        (a fill <= -1e30 underflows exp). All keys when some batch row masks every key: the
+        model's softmax is uniform over all of them there. key_bias: [B|1, Skv], fill / scale."""
+        live = b.node("Greater", [key_bias, b.const(np.asarray(-1e29 / scale, np.float32), "kb_live_below")],
+                      "kb_live")
+        live_i = b.node("Cast", [live], "kb_live_int", to=TensorProto.INT64)
+        kv_len = b.dim(key_bias, 1, self.skv, "kb_len")
+        one = b.const(np.asarray(1, np.int64), "kb_one")
+        pos = b.node("Range", [one, b.node("Add", [b.reshape(kv_len, [], "kb_len_scalar"), one], "kb_len_1"),
+                               one], "kb_positions")
+        last = b.reshape(b.node("ReduceMax", [b.node("Mul", [live_i, pos], "kb_live_pos")], "kb_last",
+                                keepdims=1), [1], "kb_last_1")
+        rows = self._reduce(b, "ReduceMax", live_i, [1], "kb_row_live")
+        every_row = b.node("Cast", [b.node("ReduceMin", [rows], "kb_rows_live", keepdims=1)], "kb_rows_ok",
+                           to=TensorProto.BOOL)
+        return b.node("Where", [b.reshape(every_row, [1], "kb_rows_ok_1"), last, kv_len], "kb_live_len")
+
+    def _reduce(self, b: _Block, op: str, x: str, axes: list[int], hint: str) -> str:
+        """A keepdims=0 reduction over `axes` in the model's opset (axes became an input at 18)."""
+        if _default_opset(self.m) >= 18:
+            return b.node(op, [x, b.ints(axes, hint + "_axes")], hint, keepdims=0)
+        return b.node(op, [x], hint, keepdims=0, axes=axes)
 
     def _append_column(self, b: _Block, x: str, bias: str | None, h: int, which: str) -> str:
         """BSHD x [B, S, H, D] -> [B, S, H, D + 1]: q gets a column of ones, k the key bias

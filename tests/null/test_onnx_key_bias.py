@@ -108,6 +108,31 @@ def test_padding_mask_is_folded_into_q_and_k(export_dir, exporter, fill):
         np.testing.assert_allclose(b, a, atol=1e-4 * max(1.0, float(np.abs(a).max())), rtol=0)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "ts17"])
+def test_trailing_padding_is_sliced_off_exactly(export_dir, exporter):
+    """k/v end at the last key any query attends (trailing padding costs nothing): the live
+    length is what the mask says, every key when a batch row masks them all, and the output
+    matches the model in each case."""
+    fill = float(torch.finfo(torch.float32).min)
+    path = _export(export_dir, f"keybias_min_{exporter}", Padded(fill), exporter)
+    res = attnopt.optimize(str(path), onnx_op="ort")
+    lens = [o for n in res.model.graph.node for o in n.output if o.endswith("kb_live_len")]
+    assert len(lens) == 1
+    probe = onnx.ModelProto()
+    probe.CopyFrom(res.model)
+    probe.graph.output.append(h.make_tensor_value_info(lens[0], T.INT64, [1]))
+    orig = onnx.load(str(path))
+    g = np.random.default_rng(3)
+    x = g.standard_normal((B, S, E)).astype(np.float32)
+    for lengths, want in (((S - 3, S - 5), S - 3), ((S, S - 5), S), ((0, S - 5), S), ((1, 1), 1)):
+        am = (np.arange(S)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+        f = {"x": x, "attention_mask": am}
+        out, n = session(probe, None, threads=1).run(None, f)
+        assert int(n[0]) == want, (lengths, n)
+        a = _run(orig, f)
+        np.testing.assert_allclose(out, a, atol=1e-4 * max(1.0, float(np.abs(a).max())), rtol=0)
+
+
 @pytest.mark.parametrize("extra", ["band", "head"])
 def test_masks_varying_along_queries_or_heads_keep_the_bias(export_dir, extra):
     path = _export(export_dir, f"keybias_near_{extra}", Padded(-1e4, extra), "dynamo")
