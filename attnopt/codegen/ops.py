@@ -146,7 +146,8 @@ def trim_padded_keys(k: Tensor, v: Tensor, attn_mask: Tensor, p: AttentionParams
     row with every key masked (its softmax is uniform over all keys, trimmed ones included).
     Cost when there is no padding: one read of the mask's last column."""
     kv_len = k.shape[2]
-    if p.causal or p.window is not None or kv_len < _TRIM_MIN_KEYS or attn_mask.shape[-1] != kv_len:
+    if (p.causal or p.window is not None or kv_len < _TRIM_MIN_KEYS or attn_mask.shape[-1] != kv_len
+            or attn_mask.numel() == 0):
         return None
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(attn_mask):
         return None  # the key count would depend on data: a tracer cannot follow it

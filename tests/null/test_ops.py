@@ -273,6 +273,7 @@ def test_trailing_key_padding_near_misses_are_not_trimmed():
     assert trim_padded_keys(k, v, pad()[..., :1], p) is None         # broadcast over keys
     assert trim_padded_keys(k, v, pad(), AttentionParams(scale=0.3, causal=True)) is None
     assert trim_padded_keys(k, v, pad(), AttentionParams(scale=0.3, window=(8, 8))) is None
+    assert trim_padded_keys(k, v, pad()[:, :, :0], p) is None         # no query rows
     dead = pad()
     dead[1, 0, 7] = torch.finfo(torch.float32).min  # a query row that sees no key: uniform over all
     assert trim_padded_keys(k, v, dead, p) is None
