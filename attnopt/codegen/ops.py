@@ -34,6 +34,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from attnopt.codegen.reference import (
     CAUSAL_ALIGNMENTS,
+    EXACT_FILL,
     NORMALIZERS,
     reference_attention,
     structural_mask,
@@ -129,9 +130,6 @@ def sdpa_can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p: A
     return True, ""
 
 
-# A float mask value at or below this adds a probability of exactly 0 (exp underflows for any
-# finite score); HF masks use finfo.min, older BERTs -10000 (not certain: scores are unbounded).
-_EXACT_FILL = -1e30
 # Below this many keys the scan costs more than trimming can save.
 _TRIM_MIN_KEYS = 128
 
@@ -151,13 +149,13 @@ def trim_padded_keys(k: Tensor, v: Tensor, attn_mask: Tensor, p: AttentionParams
         return None
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(attn_mask):
         return None  # the key count would depend on data: a tracer cannot follow it
-    if attn_mask.dtype == torch.bool:
-        hidden_last = ~attn_mask[..., -1]
-    else:
-        hidden_last = attn_mask[..., -1] <= _EXACT_FILL
-    if not bool(hidden_last.all()):
+
+    def attended(m: Tensor) -> Tensor:  # NaN counts as attended: it is not a proven exact fill
+        return m if m.dtype == torch.bool else ~(m <= EXACT_FILL)
+
+    if bool(attended(attn_mask[..., -1]).any()):
         return None
-    keep = attn_mask if attn_mask.dtype == torch.bool else ~(attn_mask <= _EXACT_FILL)
+    keep = attended(attn_mask)
     rows_live = keep.any(-1)
     if not bool(rows_live.all()):
         return None

@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from attnopt.codegen.reference import EXACT_FILL
 from attnopt.ir import Graph
 
 ELEMENTWISE = {
@@ -286,7 +287,7 @@ class AxisFacts:
 
 
 def _zero_or_masked(a: np.ndarray) -> bool:
-    return bool(((a == 0) | (a <= -1e30)).all())
+    return bool(((a == 0) | (a <= EXACT_FILL)).all())
 
 
 __all__ = ["AxisFacts", "ELEMENTWISE"]

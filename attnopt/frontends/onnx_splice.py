@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from attnopt.codegen.reference import EXACT_FILL
 from attnopt.errors import UnsupportedModel
 from attnopt.frontends.onnx import _subgraph_refs
 from attnopt.ir import Graph
@@ -529,8 +530,9 @@ class _Splicer:
         end of a fixed-length input) can be sliced off k and v: their probabilities are exactly 0
         (a fill <= -1e30 underflows exp). All keys when some batch row masks every key: the
         model's softmax is uniform over all of them there. key_bias: [B|1, Skv], fill / scale."""
-        live = b.node("Greater", [key_bias, b.const(np.asarray(-1e29 / scale, np.float32), "kb_live_below")],
-                      "kb_live")
+        # live keys hold 0, masked ones <= EXACT_FILL / scale (or -inf, or the clamped lowest)
+        below = np.asarray(EXACT_FILL / 10 / scale, np.float32)
+        live = b.node("Greater", [key_bias, b.const(below, "kb_live_below")], "kb_live")
         live_i = b.node("Cast", [live], "kb_live_int", to=TensorProto.INT64)
         kv_len = b.dim(key_bias, 1, self.skv, "kb_len")
         one = b.const(np.asarray(1, np.int64), "kb_one")
@@ -578,7 +580,7 @@ class _Splicer:
             if t.literal is not None:
                 return None
             if t.how in ("keep", "drop"):
-                exact = t.fill is not None and t.fill <= -1e30
+                exact = t.fill is not None and t.fill <= EXACT_FILL
             else:
                 exact = t.factor > 0 and self._axes.zero_or_masked(t.node)
             if not exact:

@@ -217,8 +217,7 @@ def test_fully_masked_rows_structural_and_fallback_paths():
 
 
 def _padded(lengths, sq, skv, kind, full_rows=False):
-    keep = torch.arange(skv)[None, :] < torch.tensor(lengths)[:, None]
-    keep = keep[:, None, None, :]
+    keep = key_padding(len(lengths), skv, lengths, as_float=False)
     if full_rows:  # HF's materialized [B, 1, Sq, Skv] form
         keep = keep.expand(len(lengths), 1, sq, skv).clone()
     if kind == "bool":
