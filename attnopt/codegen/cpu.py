@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnopt.codegen import autotune
+from attnopt.codegen import autotune, cpu_native
 from attnopt.codegen.gna_op import leading_rows
 from attnopt.codegen.ops import AttentionParams
 from attnopt.codegen.reference import alignment_offset, reference_attention
@@ -69,6 +69,10 @@ class CpuTilePlan:
     @functools.cached_property
     def all_tiles(self) -> "_Tiles":
         return _Tiles(self, None)
+
+    @functools.cached_property
+    def native_tiles(self) -> cpu_native.NativeTiles:
+        return cpu_native.NativeTiles(self.q_idx, self.kv_idx, self.mask)
 
     @property
     def num_tiles(self) -> int:
@@ -256,6 +260,7 @@ def _tuned(kernel_key: dict, cands: list[tuple[int, ...]], plan_of, q: Tensor, k
     key = {**kernel_key, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
            "mask": None if attn_mask is None else [str(attn_mask.dtype), list(attn_mask.shape)],
            "normalizer": params.normalizer, "softcap": params.softcap is not None,
+           "native": native_runs(q, k, v, attn_mask, params),
            "threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__}
     return autotune.fastest(
         key, cands, lambda t: _bench_seconds(lambda: run_plan(q, k, v, attn_mask, params, plan_of(t))),
@@ -473,10 +478,21 @@ def _attend_tiles(q, k, v, kv_tiled: bool, Skv: int, attn_mask, params: Attentio
     out.index_copy_(2, tiles.q_idx.reshape(-1), _untile(res, B, H).to(out.dtype))
 
 
+def native_runs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams) -> bool:
+    """Whether run_plan takes the compiled kernel (cpu_native) rather than SDPA per tile group."""
+    if attn_mask is not None or params.normalizer != "softmax" or params.softcap is not None:
+        return False
+    grad = q.requires_grad or k.requires_grad or v.requires_grad
+    return cpu_native.can_run(q, k, v, grad)[0]
+
+
 def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
              plan: CpuTilePlan) -> Tensor:
     B, H, Sq, _ = q.shape
     out = torch.empty((B, H, Sq, v.shape[3]), dtype=q.dtype, device=q.device)
+    if native_runs(q, k, v, attn_mask, params):
+        cpu_native.attend(q, k, v, params.scale, plan.native_tiles, out)
+        return out
     if attn_mask is not None:
         _run_tiles(q, k, v, attn_mask, params, plan.all_tiles, True, out)
     elif bool(plan.full.all()):

@@ -1,0 +1,191 @@
+"""The compiled inner loop of the exact CPU tile kernels (cpu_tiles.c): attention of a tile plan, fp32.
+
+Canonical layouts: q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] (any strides, unit stride in
+the last dim), out [B, H, Sq, Dv] fp32; a plan's q_idx [n, TQ], kv_idx [n, TK], mask [n, TQ, TK].
+
+Why not SDPA per tile group: SDPA's CPU kernel cuts a 64-query tile into 32-query blocks and feeds each to
+library GEMMs; on the 64x64-token / 16x16-window GNA layout that ran at ~80 GFLOP/s where dense SDPA runs
+at ~130 (2-core EPYC), plus ~5 ms a call of gathering tiles and scattering rows. This kernel reads q, k, v
+in place through the plan's indices, keeps a tile's scores in cache and writes output rows directly.
+
+Build: the C file is compiled on first use with the system C compiler ($CC, else cc) for this machine
+(-O3 -march=native), into $ATTNOPT_CACHE_DIR/native/ under a name keyed by the source, the compiler's
+version and the flags, so a later process loads it at once. Without a compiler, when the build fails,
+or with ATTNOPT_CPU_NATIVE=0, `available()` is False and the caller runs its SDPA path (the reason is
+logged once).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attnopt.codegen import autotune
+
+log = logging.getLogger("attnopt.codegen.cpu_native")
+
+SOURCE = Path(__file__).with_name("cpu_tiles.c")
+# Tried in order: the first set the compiler accepts is used (-march=native is not known everywhere).
+# With -fopenmp the library's NEEDED libgomp.so.1 resolves to the copy torch already loaded (same
+# soname), so the kernel runs on torch's OpenMP threads: a second pool of Python threads fought torch's
+# spinning OpenMP workers for the cores (measured: 24-30 ms a call instead of 17, 2-core EPYC).
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+COMMON_FLAGS = ["-std=gnu11", "-fPIC", "-shared", "-fno-math-errno"]
+Q_PAD = 16  # the kernel's query panels are 16 wide
+_LOCK = threading.Lock()
+
+
+def enabled() -> bool:
+    return os.environ.get("ATTNOPT_CPU_NATIVE", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc)
+
+
+def _build(cc: str) -> Path:
+    """Compile (or find the cached build of) cpu_tiles.c; raises RuntimeError with the reason."""
+    src = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{cc} --version failed: {e}") from e
+    out_dir = autotune.cache_root() / "native"
+    errors = []
+    for flags in FLAG_SETS:
+        tag = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags + COMMON_FLAGS).encode(),
+                                         platform.machine().encode()])).hexdigest()[:20]
+        lib = out_dir / f"cpu_tiles-{tag}.so"
+        if lib.exists():
+            return lib
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".{lib.name}.tmp{os.getpid()}"
+        cmd = [cc, *flags, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RuntimeError(f"{' '.join(cmd)}: {e}") from e
+        if res.returncode == 0:
+            os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
+            return lib
+        tmp.unlink(missing_ok=True)
+        errors.append((res.stderr.strip().splitlines() or ["failed"])[-1])
+    raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[0]}")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if not enabled():
+        log.info("native CPU tile kernel off (ATTNOPT_CPU_NATIVE=0); using SDPA per tile group")
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.warning("no C compiler ($CC or cc) found: the exact CPU tile kernels use SDPA per tile group")
+        return None
+    try:
+        with _LOCK:
+            lib = ctypes.CDLL(str(_build(cc)))
+    except (RuntimeError, OSError) as e:
+        log.warning("native CPU tile kernel unavailable (%s): using SDPA per tile group", e)
+        return None
+    fn = lib.attnopt_tiles_f32
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [P, P, P, P, I, I, I, I, I, P, P, P, P, P, I, P, I, P, I, P, ctypes.c_float, I, I, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    lib.attnopt_tiles_parallel.restype = ctypes.c_int
+    lib.parallel = bool(lib.attnopt_tiles_parallel())
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def can_run(q: Tensor, k: Tensor, v: Tensor, requires_grad: bool) -> tuple[bool, str]:
+    """Whether the native kernel takes these inputs (the caller has already checked the attention's
+    own options: softmax, no softcap, no extra mask)."""
+    if requires_grad:
+        return False, "inputs need gradients (the native kernel is forward only)"
+    if not (q.dtype == k.dtype == v.dtype == torch.float32):
+        return False, f"dtype {q.dtype} (native kernel is fp32)"
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return False, "tensor subclass"
+    if v.shape[3] % 8:
+        return False, f"value head dim {v.shape[3]} is not a multiple of 8"
+    if any(x.stride(3) != 1 for x in (q, k, v)):
+        return False, "last dim not contiguous"
+    if not available():
+        return False, "not built here"
+    return True, ""
+
+
+_POOL: list = [None, 0]
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """Python threads for a library built without OpenMP (ctypes drops the GIL while C runs)."""
+    if _POOL[0] is None or _POOL[1] != threads:
+        if _POOL[0] is not None:
+            _POOL[0].shutdown(wait=False)
+        _POOL[0] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="attnopt-cpu")
+        _POOL[1] = threads
+    return _POOL[0]
+
+
+class NativeTiles:
+    """A tile plan's index arrays in the form the kernel reads (contiguous int64 / uint8)."""
+
+    def __init__(self, q_idx: Tensor, kv_idx: Tensor, mask: Tensor):
+        self.n, self.TQ = (int(x) for x in q_idx.shape)
+        self.TK = int(kv_idx.shape[1])
+        self.TQp = -(-self.TQ // Q_PAD) * Q_PAD
+        self.q_idx = q_idx.contiguous().to(torch.int64)
+        self.kv_idx = kv_idx.contiguous().to(torch.int64)
+        keys_major = torch.zeros((self.n, self.TK, self.TQp), dtype=torch.uint8)
+        keys_major[:, :, :self.TQ] = mask.transpose(1, 2).to(torch.uint8) * 255
+        self.mask = keys_major
+        # The first tile holding a query writes its row (shifted border tiles overlap a neighbour).
+        flat = self.q_idx.reshape(-1).numpy()
+        owner = np.zeros(flat.shape, dtype=np.uint8)
+        owner[np.unique(flat, return_index=True)[1]] = 1
+        self.owner = torch.from_numpy(owner)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, tiles: NativeTiles, out: Tensor) -> None:
+    """out[b, h, q_idx[t]] = attention of each tile over its keys (see cpu_tiles.c), for every tile."""
+    fn = _library().attnopt_tiles_f32
+    B, H, _, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    scale = float(D ** -0.5 if scale is None else scale)
+    strides = [torch.tensor(x.stride()[:3], dtype=torch.int64) for x in (q, k, v, out)]
+    work = tiles.n * B * Hkv
+    threads = max(1, min(torch.get_num_threads(), work))
+    bounds = [work * i // threads for i in range(threads + 1)]
+
+    def run(lo: int, hi: int, inner_threads: int = 1) -> int:
+        return fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Hkv, D, Dv,
+                  *(s.data_ptr() for s in strides), tiles.q_idx.data_ptr(), tiles.TQ,
+                  tiles.kv_idx.data_ptr(), tiles.TK, tiles.mask.data_ptr(), tiles.TQp,
+                  tiles.owner.data_ptr(), scale, lo, hi, inner_threads)
+
+    if _library().parallel or threads == 1:
+        codes = [run(0, work, threads)]
+    else:
+        # the calling thread takes the first range itself: one thread hand-off fewer per call
+        futures = [_pool(threads - 1).submit(run, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+        codes = [run(bounds[0], bounds[1])] + [f.result() for f in futures]
+    if any(codes):
+        raise RuntimeError(f"native CPU tile kernel failed (codes {codes})")
