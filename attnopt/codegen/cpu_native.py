@@ -170,14 +170,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, tiles: NativeTi
     B, H, _, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     scale = float(D ** -0.5 if scale is None else scale)
-    strides = [torch.tensor(x.stride()[:3], dtype=torch.int64) for x in (q, k, v, out)]
+    strides = [(ctypes.c_int64 * 3)(*x.stride()[:3]) for x in (q, k, v, out)]
     work = tiles.n * B * Hkv
+    if work == 0:
+        return
     threads = max(1, min(torch.get_num_threads(), work))
     bounds = [work * i // threads for i in range(threads + 1)]
 
     def run(lo: int, hi: int, inner_threads: int = 1) -> int:
         return fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Hkv, D, Dv,
-                  *(s.data_ptr() for s in strides), tiles.q_idx.data_ptr(), tiles.TQ,
+                  *(ctypes.addressof(s) for s in strides), tiles.q_idx.data_ptr(), tiles.TQ,
                   tiles.kv_idx.data_ptr(), tiles.TK, tiles.mask.data_ptr(), tiles.TQp,
                   tiles.owner.data_ptr(), scale, lo, hi, inner_threads)
 

@@ -1,0 +1,224 @@
+"""The compiled CPU tile kernel (attnopt.codegen.cpu_native / cpu_tiles.c) against the dense reference,
+its SDPA fallback, and how it degrades (no compiler, a failed build, inputs it does not take).
+
+Layouts: q [B, H, N, D], k/v [B, Hkv, N, D|Dv]; GNA tokens are the row-major flattened grid.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnopt.codegen import cpu, cpu_native
+from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.reference import reference_attention
+from attnopt.cost.gna import dense_mask
+from attnopt.ir import GNALayout
+
+HAS_CC = shutil.which(os.environ.get("CC") or "cc") is not None
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernel cannot be built here")
+
+
+def _qkv(B, H, Hkv, Sq, Skv, D, Dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, Sq, D, generator=g), torch.randn(B, Hkv, Skv, D, generator=g),
+            torch.randn(B, Hkv, Skv, Dv or D, generator=g))
+
+
+def _gna_ref(q, k, v, layout, p):
+    return reference_attention(q.double(), k.double(), v.double(), torch.from_numpy(dense_mask(layout)),
+                               **p.kwargs()).float()
+
+
+def _assert_fp32_exact(out, q, k, v, layout, p):
+    """out is as close to the float64 reference as fp32 SDPA with the dense mask is (x2, floor 1e-6):
+    what floating-point noise means for these inputs."""
+    ref = _gna_ref(q, k, v, layout, p)
+    mask = torch.from_numpy(dense_mask(layout))
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale, enable_gqa=q.shape[1] != k.shape[1])
+    noise = (sdpa - ref).abs().max().item()
+    err = (out - ref).abs().max().item()
+    assert err <= max(2 * noise, 1e-6), (err, noise)
+
+
+@needs_cc
+def test_native_kernel_builds_here():
+    # where a compiler exists the kernel must build: a silent fallback would hide a broken build
+    assert cpu_native.available()
+
+
+CASES = {
+    # layout, q_tile, (B, H, Hkv, D, Dv)
+    "2d_stride1_8x8": (GNALayout((24, 24), (7, 7)), (8, 8), (1, 4, 4, 32, 32)),
+    "2d_odd_tiles_overlap": (GNALayout((21, 19), (6, 5), (1, 1)), (5, 3), (2, 2, 2, 16, 16)),
+    "2d_blocked_full_tiles": (GNALayout((32, 32), (8, 8), (8, 8)), (8, 8), (1, 2, 2, 64, 64)),
+    "2d_unaligned_stride_dilation": (GNALayout((24, 20), (7, 5), (2, 5), (1, 2)), (4, 4), (1, 3, 3, 24, 24)),
+    "2d_causal": (GNALayout((16, 16), (6, 6), (2, 1), (1, 1), (True, True)), (4, 8), (1, 2, 2, 16, 16)),
+    "3d_mixed": (GNALayout((6, 8, 10), (3, 4, 5), (1, 2, 5), (2, 1, 1), (True, False, False)), (2, 4, 4),
+                 (1, 2, 2, 16, 16)),
+    "1d_dilated": (GNALayout((197,), (33,), (4,), (2,)), (64,), (1, 2, 2, 16, 16)),
+    "gqa_4to1": (GNALayout((16, 16), (5, 5)), (8, 8), (2, 8, 2, 16, 16)),
+    "mqa": (GNALayout((16, 16), (5, 5)), (4, 4), (1, 4, 1, 16, 16)),
+    "head_dims_20_and_40": (GNALayout((16, 16), (5, 5)), (8, 8), (1, 2, 2, 20, 40)),
+    "value_dim_8": (GNALayout((16, 16), (5, 5)), (8, 8), (1, 2, 2, 16, 8)),
+    "q_block_over_64": (GNALayout((40, 40), (9, 9)), (16, 8), (1, 1, 1, 16, 16)),
+}
+
+
+@needs_cc
+@pytest.mark.parametrize("name", list(CASES))
+def test_native_matches_reference(name):
+    layout, q_tile, (B, H, Hkv, D, Dv) = CASES[name]
+    n = int(torch.tensor(layout.shape).prod())
+    q, k, v = _qkv(B, H, Hkv, n, n, D, Dv, seed=len(name))
+    p = AttentionParams(scale=D ** -0.5 * 1.7)
+    assert cpu.native_runs(q, k, v, None, p)
+    _assert_fp32_exact(cpu.gna_attention(q, k, v, layout, p, q_tile=q_tile), q, k, v, layout, p)
+
+
+@needs_cc
+def test_native_equals_sdpa_fallback_and_any_thread_count(monkeypatch):
+    layout = GNALayout((21, 19), (6, 5))
+    q, k, v = _qkv(2, 4, 2, 399, 399, 32, seed=5)
+    p = AttentionParams(scale=0.3)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(cpu.gna_attention(q, k, v, layout, p, q_tile=(5, 3)))
+    finally:
+        torch.set_num_threads(threads)
+    # every row is written by one tile whatever the split, so the result is bit-identical
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    monkeypatch.setattr(cpu, "native_runs", lambda *a: False)
+    fallback = cpu.gna_attention(q, k, v, layout, p, q_tile=(5, 3))
+    assert (outs[0] - fallback).abs().max().item() < 2e-6
+
+
+@needs_cc
+@pytest.mark.parametrize("kw", [dict(window=(16, 16)), dict(window=(40, None), causal=True),
+                                dict(window=(9, 3), causal=True, causal_alignment="bottom_right")])
+@pytest.mark.parametrize("lens", [(197, 197), (63, 197), (197, 63)])
+def test_native_sliding_window(kw, lens):
+    # (197, 63) with a two-sided window leaves late queries no key: their rows are zeros
+    q, k, v = _qkv(1, 4, 2, lens[0], lens[1], 16, seed=7)
+    p = AttentionParams(scale=0.3, **kw)
+    assert cpu.native_runs(q, k, v, None, p)
+    ref = reference_attention(q, k, v, None, **p.kwargs())
+    assert (cpu.sliding_window_attention(q, k, v, p, q_tile=32) - ref).abs().max().item() < 2e-6
+
+
+@needs_cc
+def test_native_reads_strided_inputs_in_place():
+    layout = GNALayout((12, 12), (5, 5))
+    g = torch.Generator().manual_seed(3)
+    qs, ks, vs = (torch.randn(2, 144, 4, 16, generator=g) for _ in range(3))  # [B, S, H, D] as models hold them
+    q, k, v = (x.transpose(1, 2) for x in (qs, ks, vs))
+    p = AttentionParams(scale=0.25)
+    assert not q.is_contiguous() and cpu.native_runs(q, k, v, None, p)
+    _assert_fp32_exact(cpu.gna_attention(q, k, v, layout, p, q_tile=(4, 4)), q, k, v, layout, p)
+
+
+@needs_cc
+def test_native_nan_reaches_exactly_the_rows_that_see_it():
+    layout = GNALayout((16, 16), (5, 5))
+    q, k, v = _qkv(1, 2, 2, 256, 256, 16, seed=4)
+    k[0, 0, 100, 3] = float("nan")
+    p = AttentionParams(scale=0.25)
+    out = cpu.gna_attention(q, k, v, layout, p, q_tile=(8, 8))
+    sees = torch.from_numpy(dense_mask(layout))[:, 100]
+    assert torch.equal(out[0, 0].isnan().any(-1), sees)
+    assert not out[0, 1].isnan().any()
+    ref = _gna_ref(q, k, v, layout, p)
+    assert (out - ref)[~ref.isnan()].abs().max().item() < 2e-6
+
+
+@needs_cc
+def test_native_large_scores_and_extreme_scale():
+    # scores near fp32's exp range: the running max must keep exp finite and the sum exact
+    layout = GNALayout((16, 16), (5, 5))
+    q, k, v = _qkv(1, 1, 1, 256, 256, 16, seed=6)
+    for scale in (40.0, 1e-4):
+        p = AttentionParams(scale=scale)
+        _assert_fp32_exact(cpu.gna_attention(q, k, v, layout, p, q_tile=(4, 4)), q, k, v, layout, p)
+
+
+def test_inputs_the_native_kernel_declines():
+    q, k, v = _qkv(1, 2, 2, 64, 64, 16)
+    p = AttentionParams(scale=0.25)
+    mask = torch.ones(64, 64, dtype=torch.bool)
+    assert not cpu.native_runs(q, k, v, mask, p)                                   # extra mask: SDPA path
+    assert not cpu.native_runs(q, k, v, None, AttentionParams(scale=0.25, softcap=5.0))
+    assert not cpu.native_runs(q, k, v, None, AttentionParams(scale=0.25, normalizer="sigmoid"))
+    assert not cpu.native_runs(q.half(), k.half(), v.half(), None, p)                # fp32 only
+    assert not cpu.native_runs(q.requires_grad_(), k, v, None, p)                  # forward only
+    assert not cpu.native_runs(q.detach(), k, v[..., :12], None, p)                 # Dv % 8
+    ok, why = cpu_native.can_run(q.detach(), k, v[..., :12], False)
+    assert not ok and "multiple of 8" in why
+
+
+def test_gradients_flow_through_the_fallback():
+    layout = GNALayout((8, 8), (3, 3))
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 1, 1, 64, 64, 8))
+    p = AttentionParams(scale=0.3)
+    cpu.gna_attention(q, k, v, layout, p).sum().backward()
+    assert q.grad is not None and k.grad.abs().sum() > 0
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A private build cache and a forgotten library, restored afterwards."""
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    cpu_native._library.cache_clear()
+    yield
+    cpu_native._library.cache_clear()
+
+
+def _still_exact_without_native():
+    layout = GNALayout((12, 12), (5, 5))
+    q, k, v = _qkv(1, 2, 2, 144, 144, 16)
+    p = AttentionParams(scale=0.25)
+    assert not cpu.native_runs(q, k, v, None, p)
+    _assert_fp32_exact(cpu.gna_attention(q, k, v, layout, p, q_tile=(4, 4)), q, k, v, layout, p)
+
+
+def test_switched_off_by_environment(fresh_library, monkeypatch):
+    monkeypatch.setenv("ATTNOPT_CPU_NATIVE", "0")
+    assert not cpu_native.available()
+    _still_exact_without_native()
+
+
+def test_no_compiler_falls_back_with_one_warning(fresh_library, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level(logging.WARNING, logger="attnopt.codegen.cpu_native"):
+        assert not cpu_native.available()
+        assert not cpu_native.available()
+    assert len([r for r in caplog.records if "no C compiler" in r.message]) == 1
+    _still_exact_without_native()
+
+
+@needs_cc
+def test_failed_build_falls_back_and_leaves_no_library(fresh_library, monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "cpu_tiles.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_native, "SOURCE", broken)
+    with caplog.at_level(logging.WARNING, logger="attnopt.codegen.cpu_native"):
+        assert not cpu_native.available()
+    assert any("could not build" in r.message for r in caplog.records)
+    assert not list((tmp_path / "native").glob("*.so")) and not list((tmp_path / "native").glob(".*"))
+    _still_exact_without_native()
+
+
+@needs_cc
+def test_build_is_cached_on_disk(fresh_library, tmp_path):
+    assert cpu_native.available()
+    libs = list((tmp_path / "native").glob("cpu_tiles-*.so"))
+    assert len(libs) == 1
+    stamp = libs[0].stat().st_mtime_ns
+    cpu_native._library.cache_clear()
+    assert cpu_native.available() and libs[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
