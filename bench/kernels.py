@@ -1,9 +1,11 @@
 """Kernel benchmarks (issue 5).
 
-CPU (always): the exact CPU GNA kernel (attnopt.codegen.cpu) on a 2-D layout of 64x64 tokens,
-window 16x16, head dim 64, 4 heads, fp32, 2 threads, strides 1 and tile-aligned; against dense SDPA
-with the equivalent boolean mask, dense unmasked SDPA, and flex_attention compiled on CPU with the
-same mask as a BlockMask (its compile time reported separately). Repetitions are interleaved (one
+CPU (always): the exact CPU GNA kernel (attnopt.codegen.cpu: the compiled tile kernel of cpu_native
+where it builds, its build time reported first) on a 2-D layout of 64x64 tokens, window 16x16, head
+dim 64, 4 heads, fp32, 2 threads, strides 1 and tile-aligned; against dense SDPA with the equivalent
+boolean mask, dense unmasked SDPA, the same Q box through SDPA per tile group (the fallback path),
+and flex_attention compiled on CPU with the same mask as a BlockMask (its compile time reported
+separately). Repetitions are interleaved (one
 call of every contender per round) and speedups are medians of per-round ratios. The simulator's
 bound is for the tiles the kernel uses (its Q box is tuned on first use: the bench times from an empty
 cache and reports the untuned estimate's box beside it): Q boxes `q_tile`, KV = the exact box each Q tile gathers
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from attnopt.codegen import cpu as cpu_kernels
+from attnopt.codegen import cpu_native
 from attnopt.codegen.ops import AttentionParams
 from attnopt.cost.gna import dense_mask
 from attnopt.cost.simulator import simulate
@@ -101,6 +104,8 @@ def bench_cpu(rounds: int, threads: int, flex: bool) -> list[dict]:
             "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v),
             "sdpa_bool_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
         }
+        # the same box through SDPA per tile group (the path before the compiled kernel, and its fallback)
+        fns["attnopt_sdpa_tiles"] = lambda: cpu_kernels.run_plan(q, k, v, None, p, plan, native=False)
         if estimated != q_tile:
             fns["attnopt_cpu_estimated_tile"] = lambda: cpu_kernels.gna_attention(q, k, v, layout, p,
                                                                                    q_tile=estimated)
@@ -115,13 +120,14 @@ def bench_cpu(rounds: int, threads: int, flex: bool) -> list[dict]:
 
         row = {
             "stride": stride, "q_tile": q_tile, "estimated_q_tile": estimated, "tune_s": round(tune_s, 2),
-            "kv_box": plan.kv_extent,
+            "kv_box": plan.kv_extent, "kernel": "native" if cpu_kernels.native_runs(q, k, v, None, p) else "sdpa-tiles",
             "full_tiles": int(plan.full.sum()), "tiles": plan.num_tiles, "max_abs_err": err,
             "ms": {n: round(t * 1e3, 1) for n, t in med.items()},
             "speedup_vs_dense": ratio("sdpa_dense"), "speedup_vs_bool_mask": ratio("sdpa_bool_mask"),
             "sim_bound": sim.speedup_upper_bound, "flop_bound": sim.flop_speedup,
         }
         row["fraction_of_bound"] = row["speedup_vs_dense"] / sim.speedup_upper_bound
+        row["speedup_vs_sdpa_tiles"] = ratio("attnopt_sdpa_tiles")
         if estimated != q_tile:
             est_sim = simulate(layout, estimated, (1,) * len(grid), dynamic=True)
             row["estimated_tile_speedup_vs_dense"] = statistics.median(
@@ -151,8 +157,12 @@ def bench_cpu_window(rounds: int, threads: int, flex: bool) -> list[dict]:
         out = attention_op(q, k, v, scale=p.scale, causal=True, window=(W - 1, 0))  # tunes
         tune_s = time.perf_counter() - t
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        left, upper = cpu_kernels.window_bounds(p)
+        tq = cpu_kernels.tuned_window_tile(left, upper, 0, q, k, v, None, p)
+        plan = cpu_kernels.window_plan(S, S, left, upper, 0, tq)
         fns = {
             "attnopt_op": lambda: attention_op(q, k, v, scale=p.scale, causal=True, window=(W - 1, 0)),
+            "attnopt_sdpa_tiles": lambda: cpu_kernels.run_plan(q, k, v, None, p, plan, native=False),
             "sdpa_bool_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
             "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         }
@@ -164,14 +174,12 @@ def bench_cpu_window(rounds: int, threads: int, flex: bool) -> list[dict]:
         def ratio(other):
             return statistics.median(o / a for o, a in zip(times[other], times["attnopt_op"]))
 
-        left, upper = cpu_kernels.window_bounds(p)
-        tq = cpu_kernels.tuned_window_tile(left, upper, 0, q, k, v, None, p)
-        plan = cpu_kernels.window_plan(S, S, left, upper, 0, tq)
         work = plan.num_tiles * plan.q_idx.shape[1] * plan.kv_idx.shape[1]
         row = {"case": f"causal window {W}", "S": S, "H": H, "D": D, "q_tile": tq, "kv_run": plan.kv_extent,
                "tune_s": round(tune_s, 2), "max_abs_err": (out - ref).abs().max().item(),
                "ms": {n: round(statistics.median(t) * 1e3, 1) for n, t in times.items()},
                "speedup_vs_bool_mask": ratio("sdpa_bool_mask"), "speedup_vs_causal": ratio("sdpa_causal"),
+               "speedup_vs_sdpa_tiles": ratio("attnopt_sdpa_tiles"),
                "work_bound_vs_causal": (S * (S + 1) / 2) / work}
         _emit(rows, row, ratio, compile_s)
     return rows
@@ -186,7 +194,11 @@ def main() -> None:
     a = ap.parse_args()
     # Tune from scratch, as a user's first run does (the kernel times its Q-box candidates once).
     os.environ["ATTNOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnopt-bench-cache-")
-    result = {"cpu": bench_cpu(a.rounds, a.threads, not a.no_flex),
+    t = time.perf_counter()
+    native = cpu_native.available()  # builds cpu_tiles.c, as a user's first call does
+    print(json.dumps({"native_kernel": native, "native_build_s": round(time.perf_counter() - t, 2)}), flush=True)
+    result = {"native_kernel": native, "native_build_s": round(time.perf_counter() - t, 2),
+              "cpu": bench_cpu(a.rounds, a.threads, not a.no_flex),
               "cpu_window": bench_cpu_window(a.rounds, a.threads, not a.no_flex)}
     print("GPU kernels: bench/gpu_kernels.py")
     if a.json:

@@ -487,10 +487,12 @@ def native_runs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, param
 
 
 def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-             plan: CpuTilePlan) -> Tensor:
+             plan: CpuTilePlan, native: bool = True) -> Tensor:
+    """Attention of every tile of `plan`: the compiled kernel where it runs (and `native`), else SDPA
+    per tile group."""
     B, H, Sq, _ = q.shape
     out = torch.empty((B, H, Sq, v.shape[3]), dtype=q.dtype, device=q.device)
-    if native_runs(q, k, v, attn_mask, params):
+    if native and native_runs(q, k, v, attn_mask, params):
         cpu_native.attend(q, k, v, params.scale, plan.native_tiles, out)
         return out
     if attn_mask is not None:
