@@ -493,7 +493,12 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: 
     B, H, Sq, _ = q.shape
     out = torch.empty((B, H, Sq, v.shape[3]), dtype=q.dtype, device=q.device)
     if native and native_runs(q, k, v, attn_mask, params):
-        cpu_native.attend(q, k, v, params.scale, plan.native_tiles, out)
+        if q.dtype == torch.float32:
+            cpu_native.attend(q, k, v, params.scale, plan.native_tiles, out)
+        else:  # fp16/bf16: computed in fp32 (as SDPA's CPU kernel accumulates), rounded once
+            out32 = torch.empty(out.shape, dtype=torch.float32)
+            cpu_native.attend(q.float(), k.float(), v.float(), params.scale, plan.native_tiles, out32)
+            out.copy_(out32)
         return out
     if attn_mask is not None:
         _run_tiles(q, k, v, attn_mask, params, plan.all_tiles, True, out)

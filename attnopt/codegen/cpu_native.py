@@ -114,13 +114,19 @@ def available() -> bool:
     return _library() is not None
 
 
+def expected() -> bool:
+    """Whether the kernel should be available here (switched on, a compiler present), without
+    building it: for cost models that must not compile anything."""
+    return enabled() and _compiler() is not None
+
+
 def can_run(q: Tensor, k: Tensor, v: Tensor, requires_grad: bool) -> tuple[bool, str]:
     """Whether the native kernel takes these inputs (the caller has already checked the attention's
     own options: softmax, no softcap, no extra mask)."""
     if requires_grad:
         return False, "inputs need gradients (the native kernel is forward only)"
-    if not (q.dtype == k.dtype == v.dtype == torch.float32):
-        return False, f"dtype {q.dtype} (native kernel is fp32)"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the kernel computes fp32; fp16/bf16 are converted)"
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
         return False, "tensor subclass"
     if v.shape[3] % 8:

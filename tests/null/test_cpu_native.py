@@ -148,6 +148,20 @@ def test_native_large_scores_and_extreme_scale():
         _assert_fp32_exact(cpu.gna_attention(q, k, v, layout, p, q_tile=(4, 4)), q, k, v, layout, p)
 
 
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_native_half_inputs_computed_in_fp32(dtype):
+    layout = GNALayout((16, 16), (5, 5), (2, 2))
+    q, k, v = (x.to(dtype) for x in _qkv(1, 2, 2, 256, 256, 32, seed=8))
+    p = AttentionParams(scale=32 ** -0.5)
+    assert cpu.native_runs(q, k, v, None, p)
+    out = cpu.gna_attention(q, k, v, layout, p, q_tile=(8, 8))
+    assert out.dtype == dtype
+    ref = _gna_ref(q.float(), k.float(), v.float(), layout, p)
+    # only the final rounding to fp16/bf16 differs from the fp32 result of the same inputs
+    assert torch.equal(out, ref.to(dtype)) or (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps
+
+
 def test_inputs_the_native_kernel_declines():
     q, k, v = _qkv(1, 2, 2, 64, 64, 16)
     p = AttentionParams(scale=0.25)
@@ -155,7 +169,7 @@ def test_inputs_the_native_kernel_declines():
     assert not cpu.native_runs(q, k, v, mask, p)                                   # extra mask: SDPA path
     assert not cpu.native_runs(q, k, v, None, AttentionParams(scale=0.25, softcap=5.0))
     assert not cpu.native_runs(q, k, v, None, AttentionParams(scale=0.25, normalizer="sigmoid"))
-    assert not cpu.native_runs(q.half(), k.half(), v.half(), None, p)                # fp32 only
+    assert not cpu.native_runs(q.double(), k.double(), v.double(), None, p)          # fp32 computes
     assert not cpu.native_runs(q.requires_grad_(), k, v, None, p)                  # forward only
     assert not cpu.native_runs(q.detach(), k, v[..., :12], None, p)                 # Dv % 8
     ok, why = cpu_native.can_run(q.detach(), k, v[..., :12], False)
