@@ -480,10 +480,10 @@ def _attend_tiles(q, k, v, kv_tiled: bool, Skv: int, attn_mask, params: Attentio
 
 def native_runs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams) -> bool:
     """Whether run_plan takes the compiled kernel (cpu_native) rather than SDPA per tile group."""
-    if attn_mask is not None or params.normalizer != "softmax" or params.softcap is not None:
+    if params.normalizer != "softmax" or params.softcap is not None:
         return False
     grad = q.requires_grad or k.requires_grad or v.requires_grad
-    return cpu_native.can_run(q, k, v, grad)[0]
+    return cpu_native.can_run(q, k, v, grad, attn_mask)[0]
 
 
 def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
@@ -494,10 +494,10 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: 
     out = torch.empty((B, H, Sq, v.shape[3]), dtype=q.dtype, device=q.device)
     if native and native_runs(q, k, v, attn_mask, params):
         if q.dtype == torch.float32:
-            cpu_native.attend(q, k, v, params.scale, plan.native_tiles, out)
+            cpu_native.attend(q, k, v, params.scale, plan.native_tiles, out, attn_mask)
         else:  # fp16/bf16: computed in fp32 (as SDPA's CPU kernel accumulates), rounded once
             out32 = torch.empty(out.shape, dtype=torch.float32)
-            cpu_native.attend(q.float(), k.float(), v.float(), params.scale, plan.native_tiles, out32)
+            cpu_native.attend(q.float(), k.float(), v.float(), params.scale, plan.native_tiles, out32, attn_mask)
             out.copy_(out32)
         return out
     if attn_mask is not None:

@@ -103,7 +103,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     fn = lib.attnopt_tiles_f32
     P, I = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [P, P, P, P, I, I, I, I, I, P, P, P, P, P, I, P, I, P, I, P, ctypes.c_float, I, I, ctypes.c_int]
+    fn.argtypes = [P, P, P, P, I, I, I, I, I, P, P, P, P, P, I, P, I, P, I, P, P, ctypes.c_int, P,
+                   ctypes.c_float, I, I, ctypes.c_int]
     fn.restype = ctypes.c_int
     lib.attnopt_tiles_parallel.restype = ctypes.c_int
     lib.parallel = bool(lib.attnopt_tiles_parallel())
@@ -120,9 +121,14 @@ def expected() -> bool:
     return enabled() and _compiler() is not None
 
 
-def can_run(q: Tensor, k: Tensor, v: Tensor, requires_grad: bool) -> tuple[bool, str]:
+def can_run(q: Tensor, k: Tensor, v: Tensor, requires_grad: bool,
+            attn_mask: Tensor | None = None) -> tuple[bool, str]:
     """Whether the native kernel takes these inputs (the caller has already checked the attention's
-    own options: softmax, no softcap, no extra mask)."""
+    own options: softmax, no softcap)."""
+    if attn_mask is not None and not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        return False, f"mask dtype {attn_mask.dtype}"
+    if attn_mask is not None and type(attn_mask) is not Tensor:
+        return False, "mask is a tensor subclass"
     if requires_grad:
         return False, "inputs need gradients (the native kernel is forward only)"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -170,10 +176,25 @@ class NativeTiles:
         self.owner = torch.from_numpy(owner)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, tiles: NativeTiles, out: Tensor) -> None:
-    """out[b, h, q_idx[t]] = attention of each tile over its keys (see cpu_tiles.c), for every tile."""
+def _user_mask(attn_mask: Tensor | None, B: int, H: int, Sq: int, Skv: int):
+    """(pointer, is_float, strides, keep-alive) of the caller's mask as the kernel reads it: bool bytes or
+    fp32 values, broadcast dims at stride 0."""
+    if attn_mask is None:
+        return None, 0, (ctypes.c_int64 * 4)(0, 0, 0, 0), None
+    m = attn_mask if attn_mask.dtype in (torch.bool, torch.float32) else attn_mask.float()
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(B, H, Sq, Skv)
+    return m.data_ptr(), int(m.dtype == torch.float32), (ctypes.c_int64 * 4)(*m.stride()), m
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, tiles: NativeTiles, out: Tensor,
+           attn_mask: Tensor | None = None) -> None:
+    """out[b, h, q_idx[t]] = attention of each tile over its keys (see cpu_tiles.c), for every tile;
+    `attn_mask` (broadcastable to [B, H, Sq, Skv], bool or additive) as in SDPA."""
     fn = _library().attnopt_tiles_f32
-    B, H, _, D = q.shape
+    B, H, Sq, D = q.shape
+    um, um_float, ums, _keep = _user_mask(attn_mask, B, H, Sq, k.shape[2])
     Hkv, Dv = k.shape[1], v.shape[3]
     scale = float(D ** -0.5 if scale is None else scale)
     strides = [(ctypes.c_int64 * 3)(*x.stride()[:3]) for x in (q, k, v, out)]
@@ -187,7 +208,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, tiles: NativeTi
         return fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Hkv, D, Dv,
                   *(ctypes.addressof(s) for s in strides), tiles.q_idx.data_ptr(), tiles.TQ,
                   tiles.kv_idx.data_ptr(), tiles.TK, tiles.mask.data_ptr(), tiles.TQp,
-                  tiles.owner.data_ptr(), scale, lo, hi, inner_threads)
+                  tiles.owner.data_ptr(), um, um_float, ctypes.addressof(ums), scale, lo, hi, inner_threads)
 
     if _library().parallel or threads == 1:
         codes = [run(0, work, threads)]

@@ -3,9 +3,11 @@
  * Layouts: q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], out [B, H, Sq, Dv], any strides
  * over (batch, head, token) given in elements, unit stride over the last dim. A plan of n tiles:
  * q_idx [n, TQ] and kv_idx [n, TK] token indices, mask [n, TK, TQp] (key-major bytes, 0xFF = attend,
- * 0 = not, and 0 for the padding queries TQ <= i < TQp), owner [n, TQ] (1 = this tile writes the query's row: a query in two
- * overlapping tiles is written once, so threads never race on a row and the result does not depend on
- * their timing).
+ * 0 = not, and 0 for the padding queries TQ <= i < TQp), owner [n, TQ] (1 = this tile writes the
+ * query's row: a query in two overlapping tiles is written once, so threads never race on a row and
+ * the result does not depend on their timing). Optionally the caller's own mask, read in place: bool
+ * bytes (nonzero = attend) or fp32 values added to the scaled scores, at
+ * um[b * ums[0] + h * ums[1] + query * ums[2] + key * ums[3]] (stride 0 over broadcast dims).
  *
  * One work item = (tile, batch, kv head), for every q head of its group and every block of up to QB of
  * the tile's queries. Scores are kept key-major (St [TK][QB]), so the softmax runs down columns with
@@ -209,6 +211,31 @@ static void *alloc_bytes(int64_t n) {
     return p;
 }
 
+/* The caller's mask on the scores of one block (St [TK][QB], nv * 8 query columns, plan-masked entries
+ * already -inf), as SDPA applies it after the scale: a bool mask puts -inf where it is 0, a float mask
+ * is added. mx[c] = the columns' max afterwards. */
+static void user_mask_columns(float *St, int64_t TK, int64_t nv, const void *um, int um_float,
+                              const int64_t *ums, int64_t b, int64_t h, const int64_t *qi, int64_t nq,
+                              const int64_t *kv, v8 *mx) {
+    /* query by query: the mask's rows are query-major, so a query's keys (runs of the box) are near in
+     * memory; key by key they are a row apart (3x slower on a [B, 1, S, S] float mask, S = 4096) */
+    for (int64_t i = 0; i < nq; i++) {
+        const int64_t row = b * ums[0] + h * ums[1] + qi[i] * ums[2];
+        float *s = St + i;
+        if (um_float) {
+            const float *m = (const float *)um + row;
+            for (int64_t j = 0; j < TK; j++) s[j * QB] += m[kv[j] * ums[3]];
+        } else {
+            const uint8_t *m = (const uint8_t *)um + row;
+            for (int64_t j = 0; j < TK; j++)
+                if (!m[kv[j] * ums[3]]) s[j * QB] = -INFINITY;
+        }
+    }
+    for (int64_t c = 0; c < nv; c++) mx[c] = bc(-INFINITY);
+    for (int64_t j = 0; j < TK; j++)
+        for (int64_t c = 0; c < nv; c++) mx[c] = vmax(ld(St + j * QB + 8 * c), mx[c]);
+}
+
 /* Vp [Dv / 16 panels][TK][16] (the last panel 8 wide when Dv % 16 == 8): the tile's values in the
  * order pv_block reads them. */
 static void pack_values(const float *const *vrow, int64_t TK, int64_t Dv, float *Vp) {
@@ -224,6 +251,7 @@ static int tiles_range(const float *q, const float *k, const float *v, float *ou
                        const int64_t *qst, const int64_t *kst, const int64_t *vst, const int64_t *ost,
                        const int64_t *q_idx, int64_t TQ, const int64_t *kv_idx, int64_t TK,
                        const uint8_t *mask, int64_t TQp, const uint8_t *owner,
+                       const void *um, int um_float, const int64_t *ums,
                        float scale, int64_t begin, int64_t end) {
     const int64_t group = H / Hkv;
     float *Qt = alloc_bytes(D * QB * sizeof(float)), *St = alloc_bytes(TK * QB * sizeof(float));
@@ -258,6 +286,8 @@ static int tiles_range(const float *q, const float *k, const float *v, float *ou
                     for (int64_t i = 0; i < nqp; i += 16)
                         qk_keys(krow + j, D, Qt + i, St + j * QB + i, m + j * TQp + i, TQp, scale, mx + i / 8,
                                 (int)(TK - j < MR ? TK - j : MR));
+                if (um)
+                    user_mask_columns(St, TK, nqp / 8, um, um_float, ums, b, h, qi, nq, kv_idx + t * TK, mx);
                 float inv[QB];
                 float *rows[QB];
                 exp_columns(St, TK, mx, nqp / 8, inv);
@@ -291,6 +321,7 @@ int attnopt_tiles_f32(const float *q, const float *k, const float *v, float *out
                       const int64_t *qst, const int64_t *kst, const int64_t *vst, const int64_t *ost,
                       const int64_t *q_idx, int64_t TQ, const int64_t *kv_idx, int64_t TK,
                       const uint8_t *mask, int64_t TQp, const uint8_t *owner,
+                      const void *um, int um_float, const int64_t *ums,
                       float scale, int64_t begin, int64_t end, int threads) {
     if (TQp % 16 || TQp < TQ || Dv % 8 || H % Hkv || TK < 1) return -2;
     int status = 0;
@@ -299,13 +330,13 @@ int attnopt_tiles_f32(const float *q, const float *k, const float *v, float *out
     {
         const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
         status = tiles_range(q, k, v, out, B, H, Hkv, D, Dv, qst, kst, vst, ost, q_idx, TQ, kv_idx, TK, mask,
-                             TQp, owner, scale, begin + (end - begin) * id / nt,
+                             TQp, owner, um, um_float, ums, scale, begin + (end - begin) * id / nt,
                              begin + (end - begin) * (id + 1) / nt);
     }
 #else
     (void)threads;
     status = tiles_range(q, k, v, out, B, H, Hkv, D, Dv, qst, kst, vst, ost, q_idx, TQ, kv_idx, TK, mask, TQp,
-                         owner, scale, begin, end);
+                         owner, um, um_float, ums, scale, begin, end);
 #endif
     return status;
 }

@@ -162,11 +162,54 @@ def test_native_half_inputs_computed_in_fp32(dtype):
     assert torch.equal(out, ref.to(dtype)) or (out.float() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps
 
 
+def _masks(B, H, S, seed):
+    """The caller masks a user passes: key padding (bool, [B, 1, 1, S], one row fully padded), an additive
+    per-head bias ([1, H, S, S]) with some -inf, a float padding mask as HF builds it ([B, 1, S, S])."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([S - 37, 0] + [S] * (B - 2))[:B]
+    pad = (torch.arange(S)[None, :] < lens[:, None])[:, None, None, :]
+    bias = torch.randn(1, H, S, S, generator=g) * 3
+    bias[..., ::7] = float("-inf")
+    hf = torch.zeros(B, 1, S, S).masked_fill(~pad, torch.finfo(torch.float32).min)
+    return {"bool_padding": pad, "float_bias": bias, "hf_float_padding": hf}
+
+
+@needs_cc
+@pytest.mark.parametrize("kind", ["bool_padding", "float_bias", "hf_float_padding"])
+def test_native_takes_the_callers_mask(kind):
+    layout = GNALayout((16, 12), (5, 5), (1, 2))
+    q, k, v = _qkv(2, 4, 2, 192, 192, 16, seed=9)
+    mask = _masks(2, 4, 192, seed=10)[kind]
+    p = AttentionParams(scale=0.3)
+    assert cpu.native_runs(q, k, v, mask, p)
+    allowed = torch.from_numpy(dense_mask(layout))
+    dense = allowed & mask if mask.dtype == torch.bool else torch.where(allowed, mask, float("-inf"))
+    ref = reference_attention(q.double(), k.double(), v.double(),
+                              dense if dense.dtype == torch.bool else dense.double(), **p.kwargs()).float()
+    out = cpu.gna_attention(q, k, v, layout, p, mask, q_tile=(4, 4))
+    assert (out - ref).abs().max().item() < 2e-6
+    fallback = cpu.run_plan(q, k, v, mask, p, cpu.gna_plan(layout, (4, 4)), native=False)
+    assert (out - fallback).abs().max().item() < 2e-6
+    if kind == "bool_padding":  # the fully padded sequence: every row sees no key, and gives zeros
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@needs_cc
+def test_native_window_with_padding_mask_in_half_precision():
+    q, k, v = (x.bfloat16() for x in _qkv(2, 4, 2, 197, 197, 16, seed=11))
+    mask = _masks(2, 4, 197, seed=12)["hf_float_padding"].bfloat16()
+    p = AttentionParams(scale=0.25, causal=True, window=(31, 0))
+    assert cpu.native_runs(q, k, v, mask, p)
+    ref = reference_attention(q.float(), k.float(), v.float(), mask.float(), **p.kwargs())
+    out = cpu.sliding_window_attention(q, k, v, p, mask, q_tile=32)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max().item() <= 2 * torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+
+
 def test_inputs_the_native_kernel_declines():
     q, k, v = _qkv(1, 2, 2, 64, 64, 16)
     p = AttentionParams(scale=0.25)
-    mask = torch.ones(64, 64, dtype=torch.bool)
-    assert not cpu.native_runs(q, k, v, mask, p)                                   # extra mask: SDPA path
+    assert not cpu.native_runs(q, k, v, torch.ones(64, 64, dtype=torch.int64), p)   # not bool or float
     assert not cpu.native_runs(q, k, v, None, AttentionParams(scale=0.25, softcap=5.0))
     assert not cpu.native_runs(q, k, v, None, AttentionParams(scale=0.25, normalizer="sigmoid"))
     assert not cpu.native_runs(q.double(), k.double(), v.double(), None, p)          # fp32 computes
