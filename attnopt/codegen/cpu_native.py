@@ -56,6 +56,23 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
+def _cpu_identity() -> str:
+    """The machine the build is for: -march=native code from another CPU (a home directory shared
+    across a cluster) could stop this one with an illegal instruction, so the cache key holds the
+    CPU's model and feature flags."""
+    ident = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")) and line not in ident:
+                    ident.append(line.strip())
+                if len(ident) >= 3:
+                    break
+    except OSError:
+        ident.append(platform.processor())
+    return "\n".join(ident)
+
+
 def _build(cc: str) -> Path:
     """Compile (or find the cached build of) cpu_tiles.c; raises RuntimeError with the reason."""
     src = SOURCE.read_bytes()
@@ -67,7 +84,7 @@ def _build(cc: str) -> Path:
     errors = []
     for flags in FLAG_SETS:
         tag = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags + COMMON_FLAGS).encode(),
-                                         platform.machine().encode()])).hexdigest()[:20]
+                                         _cpu_identity().encode()])).hexdigest()[:20]
         lib = out_dir / f"cpu_tiles-{tag}.so"
         if lib.exists():
             return lib
