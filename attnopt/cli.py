@@ -48,6 +48,11 @@ def user_errors(debug: bool) -> Iterator[None]:
         _report_interrupt()
         raise typer.Exit(Interrupted.exit_code) from None
     except Exception as e:  # noqa: BLE001 - a bug: still one line unless --debug
+        if _interrupted(e):
+            # a ^C inside a native extension's import surfaces as that import failing
+            # (seen: "ImportError: initialization failed"); the user stopped the command
+            _report_interrupt()
+            raise typer.Exit(Interrupted.exit_code) from None
         if debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -213,6 +218,8 @@ def main() -> None:
         warnings.filterwarnings("ignore")  # library deprecation chatter is not for our users
     global _PROCESS_ENTRY
     _PROCESS_ENTRY = True
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
     except SystemExit as e:
@@ -241,6 +248,24 @@ def main() -> None:
 
 _PROCESS_ENTRY = False  # True when main() runs as the process (console script / -m)
 _INTERRUPT_REPORTED = False
+_SIGINT_SEEN = False
+
+
+def _on_sigint(signum, frame) -> None:
+    """^C as Python's default handler treats it, remembered (see user_errors)."""
+    global _SIGINT_SEEN
+    _SIGINT_SEEN = True
+    raise KeyboardInterrupt
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether a failure comes from a ^C: one was received, or a KeyboardInterrupt is in its chain."""
+    seen, x = 0, e
+    while x is not None and seen < 20:
+        if isinstance(x, KeyboardInterrupt):
+            return True
+        x, seen = x.__cause__ or x.__context__, seen + 1
+    return _SIGINT_SEEN
 
 
 def _report_interrupt() -> None:

@@ -555,16 +555,16 @@ def can_run_cpu_sliding_window(params: AttentionParams, q, k, v, attn_mask) -> t
 
 def gna_attention(q: Tensor, k: Tensor, v: Tensor, layout: GNALayout, params: AttentionParams,
                   attn_mask: Tensor | None = None, q_tile: tuple[int, ...] | None = None,
-                  leading: int = 0) -> Tensor:
+                  leading: int = 0, native: bool = True) -> Tensor:
     """Exact GNA attention on CPU (equals the dense reference with `gna.dense_mask(layout)`; with
     `leading` global tokens before the grid, as attnopt::gna_attention defines them). Without
-    `q_tile` the Q box is tuned (tuned_gna_tile)."""
+    `q_tile` the Q box is tuned (tuned_gna_tile); `native=False` keeps to SDPA per tile group."""
     ok, why = can_run_cpu_gna(params, q, k, v, attn_mask, layout, leading)
     if not ok:
         raise ValueError(f"cpu GNA kernel cannot run: {why}")
     if q_tile is None:
         q_tile = tuned_gna_tile(layout, leading, q, k, v, attn_mask, params)
-    out = run_plan(q, k, v, attn_mask, params, gna_plan(layout, tuple(q_tile), leading))
+    out = run_plan(q, k, v, attn_mask, params, gna_plan(layout, tuple(q_tile), leading), native)
     if leading:
         out[:, :, :leading] = leading_rows(q, k, v, attn_mask, params, leading, any(layout.causal))
     return out

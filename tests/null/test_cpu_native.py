@@ -5,11 +5,15 @@ Layouts: q [B, H, N, D], k/v [B, Hkv, N, D|Dv]; GNA tokens are the row-major fla
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import shutil
 
 import pytest
+from gna_strategies import layouts
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -279,3 +283,32 @@ def test_build_is_cached_on_disk(fresh_library, tmp_path):
     stamp = libs[0].stat().st_mtime_ns
     cpu_native._library.cache_clear()
     assert cpu_native.available() and libs[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+@needs_cc
+@settings(max_examples=40, deadline=None)
+@given(layout=layouts(), data=st.data())
+def test_native_any_layout_any_tile(layout, data):
+    # random layouts (1-D to 3-D, strides, dilations, causal), Q boxes, heads, head dims and leading tokens
+    q_tile = tuple(data.draw(st.integers(1, 9)) for _ in layout.shape)
+    leading = data.draw(st.integers(0, 2))
+    H, group = data.draw(st.sampled_from([(2, 1), (4, 2), (3, 3)]))
+    D, Dv = data.draw(st.sampled_from([(8, 8), (12, 16), (16, 24)]))
+    n = leading + int(torch.tensor(layout.shape).prod())
+    q, k, v = _qkv(1, H, H // group, n, n, D, Dv, seed=data.draw(st.integers(0, 99)))
+    p = AttentionParams(scale=D ** -0.5)
+    assert cpu.native_runs(q, k, v, None, p)
+    out = cpu.gna_attention(q, k, v, layout, p, q_tile=q_tile, leading=leading)
+    fallback = cpu.gna_attention(q, k, v, layout, p, q_tile=q_tile, leading=leading, native=False)
+    assert (out - fallback).abs().max().item() < 2e-6
+
+
+@needs_cc
+def test_native_concurrent_callers_get_their_own_results():
+    layout = GNALayout((16, 16), (5, 5))
+    inputs = [_qkv(1, 2, 2, 256, 256, 16, seed=s) for s in range(6)]
+    p = AttentionParams(scale=0.25)
+    expected = [cpu.gna_attention(*x, layout, p, q_tile=(4, 4)) for x in inputs]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda x: cpu.gna_attention(*x, layout, p, q_tile=(4, 4)), inputs * 2))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected * 2))

@@ -234,3 +234,28 @@ def test_unreadable_input(model, monkeypatch):
     rc, _, err = run("optimize", model, "-o", model.with_name("o.onnx"))
     assert rc == 4 and "not readable" in err and one_line(err)
     assert not model.with_name("o.onnx").exists()
+
+
+def test_failure_caused_by_a_ctrl_c_reports_interrupted():
+    # a ^C inside a native extension's module init surfaces as an ImportError ("initialization
+    # failed"): the command must still say "interrupted" and exit 130, not report an internal error
+    import typer
+
+    from attnopt import cli
+
+    def failing_import():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")
+
+    cli._INTERRUPT_REPORTED = False
+    with pytest.raises(typer.Exit) as info:
+        with cli.user_errors(debug=False):
+            failing_import()
+    assert info.value.exit_code == 130
+    with pytest.raises(typer.Exit) as info:  # an unrelated bug stays an internal error
+        with cli.user_errors(debug=False):
+            raise ImportError("no module named nothing")
+    assert info.value.exit_code == 1
+    cli._INTERRUPT_REPORTED = False
