@@ -312,3 +312,15 @@ def test_native_concurrent_callers_get_their_own_results():
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         got = list(pool.map(lambda x: cpu.gna_attention(*x, layout, p, q_tile=(4, 4)), inputs * 2))
     assert all(torch.equal(g, e) for g, e in zip(got, expected * 2))
+
+
+def test_decode_steps_keep_to_sdpa_per_tile(monkeypatch):
+    # one query per tile: the compiled kernel would waste 15/16 of its score work (see NATIVE_MIN_QUERIES)
+    def refuse(*a, **kw):
+        raise AssertionError("the compiled kernel ran a one-query tile")
+
+    monkeypatch.setattr(cpu_native, "attend", refuse)
+    q, k, v = _qkv(1, 4, 2, 1, 300, 16, seed=13)
+    p = AttentionParams(scale=0.25, causal=True, causal_alignment="bottom_right", window=(63, 0))
+    ref = reference_attention(q, k, v, None, **p.kwargs())
+    assert (cpu.sliding_window_attention(q, k, v, p) - ref).abs().max().item() < 2e-6
