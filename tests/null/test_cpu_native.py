@@ -324,3 +324,18 @@ def test_decode_steps_keep_to_sdpa_per_tile(monkeypatch):
     p = AttentionParams(scale=0.25, causal=True, causal_alignment="bottom_right", window=(63, 0))
     ref = reference_attention(q, k, v, None, **p.kwargs())
     assert (cpu.sliding_window_attention(q, k, v, p) - ref).abs().max().item() < 2e-6
+
+
+@needs_cc
+def test_portable_build_without_openmp_or_avx2(fresh_library, monkeypatch):
+    # what a compiler without -fopenmp / -march=native builds (e.g. Apple clang): generic vector code,
+    # the work split over Python threads
+    monkeypatch.setattr(cpu_native, "FLAG_SETS", (["-O2"],))
+    assert cpu_native.available() and not cpu_native._library().parallel
+    layout = GNALayout((21, 19), (6, 5), (2, 1))
+    q, k, v = _qkv(2, 4, 2, 399, 399, 16, Dv=24, seed=14)
+    mask = _masks(2, 4, 399, seed=15)["bool_padding"]
+    p = AttentionParams(scale=0.3)
+    out = cpu.gna_attention(q, k, v, layout, p, mask, q_tile=(5, 3))
+    fallback = cpu.gna_attention(q, k, v, layout, p, mask, q_tile=(5, 3), native=False)
+    assert (out - fallback).abs().max().item() < 2e-6
