@@ -488,7 +488,8 @@ def native_runs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, param
     """Whether run_plan takes the compiled kernel (cpu_native) rather than SDPA per tile group."""
     if params.normalizer != "softmax" or params.softcap is not None:
         return False
-    grad = q.requires_grad or k.requires_grad or v.requires_grad
+    # a learned bias passed as the mask (relative positions) needs its gradient too
+    grad = any(x is not None and x.requires_grad for x in (q, k, v, attn_mask))
     return cpu_native.can_run(q, k, v, grad, attn_mask)[0]
 
 

@@ -339,3 +339,14 @@ def test_portable_build_without_openmp_or_avx2(fresh_library, monkeypatch):
     out = cpu.gna_attention(q, k, v, layout, p, mask, q_tile=(5, 3))
     fallback = cpu.gna_attention(q, k, v, layout, p, mask, q_tile=(5, 3), native=False)
     assert (out - fallback).abs().max().item() < 2e-6
+
+
+def test_a_learned_bias_gets_its_gradient():
+    # relative-position bias passed as the mask, q/k/v frozen: the forward-only kernel must not take it
+    layout = GNALayout((8, 8), (3, 3))
+    q, k, v = _qkv(1, 2, 2, 64, 64, 8)
+    bias = torch.randn(1, 2, 64, 64, requires_grad=True)
+    p = AttentionParams(scale=0.3)
+    assert not cpu.native_runs(q, k, v, bias, p)
+    cpu.gna_attention(q, k, v, layout, p, bias).square().sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
