@@ -42,6 +42,11 @@ from attnopt.ir import GNALayout
 TILE_OVERHEAD_ELEMS = 32768
 # A partial tile reads an additive mask as large as its scores.
 MASKED_TILE_FACTOR = 1.3
+# The compiled kernel (cpu_native): scores are computed for queries in panels of 16, its masks cost
+# nothing extra, and a tile-head costs about 1200 score elements more (least-squares fit over 16
+# boxes of the 64x64/16x16 layout at strides 1 and 8: 2.4 ns a score, 2.9 us a tile-head).
+NATIVE_TILE_OVERHEAD_ELEMS = 1200
+NATIVE_QUERY_PANEL = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,12 +83,16 @@ class CpuTilePlan:
     def num_tiles(self) -> int:
         return int(self.q_idx.shape[0])
 
-    @property
-    def cost(self) -> int:
-        """Score elements computed (per batch and head), plus the per-tile overhead."""
+    def cost(self, native: bool = False) -> int:
+        """Score elements computed (per batch and head), plus the per-tile overhead, for SDPA per
+        tile group or (`native`) the compiled kernel."""
         nqt, tq = self.q_idx.shape
+        tk = int(self.kv_idx.shape[1])
+        if native:
+            padded = -(-tq // NATIVE_QUERY_PANEL) * NATIVE_QUERY_PANEL
+            return int(nqt * (padded * tk + NATIVE_TILE_OVERHEAD_ELEMS))
         partial = nqt - int(self.full.sum())
-        elems = tq * int(self.kv_idx.shape[1])
+        elems = tq * tk
         return int(nqt * (elems + TILE_OVERHEAD_ELEMS) + partial * elems * (MASKED_TILE_FACTOR - 1))
 
 
@@ -169,10 +178,13 @@ def window_plan(q_len: int, kv_len: int, left: int, upper: int, offset: int, q_t
     return _plan(i, j, m, (tq,), (E,))
 
 
-def tile_candidates(layout: GNALayout, leading: int = 0) -> list[tuple[int, ...]]:
-    """Q boxes worth trying, least estimated work first: the CPU tile table, plus the stride box
-    (each Q tile one stride group, perfectly block-sparse when strides tile the grid) and a small
-    box."""
+def tile_candidates(layout: GNALayout, leading: int = 0, native: bool | None = None) -> list[tuple[int, ...]]:
+    """Q boxes worth trying, least estimated work first (for the compiled kernel, or SDPA per tile
+    group; by default whichever this machine is expected to run): the CPU tile table, plus the
+    stride box (each Q tile one stride group, perfectly block-sparse when strides tile the grid)
+    and a small box."""
+    if native is None:
+        native = cpu_native.expected()
     n = len(layout.shape)
     if n == 1:
         cands = [tuple(t) for t in TILE_TABLES["cpu"]["q_1d"]] + [(16,)]
@@ -183,7 +195,7 @@ def tile_candidates(layout: GNALayout, leading: int = 0) -> list[tuple[int, ...]
         cands.append(st)
     # clip to the grid: boxes that clip to the same tiles are one candidate
     cands = list(dict.fromkeys(tuple(min(t, L) for t, L in zip(c, layout.shape)) for c in cands))
-    return sorted(cands, key=lambda t: (gna_plan(layout, t, leading).cost, -math.prod(t)))
+    return sorted(cands, key=lambda t: (gna_plan(layout, t, leading).cost(native), -math.prod(t)))
 
 
 def choose_gna_tile(layout: GNALayout, leading: int = 0) -> tuple[int, ...]:
@@ -224,8 +236,9 @@ def tuned_gna_tile(layout: GNALayout, leading: int, q: Tensor, k: Tensor, v: Ten
     alone misses SDPA's own blocking (measured on a 2-core EPYC, 64x64 grid, 16x16 window: 8x8
     boxes ran 13% (stride 1) and 27% (stride 8) faster than the 16x8 boxes the estimate chose).
     Every box gives the same result up to floating-point summation order."""
+    native = native_runs(q, k, v, attn_mask, params)
     return _tuned({"kernel": "cpu_gna", "layout": repr(layout), "leading": leading},
-                  tile_candidates(layout, leading), lambda t: gna_plan(layout, t, leading),
+                  tile_candidates(layout, leading, native), lambda t: gna_plan(layout, t, leading),
                   q, k, v, attn_mask, params)
 
 
@@ -241,7 +254,8 @@ def tuned_window_tile(left: int, upper: int, offset: int, q: Tensor, k: Tensor, 
     def plan_of(t):
         return window_plan(Sq, Skv, left, upper, offset, t[0])
 
-    cands = sorted({(min(t, Sq),) for t in WINDOW_TILES}, key=lambda t: (plan_of(t).cost, -t[0]))
+    native = native_runs(q, k, v, attn_mask, params)
+    cands = sorted({(min(t, Sq),) for t in WINDOW_TILES}, key=lambda t: (plan_of(t).cost(native), -t[0]))
     return _tuned({"kernel": "cpu_window", "left": left, "upper": upper, "offset": offset},
                   cands, plan_of, q, k, v, attn_mask, params)[0]
 
