@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,15 @@ def _build(cc: str) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f".{lib.name}.tmp{os.getpid()}"
         cmd = [cc, *flags, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE)]
+        started = time.perf_counter()
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as e:
             raise RuntimeError(f"{' '.join(cmd)}: {e}") from e
         if res.returncode == 0:
             os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
+            log.info("built the native CPU tile kernel in %.1f s (%s): %s", time.perf_counter() - started,
+                     " ".join(flags), lib)
             return lib
         tmp.unlink(missing_ok=True)
         errors.append((res.stderr.strip().splitlines() or ["failed"])[-1])
