@@ -15,10 +15,21 @@ from attnopt.frontends import fx as fx_front
 from attnopt.frontends.fx_splice import splice
 from attnopt.ir import Site
 from attnopt.passes.detect import detect
-from attnopt.passes.rewrite import plan_all
+from attnopt.passes.rewrite import plan_all, structural_windows
 from attnopt.passes.validate import (Error, outputs_error, padded_variants, padding_positions, run_captured,
                                      tensor_error, tolerance_for, low_precision_tolerance)
 from attnopt.result import OptimizeResult, SiteResult
+
+
+def _label(plan_label: str | None, r) -> str:
+    """The variant a rewritten site runs: the plan's, unless the mask proved a window the plan
+    called dense (structural_windows)."""
+    if plan_label and not (r.window is not None and plan_label in ("exact:dense", "exact:causal")):
+        return plan_label
+    if r.window is not None:
+        left, right = ("" if w is None else w for w in r.window)
+        return f"exact:sliding_window({left},{right})"
+    return "exact:" + ("causal" if r.causal else "dense")
 
 
 def flat_example_inputs(ep: "torch.export.ExportedProgram", gm: fx.GraphModule) -> list[Any]:
@@ -54,6 +65,8 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
         from attnopt.passes.plan import split_recipes
 
         recipes, approx, labels = split_recipes(graph, sites, recipes, plan)
+    # after the plan's choices: a site the plan gave a layout or window keeps it
+    recipes = structural_windows(graph, sites, recipes)
     results: dict[str, SiteResult] = {
         s.name: SiteResult(s.name, s.pattern, "kept", None, reasons[s.name], s.spec)
         for s in sites if s.name in reasons}
@@ -87,8 +100,7 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
         e = site_err.get(r.site)
         results[r.site] = SiteResult(r.site, _pattern(sites, r.site), "rewritten",
                                      e.rel if e else None, "", _spec(sites, r.site),
-                                     variant=labels.get(r.site) or
-                                     "exact:" + ("causal" if r.causal else "dense"))
+                                     variant=_label(labels.get(r.site), r))
     if approx:
         from attnopt.passes.plan import add_approximate
 

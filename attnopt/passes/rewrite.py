@@ -9,7 +9,7 @@ mask operands. Front ends execute recipes in their own graph format (frontends/*
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from attnopt.ir import GNALayout, Graph, Site
 
@@ -153,15 +153,47 @@ def _simplify_constant_masks(graph: Graph, spec, masks: list) -> tuple[list, boo
     same pairs attend, and the fast path needs no mask tensor (a 4K-token all-True bool mask cost
     the SDPA call 100 ms of mask conversion on CPU)."""
     m = spec.mask
-    if (not masks or m.padding or spec.score_mods or not isinstance(spec.q_len, int)
-            or not isinstance(spec.kv_len, int)
-            or not all(_is_constant(graph, mt.node) for mt in masks)):
+    if not _structural(graph, spec, masks):
         return masks, False, "top_left"
     if m.kind == "none":
         return [], False, "top_left"
     if m.kind == "causal":
         return [], True, m.alignment
     return masks, False, "top_left"
+
+
+def structural_windows(graph: Graph, sites: list[Site], recipes: list[Recipe]) -> list[Recipe]:
+    """Recipes whose masks the analysis proved to be exactly a sliding window (evaluated: every
+    allowed pair is in the band and every pair of the band is allowed), depend on no user input and
+    carry no padding, with those masks replaced by the op's window arguments: the same pairs attend,
+    and on CPU the exact window kernel computes only each query run's keys instead of the dense
+    masked product (HF Mistral, 4K tokens, window 512: see bench/sliding_window_model.py). For
+    the torch splice only: the ONNX splice has no window form and keeps the mask."""
+    by_name = {s.name: s for s in sites}
+    out = []
+    for r in recipes:
+        site = by_name.get(r.site)
+        m = site.spec.mask if site is not None else None
+        if (m is None or m.kind != "sliding_window" or r.window is not None or r.causal or r.layout is not None
+                or not r.masks):
+            out.append(r)
+            continue
+        if not _structural(graph, site.spec, list(r.masks)):
+            out.append(r)
+            continue
+        if m.right == 0:  # causal band: j - i - offset in [-left, 0] with the mask's own alignment
+            out.append(replace(r, masks=(), causal=True, causal_alignment=m.alignment, window=(m.left, 0)))
+        else:  # masks.py measures the band from the bottom-right diagonal (offset Skv - Sq)
+            out.append(replace(r, masks=(), causal=False, causal_alignment="bottom_right",
+                               window=(m.left, m.right)))
+    return out
+
+
+def _structural(graph: Graph, spec, masks: list) -> bool:
+    """Whether `masks` are exactly the pattern the analysis evaluated (spec.mask): no padding, no
+    score modifiers, static sizes, and no mask depends on a user input."""
+    return bool(masks and not spec.mask.padding and not spec.score_mods and isinstance(spec.q_len, int)
+                and isinstance(spec.kv_len, int) and all(_is_constant(graph, mt.node) for mt in masks))
 
 
 def _is_constant(graph: Graph, nid: str) -> bool:
