@@ -46,7 +46,6 @@ MASKED_TILE_FACTOR = 1.3
 # nothing extra, and a tile-head costs about 1200 score elements more (least-squares fit over 16
 # boxes of the 64x64/16x16 layout at strides 1 and 8: 2.4 ns a score, 2.9 us a tile-head).
 NATIVE_TILE_OVERHEAD_ELEMS = 1200
-NATIVE_QUERY_PANEL = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +88,7 @@ class CpuTilePlan:
         nqt, tq = self.q_idx.shape
         tk = int(self.kv_idx.shape[1])
         if native:
-            padded = -(-tq // NATIVE_QUERY_PANEL) * NATIVE_QUERY_PANEL
+            padded = -(-tq // cpu_native.Q_PAD) * cpu_native.Q_PAD
             return int(nqt * (padded * tk + NATIVE_TILE_OVERHEAD_ELEMS))
         partial = nqt - int(self.full.sum())
         elems = tq * tk

@@ -1,7 +1,9 @@
 """The compiled inner loop of the exact CPU tile kernels (cpu_tiles.c): attention of a tile plan, fp32.
 
-Canonical layouts: q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] (any strides, unit stride in
-the last dim), out [B, H, Sq, Dv] fp32; a plan's q_idx [n, TQ], kv_idx [n, TK], mask [n, TQ, TK].
+Canonical layouts: q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] fp32 (any strides, unit stride
+in the last dim; callers convert fp16/bf16), out [B, H, Sq, Dv] fp32; a plan's q_idx [n, TQ], kv_idx
+[n, TK], mask [n, TQ, TK] (True = attend); the caller's attn_mask broadcastable to [B, H, Sq, Skv], bool
+or additive, read in place.
 
 Why not SDPA per tile group: SDPA's CPU kernel cuts a 64-query tile into 32-query blocks and feeds each to
 library GEMMs; on the 64x64-token / 16x16-window GNA layout that ran at ~80 GFLOP/s where dense SDPA runs
@@ -9,8 +11,8 @@ at ~130 (2-core EPYC), plus ~5 ms a call of gathering tiles and scattering rows.
 in place through the plan's indices, keeps a tile's scores in cache and writes output rows directly.
 
 Build: the C file is compiled on first use with the system C compiler ($CC, else cc) for this machine
-(-O3 -march=native), into $ATTNOPT_CACHE_DIR/native/ under a name keyed by the source, the compiler's
-version and the flags, so a later process loads it at once. Without a compiler, when the build fails,
+(-O3 -march=native -fopenmp), into $ATTNOPT_CACHE_DIR/native/ under a name keyed by the source, the
+compiler's version, the flags and the CPU, so a later process loads it at once. Without a compiler, when the build fails,
 or with ATTNOPT_CPU_NATIVE=0, `available()` is False and the caller runs its SDPA path (the reason is
 logged once).
 """
