@@ -59,3 +59,41 @@ def test_padding_mask_is_not_a_structural_window():
     assert not any(s.variant.startswith("exact:sliding_window") for s in res.sites)
     assert all(n.args[3] is not None for n in _ops(res.model))  # the mask still reaches the op
     assert _rel(ref, got) <= 1e-4
+
+
+class _Banded(torch.nn.Module):
+    """Hand-written attention with a constant two-sided band |i - j| <= 5 (local attention), or, with
+    `kv_extra`, a band measured from the bottom-right diagonal over a longer key sequence."""
+
+    def __init__(self, sq: int, kv_extra: int = 0):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 3 * 32)
+        i = torch.arange(sq)[:, None]
+        j = torch.arange(sq + kv_extra)[None, :]
+        self.register_buffer("band", ((j - i - kv_extra).abs() <= 5))
+        self.kv_extra = kv_extra
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.proj(x).view(B, S, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        if self.kv_extra:
+            k = torch.cat([k[:, :, :self.kv_extra], k], 2)
+            v = torch.cat([v[:, :, :self.kv_extra], v], 2)
+        s = (q @ k.transpose(-1, -2)) * 8 ** -0.5
+        p = s.masked_fill(~self.band, float("-inf")).softmax(-1)
+        return (p @ v).transpose(1, 2).reshape(B, S, 32)
+
+
+@pytest.mark.parametrize("kv_extra", [0, 24])
+def test_two_sided_band_becomes_a_window(kv_extra):
+    torch.manual_seed(0)
+    model = _Banded(120, kv_extra).eval()
+    sharpen_(model, seed=1)
+    x = torch.randn(2, 120, 32)
+    with torch.no_grad():
+        res = attnopt.optimize(model, (x,))
+        ref, got = model(x), res.model(x)
+    assert [s.variant for s in res.sites] == ["exact:sliding_window(5,5)"], res.to_json()
+    (op,) = _ops(res.model)
+    assert op.args[3] is None and not op.args[5] and tuple(op.args[7:9]) == (5, 5)
+    assert _rel(ref, got) <= 1e-4
