@@ -1,4 +1,10 @@
-import numpy as np, onnx, onnxruntime as ort, time
+"""Probe: ORT's com.microsoft.GroupQueryAttention with local_window_size (CPU) vs MultiHeadAttention with
+the band as an additive mask vs attnopt's CPU window kernel, B=1, 4096 tokens, 8/2 heads, D=64, window 512.
+Checks exactness against SDPA with the band mask (and that W - 1 / W + 1 are not what ORT computes).
+
+    .venv/bin/python bench/diag/ort_gqa_local_window.py
+"""
+import numpy as np, onnxruntime as ort, time
 from onnx import helper, TensorProto as T
 B,S,H,Hkv,D,W=1,4096,8,2,64,512
 def model(kind):
@@ -11,7 +17,6 @@ def model(kind):
     if kind=="mha":
         i=np.arange(S); bias=np.where((i[None,:]<=i[:,None])&(i[None,:]>i[:,None]-W),0,-np.inf).astype(np.float32)[None,None]
         inits=[helper.make_tensor("bias",T.FLOAT,[1,1,S,S],bias.ravel())]
-        nodes=[helper.make_node("Reshape",["k","ks"],["kr"]), helper.make_node("Reshape",["v","ks"],["vr"])]
         # repeat kv heads to H for MHA
         nodes=[helper.make_node("Reshape",["k","s5"],["k5"]),helper.make_node("Tile",["k5","rep"],["kt5"]),helper.make_node("Reshape",["kt5","s3"],["kt"]),
                helper.make_node("Reshape",["v","s5"],["v5"]),helper.make_node("Tile",["v5","rep"],["vt5"]),helper.make_node("Reshape",["vt5","s3"],["vt"]),
