@@ -210,16 +210,8 @@ TUNE_MIN_ELEMS = 1 << 22
 _TUNED: dict = {}
 
 
-@functools.cache
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_native.cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def _bench_seconds(fn, repeats: int = 2) -> float:
@@ -238,7 +230,7 @@ def tuned_gna_tile(layout: GNALayout, leading: int, q: Tensor, k: Tensor, v: Ten
     native = native_runs(q, k, v, attn_mask, params)
     return _tuned({"kernel": "cpu_gna", "layout": repr(layout), "leading": leading},
                   tile_candidates(layout, leading, native), lambda t: gna_plan(layout, t, leading),
-                  q, k, v, attn_mask, params)
+                  q, k, v, attn_mask, params, native)
 
 
 WINDOW_TILES = (32, 64, 128, 256)
@@ -256,14 +248,14 @@ def tuned_window_tile(left: int, upper: int, offset: int, q: Tensor, k: Tensor, 
     native = native_runs(q, k, v, attn_mask, params)
     cands = sorted({(min(t, Sq),) for t in WINDOW_TILES}, key=lambda t: (plan_of(t).cost(native), -t[0]))
     return _tuned({"kernel": "cpu_window", "left": left, "upper": upper, "offset": offset},
-                  cands, plan_of, q, k, v, attn_mask, params)[0]
+                  cands, plan_of, q, k, v, attn_mask, params, native)[0]
 
 
 def _tuned(kernel_key: dict, cands: list[tuple[int, ...]], plan_of, q: Tensor, k: Tensor, v: Tensor,
-           attn_mask: Tensor | None, params: AttentionParams) -> tuple[int, ...]:
+           attn_mask: Tensor | None, params: AttentionParams, native: bool) -> tuple[int, ...]:
     """The fastest of the TUNE_TOP best-estimated candidates (`cands` in estimate order) for these
     inputs, timed once and remembered; the estimate alone for small work, training or when
-    ATTNOPT_AUTOTUNE=0."""
+    ATTNOPT_AUTOTUNE=0. `native`: whether run_plan takes the compiled kernel (part of the key)."""
     cands = cands[:TUNE_TOP]
     plan = plan_of(cands[0])
     elems = q.shape[0] * q.shape[1] * plan.num_tiles * plan.q_idx.shape[1] * plan.kv_idx.shape[1]
@@ -273,7 +265,7 @@ def _tuned(kernel_key: dict, cands: list[tuple[int, ...]], plan_of, q: Tensor, k
     key = {**kernel_key, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
            "mask": None if attn_mask is None else [str(attn_mask.dtype), list(attn_mask.shape)],
            "normalizer": params.normalizer, "softcap": params.softcap is not None,
-           "native": native_runs(q, k, v, attn_mask, params),
+           "native": native,
            "threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__}
     return autotune.fastest(
         key, cands, lambda t: _bench_seconds(lambda: run_plan(q, k, v, attn_mask, params, plan_of(t))),

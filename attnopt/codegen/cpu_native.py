@@ -59,21 +59,31 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
+_CPUINFO_FIELDS = ("model name", "flags", "Features")  # Features: the flags line on ARM
+
+
+@functools.cache
+def cpuinfo() -> dict[str, str]:
+    """The first value of each of _CPUINFO_FIELDS in /proc/cpuinfo (empty where there is none)."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in _CPUINFO_FIELDS and key not in found:
+                    found[key] = value.strip()
+    except OSError:
+        pass
+    return found
+
+
 def _cpu_identity() -> str:
     """The machine the build is for: -march=native code from another CPU (a home directory shared
     across a cluster) could stop this one with an illegal instruction, so the cache key holds the
     CPU's model and feature flags."""
-    ident = [platform.machine()]
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags", "Features")) and line not in ident:
-                    ident.append(line.strip())
-                if len(ident) >= 3:
-                    break
-    except OSError:
-        ident.append(platform.processor())
-    return "\n".join(ident)
+    info = cpuinfo()
+    return "\n".join([platform.machine(), platform.processor()] + [f"{k}: {info[k]}" for k in sorted(info)])
 
 
 def _build(cc: str) -> Path:
@@ -84,10 +94,11 @@ def _build(cc: str) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"{cc} --version failed: {e}") from e
     out_dir = autotune.cache_root() / "native"
+    machine = _cpu_identity().encode()
     errors = []
     for flags in FLAG_SETS:
         tag = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags + COMMON_FLAGS).encode(),
-                                         _cpu_identity().encode()])).hexdigest()[:20]
+                                         machine])).hexdigest()[:20]
         lib = out_dir / f"cpu_tiles-{tag}.so"
         if lib.exists():
             return lib
@@ -215,7 +226,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, tiles: NativeTi
            attn_mask: Tensor | None = None) -> None:
     """out[b, h, q_idx[t]] = attention of each tile over its keys (see cpu_tiles.c), for every tile;
     `attn_mask` (broadcastable to [B, H, Sq, Skv], bool or additive) as in SDPA."""
-    fn = _library().attnopt_tiles_f32
+    lib = _library()
+    fn = lib.attnopt_tiles_f32
     B, H, Sq, D = q.shape
     um, um_float, ums, _keep = _user_mask(attn_mask, B, H, Sq, k.shape[2])
     Hkv, Dv = k.shape[1], v.shape[3]
@@ -225,7 +237,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, tiles: NativeTi
     if work == 0:
         return
     threads = max(1, min(torch.get_num_threads(), work))
-    bounds = [work * i // threads for i in range(threads + 1)]
 
     def run(lo: int, hi: int, inner_threads: int = 1) -> int:
         return fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Hkv, D, Dv,
@@ -233,10 +244,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float | None, tiles: NativeTi
                   tiles.kv_idx.data_ptr(), tiles.TK, tiles.mask.data_ptr(), tiles.TQp,
                   tiles.owner.data_ptr(), um, um_float, ctypes.addressof(ums), scale, lo, hi, inner_threads)
 
-    if _library().parallel or threads == 1:
+    if lib.parallel or threads == 1:
         codes = [run(0, work, threads)]
     else:
         # the calling thread takes the first range itself: one thread hand-off fewer per call
+        bounds = [work * i // threads for i in range(threads + 1)]
         futures = [_pool(threads - 1).submit(run, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
         codes = [run(bounds[0], bounds[1])] + [f.result() for f in futures]
     if any(codes):

@@ -175,10 +175,7 @@ def structural_windows(graph: Graph, sites: list[Site], recipes: list[Recipe]) -
         site = by_name.get(r.site)
         m = site.spec.mask if site is not None else None
         if (m is None or m.kind != "sliding_window" or r.window is not None or r.causal or r.layout is not None
-                or not r.masks):
-            out.append(r)
-            continue
-        if not _structural(graph, site.spec, list(r.masks)):
+                or not _structural(graph, site.spec, list(r.masks))):
             out.append(r)
             continue
         if m.right == 0:  # causal band: j - i - offset in [-left, 0] with the mask's own alignment
