@@ -104,9 +104,10 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
 def _mean_v_on_dead_rows(graph: fx.Graph, by: dict, r: Recipe, attn: fx.Node, v: fx.Node
                          ) -> fx.Node:
     """Rows whose keys are all masked by a finite fill are softmax(constant) = mean of V in the
-    model; the kernel gives zeros there."""
+    model; the kernel gives zeros there. Only the where-selects decide which rows are dead:
+    additive terms beside them are biases that never mask (rewrite._dead_row_rule)."""
     keep = None
-    for t in r.masks:
+    for t in (t for t in r.masks if t.how in ("keep", "drop")):
         x = _permute(graph, _unsqueezed(graph, by[t.node], t.rank), t.perm)
         x = _call(graph, torch.Tensor.bool, x)
         x = x if t.how == "keep" else _call(graph, torch.logical_not, x)

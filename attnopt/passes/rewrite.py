@@ -202,7 +202,12 @@ def _is_constant(graph: Graph, nid: str) -> bool:
 def _dead_row_rule(graph: Graph, masks: list[MaskTerm], normalizer: str) -> str:
     """What a query row with every key masked computes in the model: "" (nothing to do: the
     mask is constant and the analysis proved every row keeps a key, or masked rows are NaN /
-    zero in the model too), "mean_v", or "reject:<reason>" when it is not reproducible."""
+    zero in the model too), "mean_v", or "reject:<reason>" when it is not reproducible.
+
+    `masks` run from the normalizer inwards. A finite-fill where replaces what is beneath it,
+    so a row it masks entirely is softmax(fill, ..., fill) = mean of V whatever biases were
+    added before it (MPT: ALiBi, then masked_fill(mask, finfo.min)). Adds after the where, or
+    adds that can themselves mask, would change which keys such rows keep."""
     import math
 
     selects = [t for t in masks if t.how in ("keep", "drop")]
@@ -211,10 +216,36 @@ def _dead_row_rule(graph: Graph, masks: list[MaskTerm], normalizer: str) -> str:
         return ""  # -inf fills give NaN rows (undefined); sigmoid gives 0 like the kernels
     if all(_is_constant(graph, t.node) for t in masks):
         return ""  # structural: every row keeps a key (or the analysis called it a tensor mask)
-    if any(t.how == "add" for t in masks) or len({t.fill for t in selects}) > 1:
-        return ("reject:an input-dependent where-mask with a finite fill combined with other "
-                "masks: rows with every key masked cannot be reproduced exactly")
+    why = ("an input-dependent where-mask with a finite fill combined with other masks: rows "
+           "with every key masked cannot be reproduced exactly")
+    if len({t.fill for t in selects}) > 1:
+        return "reject:" + why
+    innermost_select = max(i for i, t in enumerate(masks) if t.how != "add")
+    for i, t in enumerate(masks):
+        if t.how == "add" and (i < innermost_select or not _never_masks(graph, t)):
+            return "reject:" + why
     return "mean_v"
+
+
+def _never_masks(graph: Graph, term: MaskTerm) -> bool:
+    """Whether an additive term is a constant bias too small to mask any key (ALiBi slopes
+    times distances, relative position biases): evaluated, since it reaches no user input."""
+    import math
+
+    import numpy as np
+
+    from attnopt.patterns.decomposed import MASK_FILL_MAX
+
+    if term.literal is not None:
+        x = float(term.literal) * term.factor
+        return math.isfinite(x) and x > MASK_FILL_MAX
+    if not _is_constant(graph, term.node):
+        return False
+    try:
+        v = np.asarray(graph.evaluator.evaluate([term.node])[term.node], dtype=np.float64) * term.factor
+    except Exception:  # noqa: BLE001 - a value we cannot compute proves nothing
+        return False
+    return bool(np.isfinite(v).all() and (v > MASK_FILL_MAX).all())
 
 
 def _plan_sdpa(graph: Graph, site: Site) -> Recipe | str:

@@ -295,15 +295,13 @@ class _Matcher:
                 self.details["scale_nodes"].append((cur, "scores", factor, path))
                 cur = path
             elif op == "add":
-                if stage:
-                    self.reject(cur, "a mask or bias is added before the scores are scaled")
+                outer = self.outer_scale(cur, stage, scale, "a mask or bias is added")
                 path, other = self.split_score_path(cur, ins)
-                masks.append(MaskOperand(other, "add"))
+                masks.append(MaskOperand(other, "add", scale=outer))
                 self.nodes.add(cur)
                 cur = path
             elif op == "where":
-                if stage:
-                    self.reject(cur, "a mask is applied before the scores are scaled")
+                outer = self.outer_scale(cur, stage, scale, "a mask is applied")
                 cond, a, b = ins
                 if self.reaches_contraction(a) and not self.reaches_contraction(b):
                     how, fill_node, path = "keep", b, a
@@ -312,6 +310,7 @@ class _Matcher:
                 else:
                     self.reject(cur, "a where on the scores selects between two score tensors")
                 fill = scalar_value(g, fill_node)
+                fill = fill * outer if isinstance(fill, float) else fill
                 if not isinstance(fill, float) or fill > MASK_FILL_MAX:
                     shown = fill if isinstance(fill, float) else "a non-constant value"
                     self.reject(cur, f"the where fills scores with {shown}, which does not mask them "
@@ -324,6 +323,21 @@ class _Matcher:
                                  f"{self.normalizer}")
         self.reject(cur, "no score matmul before the normalizer")
         raise AssertionError  # unreachable
+
+    def outer_scale(self, nid: str, stage: int, scale: float, what: str) -> float:
+        """The factor a mask term met at `nid` is multiplied by before the normalizer.
+
+        Masks added before the scale (CodeGen: (scores + mask) / sqrt(d)) are the same attention
+        with the mask scaled too: (s + m) * c = s * c + m * c (one rounding apart), and
+        where(c, s, fill) * c' = where(c, s * c', fill * c'). Only a positive finite factor keeps
+        a mask a mask; inside a softcap nothing can be moved past the tanh."""
+        import math
+
+        if stage == 1:
+            self.reject(nid, f"{what} inside the softcap")
+        if stage == 2 and not (math.isfinite(scale) and scale > 0):
+            self.reject(nid, f"{what} before the scores are scaled by {scale:g}")
+        return scale
 
     def reaches_contraction(self, nid: str, depth: int = 12) -> bool:
         """Whether `nid` is (elementwise-)derived from a contraction: the score path."""

@@ -154,6 +154,25 @@ def _positives() -> list[HandCase]:
     add("alibi_causal", alibi, expected=[site(heads=H, q=S, hd=D, mask="causal", score_mods=("alibi",))],
         slopes=torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)]))
 
+    def mask_before_scale(m, q, k, v, am):
+        keep = causal_bool() & am[:, None, None, :].bool()
+        ext = torch.zeros(B, 1, S, S).masked_fill(~keep, torch.finfo(q.dtype).min)
+        return sm((q @ kT(k) + ext) / math.sqrt(D)) @ v
+    add("mask_added_before_scale", mask_before_scale, args=(*qkv(), pad_mask()),
+        expected=[site(heads=H, q=S, hd=D, mask="causal", padding=True)],
+        notes="CodeGen-style: (q k^T + mask) / sqrt(D)")
+
+    def alibi_finite_fill(m, q, k, v, am):
+        dist = (torch.arange(S)[None, :] - torch.arange(S)[:, None]).to(q.dtype)
+        s = q @ kT(k) * SC + m.slopes[:, None, None] * dist
+        drop = ~(causal_bool() & am[:, None, None, :].bool())
+        return sm(s.masked_fill(drop, torch.finfo(q.dtype).min)) @ v
+    add("alibi_then_finite_fill_padding", alibi_finite_fill, args=(*qkv(), pad_mask()),
+        expected=[site(heads=H, q=S, hd=D, mask="causal", padding=True, score_mods=("alibi",))],
+        slopes=torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)]),
+        notes="MPT-style: ALiBi added, then masked_fill(causal & padding, finfo.min); a row whose "
+              "keys are all padded averages V")
+
     # boolean / structural masks
     cz = [site(heads=H, q=S, hd=D, mask="causal")]
     add("causal_where_tril", lambda m, q, k, v: sm(torch.where(causal_bool(), q @ kT(k) * SC, NEG)) @ v,
@@ -291,6 +310,11 @@ def _near_misses() -> list[HandCase]:
         "contract|axis|dim", notes="XCiT-style [D,D] attention: q^T k contracts the sequence")
     add("nonlinear_between_softmax_and_pv", lambda m, q, k, v: (lambda p: (p * p) @ v)(sm(q @ kT(k) * SC)),
         "users|between|nonlinear|mul")
+    add("bias_inside_softcap", lambda m, q, k, v: sm(torch.tanh((q @ kT(k) * SC + 1.0) / 30.0) * 30.0) @ v,
+        "softcap", notes="tanh((s + b) / cap) * cap: the bias cannot leave the tanh")
+    add("mask_before_negative_scale", lambda m, q, k, v: sm(
+        (q @ kT(k)).masked_fill(~causal_bool(), torch.finfo(q.dtype).min) * -SC) @ v, "scaled by|negative|fill",
+        notes="a finfo.min fill times a negative factor is a huge positive score: not a mask")
     add("where_fills_zero", lambda m, q, k, v: sm(torch.where(causal_bool(), q @ kT(k) * SC, 0.0)) @ v,
         "fill|-inf|mask value", notes="a 'mask' that fills with 0 does not mask")
     return c
