@@ -50,7 +50,10 @@ def _to_4d(graph: fx.Graph, x: fx.Node, r: Recipe, role: str = "q") -> fx.Node:
     """Canonical [batch..., S, D] (or a mask's [batch..., Sq, Skv]) -> [B, H, ...].
 
     role: "q", "kv" (a rank-3 batch with k broadcast over its last batch axis keeps that axis
-    as GQA groups) or "mask" (broadcast axes are expanded before the merge)."""
+    as GQA groups) or "mask" (broadcast axes are expanded before the merge). Merged-head
+    recipes (`split_heads`) view [B*H, S, D] as [B, H, S, D]; their masks are 4-D already."""
+    if r.split_heads:
+        return x if role == "mask" else _call(graph, torch.unflatten, x, 0, (-1, r.split_heads))
     if r.batch_rank == 2:
         return x
     if r.batch_rank == 1:
@@ -85,7 +88,9 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
                          -1 if wr is None else int(wr), float(r.softcap or 0.0), r.normalizer)
         if r.dead_rows_mean_v:
             attn = _mean_v_on_dead_rows(graph, by, r, attn, v)
-        if r.batch_rank == 1:
+        if r.split_heads:
+            attn = _call(graph, torch.flatten, attn, 0, 1)
+        elif r.batch_rank == 1:
             attn = _call(graph, torch.squeeze, attn, 1)
         elif r.batch_rank == 0:
             attn = _call(graph, torch.squeeze, _call(graph, torch.squeeze, attn, 0), 0)
@@ -108,7 +113,7 @@ def _mean_v_on_dead_rows(graph: fx.Graph, by: dict, r: Recipe, attn: fx.Node, v:
     additive terms beside them are biases that never mask (rewrite._dead_row_rule)."""
     keep = None
     for t in (t for t in r.masks if t.how in ("keep", "drop")):
-        x = _permute(graph, _unsqueezed(graph, by[t.node], t.rank), t.perm)
+        x = _term(graph, by, t, _unsqueezed(graph, by[t.node], t.rank))
         x = _call(graph, torch.Tensor.bool, x)
         x = x if t.how == "keep" else _call(graph, torch.logical_not, x)
         keep = x if keep is None else _call(graph, torch.logical_and, keep, x)
@@ -118,6 +123,19 @@ def _mean_v_on_dead_rows(graph: fx.Graph, by: dict, r: Recipe, attn: fx.Node, v:
     if r.q_heads and r.k_heads and r.q_heads != r.k_heads:
         v_mean = _call(graph, torch.repeat_interleave, v_mean, r.q_heads // r.k_heads, 1)
     return _call(graph, torch.where, dead, _call(graph, torch.Tensor.to, v_mean, attn), attn)
+
+
+def _term(graph: fx.Graph, by: dict, t, x: fx.Node) -> fx.Node:
+    """A mask term at the score rank, permuted to canonical order; a merged-head term's
+    [B*H, Sq, Skv] viewed as [B, H, Sq, Skv] (a size-1 batch axis stays broadcast)."""
+    x = _permute(graph, x, t.perm)
+    if not t.merged_heads:
+        return x
+    val = by[t.node].meta.get("val", by[t.node].meta.get("example_value")) if t.literal is None else None
+    lead = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() == t.rank else 1
+    if lead == 1:
+        return _call(graph, torch.unsqueeze, x, 0)
+    return _call(graph, torch.unflatten, x, 0, (-1, t.merged_heads))
 
 
 def _unsqueezed(graph: fx.Graph, x: fx.Node, rank: int) -> fx.Node:
@@ -143,8 +161,7 @@ def _combined_mask(graph: fx.Graph, by: dict, r: Recipe, q: fx.Node) -> fx.Node 
                                     {"dtype": torch.float32})
         else:
             x = _unsqueezed(graph, by[t.node], t.rank)
-        x = _permute(graph, x, t.perm)
-        parts.append((t, x))
+        parts.append((t, _term(graph, by, t, x)))
     all_bool = all(t.how in ("keep", "drop") and t.fill == float("-inf") for t, _ in parts)
     acc = None
     for t, x in parts:

@@ -389,6 +389,9 @@ class _Splicer:
             raise _Skip(f"{r.normalizer} attention has no fused ONNX op")
         if r.softcap is not None and self.op == "ort":
             raise _Skip("MultiHeadAttention has no softcap")
+        if r.split_heads:
+            raise _Skip("heads merged into the batch around the softmax ([B*H] products, [B, H] "
+                        "scores) are not spliced into ONNX yet")
         if r.dead_rows_mean_v:
             raise _Skip("an input-dependent where-mask with a finite fill: rows with every key "
                         "masked average V in the model, which the fused ONNX ops do not")

@@ -61,6 +61,8 @@ def analyze_masks(graph: Graph, m: Match) -> MaskAnalysis:
     allowed0, bias0 = _combine(graph, m, ops, ones_feeds, sq, skv)
     if structural is not None:
         allowed0 = allowed0 & structural
+    if np.any(bias0 != 0):  # reported whatever the mask turns out to be
+        mods.append(_bias_kind(bias0, allowed0))
     padding = bool(padding_input)
     if deps:
         allowed1, _ = _combine(graph, m, ops, pad_feeds, sq, skv)
@@ -70,8 +72,6 @@ def analyze_masks(graph: Graph, m: Match) -> MaskAnalysis:
             return MaskAnalysis(MaskSpec(kind="tensor", source=ops[0].node), tuple(mods),
                                 f"the mask depends on {deps} in a way that is not key padding")
         padding = True
-    if np.any(bias0 != 0):
-        mods.append(_bias_kind(bias0, allowed0))
     spec = classify_pattern(allowed0, sq, skv, source=ops[0].node)
     if padding:
         spec = MaskSpec(kind="padding", padding=True, source=spec.source) if spec.kind == "none" \
@@ -90,7 +90,7 @@ def _with(spec: MaskSpec, **kw) -> MaskSpec:
 def _probe_lengths(graph: Graph, m: Match) -> tuple[int, int]:
     ev = graph.evaluator
     if m.score_axes is not None:
-        shape = ev.probe_shape(m.details["c1"])
+        shape = ev.probe_shape(m.details.get("scores", m.details["c1"]))
         return int(shape[m.score_axes[0]]), int(shape[m.score_axes[1]])
     qs, ks = ev.probe_shape(m.q), ev.probe_shape(m.k)
     if m.layout == "BHSD":
@@ -128,7 +128,11 @@ def _combine(graph: Graph, m: Match, ops, feeds, sq: int, skv: int):
     allowed = np.ones((1, 1), dtype=bool)
     bias = np.zeros((1, 1), dtype=np.float64)
     for op in ops:
-        arr = _to_qk(np.asarray(values[op.node]), rank, axes)
+        arr = np.asarray(values[op.node])
+        if op.merged_heads:  # [B*H, Sq, Skv] layout: view it as the [B, H, Sq, Skv] scores
+            arr = arr.reshape((1,) * (3 - arr.ndim) + arr.shape)
+            arr = arr[None] if arr.shape[0] == 1 else arr.reshape((-1, op.merged_heads) + arr.shape[1:])
+        arr = _to_qk(arr, rank, axes)
         if op.how == "add":
             v = arr.astype(np.float64) * op.scale
             masked = v <= MASKED_AT_OR_BELOW

@@ -29,6 +29,9 @@ class MaskTerm:
     rank: int  # rank the operand is broadcast to (the score rank) before `perm`
     perm: tuple[int, ...]
     literal: float | None = None  # a scalar written as a literal in the model (no graph node)
+    # > 0: after `perm` the term is [B*H, Sq, Skv] (merged heads, see Recipe.split_heads); this
+    # is H, to view it as [B, H, Sq, Skv].
+    merged_heads: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class Recipe:
     # Per-head choice: the canonical query heads that run `layout` (empty: all of them); the
     # others keep the site's exact attention.
     heads: tuple[int, ...] = ()
+    # > 0: q, k, v and the output are [B*H, S, D] (batch_rank 1, heads merged into the batch,
+    # BLOOM / DeBERTa) and the model views its scores as [B, H, Sq, Skv]: the splice views the
+    # operands as [B, H, S, D] (this is H) so masks keep that layout. Masks without
+    # `merged_heads` are rank 4 in the [B, H, Sq, Skv] view.
+    split_heads: int = 0
 
 
 def plan_all(graph: Graph, sites: list[Site]) -> tuple[list[Recipe], dict[str, str]]:
@@ -120,10 +128,17 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
     canon_scores = list(range(rank))
     qpos, kpos = s_labels.index(ql), s_labels.index(kl)
     score_perm = tuple([i for i in canon_scores if i not in (qpos, kpos)] + [qpos, kpos])
+    split = int(d.get("split_heads") or 0)
+    if split and (len(batch) != 1 or score_perm != (0, 1, 2)):
+        return "merged-head scores not in [B*H, Sq, Skv] order"
     masks = []
     for op in site.details.get("mask_operands", ()):
         literal = graph.scalar(op.node) if graph.ref(op.node) is None else None
-        masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm, literal))
+        if split and not op.merged_heads:  # in the model's [B, H, Sq, Skv] view of the scores
+            masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, 4, (0, 1, 2, 3), literal))
+        else:
+            masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm, literal,
+                                  merged_heads=op.merged_heads))
 
     dead_rows = _dead_row_rule(graph, masks, spec.normalizer)
     if dead_rows.startswith("reject:"):
@@ -137,7 +152,7 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
         causal=causal, causal_alignment=align, window=None, softcap=softcap,
         normalizer=spec.normalizer, out_perm=out_perm, bypass=bypass, output=site.output,
         remove=frozenset(site.nodes), nan_guard=bool(d.get("nan_guard")),
-        dead_rows_mean_v=dead_rows == "mean_v",
+        dead_rows_mean_v=dead_rows == "mean_v", split_heads=split,
         q_heads=spec.num_heads if isinstance(spec.num_heads, int) else None,
         k_heads=(spec.num_kv_heads * (d.get("kv_repeat") or 1)
                  if isinstance(spec.num_kv_heads, int) else None))
@@ -207,7 +222,7 @@ def _dead_row_rule(graph: Graph, masks: list[MaskTerm], normalizer: str) -> str:
     `masks` run from the normalizer inwards. A finite-fill where replaces what is beneath it,
     so a row it masks entirely is softmax(fill, ..., fill) = mean of V whatever biases were
     added before it (MPT: ALiBi, then masked_fill(mask, finfo.min)). Adds after the where, or
-    adds that can themselves mask, would change which keys such rows keep."""
+    adds that can themselves mask, would change which keys such rows keep (see _never_masks)."""
     import math
 
     selects = [t for t in masks if t.how in ("keep", "drop")]
@@ -222,14 +237,25 @@ def _dead_row_rule(graph: Graph, masks: list[MaskTerm], normalizer: str) -> str:
         return "reject:" + why
     innermost_select = max(i for i, t in enumerate(masks) if t.how != "add")
     for i, t in enumerate(masks):
-        if t.how == "add" and (i < innermost_select or not _never_masks(graph, t)):
+        if t.how == "add" and (i < innermost_select or not _never_masks(graph, t, finite[0].fill)):
             return "reject:" + why
     return "mean_v"
 
 
-def _never_masks(graph: Graph, term: MaskTerm) -> bool:
-    """Whether an additive term is a constant bias too small to mask any key (ALiBi slopes
-    times distances, relative position biases): evaluated, since it reaches no user input."""
+# A where-fill at or below this overwhelms any score a bias can produce: see _never_masks.
+OVERWHELMING_FILL = -1e30
+
+
+def _never_masks(graph: Graph, term: MaskTerm, fill: float) -> bool:
+    """Whether an additive term beneath a finite-fill where is a bias that never masks a key.
+
+    The fused op adds the fill where the model replaces by it, so a masked score is bias +
+    fill instead of fill. Both weigh exp(-huge) = 0 as long as the row keeps one key whose score
+    is not itself near the fill; a bias that came that near would be a mask. Constant terms
+    (ALiBi, relative position tables) are evaluated: every value finite and above the mask
+    threshold is a proof. Input-dependent terms (DeBERTa's disentangled c2p/p2c scores, products of
+    activations) are accepted only under an overwhelming fill (finfo.min, not -1e4) and when
+    their values on the probe inputs are finite and never near a mask value."""
     import math
 
     import numpy as np
@@ -239,7 +265,8 @@ def _never_masks(graph: Graph, term: MaskTerm) -> bool:
     if term.literal is not None:
         x = float(term.literal) * term.factor
         return math.isfinite(x) and x > MASK_FILL_MAX
-    if not _is_constant(graph, term.node):
+    constant = _is_constant(graph, term.node)
+    if not constant and not fill <= OVERWHELMING_FILL:
         return False
     try:
         v = np.asarray(graph.evaluator.evaluate([term.node])[term.node], dtype=np.float64) * term.factor

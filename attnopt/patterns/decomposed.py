@@ -8,6 +8,12 @@ free axes are one query axis (from q) and one key axis (from k); C2 contracts ex
 axis of the probabilities with V. Scalar factors are folded into one scale from wherever the
 model put them: on q or k (through layout ops), split on both, on the scores, or as baddbmm's
 alpha. Canonical score layout: [batch..., q, k] in the order C1 produced it (`score_axes`).
+
+Heads merged into the batch around the normalizer (BLOOM, DeBERTa): C1 and C2 are [B*H, S, *]
+bmm's, the scores are viewed as [B, H, Sq, Skv] for the masks and the softmax, and the
+probabilities viewed back as [B*H, Sq, Skv] for C2. Then the score layout is that 4-D view
+(`score_axes` (2, 3)); masks met between C1 and the view live in the merged layout and carry
+`merged_heads`.
 """
 from __future__ import annotations
 
@@ -44,12 +50,26 @@ class DecomposedAttention:
     def match(self, graph: Graph, anchor: str) -> Match | Rejection | None:
         """A match, a near miss with its reason, or None when the normalizer is not near any
         matrix product (a classifier softmax, a SiLU's sigmoid): not worth reporting."""
-        if not _near_contractions(graph, anchor):
+        if not _near_contractions(graph, anchor) or _is_gated_activation(graph, anchor):
             return None
         try:
             return _Matcher(graph, anchor).run()
         except Reject as r:
             return Rejection(node=r.node, reason=r.reason, pattern=self.name)
+
+
+def _is_gated_activation(graph: Graph, anchor: str) -> bool:
+    """x * sigmoid(x) or x * sigmoid(c * x): SiLU / QuickGELU as ONNX spells them, next to the MLP
+    matmuls but not attention (nothing to report)."""
+    if graph.op(anchor) != "sigmoid":
+        return False
+    x = graph.inputs_of(anchor)[0]
+    sources = {x}
+    if graph.op(x) in ("mul", "div"):
+        sources.update(graph.inputs_of(x))
+    users = graph.users(anchor)
+    return bool(users) and all(
+        graph.op(u) == "mul" and any(i != anchor and i in sources for i in graph.inputs_of(u)) for u in users)
 
 
 def _near_contractions(graph: Graph, anchor: str) -> bool:
@@ -66,7 +86,7 @@ def _near_contractions(graph: Graph, anchor: str) -> bool:
                 if graph.op(u) in CONTRACTION_OPS:
                     return True
                 if graph.op(u) in _TRANSPARENT or graph.op(u) in ("transpose", "where", "isnan",
-                                                                  "dropout", "mul"):
+                                                                  "dropout", "mul", "reshape"):
                     nxt.append(u)
         frontier = nxt
     if graph.op(anchor) != "softmax":
@@ -77,7 +97,8 @@ def _near_contractions(graph: Graph, anchor: str) -> bool:
         if op in CONTRACTION_OPS:
             return True
         ins = graph.inputs_of(cur)
-        if op not in _TRANSPARENT and op not in ("mul", "div", "add", "where", "tanh") or not ins:
+        if op not in _TRANSPARENT and op not in ("mul", "div", "add", "sub", "where", "tanh", "reshape") \
+                or not ins:
             return False
         cur = ins[0] if op != "where" else ins[1]
     return False
@@ -91,6 +112,8 @@ class _Matcher:
         self.nodes: set[str] = {anchor}
         self.details: dict = {"scale_nodes": []}
         self.p_perm: tuple[int, ...] = ()  # C2 operand axis i is probability axis p_perm[i]
+        self.split: tuple | None = None  # (B, H) when the probabilities are merged to [B*H, ...]
+        self.split_node: str | None = None  # the [B, H, Sq, Skv] view of C1's merged scores
 
     # -- helpers ---------------------------------------------------------------------------
     def reject(self, node: str, reason: str) -> None:
@@ -137,11 +160,16 @@ class _Matcher:
 
         if self.normalizer == "softmax":
             axis = g.attr(self.anchor, "axis")
+            if self.split is not None and isinstance(axis, int):
+                axis = axis % 4 - 1  # the softmax runs on the [B, H, Sq, Skv] view
             if axis != key_pos:
                 self.reject(self.anchor, f"softmax over axis {axis}, but the matmul with V contracts "
                                          f"axis {key_pos}: softmax over a non-key axis")
 
         c1_node, masks, scale, softcap = self.walk_up()
+        if self.split is not None and self.split_node is None:
+            self.reject(c1_node, "the probabilities are merged to [B*H, ...] but the scores were "
+                                 "not split from such a product")
         c1 = describe_contraction(g, c1_node)
         if isinstance(c1, str):
             self.reject(c1_node, c1)
@@ -152,7 +180,8 @@ class _Matcher:
                 # baddbmm adds its bias first: a later softcap or scale applies to it too
                 self.reject(c1_node, "the baddbmm bias is added before the softcap or the scale "
                             "on the scores")
-            masks.append(MaskOperand(c1.bias, "add", scale=c1.beta))
+            masks.append(MaskOperand(c1.bias, "add", scale=c1.beta,
+                                     merged_heads=self.split[1] if self.split else 0))
         scale *= c1.alpha
         s_labels = c1.out_labels
         if len(s_labels) != len(p_labels):
@@ -196,7 +225,16 @@ class _Matcher:
         k_scale, k_src = self.fold_operand_scale(k_op, "k")
         scale *= q_scale * k_scale
 
-        batch, heads, kv_heads = self.heads(c1, batch_labels, ss, q_side, k_side, k_src)
+        if self.split is not None:
+            if ks[k_lab.index(batch_labels[0])] != qs[q_lab.index(batch_labels[0])] \
+                    or (s_labels.index(q_label), s_labels.index(key_label)) != (1, 2):
+                self.reject(c1_node, "merged-head scores whose k batch or axis order differs from q's")
+            batch, heads, kv_heads = self.split[0], self.split[1], self.split[1]
+            self.details.update(split_heads=self.split[1], scores=self.split_node)
+            ss, score_axes = g.shape(self.split_node), (2, 3)
+        else:
+            batch, heads, kv_heads = self.heads(c1, batch_labels, ss, q_side, k_side, k_src)
+            score_axes = (q_pos, key_pos)
         self.nodes.update([c1_node, c2_node])
         self.details.update(
             q_labels=q_lab, k_labels=k_lab, v_labels=v_lab, score_labels=s_labels, p_labels=p_labels, p_perm=self.p_perm,
@@ -207,7 +245,7 @@ class _Matcher:
             pattern="decomposed", normalizer=self.normalizer, anchor=self.anchor, output=c2_node,
             q=q_src, k=k_src, v=v_op, batch=batch, num_heads=heads, num_kv_heads=kv_heads,
             q_len=q_len, kv_len=kv_len, head_dim=head_dim, v_head_dim=v_head_dim, scale=scale,
-            score_shape=tuple(ss), score_axes=(q_pos, key_pos), mask_operands=tuple(masks),
+            score_shape=tuple(ss), score_axes=score_axes, mask_operands=tuple(masks),
             softcap=softcap, nodes=frozenset(self.nodes), dtype=g.dtype(q_op),
             layout="BHSD" if len(s_labels) == 4 else f"rank{len(s_labels)}", details=self.details)
 
@@ -233,6 +271,9 @@ class _Matcher:
                 self.p_perm = tuple(self.p_perm[i] for i in perm)
                 self.nodes.add(u)
                 cur = u
+            elif op == "reshape" and self.split is None and self.merges_heads(cur, u):
+                self.nodes.add(u)
+                cur = u
             elif op == "dropout":
                 self.reject(u, "training-mode dropout on the probabilities")
             elif op in CONTRACTION_OPS:
@@ -241,6 +282,26 @@ class _Matcher:
                 self.reject(u, f"the probabilities feed {g.describe(u)}, not a matmul with V")
         self.reject(cur, "no matmul with V after the normalizer")
         raise AssertionError  # unreachable
+
+    def merges_heads(self, p: str, merged: str) -> bool:
+        """Whether `merged` views untransposed [B, H, Sq, Skv] probabilities as [B*H, Sq, Skv]."""
+        ps, ms = self.g.shape(p), self.g.shape(merged)
+        if ps is None or ms is None or len(ps) != 4 or len(ms) != 3 or self.p_perm != (0, 1, 2, 3):
+            return False
+        b, h = ps[0], ps[1]
+        if not isinstance(h, int) or tuple(ms[1:]) != tuple(ps[2:]):
+            return False
+        if isinstance(b, int) and ms[0] != b * h:
+            return False
+        self.split, self.p_perm = (b, h), (0, 1, 2)
+        return True
+
+    def splits_heads(self, scores: str, merged: str) -> bool:
+        """Whether `scores` views merged [B*H, Sq, Skv] scores as the [B, H, Sq, Skv] that the
+        probabilities were merged from."""
+        ss, ms = self.g.shape(scores), self.g.shape(merged)
+        return (self.split is not None and ss is not None and ms is not None and len(ss) == 4
+                and len(ms) == 3 and tuple(ss[:2]) == tuple(self.split) and tuple(ss[2:]) == tuple(ms[1:]))
 
     def nan_guard(self, p: str, users: list[str]) -> str | None:
         """where(isnan(p), 0, p): returns the where node when `users` is exactly that guard."""
@@ -269,6 +330,7 @@ class _Matcher:
         masks: list[MaskOperand] = []
         scale, softcap = 1.0, None
         stage = 0  # 0: masks allowed; 1: after softcap (scales only); 2: after a scale
+        merged = 0  # heads per batch entry once above the [B*H] -> [B, H] view of the scores
         for _ in range(32):
             op = g.op(cur)
             if op in CONTRACTION_OPS:
@@ -278,6 +340,10 @@ class _Matcher:
             self.single_user(cur, "the scores")
             ins = g.inputs_of(cur)
             if op in _TRANSPARENT:
+                self.nodes.add(cur)
+                cur = ins[0]
+            elif op == "reshape" and not merged and self.splits_heads(cur, ins[0]):
+                merged, self.split_node = self.split[1], cur
                 self.nodes.add(cur)
                 cur = ins[0]
             elif op in ("mul", "div"):
@@ -297,9 +363,17 @@ class _Matcher:
             elif op == "add":
                 outer = self.outer_scale(cur, stage, scale, "a mask or bias is added")
                 path, other = self.split_score_path(cur, ins)
-                masks.append(MaskOperand(other, "add", scale=outer))
+                masks.append(MaskOperand(other, "add", scale=outer, merged_heads=merged))
                 self.nodes.add(cur)
                 cur = path
+            elif op == "sub":  # scores - m: an additive term -m (Funnel: s - INF * (1 - mask))
+                outer = self.outer_scale(cur, stage, scale, "a mask or bias is subtracted")
+                a, b = ins
+                if not self.reaches_contraction(a) or self.reaches_contraction(b):
+                    self.reject(cur, "a subtraction on the scores does not subtract a mask from them")
+                masks.append(MaskOperand(b, "add", scale=-outer, merged_heads=merged))
+                self.nodes.add(cur)
+                cur = a
             elif op == "where":
                 outer = self.outer_scale(cur, stage, scale, "a mask is applied")
                 cond, a, b = ins
@@ -315,7 +389,7 @@ class _Matcher:
                     shown = fill if isinstance(fill, float) else "a non-constant value"
                     self.reject(cur, f"the where fills scores with {shown}, which does not mask them "
                                      f"(a mask fill must be <= {MASK_FILL_MAX:g} or -inf)")
-                masks.append(MaskOperand(cond, how, fill=fill))
+                masks.append(MaskOperand(cond, how, fill=fill, merged_heads=merged))
                 self.nodes.add(cur)
                 cur = path
             else:
@@ -346,7 +420,7 @@ class _Matcher:
             op = g.op(nid)
             if op in CONTRACTION_OPS:
                 return True
-            if op in _TRANSPARENT or op in ("tanh",):
+            if op in _TRANSPARENT or op in ("tanh", "reshape"):
                 nid = g.inputs_of(nid)[0]
             elif op in ("mul", "div", "add", "sub"):
                 return any(self.reaches_contraction(i, depth - 1) for i in g.inputs_of(nid))

@@ -25,6 +25,9 @@ class MaskOperand:
     how: str
     fill: float | None = None
     scale: float = 1.0  # a factor the model applied to this operand inside the site (baddbmm beta)
+    # > 0: the operand lives in the merged [B*H, Sq, Skv] layout of a site whose scores are
+    # viewed as [B, H, Sq, Skv] (BLOOM's baddbmm ALiBi): this is H.
+    merged_heads: int = 0
 
 
 @dataclass(frozen=True)

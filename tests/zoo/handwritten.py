@@ -126,6 +126,28 @@ def _positives() -> list[HandCase]:
     add("baddbmm_causal", baddbmm, expected=[site(heads=H, q=S, hd=D, mask="causal")],
         notes="BLOOM-style: baddbmm(mask, q, k^T, alpha=scale)")
 
+    # heads merged into the batch around the softmax: [B*H] products, [B, H] scores
+    def bloom_merged(m, q, k, v, am):
+        q3, k3, v3 = (t.reshape(B * H, S, D) for t in (q, k, v))
+        alibi = (m.slopes[:, None] * torch.arange(S, dtype=q.dtype)[None, :]).repeat(B, 1)[:, None, :]
+        sc = torch.baddbmm(alibi, q3, k3.transpose(1, 2), beta=1.0, alpha=SC).view(B, H, S, S)
+        keep = causal_bool() & am[:, None, None, :].bool()
+        p = torch.softmax(sc + torch.zeros(B, 1, S, S).masked_fill(~keep, torch.finfo(q.dtype).min), -1)
+        return torch.bmm(p.view(B * H, S, S), v3).view(B, H, S, D)
+    add("merged_heads_baddbmm_alibi", bloom_merged, args=(*qkv(), pad_mask()),
+        expected=[site(heads=H, q=S, hd=D, mask="causal", padding=True, score_mods=("alibi",))],
+        slopes=torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)]),
+        notes="BLOOM-style: baddbmm(ALiBi [B*H, 1, S]) viewed as [B, H, S, S], masked, viewed back")
+
+    def deberta_merged(m, q, k, v, am):
+        q3, k3, v3 = (t.reshape(B * H, S, D) for t in (q, k, v))
+        sc = torch.bmm(q3, k3.transpose(-1, -2) / math.sqrt(D)).view(-1, H, S, S)
+        sc = sc.masked_fill(~am[:, None, None, :].bool(), torch.finfo(q.dtype).min)
+        return torch.bmm(torch.softmax(sc, -1).view(-1, S, S), v3).view(-1, H, S, D)
+    add("merged_heads_scale_on_kT", deberta_merged, args=(*qkv(), pad_mask()),
+        expected=[site(heads=H, q=S, hd=D, mask="padding", padding=True)],
+        notes="DeBERTa-style: bmm(q, k^T / sqrt(d)) viewed as [B, H, S, S], masked_fill(finfo.min)")
+
     # where the scale goes
     add("scale_on_q_mul", lambda m, q, k, v: sm((q * SC) @ kT(k)) @ v)
     add("scale_on_q_div", lambda m, q, k, v: sm((q / math.sqrt(D)) @ kT(k)) @ v)
@@ -140,6 +162,10 @@ def _positives() -> list[HandCase]:
         return sm(q @ kT(k) * SC + ext) @ v
     add("additive_padding_from_int_mask", int_padding, args=(*qkv(), pad_mask()),
         expected=[site(heads=H, q=S, hd=D, mask="padding", padding=True)])
+
+    add("padding_subtracted", lambda m, q, k, v, am: sm(q @ kT(k) * SC - 1e9 * (1.0 - am[:, None, None, :].float())) @ v,
+        args=(*qkv(), pad_mask()), expected=[site(heads=H, q=S, hd=D, mask="padding", padding=True)],
+        notes="Funnel-style: scores - INF * (1 - mask)")
 
     def relpos(m, q, k, v):
         idx = torch.arange(S)[None, :] - torch.arange(S)[:, None] + S - 1
@@ -315,6 +341,11 @@ def _near_misses() -> list[HandCase]:
     add("mask_before_negative_scale", lambda m, q, k, v: sm(
         (q @ kT(k)).masked_fill(~causal_bool(), torch.finfo(q.dtype).min) * -SC) @ v, "scaled by|negative|fill",
         notes="a finfo.min fill times a negative factor is a huge positive score: not a mask")
+    add("merged_heads_probs_heads_major", lambda m, q, k, v: torch.bmm(
+        torch.softmax(torch.bmm(q.reshape(B * H, S, D), k.reshape(B * H, S, D).transpose(1, 2)).view(B, H, S, S)
+                      * SC, -1).transpose(0, 1).reshape(B * H, S, S), v.reshape(B * H, S, D)),
+        "not a matmul|reshape|sits between",
+        notes="probabilities merged heads-major ([H, B] order): they meet the wrong V rows")
     add("where_fills_zero", lambda m, q, k, v: sm(torch.where(causal_bool(), q @ kT(k) * SC, 0.0)) @ v,
         "fill|-inf|mask value", notes="a 'mask' that fills with 0 does not mask")
     return c

@@ -1,0 +1,84 @@
+"""Breadth: ~50 transformers architectures (zoo.hf_wide) are detected and rewritten exactly.
+
+Module flavour for every one; the torch.export program for the families whose attention needed
+a pattern of its own (merged heads, masks before the scale, finite fills over ALiBi, subtracted
+masks). Outputs are compared under one seed (ViTMAE draws random numbers in its forward)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnopt
+from zoo import hf_wide as wide
+from zoo.hf import first_tensor
+
+TOL = 1e-4
+OWN_PATTERNS = ("bloom", "mpt", "codegen", "deberta_v3", "funnel")
+
+
+def _headline(spec) -> dict:
+    return {"num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "mask": spec.mask.kind,
+            "padding": spec.mask.padding, "score_mods": tuple(spec.score_mods)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _run(fn, kw) -> torch.Tensor:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return first_tensor(fn(**kw))
+
+
+def _check(res, w: wide.Wide) -> None:
+    kept = {s.name: s.reason for s in res.sites if s.status != "rewritten"}
+    assert res.sites_found == w.sites, f"found {res.sites_found} sites, want {w.sites}: {res.to_json()}"
+    assert _headline(res.sites[0].spec) == w.first
+    assert not kept, kept
+    assert res.rel_error <= TOL
+
+
+@pytest.mark.parametrize("name", wide.NAMES)
+def test_module(name):
+    w = wide.WIDE[name]
+    model, kw = wide.build(name)
+    res = attnopt.optimize(model, kw)
+    _check(res, w)
+    assert _rel(_run(res.model, kw), _run(model, kw)) <= TOL
+
+
+@pytest.mark.parametrize("name", OWN_PATTERNS)
+def test_exported_program(name):
+    w = wide.WIDE[name]
+    model, kw = wide.build(name)
+    with torch.no_grad():
+        ep = torch.export.export(model, (), kw, strict=False)
+    res = attnopt.optimize(ep)
+    _check(res, w)
+    assert _rel(_run(res.model.module(), kw), _run(model, kw)) <= TOL
+
+
+class _GatedMLP(torch.nn.Module):
+    """SiLU and QuickGELU spelled out (x * sigmoid(x), x * sigmoid(1.702 x)) between matmuls."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.mid, self.down = (torch.nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x):
+        h = self.up(x)
+        h = self.mid(h * torch.sigmoid(h))
+        return self.down(h * torch.sigmoid(1.702 * h))
+
+
+@pytest.mark.parametrize("flavour", ["module", "onnx"])
+def test_gated_activations_are_not_near_misses(flavour, tmp_path):
+    model, x = _GatedMLP().eval(), torch.randn(2, 5, 16)
+    if flavour == "onnx":
+        path = tmp_path / "mlp.onnx"
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+        report = attnopt.inspect(str(path))
+    else:
+        report = attnopt.inspect(model, (x,))
+    assert not report.sites and not report.rejected, [r.reason for r in report.rejected]
