@@ -389,12 +389,6 @@ class _Splicer:
             raise _Skip(f"{r.normalizer} attention has no fused ONNX op")
         if r.softcap is not None and self.op == "ort":
             raise _Skip("MultiHeadAttention has no softcap")
-        if r.split_heads:
-            raise _Skip("heads merged into the batch around the softmax ([B*H] products, [B, H] "
-                        "scores) are not spliced into ONNX yet")
-        if r.dead_rows_mean_v:
-            raise _Skip("an input-dependent where-mask with a finite fill: rows with every key "
-                        "masked average V in the model, which the fused ONNX ops do not")
         if r.window is not None and any(w is not None for w in r.window):
             raise _Skip("sliding-window recipes are not spliced into ONNX yet")
         b = _Block(f"attnopt/{r.site or r.output}", self.taken)
@@ -406,7 +400,9 @@ class _Splicer:
         kc = [ks[p] for p in r.k.perm]
         vc = [vs[p] for p in r.v.perm]
         self.sq, self.skv = qc[rb], kc[rb]
-        self.d, self.dv = qc[-1], vc[-1]
+        # Head dims are structural: where shape inference lost them, detection probed them.
+        self.d = qc[-1] if isinstance(qc[-1], int) else (r.head_dims[0] or qc[-1])
+        self.dv = vc[-1] if isinstance(vc[-1], int) else (r.head_dims[1] or vc[-1])
         dtype = _np_dtype(self.g.dtype(r.q.node))
         heads = self._heads(r, qc, kc)
         key_bias = self._key_bias(b, r, dtype) if self.op == "ort" else None
@@ -429,6 +425,8 @@ class _Splicer:
             out = b.nodes[-1].output[0]
             zero = b.const(np.zeros((), dtype), "zero")
             b.node("Where", [b.node("IsNaN", [out], "isnan"), zero, out], "nan_guard")
+        if r.dead_rows_mean_v:
+            self._mean_v_on_dead_rows(b, r, b.nodes[-1].output[0])
         return b, fused
 
     def _heads(self, r: Recipe, qc, kc) -> tuple:
@@ -438,6 +436,8 @@ class _Splicer:
             h = qc[1] if isinstance(qc[1], int) else r.q_heads
             kh = kc[1] if isinstance(kc[1], int) else r.k_heads
             return h, kh
+        if r.split_heads:
+            return r.split_heads, r.split_heads
         if rb == 3:
             h = qc[1] * qc[2] if isinstance(qc[1], int) and isinstance(qc[2], int) else None
             if r.k_group_broadcast:
@@ -453,6 +453,8 @@ class _Splicer:
         rb = r.batch_rank
         if rb == 2:
             return x
+        if r.split_heads:  # [B*H, S, D] -> [B, H, S, D]
+            return self._unmerge(b, x, r.split_heads, f"{which}_4d")
         if rb == 1:
             return b.unsqueeze(x, [1], f"{which}_4d")
         if rb == 0:
@@ -464,6 +466,14 @@ class _Splicer:
         if not isinstance(last, int):
             raise _Skip("symbolic head dim with three batch axes")
         return b.reshape(x, [0, b1 * b2, -1, last], f"{which}_4d")
+
+    @staticmethod
+    def _unmerge(b: _Block, x: str, h: int, hint: str) -> str:
+        """[B*H, A, C] -> [B, H, A, C] for any A, C (the sizes are read from x)."""
+        shp = b.node("Shape", [x], hint + "_shape")
+        rest = b.node("Slice", [shp, b.ints([1], hint + "_from"), b.ints([3], hint + "_to")], hint + "_rest")
+        return b.node("Reshape", [x, b.node("Concat", [b.ints([-1, h], hint + "_lead"), rest],
+                                            hint + "_dims", axis=0)], hint)
 
     def _expand_heads(self, b: _Block, x: str, h, kh, last, which: str) -> str:
         """[B, Hkv, S, D] -> [B, H, S, D] (GQA/MQA for ops without grouped heads)."""
@@ -548,11 +558,11 @@ class _Splicer:
                            to=TensorProto.BOOL)
         return b.node("Where", [b.reshape(every_row, [1], "kb_rows_ok_1"), last, kv_len], "kb_live_len")
 
-    def _reduce(self, b: _Block, op: str, x: str, axes: list[int], hint: str) -> str:
-        """A keepdims=0 reduction over `axes` in the model's opset (axes became an input at 18)."""
+    def _reduce(self, b: _Block, op: str, x: str, axes: list[int], hint: str, keepdims: int = 0) -> str:
+        """A reduction over `axes` in the model's opset (axes became an input at 18)."""
         if _default_opset(self.m) >= 18:
-            return b.node(op, [x, b.ints(axes, hint + "_axes")], hint, keepdims=0)
-        return b.node(op, [x], hint, keepdims=0, axes=axes)
+            return b.node(op, [x, b.ints(axes, hint + "_axes")], hint, keepdims=keepdims)
+        return b.node(op, [x], hint, keepdims=keepdims, axes=axes)
 
     def _append_column(self, b: _Block, x: str, bias: str | None, h: int, which: str) -> str:
         """BSHD x [B, S, H, D] -> [B, S, H, D + 1]: q gets a column of ones, k the key bias
@@ -571,7 +581,7 @@ class _Splicer:
         they provably vary along batch and key axes only (else None); see the module header."""
         from attnopt.frontends.onnx_axes import AxisFacts
 
-        if not r.masks or dtype != np.float32 or not r.scale > 0:
+        if not r.masks or dtype != np.float32 or not r.scale > 0 or r.split_heads:
             return None
         if r.causal and not (self.sq == self.skv and self.sq is not None):
             return None  # an explicit causal mask would be needed anyway
@@ -614,12 +624,22 @@ class _Splicer:
         rb = r.batch_rank
         if rb == 2:
             return x
+        if r.split_heads:  # [B, H, Sq, Dv] -> [B*H, Sq, Dv]
+            return self._merge(b, x, "out_3d")
         if rb == 1:
             return b.squeeze(x, [1], "out_3d")
         if rb == 0:
             return b.squeeze(x, [0, 1], "out_2d")
         b1, b2 = r.batch_sizes[1:3]
         return b.reshape(x, [0, b1, b2, -1, self.dv], "out_5d")
+
+    @staticmethod
+    def _merge(b: _Block, x: str, hint: str) -> str:
+        """[B, H, A, C] -> [B*H, A, C]."""
+        shp = b.node("Shape", [x], hint + "_shape")
+        rest = b.node("Slice", [shp, b.ints([2], hint + "_from"), b.ints([4], hint + "_to")], hint + "_rest")
+        return b.node("Reshape", [x, b.node("Concat", [b.ints([-1], hint + "_lead"), rest],
+                                            hint + "_dims", axis=0)], hint)
 
     # -- op="standard": ONNX Attention -----------------------------------------------------
     def _standard(self, b: _Block, r: Recipe, heads, mask, causal_flag: bool) -> str:
@@ -650,15 +670,57 @@ class _Splicer:
         return fused_name
 
     # -- masks ----------------------------------------------------------------------------
+    def _term(self, b: _Block, t, hint: str) -> str:
+        """A mask term at the score rank in canonical order ([B, H, Sq, Skv] for merged-head
+        recipes, whose merged-layout terms are viewed as such)."""
+        s = self.shape(t.node)
+        if s is None:
+            raise _Skip(f"mask {t.node} has unknown rank")
+        x = b.unsqueeze(t.node, list(range(t.rank - len(s))), f"{hint}_rank")
+        x = b.transpose(x, t.perm, f"{hint}_perm")
+        if t.merged_heads:  # [B*H | 1, Sq, Skv] -> [B | 1, H | 1, Sq, Skv]
+            lead = s[0] if len(s) == t.rank else 1
+            x = b.unsqueeze(x, [0], f"{hint}_4d") if lead == 1 else \
+                self._unmerge(b, x, t.merged_heads, f"{hint}_4d")
+        return x
+
+    def _mean_v_on_dead_rows(self, b: _Block, r: Recipe, out: str) -> None:
+        """Rows whose keys are all masked by a finite-fill where are the mean of V in the model
+        (softmax of a constant); the fused ops give them zeros. Appends the fix-up to `out`."""
+        if r.q_heads and r.k_heads and r.q_heads != r.k_heads:
+            raise _Skip("rows with every key masked average V, and grouped kv heads would need "
+                        "V repeated for that")
+        keep = None
+        for i, t in enumerate(r.masks):
+            if t.how not in ("keep", "drop"):
+                continue  # biases beside the where never mask (rewrite._dead_row_rule)
+            x = self._term(b, t, f"dead{i}")
+            if self.g.dtype(t.node) != "bool":
+                x = b.node("Cast", [x], f"dead{i}_bool", to=TensorProto.BOOL)
+            if t.how == "drop":
+                x = b.node("Not", [x], f"dead{i}_keep")
+            keep = x if keep is None else b.node("And", [keep, x], f"dead{i}_and")
+        rank = 4 if r.split_heads else r.batch_rank + 2
+        live = self._reduce(b, "ReduceMax", b.node("Cast", [keep], "dead_keep_f", to=TensorProto.FLOAT),
+                            [rank - 1], "dead_live", keepdims=1)
+        dead = b.node("Less", [live, b.const(np.asarray(0.5, np.float32), "dead_half")], "dead_rows")
+        v = b.transpose(r.v.node, r.v.perm, "dead_v")
+        if r.split_heads:
+            v, o = self._unmerge(b, v, r.split_heads, "dead_v4"), self._unmerge(b, out, r.split_heads, "dead_o4")
+        else:
+            o = b.transpose(out, [r.out_perm.index(i) for i in range(len(r.out_perm))], "dead_o")
+        v_mean = self._reduce(b, "ReduceMean", v, [rank - 2], "dead_v_mean", keepdims=1)
+        fixed = b.node("Where", [dead, v_mean, o], "dead_fixed")
+        if r.split_heads:
+            self._merge(b, fixed, "dead_out")
+        else:
+            b.transpose(fixed, r.out_perm, "dead_out")
+
     def _mask(self, b: _Block, r: Recipe, dtype: np.dtype) -> str | None:
         """One additive float mask in score-canonical layout [batch..., Sq, Skv]."""
         acc = None
         for i, t in enumerate(r.masks):
-            s = self.shape(t.node)
-            if s is None:
-                raise _Skip(f"mask {t.node} has unknown rank")
-            x = b.unsqueeze(t.node, list(range(t.rank - len(s))), f"mask{i}_rank")
-            x = b.transpose(x, t.perm, f"mask{i}_perm")
+            x = self._term(b, t, f"mask{i}")
             mdt = self.g.dtype(t.node)
             if t.how == "add":
                 if mdt != dtype.name:
@@ -694,7 +756,9 @@ class _Splicer:
         """Score-canonical mask -> [B|1, H|1, Sq, Skv], with Sq and Skv in full (both ops
         reject a mask broadcast over queries)."""
         rb = r.batch_rank
-        if rb == 1:
+        if r.split_heads:
+            pass  # the terms are [B, H, Sq, Skv] already (_mask)
+        elif rb == 1:
             m = b.unsqueeze(m, [1], "mask_4d")
         elif rb == 0:
             m = b.unsqueeze(m, [0, 1], "mask_4d")

@@ -59,6 +59,8 @@ class Recipe:
     # may leave the shapes symbolic; a fused node needs them static).
     q_heads: int | None = None
     k_heads: int | None = None
+    # (q/k head dim, v head dim) as detection proved them (probed where shapes are symbolic).
+    head_dims: tuple[int | None, int | None] = (None, None)
     # The model masks by where(..., finite fill) with an input-dependent mask: a query row whose
     # keys are all masked is softmax of a constant there, i.e. the mean of V; the fused op must
     # reproduce that (kernels give such rows zeros).
@@ -153,6 +155,7 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
         normalizer=spec.normalizer, out_perm=out_perm, bypass=bypass, output=site.output,
         remove=frozenset(site.nodes), nan_guard=bool(d.get("nan_guard")),
         dead_rows_mean_v=dead_rows == "mean_v", split_heads=split,
+        head_dims=tuple(x if isinstance(x, int) else None for x in (spec.head_dim, spec.v_head_dim)),
         q_heads=spec.num_heads if isinstance(spec.num_heads, int) else None,
         k_heads=(spec.num_kv_heads * (d.get("kv_repeat") or 1)
                  if isinstance(spec.num_kv_heads, int) else None))

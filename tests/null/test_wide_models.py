@@ -82,3 +82,29 @@ def test_gated_activations_are_not_near_misses(flavour, tmp_path):
     else:
         report = attnopt.inspect(model, (x,))
     assert not report.sites and not report.rejected, [r.reason for r in report.rejected]
+
+
+ONNX_CASES = [(n, "onnx_ts17", op) for n in OWN_PATTERNS + ("deberta_v2",) for op in ("ort", "standard")] + \
+    [("deberta_v3", "onnx_dynamo23", "ort"), ("mpt", "onnx_dynamo23", "ort")]
+
+
+@pytest.mark.parametrize("name,flavour,op", ONNX_CASES)
+def test_onnx(name, flavour, op, tmp_path):
+    import onnx
+
+    from attnopt.optimize_onnx import write_onnx_atomically
+    from zoo import flavours as fl
+    from zoo.hf import ZooModel
+
+    w = wide.WIDE[name]
+    model, kw = wide.build(name)
+    zm = ZooModel(name, model, kw, [])
+    path, _ = fl.export(zm, flavour, tmp_path)
+    res = attnopt.optimize(path, onnx_op=op)
+    _check(res, w)
+    out = tmp_path / "opt.onnx"
+    write_onnx_atomically(res.model, str(out), res.base_dir)
+    fused = [n for n in onnx.load(str(out)).graph.node if n.op_type in ("MultiHeadAttention", "Attention")]
+    assert len(fused) == w.sites
+    got = torch.as_tensor(fl.run_onnx(out, zm.inputs)[0])
+    assert _rel(got, _run(model, kw)) <= 1e-3  # ORT's kernels vs torch's
