@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import torch  # noqa: E402
 
 import attnopt  # noqa: E402
 from zoo import flavours as fl  # noqa: E402

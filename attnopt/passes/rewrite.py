@@ -136,11 +136,13 @@ def plan(graph: Graph, site: Site) -> Recipe | str:
     masks = []
     for op in site.details.get("mask_operands", ()):
         literal = graph.scalar(op.node) if graph.ref(op.node) is None else None
-        if split and not op.merged_heads:  # in the model's [B, H, Sq, Skv] view of the scores
+        if op.merged_heads:  # in the [B*H, Sq, Skv] layout of a bmm, before the model's view
+            masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, 3, (0, 1, 2), literal,
+                                  merged_heads=op.merged_heads))
+        elif split:  # in the model's [B, H, Sq, Skv] view of the scores
             masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, 4, (0, 1, 2, 3), literal))
         else:
-            masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm, literal,
-                                  merged_heads=op.merged_heads))
+            masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm, literal))
 
     dead_rows = _dead_row_rule(graph, masks, spec.normalizer)
     if dead_rows.startswith("reject:"):

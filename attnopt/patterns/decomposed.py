@@ -114,6 +114,9 @@ class _Matcher:
         self.p_perm: tuple[int, ...] = ()  # C2 operand axis i is probability axis p_perm[i]
         self.split: tuple | None = None  # (B, H) when the probabilities are merged to [B*H, ...]
         self.split_node: str | None = None  # the [B, H, Sq, Skv] view of C1's merged scores
+        # Only the scores are merged (the dynamo ONNX exporter folds the probabilities' [B*H]
+        # bmm back into a 4-D MatMul): C1 is re-read on the unmerged [B, H, S, D] q and k.
+        self.half_merged = False
 
     # -- helpers ---------------------------------------------------------------------------
     def reject(self, node: str, reason: str) -> None:
@@ -173,6 +176,8 @@ class _Matcher:
         c1 = describe_contraction(g, c1_node)
         if isinstance(c1, str):
             self.reject(c1_node, c1)
+        if self.half_merged:
+            c1 = self.unmerged_contraction(c1)
         if c1.bias is not None and c1.beta != 0 and _is_zero_constant(g, c1.bias):
             c1 = dataclasses.replace(c1, bias=None)  # baddbmm(zeros, q, kᵀ) is a plain product
         if c1.bias is not None and c1.beta != 0:
@@ -203,7 +208,7 @@ class _Matcher:
         q_op, k_op = c1.operand(q_side), c1.operand(k_side)
         v_op = c2.operand(v_side)
         qs, ks, vs = g.shape(q_op), g.shape(k_op), g.shape(v_op)
-        ss = g.shape(c1_node)
+        ss = g.shape(self.split_node if self.half_merged else c1_node)
         if qs is None or ks is None or vs is None or ss is None:
             self.reject(c1_node, "operand shapes are unknown")
         q_lab, k_lab, v_lab = c1.labels(q_side), c1.labels(k_side), c2.labels(v_side)
@@ -225,7 +230,7 @@ class _Matcher:
         k_scale, k_src = self.fold_operand_scale(k_op, "k")
         scale *= q_scale * k_scale
 
-        if self.split is not None:
+        if self.split is not None and not self.half_merged:
             if ks[k_lab.index(batch_labels[0])] != qs[q_lab.index(batch_labels[0])] \
                     or (s_labels.index(q_label), s_labels.index(key_label)) != (1, 2):
                 self.reject(c1_node, "merged-head scores whose k batch or axis order differs from q's")
@@ -233,6 +238,8 @@ class _Matcher:
             self.details.update(split_heads=self.split[1], scores=self.split_node)
             ss, score_axes = g.shape(self.split_node), (2, 3)
         else:
+            if self.half_merged:
+                self.details["scores"] = self.split_node
             batch, heads, kv_heads = self.heads(c1, batch_labels, ss, q_side, k_side, k_src)
             score_axes = (q_pos, key_pos)
         self.nodes.update([c1_node, c2_node])
@@ -303,6 +310,30 @@ class _Matcher:
         return (self.split is not None and ss is not None and ms is not None and len(ss) == 4
                 and len(ms) == 3 and tuple(ss[:2]) == tuple(self.split) and tuple(ss[2:]) == tuple(ms[1:]))
 
+    def splits_scores_only(self, scores: str, merged: str) -> bool:
+        """[B*H, Sq, Skv] scores viewed as [B, H, Sq, Skv] while the probabilities stay 4-D."""
+        ss, ms = self.g.shape(scores), self.g.shape(merged)
+        if self.split is not None or ss is None or ms is None or len(ss) != 4 or len(ms) != 3:
+            return False
+        b, h = ss[0], ss[1]
+        if not isinstance(h, int) or tuple(ss[2:]) != tuple(ms[1:]) or (isinstance(b, int) and ms[0] != b * h):
+            return False
+        self.split, self.half_merged = (b, h), True
+        return True
+
+    def unmerged_contraction(self, c1: Contraction) -> Contraction:
+        """C1 = bmm over [B*H, ...] operands that are views of [B, H, ...] tensors, re-read as
+        the 4-D product of those tensors (same values, the batch split in two)."""
+        ops = {}
+        for side in "ab":
+            found = _unmerged(self.g, c1.operand(side), c1.labels(side), self.split[1])
+            if found is None or c1.labels(side)[0] != c1.out_labels[0]:
+                self.reject(c1.node, "merged-head scores whose q or k is not a view of a [B, H, S, D] tensor")
+            ops[side] = found
+        (a, a_lab), (b, b_lab) = ops["a"], ops["b"]
+        return dataclasses.replace(c1, a=a, b=b, a_labels=a_lab, b_labels=b_lab,
+                                   out_labels="XY" + c1.out_labels[1:])
+
     def nan_guard(self, p: str, users: list[str]) -> str | None:
         """where(isnan(p), 0, p): returns the where node when `users` is exactly that guard."""
         g = self.g
@@ -342,7 +373,8 @@ class _Matcher:
             if op in _TRANSPARENT:
                 self.nodes.add(cur)
                 cur = ins[0]
-            elif op == "reshape" and not merged and self.splits_heads(cur, ins[0]):
+            elif op == "reshape" and not merged and (self.splits_heads(cur, ins[0])
+                                                     or self.splits_scores_only(cur, ins[0])):
                 merged, self.split_node = self.split[1], cur
                 self.nodes.add(cur)
                 cur = ins[0]
@@ -548,6 +580,33 @@ class _Matcher:
             kv = kv // rep
         self.details["kv_repeat"] = rep
         return batch, heads, kv
+
+
+def _unmerged(graph: Graph, nid: str, labels: str, heads: int) -> tuple[str, str] | None:
+    """For a rank-3 operand whose axis 0 merges [B, H]: the 4-D tensor it is a view of (through
+    transposes of the last two axes and casts) and its labels, axis 0 split into X, Y."""
+    lab = labels
+    for _ in range(6):
+        op, shape = graph.op(nid), graph.shape(nid)
+        if shape is None or len(shape) != 3:
+            return None
+        ins = graph.inputs_of(nid)
+        if op in _TRANSPARENT:
+            nid = ins[0]
+        elif op == "transpose":
+            perm = graph.attr(nid, "perm")
+            if perm is None or tuple(perm)[0] != 0:
+                return None
+            lab = "".join(lab[list(perm).index(i)] for i in range(3))
+            nid = ins[0]
+        elif op == "reshape":
+            src = graph.shape(ins[0])
+            if src is None or len(src) != 4 or src[1] != heads or tuple(src[2:]) != tuple(shape[1:]):
+                return None
+            return ins[0], "XY" + lab[1:]
+        else:
+            return None
+    return None
 
 
 def _is_zero_constant(graph: Graph, nid: str) -> bool:

@@ -43,11 +43,7 @@ KNOWN_EXPORT_GAPS: dict[tuple[str, str], str] = {
 }
 
 # Exports whose attention detection does not find yet (strict xfail: a fix must remove the entry).
-KNOWN_DETECTION_GAPS: dict[tuple[str, str], str] = {
-    ("merged_heads_baddbmm_alibi", "onnx_dynamo23"):
-        "the dynamo exporter folds the [B*H] probability bmm into a 4-D MatMul, so only the scores "
-        "are merged ([B*H] baddbmm viewed as [B, H]): the matcher needs both sides merged",
-}
+KNOWN_DETECTION_GAPS: dict[tuple[str, str], str] = {}
 
 # The file exports but onnxruntime cannot run it (only the ORT comparison is skipped).
 KNOWN_ORT_GAPS: dict[tuple[str, str], str] = {
