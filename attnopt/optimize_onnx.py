@@ -58,10 +58,14 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
         kept.remove(bad)
     if not kept:
         new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
+    fused_ops = {n.name: ("com.microsoft." if n.domain else "") + n.op_type for n in new_model.graph.node
+                 if n.op_type in ("MultiHeadAttention", "Attention")}
     for r in kept:
+        # (a softcap site of an opset-23 model takes the standard Attention op even with op="ort")
+        node_op = next((t for name, t in fused_ops.items() if name.startswith(f"attnopt/{r.site}/")),
+                       "com.microsoft.MultiHeadAttention" if op == "ort" else "Attention")
         results[r.site] = SiteResult(r.site, spec_of[r.site].pattern, "rewritten",
-                                     err["max_rel_error"], "", spec_of[r.site].spec,
-                                     variant=f"onnx:{'com.microsoft.MultiHeadAttention' if op == 'ort' else 'Attention'}")
+                                     err["max_rel_error"], "", spec_of[r.site].spec, variant=f"onnx:{node_op}")
     ordered = [results[s.name] for s in sites if s.name in results]
     res = OptimizeResult(model=new_model, sites=ordered, rejected=rejected,
                          max_abs_error=float(err["max_abs_error"]),

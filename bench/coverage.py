@@ -38,9 +38,10 @@ def one(name: str, flavour: str, tmp: str) -> dict:
         else:
             obj, _ = fl.export(ZooModel(name, model, kw, []), flavour, tmp)
             res = attnopt.optimize(obj)
-        kept = [s for s in res.sites if s.status != "rewritten"]
-        row.update(found=res.sites_found, rewritten=res.sites_rewritten, rel_error=res.rel_error,
-                   kept=kept[0].reason if kept else "")
+        fused = [s for s in res.sites if s.status != "rewritten" and s.pattern.startswith("fused:")]
+        kept = [s for s in res.sites if s.status != "rewritten" and s not in fused]
+        row.update(found=res.sites_found, rewritten=res.sites_rewritten, already_fused=len(fused),
+                   rel_error=res.rel_error, kept=kept[0].reason if kept else "")
     except Exception as e:  # noqa: BLE001 - an export the exporter itself cannot do is a row too
         row.update(found=None, rewritten=None, rel_error=None, kept="",
                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:140] if str(e) else ''}")
@@ -72,13 +73,15 @@ def main() -> None:
         cells = []
         for f in flavours:
             r = by[(name, f)]
-            cells.append("export fails" if r.get("error") else f"{r['found']} / {r['rewritten']}")
+            cell = "fails: " + r["error"].split(":")[0] if r.get("error") else f"{r['found']} / {r['rewritten']}"
+            cells.append(cell + (f" + {r['already_fused']} fused op" if r.get("already_fused") else ""))
         print(f"| {name} | {wide.WIDE[name].sites} | " + " | ".join(cells) + " |")
     for f in flavours:
         fr = [r for r in rows if r["flavour"] == f and not r.get("error")]
-        found = sum(r["found"] == r["expected"] for r in fr)
-        full = sum(r["rewritten"] == r["expected"] for r in fr)
-        print(f"{f}: {len(fr)} exported, all sites found in {found}, all rewritten in {full}")
+        found = sum(r["found"] >= r["expected"] for r in fr)
+        full = sum(r["rewritten"] + r["already_fused"] == r["found"] >= r["expected"] for r in fr)
+        print(f"{f}: {len(fr)} of {len(a.models.split(','))} ran, all expected sites found in {found}, "
+              f"every found site rewritten (or already a fused op) in {full}")
 
 
 if __name__ == "__main__":

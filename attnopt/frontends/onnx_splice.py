@@ -387,8 +387,12 @@ class _Splicer:
     def build(self, r: Recipe) -> tuple[_Block, str]:
         if r.normalizer != "softmax":
             raise _Skip(f"{r.normalizer} attention has no fused ONNX op")
-        if r.softcap is not None and self.op == "ort":
-            raise _Skip("MultiHeadAttention has no softcap")
+        # MultiHeadAttention has no softcap: such sites take the standard Attention op where the
+        # model's opset already has it (Gemma-2 exported at opset 23), so nothing else changes.
+        standard = self.op == "standard" or (r.softcap is not None and _default_opset(self.m) >= STANDARD_OPSET)
+        if r.softcap is not None and not standard:
+            raise _Skip(f"MultiHeadAttention has no softcap, and the model's opset "
+                        f"{_default_opset(self.m)} has no Attention op (--onnx-op standard upgrades it)")
         if r.window is not None and any(w is not None for w in r.window):
             raise _Skip("sliding-window recipes are not spliced into ONNX yet")
         b = _Block(f"attnopt/{r.site or r.output}", self.taken)
@@ -405,20 +409,20 @@ class _Splicer:
         self.dv = vc[-1] if isinstance(vc[-1], int) else (r.head_dims[1] or vc[-1])
         dtype = _np_dtype(self.g.dtype(r.q.node))
         heads = self._heads(r, qc, kc)
-        key_bias = self._key_bias(b, r, dtype) if self.op == "ort" else None
+        key_bias = self._key_bias(b, r, dtype) if not standard else None
         mask = None if key_bias is not None else self._mask(b, r, dtype)
         causal_flag = False
         if r.causal:
             same = self.sq == self.skv and self.sq is not None
-            if same or (self.op == "standard" and r.causal_alignment == "top_left"):
+            if same or (standard and r.causal_alignment == "top_left"):
                 causal_flag = True
             else:
                 cm = self._causal_mask(b, r, dtype)
                 mask = cm if mask is None else b.node("Add", [mask, cm], "mask_causal")
-        if self.op == "ort":
-            fused = self._mha(b, r, heads, mask, causal_flag, key_bias)
-        else:
+        if standard:
             fused = self._standard(b, r, heads, mask, causal_flag)
+        else:
+            fused = self._mha(b, r, heads, mask, causal_flag, key_bias)
         if r.nan_guard:
             # The model zeroed NaN probabilities (rows with every key masked); the fused op may
             # give NaN there, so its output gets the same guard (such rows are all-NaN).
