@@ -47,6 +47,19 @@ def session(model: onnx.ModelProto | str | os.PathLike, base_dir: str | None = N
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def _original_runs(step):
+    """Runs a step on the user's own model; if ONNX Runtime cannot do it, no rewrite can be
+    validated: say so plainly (an UnsupportedModel, one line) instead of an internal error."""
+    try:
+        return step()
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+        from attnopt.errors import UnsupportedModel
+
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnsupportedModel("ONNX Runtime cannot run the input model, so no rewrite of it can be "
+                               f"validated: {why}") from e
+
+
 def _vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
     """input name -> rows of the smallest embedding table it indexes (through Cast/Identity)."""
     gp = model.graph
@@ -170,7 +183,7 @@ def compare_onnx(original: Any, rewritten: onnx.ModelProto,
             graph = (load_onnx(original) if isinstance(original, (str, os.PathLike))
                      else load_onnx(orig_proto, base_dir=base_dir))
         feeds_list = generate_feeds(graph)
-    s_a = session(orig_proto, base_dir, threads)
+    s_a = _original_runs(lambda: session(orig_proto, base_dir, threads))
     s_b = session(rewritten, base_dir, threads)
     names = [o.name for o in s_a.get_outputs()]
     per: dict[str, dict[str, float]] = {n: {"max_abs_error": 0.0, "max_rel_error": 0.0, "scale": 0.0}
@@ -179,7 +192,7 @@ def compare_onnx(original: Any, rewritten: onnx.ModelProto,
     for feeds in feeds_list:
         fa = {i.name: feeds[i.name] for i in s_a.get_inputs()}
         fb = {i.name: feeds[i.name] for i in s_b.get_inputs()}
-        ra = s_a.run(names, fa)
+        ra = _original_runs(lambda: s_a.run(names, fa))
         rb = s_b.run(names, fb)
         worst = 0.0
         for n, a, b in zip(names, ra, rb):

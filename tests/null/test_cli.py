@@ -121,3 +121,21 @@ def test_debug_shows_traceback(tmp_path):
     assert rc != 0 and "Traceback" in err
     rc, _, err = run_process("inspect", junk)
     assert rc == 4 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_model_onnxruntime_cannot_run(example, tmp_path):
+    """Validation needs the user's own model to run in ONNX Runtime; when it cannot (an op ORT
+    does not implement), optimize says so in one line, exits non-zero and writes nothing."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(example / "tiny_transformer.onnx"))
+    x = m.graph.input[0].name
+    m.graph.node.append(helper.make_node("Mystery", [x], ["mystery_out"], domain="com.example"))
+    m.graph.output.append(helper.make_tensor_value_info("mystery_out", onnx.TensorProto.FLOAT, None))
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    src, out = tmp_path / "mystery.onnx", tmp_path / "out.onnx"
+    onnx.save(m, str(src))
+    rc, _, err = run("optimize", src, "-o", out)
+    assert rc != 0 and "ONNX Runtime cannot run the input model" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
