@@ -244,7 +244,8 @@ def _baddbmm(t: _Translator, n: fx.Node) -> None:
     # attrs alpha/beta and treats input as an additive bias on the scores.
     beta = arg(n, 3, "beta", 1)
     alpha = arg(n, 4, "alpha", 1)
-    ins = [t.lit(n, 1, n.args[1]), t.lit(n, 2, n.args[2]), t.lit(n, 0, n.args[0])]
+    # (BLOOM calls alibi.baddbmm(batch1=q, batch2=k, ...): the operands may be keywords)
+    ins = [t.lit(n, 1, arg(n, 1, "batch1")), t.lit(n, 2, arg(n, 2, "batch2")), t.lit(n, 0, arg(n, 0, "input"))]
     t.add(n, "baddbmm", ins, alpha=float(alpha), beta=float(beta))
 
 

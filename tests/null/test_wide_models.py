@@ -110,3 +110,21 @@ def test_onnx(name, flavour, op, tmp_path):
     assert len(fused) == w.sites
     got = torch.as_tensor(fl.run_onnx(out, zm.inputs)[0])
     assert _rel(got, _run(model, kw)) <= 1e-3  # ORT's kernels vs torch's
+
+
+@pytest.mark.parametrize("name", OWN_PATTERNS)
+def test_compile_backend(name):
+    """torch.compile(backend="attnopt"): dynamo's torch-level graphs (BLOOM calls
+    alibi.baddbmm(batch1=..., batch2=...) with keywords there)."""
+    from zoo import flavours as fl
+    from zoo.hf import ZooModel
+
+    model, kw = wide.build(name)
+    graphs = fl.via_compile(ZooModel(name, model, kw, []))
+    results = [attnopt.optimize(gm, ex) for gm, ex in graphs]
+    assert sum(r.sites_found for r in results) == wide.WIDE[name].sites
+    assert all(r.sites_rewritten == r.sites_found and r.rel_error <= TOL for r in results)
+    torch._dynamo.reset()
+    got = _run(torch.compile(model, backend=attnopt.backend.make_backend("eager")), kw)
+    torch._dynamo.reset()
+    assert _rel(got, _run(model, kw)) <= TOL
