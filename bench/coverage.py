@@ -1,12 +1,13 @@
 """Detection and exact-rewrite coverage over ~50 transformers architectures, in every form a
 model reaches attnopt: the nn.Module, a torch.export program, and ONNX files from the TorchScript
-exporter (opset 17) and the dynamo exporter (opset 23).
+exporter (opset 17) and the dynamo exporter (opset 23); "compile" is every graph dynamo hands a
+torch.compile backend.
 
 For each model and flavour: sites found, sites rewritten (ONNX: fused into MultiHeadAttention),
 the validation error, and the first reason a found site was kept. Models come from
 tests/zoo/hf_wide.py (tiny configs, random sharpened weights).
 
-  PYTHONPATH=.:tests .venv/bin/python bench/coverage.py [--flavours module,pt2,onnx_ts17,onnx_dynamo23]
+  PYTHONPATH=.:tests .venv/bin/python bench/coverage.py [--flavours module,compile,pt2,onnx_ts17,onnx_dynamo23]
       [--models a,b] [--json out.json]
 """
 from __future__ import annotations
@@ -35,6 +36,11 @@ def one(name: str, flavour: str, tmp: str) -> dict:
         model, kw = wide.build(name)
         if flavour == "module":
             res = attnopt.optimize(model, kw)
+        elif flavour == "compile":  # every graph dynamo hands a backend, as one result
+            parts = [attnopt.optimize(gm, ex) for gm, ex in fl.via_compile(ZooModel(name, model, kw, []))]
+            res = parts[0]
+            res.sites = [s for p in parts for s in p.sites]
+            res.rel_error = max(p.rel_error for p in parts)
         else:
             obj, _ = fl.export(ZooModel(name, model, kw, []), flavour, tmp)
             res = attnopt.optimize(obj)
@@ -51,7 +57,7 @@ def one(name: str, flavour: str, tmp: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--flavours", default="module,pt2,onnx_ts17,onnx_dynamo23")
+    ap.add_argument("--flavours", default="module,compile,pt2,onnx_ts17,onnx_dynamo23")
     ap.add_argument("--models", default=",".join(wide.NAMES))
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
