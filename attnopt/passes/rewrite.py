@@ -29,8 +29,9 @@ class MaskTerm:
     rank: int  # rank the operand is broadcast to (the score rank) before `perm`
     perm: tuple[int, ...]
     literal: float | None = None  # a scalar written as a literal in the model (no graph node)
-    # > 0: after `perm` the term is [B*H, Sq, Skv] (merged heads, see Recipe.split_heads); this
-    # is H, to view it as [B, H, Sq, Skv].
+    # > 0: the term is in a bmm's [B*H, Sq, Skv] layout (added before the model viewed its
+    # scores as [B, H, Sq, Skv]; BLOOM's ALiBi, DeBERTa's position scores); this is H, so the
+    # splice views it as [B, H, Sq, Skv] like the other terms.
     merged_heads: int = 0
 
 
