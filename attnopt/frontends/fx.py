@@ -374,7 +374,9 @@ def _binary(op: str):
 for _name, _op in (("mul", "mul"), ("div", "div"), ("add", "add"), ("sub", "sub"),
                    ("__mul__", "mul"), ("__truediv__", "div"), ("__add__", "add"),
                    ("__sub__", "sub"), ("mul_", "mul"), ("div_", "div"), ("add_", "add"),
-                   ("true_divide", "div"), ("multiply", "mul"), ("divide", "div")):
+                   ("true_divide", "div"), ("multiply", "mul"), ("divide", "div"),
+                   # Python's augmented assignment in dynamo graphs (Falcon, MPNet: scores /= sqrt(d))
+                   ("itruediv", "div"), ("imul", "mul"), ("iadd", "add"), ("isub", "sub"), ("sub_", "sub")):
     _HANDLERS[_name] = _binary(_op)
 
 

@@ -112,10 +112,11 @@ def test_onnx(name, flavour, op, tmp_path):
     assert _rel(got, _run(model, kw)) <= 1e-3  # ORT's kernels vs torch's
 
 
-@pytest.mark.parametrize("name", OWN_PATTERNS)
+@pytest.mark.parametrize("name", OWN_PATTERNS + ("falcon", "mpnet"))
 def test_compile_backend(name):
     """torch.compile(backend="attnopt"): dynamo's torch-level graphs (BLOOM calls
-    alibi.baddbmm(batch1=..., batch2=...) with keywords there)."""
+    alibi.baddbmm(batch1=..., batch2=...) with keywords there; Falcon and MPNet scale the scores
+    in place, operator.itruediv)."""
     from zoo import flavours as fl
     from zoo.hf import ZooModel
 

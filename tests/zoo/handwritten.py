@@ -149,6 +149,11 @@ def _positives() -> list[HandCase]:
         notes="DeBERTa-style: bmm(q, k^T / sqrt(d)) viewed as [B, H, S, S], masked_fill(finfo.min)")
 
     # where the scale goes
+    def inplace_scale(m, q, k, v):
+        s = q @ kT(k)
+        s /= math.sqrt(D)  # dynamo records operator.itruediv (Falcon, MPNet)
+        return sm(s) @ v
+    add("scale_inplace_div", inplace_scale)
     add("scale_on_q_mul", lambda m, q, k, v: sm((q * SC) @ kT(k)) @ v)
     add("scale_on_q_div", lambda m, q, k, v: sm((q / math.sqrt(D)) @ kT(k)) @ v)
     add("scale_on_k", lambda m, q, k, v: sm(q @ (k * SC).transpose(-2, -1)) @ v)
