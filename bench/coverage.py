@@ -35,19 +35,18 @@ def one(name: str, flavour: str, tmp: str) -> dict:
     try:
         model, kw = wide.build(name)
         if flavour == "module":
-            res = attnopt.optimize(model, kw)
-        elif flavour == "compile":  # every graph dynamo hands a backend, as one result
-            parts = [attnopt.optimize(gm, ex) for gm, ex in fl.via_compile(ZooModel(name, model, kw, []))]
-            res = parts[0]
-            res.sites = [s for p in parts for s in p.sites]
-            res.rel_error = max(p.rel_error for p in parts)
+            results = [attnopt.optimize(model, kw)]
+        elif flavour == "compile":  # every graph dynamo hands a backend
+            results = [attnopt.optimize(gm, ex) for gm, ex in fl.via_compile(ZooModel(name, model, kw, []))]
         else:
             obj, _ = fl.export(ZooModel(name, model, kw, []), flavour, tmp)
-            res = attnopt.optimize(obj)
-        fused = [s for s in res.sites if s.status != "rewritten" and s.pattern.startswith("fused:")]
-        kept = [s for s in res.sites if s.status != "rewritten" and s not in fused]
-        row.update(found=res.sites_found, rewritten=res.sites_rewritten, already_fused=len(fused),
-                   rel_error=res.rel_error, kept=kept[0].reason if kept else "")
+            results = [attnopt.optimize(obj)]
+        sites = [s for r in results for s in r.sites]
+        fused = [s for s in sites if s.status != "rewritten" and s.pattern.startswith("fused:")]
+        kept = [s for s in sites if s.status != "rewritten" and s not in fused]
+        row.update(found=len(sites), rewritten=sum(s.status == "rewritten" for s in sites),
+                   already_fused=len(fused), rel_error=max(r.rel_error for r in results),
+                   kept=kept[0].reason if kept else "")
     except Exception as e:  # noqa: BLE001 - an export the exporter itself cannot do is a row too
         row.update(found=None, rewritten=None, rel_error=None, kept="",
                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:140] if str(e) else ''}")

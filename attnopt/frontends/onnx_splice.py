@@ -473,10 +473,22 @@ class _Splicer:
 
     @staticmethod
     def _unmerge(b: _Block, x: str, h: int, hint: str) -> str:
-        """[B*H, A, C] -> [B, H, A, C] for any A, C (the sizes are read from x)."""
+        """[B*H, A, C] -> [B, H, A, C]."""
+        return _Splicer._relead(b, x, [-1, h], 1, hint)
+
+    @staticmethod
+    def _merge(b: _Block, x: str, hint: str) -> str:
+        """[B, H, A, C] -> [B*H, A, C]."""
+        return _Splicer._relead(b, x, [-1], 2, hint)
+
+    @staticmethod
+    def _relead(b: _Block, x: str, lead: list[int], keep_from: int, hint: str) -> str:
+        """x reshaped to `lead` + its own sizes from axis `keep_from` on (read at run time, so
+        symbolic sequence lengths stay symbolic)."""
         shp = b.node("Shape", [x], hint + "_shape")
-        rest = b.node("Slice", [shp, b.ints([1], hint + "_from"), b.ints([3], hint + "_to")], hint + "_rest")
-        return b.node("Reshape", [x, b.node("Concat", [b.ints([-1, h], hint + "_lead"), rest],
+        rest = b.node("Slice", [shp, b.ints([keep_from], hint + "_from"), b.ints([keep_from + 2], hint + "_to")],
+                      hint + "_rest")
+        return b.node("Reshape", [x, b.node("Concat", [b.ints(lead, hint + "_lead"), rest],
                                             hint + "_dims", axis=0)], hint)
 
     def _expand_heads(self, b: _Block, x: str, h, kh, last, which: str) -> str:
@@ -636,14 +648,6 @@ class _Splicer:
             return b.squeeze(x, [0, 1], "out_2d")
         b1, b2 = r.batch_sizes[1:3]
         return b.reshape(x, [0, b1, b2, -1, self.dv], "out_5d")
-
-    @staticmethod
-    def _merge(b: _Block, x: str, hint: str) -> str:
-        """[B, H, A, C] -> [B*H, A, C]."""
-        shp = b.node("Shape", [x], hint + "_shape")
-        rest = b.node("Slice", [shp, b.ints([2], hint + "_from"), b.ints([4], hint + "_to")], hint + "_rest")
-        return b.node("Reshape", [x, b.node("Concat", [b.ints([-1], hint + "_lead"), rest],
-                                            hint + "_dims", axis=0)], hint)
 
     # -- op="standard": ONNX Attention -----------------------------------------------------
     def _standard(self, b: _Block, r: Recipe, heads, mask, causal_flag: bool) -> str:

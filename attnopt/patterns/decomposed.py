@@ -112,7 +112,7 @@ class _Matcher:
         self.nodes: set[str] = {anchor}
         self.details: dict = {"scale_nodes": []}
         self.p_perm: tuple[int, ...] = ()  # C2 operand axis i is probability axis p_perm[i]
-        self.split: tuple | None = None  # (B, H) when the probabilities are merged to [B*H, ...]
+        self.split: tuple | None = None  # (B, H) when heads are merged into the batch ([B*H, ...])
         self.split_node: str | None = None  # the [B, H, Sq, Skv] view of C1's merged scores
         # Only the scores are merged (the dynamo ONNX exporter folds the probabilities' [B*H]
         # bmm back into a 4-D MatMul): C1 is re-read on the unmerged [B, H, S, D] q and k.
@@ -278,7 +278,10 @@ class _Matcher:
                 self.p_perm = tuple(self.p_perm[i] for i in perm)
                 self.nodes.add(u)
                 cur = u
-            elif op == "reshape" and self.split is None and self.merges_heads(cur, u):
+            elif op == "reshape" and self.split is None and self.p_perm == (0, 1, 2, 3) \
+                    and (split := _head_split(g, cur, u)):
+                # untransposed [B, H, Sq, Skv] probabilities viewed as [B*H, Sq, Skv]
+                self.split, self.p_perm = split, (0, 1, 2)
                 self.nodes.add(u)
                 cur = u
             elif op == "dropout":
@@ -289,37 +292,6 @@ class _Matcher:
                 self.reject(u, f"the probabilities feed {g.describe(u)}, not a matmul with V")
         self.reject(cur, "no matmul with V after the normalizer")
         raise AssertionError  # unreachable
-
-    def merges_heads(self, p: str, merged: str) -> bool:
-        """Whether `merged` views untransposed [B, H, Sq, Skv] probabilities as [B*H, Sq, Skv]."""
-        ps, ms = self.g.shape(p), self.g.shape(merged)
-        if ps is None or ms is None or len(ps) != 4 or len(ms) != 3 or self.p_perm != (0, 1, 2, 3):
-            return False
-        b, h = ps[0], ps[1]
-        if not isinstance(h, int) or tuple(ms[1:]) != tuple(ps[2:]):
-            return False
-        if isinstance(b, int) and ms[0] != b * h:
-            return False
-        self.split, self.p_perm = (b, h), (0, 1, 2)
-        return True
-
-    def splits_heads(self, scores: str, merged: str) -> bool:
-        """Whether `scores` views merged [B*H, Sq, Skv] scores as the [B, H, Sq, Skv] that the
-        probabilities were merged from."""
-        ss, ms = self.g.shape(scores), self.g.shape(merged)
-        return (self.split is not None and ss is not None and ms is not None and len(ss) == 4
-                and len(ms) == 3 and tuple(ss[:2]) == tuple(self.split) and tuple(ss[2:]) == tuple(ms[1:]))
-
-    def splits_scores_only(self, scores: str, merged: str) -> bool:
-        """[B*H, Sq, Skv] scores viewed as [B, H, Sq, Skv] while the probabilities stay 4-D."""
-        ss, ms = self.g.shape(scores), self.g.shape(merged)
-        if self.split is not None or ss is None or ms is None or len(ss) != 4 or len(ms) != 3:
-            return False
-        b, h = ss[0], ss[1]
-        if not isinstance(h, int) or tuple(ss[2:]) != tuple(ms[1:]) or (isinstance(b, int) and ms[0] != b * h):
-            return False
-        self.split, self.half_merged = (b, h), True
-        return True
 
     def unmerged_contraction(self, c1: Contraction) -> Contraction:
         """C1 = bmm over [B*H, ...] operands that are views of [B, H, ...] tensors, re-read as
@@ -373,9 +345,12 @@ class _Matcher:
             if op in _TRANSPARENT:
                 self.nodes.add(cur)
                 cur = ins[0]
-            elif op == "reshape" and not merged and (self.splits_heads(cur, ins[0])
-                                                     or self.splits_scores_only(cur, ins[0])):
-                merged, self.split_node = self.split[1], cur
+            elif op == "reshape" and not merged and (split := _head_split(g, cur, ins[0])) \
+                    and self.split in (None, split):
+                # [B*H, Sq, Skv] scores viewed as [B, H, Sq, Skv]: the view the probabilities were
+                # merged from, or (no merge below the normalizer) a scores-only merge
+                self.half_merged = self.split is None
+                self.split, self.split_node, merged = split, cur, split[1]
                 self.nodes.add(cur)
                 cur = ins[0]
             elif op in ("mul", "div"):
@@ -580,6 +555,18 @@ class _Matcher:
             kv = kv // rep
         self.details["kv_repeat"] = rep
         return batch, heads, kv
+
+
+def _head_split(graph: Graph, split: str, merged: str) -> tuple | None:
+    """(B, H) when `split` is the [B, H, Sq, Skv] view of `merged`'s [B*H, Sq, Skv] (either may
+    be the producer), with H static."""
+    ss, ms = graph.shape(split), graph.shape(merged)
+    if ss is None or ms is None or len(ss) != 4 or len(ms) != 3:
+        return None
+    b, h = ss[0], ss[1]
+    if not isinstance(h, int) or tuple(ss[2:]) != tuple(ms[1:]) or (isinstance(b, int) and ms[0] != b * h):
+        return None
+    return (b, h)
 
 
 def _unmerged(graph: Graph, nid: str, labels: str, heads: int) -> tuple[str, str] | None:

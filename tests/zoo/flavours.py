@@ -42,9 +42,6 @@ KNOWN_EXPORT_GAPS: dict[tuple[str, str], str] = {
         "TorchScript exporter cannot export aten::_native_multi_head_attention (MHA fast path in no-grad eval)",
 }
 
-# Exports whose attention detection does not find yet (strict xfail: a fix must remove the entry).
-KNOWN_DETECTION_GAPS: dict[tuple[str, str], str] = {}
-
 # The file exports but onnxruntime cannot run it (only the ORT comparison is skipped).
 KNOWN_ORT_GAPS: dict[tuple[str, str], str] = {
     ("sdpa_bool_padding_mask", "onnx_dynamo23"):

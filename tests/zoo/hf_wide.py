@@ -47,13 +47,16 @@ def vision(family: str, model: str | None = None, impl: str = "eager", **kw):
     return getattr(transformers, model or family + "Model")(cfg), {"pixel_values": px}
 
 
-def seq2seq(family: str, **kw):
+BART_LIKE = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=1,
+                 decoder_start_token_id=2)
+
+
+def seq2seq(family: str, config: dict = BART_LIKE):
+    """An encoder-decoder with one layer each side; `config` holds the family's own size keys."""
     import transformers
 
-    base = dict(vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                max_position_embeddings=64, use_cache=False, pad_token_id=1, decoder_start_token_id=2)
-    cfg = _cfg(family, base, "eager", kw)
+    cfg = _cfg(family, dict(vocab_size=VOCAB, d_model=64, use_cache=False), "eager", config)
     inputs = _text_inputs(16)
     inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (B, 10), generator=torch.Generator().manual_seed(1))
     return _TupleOut(getattr(transformers, family + "Model")(cfg)), inputs
@@ -163,11 +166,8 @@ WIDE: dict[str, Wide] = {
     "pegasus": Wide(lambda: seq2seq("Pegasus"), 3, _first(**PAD)),
     "marian": Wide(lambda: seq2seq("Marian"), 3, _first(**PAD)),
     "m2m100": Wide(lambda: seq2seq("M2M100"), 3, _first(**PAD)),
-    "t5": Wide(lambda: (lambda c: (_TupleOut(__import__("transformers").T5Model(c)), dict(
-        _text_inputs(16), decoder_input_ids=torch.randint(3, VOCAB, (B, 10), generator=torch.Generator().manual_seed(1)))))(
-        _cfg("T5", dict(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1,
-                        num_heads=4, use_cache=False, decoder_start_token_id=0), "eager", {})),
-        3, _first(mods=("bias",), **PAD)),
+    "t5": Wide(lambda: seq2seq("T5", dict(d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4,
+                                          decoder_start_token_id=0)), 3, _first(mods=("bias",), **PAD)),
     "wav2vec2": Wide(lambda: audio("Wav2Vec2"), 2, _first()),
     "hubert": Wide(lambda: audio("Hubert"), 2, _first()),
 }
