@@ -39,3 +39,9 @@ class ValidationFailed(AttnoptError):
 
 class Interrupted(AttnoptError):
     exit_code = 130
+
+
+class BadArgument(AttnoptError):
+    """An option or input value out of its allowed set or range (a bad plan field, say)."""
+
+    exit_code = 2
