@@ -13,6 +13,9 @@ import sys
 
 
 def main() -> None:
+    if "--debug" not in sys.argv:
+        # torch's C++ warnings are printed at import and during loads; errors still show
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     hit: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
     try:

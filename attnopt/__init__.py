@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from attnopt.api import InspectReport, inspect, optimize
 from attnopt.codegen import ops as _ops  # noqa: F401 - registers torch.ops.attnopt.attention
+from attnopt.frontends.pt2 import trust_pickled_files
 from attnopt.functional import attention
 from attnopt.passes.plan import Plan, plan_model as plan
 from attnopt.backend import register as _register_backend
 
 _register_backend()
 
-__all__ = ["attention", "inspect", "optimize", "plan", "Plan", "InspectReport"]
+__all__ = ["attention", "inspect", "optimize", "plan", "Plan", "InspectReport",
+           "trust_pickled_files"]
 __version__ = "0.1.0"

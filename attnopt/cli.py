@@ -47,6 +47,13 @@ def user_errors(debug: bool) -> Iterator[None]:
         # sys.stderr redirected, and the message was then lost (exit 130, nothing printed).
         _report_interrupt()
         raise typer.Exit(Interrupted.exit_code) from None
+    except MemoryError:
+        # a file can declare shapes no machine holds; that is the model's size, not a bug
+        if debug:
+            raise
+        err.print("[red]error:[/red] the model needs more memory than this machine has to run "
+                  "and validate it", highlight=False)
+        raise typer.Exit(5) from None
     except Exception as e:  # noqa: BLE001 - a bug: still one line unless --debug
         if _interrupted(e):
             # a ^C inside a native extension's import surfaces as that import failing
@@ -59,6 +66,20 @@ def user_errors(debug: bool) -> Iterator[None]:
         err.print(f"[red]error:[/red] internal error ({type(e).__name__}): {first} "
                   "(run with --debug for the traceback)", highlight=False)
         raise typer.Exit(1) from None
+
+
+@contextmanager
+def _pickle_policy(allow: bool) -> Iterator[None]:
+    """--allow-unsafe-pickle: the user vouches for the file (frontends/pt2.py)."""
+    if not allow:
+        yield
+        return
+    from attnopt.frontends.pt2 import trust_pickled_files
+
+    err.print("[yellow]warning:[/yellow] --allow-unsafe-pickle: pickled objects in the model file "
+              "will be unpickled, which runs any code they hold", highlight=False)
+    with trust_pickled_files():
+        yield
 
 
 def _fmt(v) -> str:
@@ -91,12 +112,16 @@ def inspect(
     model: Path = typer.Argument(..., help="an .onnx or .pt2 file", readable=False),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     explain: bool = typer.Option(False, "--explain", help="also list near misses and why"),
+    allow_unsafe_pickle: bool = typer.Option(
+        False, "--allow-unsafe-pickle",
+        help="DANGEROUS: load .pt2 files that store pickled objects, which runs code from the file; "
+             "only for files you made yourself"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Find every attention site in MODEL and describe it exactly."""
     import attnopt
 
-    with user_errors(debug):
+    with user_errors(debug), _pickle_policy(allow_unsafe_pickle):
         with err.status(f"inspecting {model} ..."):
             report = attnopt.inspect(model)
         if as_json:
@@ -117,20 +142,18 @@ def inspect(
             out.print(f"{len(report.rejected)} near miss(es); --explain lists them")
 
 
-def _check_output(model: Path, output: Path) -> None:
+def _check_output(model: Path, output: Path, *, reads: tuple = ()) -> None:
+    """The output must be writable and must not be anything this run reads (outputs.py)."""
     from attnopt.errors import OutputError
+    from attnopt.outputs import check_output, onnx_external_files
 
     if output.suffix not in (".onnx", ".pt2"):
         raise OutputError(f"output {output} must end in .onnx or .pt2")
-    if model.exists() and output.exists() and output.resolve() == model.resolve():
-        raise OutputError(f"output {output} is the input model; choose another path")
     if model.suffix in (".onnx", ".pt2") and output.suffix != model.suffix:
         raise OutputError(f"output {output} must have the input's format ({model.suffix})")
-    parent = output.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output directory {parent} is not writable")
+    inputs = [("input model", model)] + [("input model's external data", p)
+                                         for p in onnx_external_files(model)] + list(reads)
+    check_output(output, inputs, extra_names=[output.name + ".data"] if output.suffix == ".onnx" else ())
 
 
 def results_table(result) -> Table:
@@ -155,17 +178,21 @@ def optimize(
     policy: str = typer.Option("exact", "--policy", help="exact (never changes results)"),
     plan_file: Path = typer.Option(None, "--plan", help="apply a plan written by `attnopt plan` "
                                                         "(re-validated; .pt2 models)"),
+    allow_unsafe_pickle: bool = typer.Option(
+        False, "--allow-unsafe-pickle",
+        help="DANGEROUS: load .pt2 files that store pickled objects, which runs code from the file; "
+             "only for files you made yourself"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Replace every attention site of MODEL by one fused, validated kernel; write OUTPUT."""
     import attnopt
 
-    with user_errors(debug):
+    with user_errors(debug), _pickle_policy(allow_unsafe_pickle):
         from attnopt.errors import InputNotFound
         from attnopt.frontends import check_input
 
         check_input(model)
-        _check_output(model, output)
+        _check_output(model, output, reads=(("plan", plan_file),))
         plan = None
         if plan_file is not None:
             if not plan_file.exists():
@@ -189,26 +216,13 @@ def optimize(
 
 
 def write_model(result, output: Path) -> None:
-    """Write atomically: temporary file, check, reload, rename."""
+    """Write atomically: temporary file, check, reload, rename (outputs.py)."""
+    from attnopt.outputs import write_onnx, write_pt2
+
     if output.suffix == ".onnx":
-        from attnopt.optimize_onnx import write_onnx_atomically
-
-        write_onnx_atomically(result.model, str(output), getattr(result, "base_dir", None))
-        return
-    import torch
-
-    from attnopt.errors import OutputError
-
-    tmp = output.with_name(f".{output.stem}.tmp-{os.getpid()}.pt2")
-    try:
-        torch.export.save(result.model, str(tmp))
-        torch.export.load(str(tmp))
-        os.replace(tmp, output)
-    except OSError as e:
-        raise OutputError(f"cannot write {output}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        write_onnx(result.model, output, getattr(result, "base_dir", None))
+    else:
+        write_pt2(result.model, output)
 
 
 def main() -> None:
@@ -216,6 +230,7 @@ def main() -> None:
 
     if "--debug" not in sys.argv:
         warnings.filterwarnings("ignore")  # library deprecation chatter is not for our users
+        _quiet_libraries()
     global _PROCESS_ENTRY
     _PROCESS_ENTRY = True
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -244,6 +259,20 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - a closed or redirected stream: nothing left to flush
             pass
     os._exit(int(code or 0))
+
+
+def _quiet_libraries() -> None:
+    """torch's and ONNX Runtime's own log lines break the one-line promise; --debug keeps them."""
+    import logging
+
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except Exception:  # noqa: BLE001 - without ORT there is nothing of it to quiet
+        pass
 
 
 _PROCESS_ENTRY = False  # True when main() runs as the process (console script / -m)

@@ -2,7 +2,6 @@
 Runtime against the original; a site whose output moves beyond noise is reverted."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from attnopt.frontends.onnx import load_onnx
@@ -84,31 +83,9 @@ def _first_failing(graph, kept, op, compare, splice, tol: float = TOLERANCE) -> 
 
 
 def write_onnx_atomically(model, out_path: str, base_dir: str | None = None) -> None:
-    """Temporary file, full checker, ORT load, then rename: never a partial output."""
-    import onnx
-    import onnxruntime as ort
+    """Temporary files, full checker, ORT load, then rename: never a partial output (outputs.py)."""
+    from pathlib import Path
 
-    from attnopt.errors import OutputError
+    from attnopt.outputs import write_onnx
 
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-
-    if base_dir and any(uses_external_data(t) for t in model.graph.initializer):
-        # Weights stay beside the input; bring them along so the output stands on its own.
-        model = type(model).FromString(model.SerializeToString())
-        load_external_data_for_model(model, base_dir)
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    try:
-        large = model.ByteSize() > 1_800_000_000
-        if large:
-            onnx.save_model(model, tmp, save_as_external_data=True,
-                            location=os.path.basename(out_path) + ".data")
-        else:
-            onnx.save_model(model, tmp)
-        onnx.checker.check_model(tmp, full_check=True)
-        ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        os.replace(tmp, out_path)
-    except OSError as e:
-        raise OutputError(f"cannot write {out_path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_onnx(model, Path(out_path), base_dir)

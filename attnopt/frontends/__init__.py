@@ -34,14 +34,18 @@ def load(model: Any, example_inputs: Any = None) -> Graph:
 
 def check_input(path: Path) -> None:
     """One-line errors for a model path that cannot be a model at all."""
-    if not path.exists():
-        raise InputNotFound(f"no such file: {path}")
-    if path.is_dir():
-        raise UnreadableModel(f"{path} is a directory, not a model file")
-    if not os.access(path, os.R_OK):
-        raise UnreadableModel(f"{path} is not readable")
-    if path.stat().st_size == 0:
-        raise UnreadableModel(f"{path} is empty")
+    try:
+        if not path.exists():
+            raise InputNotFound(f"no such file: {path}")
+        if path.is_dir():
+            raise UnreadableModel(f"{path} is a directory, not a model file")
+        if not os.access(path, os.R_OK):
+            raise UnreadableModel(f"{path} is not readable")
+        if path.stat().st_size == 0:
+            raise UnreadableModel(f"{path} is empty")
+    except OSError as e:  # a name too long, a loop of links, an I/O error
+        shown = str(path) if len(str(path)) <= 120 else str(path)[:60] + "..." + str(path)[-40:]
+        raise UnreadableModel(f"{shown} cannot be opened: {e.strerror or e}") from None
 
 
 def load_path(path: Path) -> Graph:
@@ -67,13 +71,7 @@ def _load_pt2(path: Path) -> Graph:
 
 
 def _load_pt2_program(path: Path):
-    import torch
+    """The program in a .pt2 file, loaded without running code from it (frontends/pt2.py)."""
+    from attnopt.frontends.pt2 import load_program
 
-    if not path.exists():
-        raise InputNotFound(f"no such file: {path}")
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as e:  # noqa: BLE001 - any failure to load is the file's problem
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UnreadableModel(f"{path} could not be loaded as a torch.export program: {msg}") from None
-    return ep
+    return load_program(path)

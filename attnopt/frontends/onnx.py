@@ -354,6 +354,57 @@ def _check_structure(model: onnx.ModelProto, where: str) -> int:
     return opset
 
 
+MAX_INPUT_ELEMENTS = 1 << 28  # a graph input attnopt must build probe and validation data for
+
+
+def _check_sizes(model: onnx.ModelProto, where: str) -> None:
+    """Dimensions and initializer sizes a file can get wrong (0, negative, 1e12 elements): one line
+    here instead of an allocation failure or a runtime error deep in validation."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        if any(d < 0 for d in dims):
+            raise UnreadableModel(f"{where} is not a valid ONNX model: input {vi.name!r} has a "
+                                  f"negative dimension {min(dims)}")
+        if any(d == 0 for d in dims):
+            raise UnsupportedModel(f"{where}: input {vi.name!r} has a dimension of 0 (an empty "
+                                   "tensor); attnopt needs inputs it can run the model on")
+        if _numel(dims) > MAX_INPUT_ELEMENTS:
+            raise UnsupportedModel(f"{where}: input {vi.name!r} declares {_numel(dims):.3g} elements, "
+                                   f"more than attnopt can validate ({MAX_INPUT_ELEMENTS:.3g})")
+    for t in _all_tensors(model):
+        if any(d < 0 for d in t.dims):
+            raise UnreadableModel(f"{where} is not a valid ONNX model: initializer {t.name!r} has "
+                                  f"a negative dimension")
+        if _is_external(t) or t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            continue  # external sizes are checked against the file; strings have no fixed size
+        stored = _stored_elements(t)
+        if stored is not None and stored != _numel(t.dims):
+            raise UnreadableModel(f"{where} is not a valid ONNX model: initializer {t.name!r} "
+                                  f"declares {_numel(t.dims):.3g} elements but stores {stored}")
+
+
+_PACKED_TYPES = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                 if hasattr(TensorProto, n)}  # several elements a byte
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _stored_elements(t: onnx.TensorProto) -> int | None:
+    """How many elements a non-external tensor actually holds (None: cannot tell cheaply)."""
+    typed = next((len(getattr(t, f)) for f in _TYPED_FIELDS if len(getattr(t, f))), 0)
+    if typed:
+        return typed // 2 if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) else typed
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    if t.data_type in _PACKED_TYPES or itemsize == 0:
+        return None  # packed sub-byte types
+    return len(t.raw_data) // itemsize
+
+
 def _check_external_files(model: onnx.ModelProto, base_dir: str | None, where: str) -> None:
     if base_dir is None:
         return
@@ -432,6 +483,7 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto, *, base_dir: str | Non
     else:
         raise TypeError(f"load_onnx expects a path or onnx.ModelProto, got {type(model).__name__}")
     opset = _check_structure(proto, where)
+    _check_sizes(proto, where)
     _check_external_files(proto, base_dir, where)
     return _Translator(proto, opset, base_dir, where).run(name, path)
 
