@@ -40,7 +40,7 @@ def user_errors(debug: bool) -> Iterator[None]:
     except AttnoptError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {shown(e)}", highlight=False)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         # Straight to the real stderr: a ^C can land while rich's live status display has
@@ -66,6 +66,12 @@ def user_errors(debug: bool) -> Iterator[None]:
         err.print(f"[red]error:[/red] internal error ({type(e).__name__}): {first} "
                   "(run with --debug for the traceback)", highlight=False)
         raise typer.Exit(1) from None
+
+
+def shown(x: object) -> str:
+    """Text for the terminal: a file name that is not UTF-8 (bytes the file system allows) is
+    shown with replacement characters instead of failing the print."""
+    return str(x).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @contextmanager
@@ -175,7 +181,9 @@ def optimize(
     onnx_op: str = typer.Option("ort", "--onnx-op",
                                 help="fused ONNX node: 'ort' (com.microsoft.MultiHeadAttention, "
                                      "fastest in ONNX Runtime) or 'standard' (opset-23 Attention)"),
-    policy: str = typer.Option("exact", "--policy", help="exact (never changes results)"),
+    policy: str = typer.Option(None, "--policy",
+                               help="exact (never changes results; refuses a plan with approximate "
+                                    "choices) | approx (needs --plan); default: exact, or the plan's"),
     plan_file: Path = typer.Option(None, "--plan", help="apply a plan written by `attnopt plan` "
                                                         "(re-validated; .pt2 models)"),
     allow_unsafe_pickle: bool = typer.Option(
@@ -188,9 +196,11 @@ def optimize(
     import attnopt
 
     with user_errors(debug), _pickle_policy(allow_unsafe_pickle):
+        from attnopt.api import check_optimize_args, check_options
         from attnopt.errors import InputNotFound
         from attnopt.frontends import check_input
 
+        check_options(policy, onnx_op)  # option values first: exit 2
         check_input(model)
         _check_output(model, output, reads=(("plan", plan_file),))
         plan = None
@@ -198,6 +208,11 @@ def optimize(
             if not plan_file.exists():
                 raise InputNotFound(f"no such file: {plan_file}")
             plan = attnopt.Plan.load(plan_file)
+        policy, plan = check_optimize_args(policy, onnx_op, plan)
+        if plan is not None and plan.approximate_sites:
+            err.print(f"applying an approximate plan: {len(plan.approximate_sites)} site(s) may "
+                      f"change results by up to max_error {plan.max_error:g} (end-to-end "
+                      "relative L2)", highlight=False)
         with err.status(f"optimizing {model} ..."):
             result = attnopt.optimize(model, policy=policy, onnx_op=onnx_op, plan=plan)
             write_model(result, output)
@@ -212,7 +227,7 @@ def optimize(
             return
         out.print(results_table(result))
         out.print(f"{result.sites_rewritten}/{result.sites_found} sites rewritten, max abs error "
-                  f"{result.max_abs_error:.3g} (relative {result.rel_error:.3g}); wrote {output}")
+                  f"{result.max_abs_error:.3g} (relative {result.rel_error:.3g}); wrote {shown(output)}")
 
 
 def write_model(result, output: Path) -> None:

@@ -79,27 +79,30 @@ def check_archive(data: bytes, name: str) -> None:
             f"{name} {what}; loading it would run code from the file, so attnopt refuses it "
             "(re-export it with torch.export.save, or pass --allow-unsafe-pickle if you made it)")
 
+    def invalid(why: str) -> UnreadableModel:
+        return UnreadableModel(f"{name} could not be loaded as a torch.export program: {why}")
+
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         names = zf.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise UnreadableModel(f"{name} is not a valid .pt2 archive ({e})") from None
+        raise invalid(f"not a valid zip archive ({e})") from None
     if not names:
-        raise UnreadableModel(f"{name} is an empty archive")
+        raise invalid("an empty archive")
     if len(set(names)) != len(names):
         # torch's C++ reader and Python's zipfile may pick different copies of a duplicated name:
         # what was checked would not be what is loaded.
-        raise UnreadableModel(f"{name} is not a valid .pt2 archive (duplicate entries)")
+        raise invalid("duplicate entries in the archive")
     roots = {n.split("/", 1)[0] for n in names}
     if len(roots) != 1 or any("/" not in n for n in names):
-        raise UnreadableModel(f"{name} is not a valid .pt2 archive (entries outside one root folder)")
+        raise invalid("not a .pt2 archive (entries outside one root folder)")
     root = roots.pop() + "/"
     rel = [n[len(root):] for n in names]
     if "archive_format" not in rel:
         # the layout of torch <= 2.7 loads every payload through a pickle fallback
         raise refuse("uses the legacy (torch <= 2.7) archive layout")
     if not any(r.startswith("models/") and r.endswith(".json") for r in rel):
-        raise UnreadableModel(f"{name} holds no exported program (no models/*.json)")
+        raise invalid("no exported program in the archive (no models/*.json)")
     for r in rel:
         if any(r.startswith(d) for d in _NATIVE_CODE_DIRS):
             raise refuse(f"contains compiled native code ({r})")
@@ -107,24 +110,24 @@ def check_archive(data: bytes, name: str) -> None:
             raise refuse(f"stores a legacy pickled payload ({r})")
     for r in rel:
         if r.startswith((_WEIGHTS_DIR, _CONSTANTS_DIR)) and r.endswith("_config.json"):
-            _check_payload_config(zf, root + r, r, refuse)
+            _check_payload_config(zf, root + r, r, name, refuse)
     for r in rel:
         if r.startswith(_SAMPLE_INPUTS_DIR) and r.endswith(".pt"):
             _check_sample_inputs(zf.read(root + r), r, refuse)
 
 
-def _check_payload_config(zf: zipfile.ZipFile, entry: str, rel: str, refuse) -> None:
+def _check_payload_config(zf: zipfile.ZipFile, entry: str, rel: str, name: str, refuse) -> None:
     if zf.getinfo(entry).file_size > _MAX_CONFIG_BYTES:
         raise refuse(f"has an oversized payload index ({rel})")
     try:
         config = json.loads(zf.read(entry))
         items = config["config"].items()
+        if not all(isinstance(m, dict) for _, m in items):
+            raise TypeError
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        raise UnreadableModel(f"{zf.filename or 'the archive'}: {rel} is not a valid payload index") \
-            from None
+        raise UnreadableModel(f"{name} could not be loaded as a torch.export program: {rel} is not "
+                              "a valid payload index") from None
     for fqn, meta in items:
-        if not isinstance(meta, dict):
-            raise UnreadableModel(f"{rel}: entry {str(fqn)[:80]!r} is not an object")
         if meta.get("use_pickle"):
             raise refuse(f"stores {str(fqn)[:80]!r} as a pickle ({rel})")
         path_name = str(meta.get("path_name", ""))
