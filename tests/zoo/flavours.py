@@ -110,7 +110,9 @@ def via_pt2(zm: ZooModel, dir: str | os.PathLike) -> tuple[torch.export.Exported
             tmp = _tmp(path)
             torch.export.save(ep, tmp)
             os.replace(tmp, path)
-    return torch.export.load(path), path
+    from attnopt.frontends.pt2 import load_program
+
+    return load_program(Path(path)), path
 
 
 # ---- ONNX ---------------------------------------------------------------------------------
