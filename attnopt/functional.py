@@ -17,6 +17,11 @@ backend: "auto" (Triton on CUDA when a generated kernel fits, the exact CPU spar
 else the exact dense path), "triton" (error if no kernel fits, with the reasons), "cpu" (the exact
 CPU kernels; dense SDPA where nothing is sparse), "reference" (dense float32 math with the full
 mask materialised: the ground truth).
+
+Gradients (q, k, v, and a float mask / bias) are exact on every path that returns a tensor needing
+them: the CPU kernels (SDPA per tile group, each query's row from one tile), SDPA and the reference.
+The Triton kernels are forward only: "auto" leaves them out when a gradient is needed, and
+"triton" raises instead of returning a result cut off from the graph.
 """
 from __future__ import annotations
 
@@ -124,7 +129,12 @@ def attention(
 
     if backend == "reference":
         return _reference(q, k, v, attn_mask, params, layout)
-    if backend in ("triton", "auto") and (q.is_cuda or backend == "triton"):
+    # the generated kernels write a plain tensor: no autograd graph behind it
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, attn_mask))
+    if backend == "triton" and needs_grad:
+        raise RuntimeError("backend='triton' is forward only and these inputs need gradients; use "
+                           "backend='auto' (exact differentiable path) or run under torch.no_grad()")
+    if backend in ("triton", "auto") and (q.is_cuda or backend == "triton") and not needs_grad:
         from attnopt.codegen import triton as tk
 
         ok, why = tk.can_run(q, k, v, attn_mask, params, layout)

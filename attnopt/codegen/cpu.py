@@ -11,8 +11,11 @@ contiguous box; runs of the sequence for 1-D windows). Each Q tile gathers the s
 covers the keys of all its queries (dynamic KV tiling, one common box size per layout so every tile
 batches into one call). Tiles whose queries all attend their whole box run dense SDPA without a
 mask; the others (partial tiles) carry the exact element mask. Tiles at the grid end are shifted
-inward instead of padded (they overlap a neighbour and write identical rows twice), so no token is
-ever padding. Work per tile = the simulator's bound for dynamic KV tiling with 1-token KV tiles:
+inward instead of padded, so no token is ever padding; they overlap a neighbour, and each query's
+row is written by one tile only, its owner (the first tile holding it). One writer per row keeps
+the gradients exact: a row scattered twice by one index_copy_ sends its gradient back through both
+tiles (a 12x10 grid with window 5 had dQ/dK/dV off by 50-100% of the largest gradient).
+Work per tile = the simulator's bound for dynamic KV tiling with 1-token KV tiles:
 `simulate(layout, q_tile, (1,)*ndim, dynamic=True)`.
 """
 from __future__ import annotations
@@ -58,6 +61,7 @@ class CpuTilePlan:
     kv_idx: Tensor = field(repr=False)  # int64 [nqt, TK]
     mask: Tensor = field(repr=False)    # bool [nqt, TQ, TK], True = attend
     full: Tensor = field(repr=False)    # bool [nqt]: every query of the tile attends its whole box
+    own: Tensor = field(repr=False)     # bool [nqt, TQ]: this tile writes the query's row (its owner)
     # The token grid when every KV box is a plain (undilated) 2-D/3-D box of it with no leading
     # tokens: then K/V are relaid out once per distinct inner-dims corner (see _Tiles.box_runs).
     grid: tuple[int, ...] | None = None
@@ -113,8 +117,10 @@ def _combine(parts):
 
 def _plan(q_acc, k_acc, m_acc, q_tile, extent, grid=None) -> CpuTilePlan:
     mask = torch.from_numpy(np.ascontiguousarray(m_acc))
+    own = np.zeros(q_acc.size, dtype=bool)
+    own[np.unique(q_acc.reshape(-1), return_index=True)[1]] = True  # first tile holding each query
     return CpuTilePlan(tuple(q_tile), tuple(extent), torch.from_numpy(q_acc), torch.from_numpy(k_acc),
-                       mask, mask.flatten(1).all(1), grid)
+                       mask, mask.flatten(1).all(1), torch.from_numpy(own.reshape(q_acc.shape)), grid)
 
 
 @functools.lru_cache(maxsize=64)
@@ -259,8 +265,7 @@ def _tuned(kernel_key: dict, cands: list[tuple[int, ...]], plan_of, q: Tensor, k
     cands = cands[:TUNE_TOP]
     plan = plan_of(cands[0])
     elems = q.shape[0] * q.shape[1] * plan.num_tiles * plan.q_idx.shape[1] * plan.kv_idx.shape[1]
-    if (len(cands) == 1 or not autotune.enabled() or elems < TUNE_MIN_ELEMS
-            or q.requires_grad or k.requires_grad or v.requires_grad):
+    if len(cands) == 1 or not autotune.enabled() or elems < TUNE_MIN_ELEMS or _needs_grad(q, k, v, attn_mask):
         return cands[0]
     key = {**kernel_key, "q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "dtype": str(q.dtype),
            "mask": None if attn_mask is None else [str(attn_mask.dtype), list(attn_mask.shape)],
@@ -359,8 +364,19 @@ class _Tiles:
         self.q_idx = plan.q_idx if sel is None else plan.q_idx[sel]
         self.kv_idx = plan.kv_idx if sel is None else plan.kv_idx[sel]
         self.mask = plan.mask if sel is None else plan.mask[sel]
+        self.own = plan.own if sel is None else plan.own[sel]
         self.n = int(self.q_idx.shape[0])
         self.grid, self.kv_extent = plan.grid, plan.kv_extent
+
+    @functools.cached_property
+    def scatter(self) -> tuple[Tensor, Tensor | None]:
+        """(queries, rows): the tiles' result rows `rows` (of the n * TQ untiled ones; None: all of
+        them) go to out's queries `queries`, each query from its owner tile only."""
+        own = self.own.reshape(-1)
+        if bool(own.all()):
+            return self.q_idx.reshape(-1), None
+        rows = own.nonzero().reshape(-1)
+        return self.q_idx.reshape(-1)[rows], rows
 
     def _runs(self, starts: list[int]) -> list[tuple["_Tiles", int, int]]:
         """The tiles cut into maximal runs whose `starts` form a non-decreasing arithmetic
@@ -432,7 +448,7 @@ def _run_tiles(q, k, v, attn_mask, params: AttentionParams, tiles: _Tiles, maske
         runs = tiles.kv_runs
     elif tiles.box_runs is not None:
         relayout, runs = tiles.box_runs
-        grad = q.requires_grad or k.requires_grad or v.requires_grad
+        grad = _needs_grad(q, k, v, attn_mask)
         k, v = (_gathered(x, relayout, None if grad else slot) for x, slot in ((k, "kbox"), (v, "vbox")))
     else:
         _attend_tiles(q, k, v, False, Skv, attn_mask, params, tiles, masked, out)
@@ -441,6 +457,13 @@ def _run_tiles(q, k, v, attn_mask, params: AttentionParams, tiles: _Tiles, maske
         T = int(run.kv_idx.shape[1])
         _attend_tiles(q, _kv_view(k, run.n, T, start, step), _kv_view(v, run.n, T, start, step), True,
                       Skv, attn_mask, params, run, masked, out)
+
+
+def _needs_grad(*xs: Tensor | None) -> bool:
+    """Some input (a learned bias passed as the mask too) needs a gradient: then the gathered tiles
+    are fresh tensors, not the reused workspaces, which the next call would overwrite before
+    backward reads what autograd saved of them."""
+    return any(x is not None and x.requires_grad for x in xs)
 
 
 def _gathered(x: Tensor, idx: Tensor, slot: str | None) -> Tensor:
@@ -460,7 +483,7 @@ def _attend_tiles(q, k, v, kv_tiled: bool, Skv: int, attn_mask, params: Attentio
     Hkv = k.shape[1] // B if kv_tiled else k.shape[1]
     group = H // Hkv
     # inference reuses the gather buffers (autograd would need them kept per call)
-    grad = q.requires_grad or k.requires_grad or v.requires_grad
+    grad = _needs_grad(q, k, v, attn_mask)
     qg = _tile_major(q, tiles.q_idx, None if grad else "q")
     if kv_tiled:
         kg, vg = k, v
@@ -480,7 +503,11 @@ def _attend_tiles(q, k, v, kv_tiled: bool, Skv: int, attn_mask, params: Attentio
     else:
         res = reference_attention(qg, kg, vg, m, scale=params.scale, softcap=params.softcap,
                                   normalizer=params.normalizer)
-    out.index_copy_(2, tiles.q_idx.reshape(-1), _untile(res, B, H).to(out.dtype))
+    queries, rows = tiles.scatter
+    res = _untile(res, B, H)
+    if rows is not None:
+        res = res.index_select(2, rows)
+    out.index_copy_(2, queries, res.to(out.dtype))
 
 
 # The compiled kernel vectorizes over a tile's queries (panels of 16): a decode step's single query
@@ -494,8 +521,7 @@ def native_runs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, param
     if params.normalizer != "softmax" or params.softcap is not None:
         return False
     # a learned bias passed as the mask (relative positions) needs its gradient too
-    grad = any(x is not None and x.requires_grad for x in (q, k, v, attn_mask))
-    return cpu_native.can_run(q, k, v, grad, attn_mask)[0]
+    return cpu_native.can_run(q, k, v, _needs_grad(q, k, v, attn_mask), attn_mask)[0]
 
 
 def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
@@ -519,7 +545,7 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: 
     elif not bool(plan.full.any()):
         _run_tiles(q, k, v, None, params, plan.all_tiles, True, out)
     else:
-        # Partial tiles first: a shifted border tile may overlap a full one; both give the same rows.
+        # a shifted border tile may overlap a full one: each row comes from its owner (`own`) only
         _run_tiles(q, k, v, None, params, plan.partial_tiles, True, out)
         _run_tiles(q, k, v, None, params, plan.full_tiles, False, out)
     return out

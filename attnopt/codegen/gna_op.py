@@ -32,6 +32,8 @@ Implementations:
         keys are one extra block per Q tile, leading query rows dense SDPA); else SDPA with the
         layout as a bool mask (exact, dense work).
   other devices: the dense reference with the layout's full mask (exact, not faster)
+No autograd formula: backward through the op raises (torch's "no autograd formula was registered")
+rather than return a wrong gradient; attnopt.attention is the differentiable entry point.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ Canonical layouts (BHSD):
   out:       [B, H,   Sq,  Dv]    dtype of q
 
 Order of operations: scores = (q @ kᵀ) * scale -> softcap -> attn_mask -> causal / window -> normalizer
--> p @ v, all in float32.
+-> p @ v, all in float32 (float64 for float64 inputs: the ground truth the kernels and their
+gradients are measured against). Differentiable in q, k, v and a float attn_mask.
 
 Causal alignment: "top_left" keeps j <= i (torch SDPA's is_causal); "bottom_right" keeps
 j <= i + (Skv - Sq) (the last query sees the last key: decoding with a KV cache). A window
@@ -95,13 +96,15 @@ def reference_attention(
     softcap: float | None = None,
     normalizer: str = "softmax",
 ) -> Tensor:
-    """Dense attention in float32, cast back to q.dtype. See the module header for conventions."""
+    """Dense attention in float32 (float64 inputs: float64), cast back to q.dtype. See the module
+    header for conventions."""
     _check_shapes(q, k, v)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
     heads, kv_heads = q.shape[1], k.shape[1]
     q_len, kv_len = q.shape[2], k.shape[2]
-    qf, kf, vf = q.float(), k.float(), v.float()
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
     if kv_heads != heads:
         group = heads // kv_heads
         kf = kf.repeat_interleave(group, dim=1)
@@ -114,7 +117,7 @@ def reference_attention(
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         elif attn_mask.is_floating_point():
-            scores = scores + attn_mask.float()
+            scores = scores + attn_mask.to(compute)
         else:
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
     allowed = structural_mask(
