@@ -15,7 +15,9 @@ runs whatever a crafted file asks for. attnopt opens files people download, so:
    (no second open of a path that may have changed in between).
 3. `torch.export.load` then runs with torch's own switch that forces `weights_only=True` on every
    `torch.load`, and with the two raw unpicklers it calls for custom/opaque objects replaced by a
-   refusal: a check that misses something still cannot execute it.
+   refusal: a check that misses something still cannot execute it. Its `sympy.sympify` (which
+   evaluates size expressions as Python) only sees expressions that pass pt2_checks.
+4. The loaded program's guards and node targets are checked too (pt2_checks): both become code.
 
 Users who trust a file can opt in with `trust_pickled_files()` (CLI: `--allow-unsafe-pickle`).
 Writing: `program_bytes` serializes to memory, so a failing writer raises a Python error instead
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from attnopt.errors import InputNotFound, UnreadableModel
+from attnopt.frontends.pt2_checks import UnsafeProgram, check_program, check_sym_expr
 
 # A .pt2 is a zip whose entries share one top-level folder (any name); inside it:
 _WEIGHTS_DIR = "data/weights/"
@@ -166,8 +169,11 @@ def _no_code_guard() -> Iterator[None]:
 
     saved_env = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
                                                  "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    from torch._export.serde import serialize as _serde
+
     saved_pickle = getattr(_package, "pickle", None)
     saved_obj = getattr(torch._C, "_pickle_load_obj", None)
+    saved_sympy = getattr(_serde, "sympy", None)
     with _LOAD_LOCK:
         os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
         os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
@@ -175,6 +181,8 @@ def _no_code_guard() -> Iterator[None]:
             _package.pickle = _RefusingPickleModule(saved_pickle)
         if saved_obj is not None:
             torch._C._pickle_load_obj = _refuse_unpickle
+        if saved_sympy is not None:
+            _serde.sympy = _CheckedSympy(saved_sympy)
         try:
             yield
         finally:
@@ -187,6 +195,8 @@ def _no_code_guard() -> Iterator[None]:
                 _package.pickle = saved_pickle
             if saved_obj is not None:
                 torch._C._pickle_load_obj = saved_obj
+            if saved_sympy is not None:
+                _serde.sympy = saved_sympy
 
 
 class _RefusingPickleModule:
@@ -199,6 +209,22 @@ class _RefusingPickleModule:
     def __getattr__(self, name: str) -> Any:
         if name in ("load", "loads", "Unpickler"):
             return _refuse_unpickle
+        return getattr(self._real, name)
+
+
+class _CheckedSympy:
+    """Stands in for `sympy` inside torch's program deserializer: `sympify` (which evaluates its
+    string as Python) only sees expressions that pass `check_sym_expr`."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def sympify(self, expr: Any, *a: Any, **k: Any) -> Any:
+        if isinstance(expr, str):
+            check_sym_expr(expr)
+        return self._real.sympify(expr, *a, **k)
+
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
 
@@ -224,11 +250,22 @@ def load_program_bytes(data: bytes, name: str):
             else:
                 with _no_code_guard():
                     ep = torch.export.load(io.BytesIO(data))
+    except UnsafeProgram as e:
+        raise UnreadableModel(
+            f"{name} {e}; loading it would run code from the file, so attnopt refuses it "
+            "(pass --allow-unsafe-pickle if you made it)") from None
     except Exception as e:  # noqa: BLE001 - any failure to load is the file's problem
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UnreadableModel(f"{name} could not be loaded as a torch.export program: {msg}") from None
     if not isinstance(ep, torch.export.ExportedProgram):
         raise UnreadableModel(f"{name} does not hold a torch.export program")
+    if not trusted:
+        try:
+            check_program(ep)
+        except UnsafeProgram as e:
+            raise UnreadableModel(
+                f"{name} {e}; running it would run code the file chose, so attnopt refuses it "
+                "(pass --allow-unsafe-pickle if you made it)") from None
     return ep
 
 

@@ -422,3 +422,85 @@ def test_out_of_memory_is_not_an_internal_error(tmp_path, monkeypatch):
     monkeypatch.setattr("attnopt.optimize", boom)
     rc, _, err = run("optimize", p, "-o", tmp_path / "o.onnx")
     assert rc == 5 and "memory" in err and one_line(err)
+
+
+# ---- code that a .pt2 hides outside pickles ----------------------------------------------------
+
+def _dynamic_pt2() -> tuple[bytes, dict]:
+    class M(torch.nn.Module):
+        def forward(self, x, y):
+            torch._check(x.shape[0] % 2 == 0)
+            return (x.reshape(x.shape[0] // 2, -1, 4) * 2).sum() + y[: x.shape[0]].sum()
+
+    auto = torch.export.Dim.AUTO
+    ep = torch.export.export(M(), (torch.randn(4, 4), torch.randn(70)),
+                             dynamic_shapes=({0: auto}, {0: auto}))
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    z = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    root = z.namelist()[0].split("/", 1)[0]
+    return buf.getvalue(), json.loads(z.read(f"{root}/models/model.json"))
+
+
+def _with_program(clean: bytes, program: dict, out: Path) -> Path:
+    return _rewrite(clean, out, lambda rel, data: json.dumps(program).encode()
+                    if rel == "models/model.json" else (None if rel is None else data))
+
+
+def test_size_expression_and_guard_code_never_run(tmp_path):
+    """sympy.sympify evaluates a size expression's text while torch loads the archive, and the
+    program's guards become a function when ep.module() is built: both are checked, not run."""
+    clean, program = _dynamic_pt2()
+    marker = tmp_path / "MARKER"
+    payload = f"__import__('os').system('touch {marker}')"
+    sized = copy.deepcopy(program)
+    tv = sized["graph_module"]["graph"]["tensor_values"]
+    first = next(v for v in tv.values() if "as_expr" in v["sizes"][0])
+    first["sizes"][0]["as_expr"]["expr_str"] = payload + " and " + first["sizes"][0]["as_expr"]["expr_str"]
+    guarded = copy.deepcopy(program)
+    guarded["guards_code"] = [payload] + guarded["guards_code"]
+    for name, prog in (("size", sized), ("guard", guarded)):
+        p = _with_program(clean, prog, tmp_path / f"{name}.pt2")
+        rc, _, err = run("inspect", p)
+        assert rc == 4 and "torch never writes" in err and one_line(err), (name, rc, err)
+        rc, _, err = run("optimize", p, "-o", tmp_path / "o.pt2")
+        assert rc == 4 and one_line(err)
+    assert not marker.exists()
+    # the genuine program, guards and all, still loads and runs at another size
+    p = tmp_path / "dyn.pt2"
+    p.write_bytes(clean)
+    from attnopt.frontends.pt2 import load_program
+    ep = load_program(p)
+    assert ep.module()(torch.randn(6, 4), torch.randn(70)).shape == ()
+
+
+@pytest.mark.parametrize("text", [
+    "__import__('os').system('id')", "exec('1')", "s0.__class__", "Symbol('x').func",
+    "lambda: 0", "Symbol('s0', positive=__import__('os'))", "open('f')", "[s0 for s0 in s1]",
+    "getattr(s0, 'x')", "Symbol('__class__')", "Max(s0, eval('1'))"])
+def test_size_expressions_outside_the_grammar(text):
+    from attnopt.frontends.pt2_checks import UnsafeProgram, check_sym_expr
+    with pytest.raises(UnsafeProgram):
+        check_sym_expr(text)
+
+
+@pytest.mark.parametrize("text", [
+    "Symbol('s77', positive=True, integer=True)", "2*s0 + 1", "FloorDiv(s0, 2)", "Max(1, s17)",
+    "Mod(s0, 8)", "Eq(s0, 4)", "ModularIndexing(s0, 1, 4)", "PythonMod(s3, 2) < s4"])
+def test_size_expressions_torch_writes(text):
+    from attnopt.frontends.pt2_checks import check_sym_expr
+    check_sym_expr(text)
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("L['x'].size()[0] <= 64", True), ("(L['x'].size()[0] % 2) == 0", True),
+    ("L['args'][0]['k'].stride()[1] == 3", True), ("math.floor(L['x'].size()[0] / 2) >= 1", True),
+    ("torch.save(L['x'], 'f')", False), ("L['x'].__class__", False), ("L['x'].tolist()", False),
+    ("__import__('os')", False), ("math.__dict__", False), ("(lambda: 1)()", False)])
+def test_guards(text, ok):
+    from attnopt.frontends.pt2_checks import UnsafeProgram, check_guard
+    if ok:
+        check_guard(text)
+    else:
+        with pytest.raises(UnsafeProgram):
+            check_guard(text)
