@@ -414,6 +414,11 @@ def _check_external_files(model: onnx.ModelProto, base_dir: str | None, where: s
             continue
         info = _external_info(t)
         loc = info.get("location", "")
+        if os.path.isabs(loc) or ".." in Path(loc.replace("\\", "/")).parts:
+            # a model file may name its weights, not any file on the user's disk (its bytes would
+            # be copied into the optimized model)
+            raise UnreadableModel(f"{where}: external data location {loc[:80]!r} of tensor "
+                                  f"{t.name[:80]!r} is outside the model's folder")
         fpath = os.path.join(base_dir, loc)
         if fpath not in checked:
             if not loc or not os.path.isfile(fpath):

@@ -504,3 +504,20 @@ def test_guards(text, ok):
     else:
         with pytest.raises(UnsafeProgram):
             check_guard(text)
+
+
+@pytest.mark.parametrize("loc", ["/etc/hostname", "../../etc/hostname", "sub/../weights.onnx"])
+def test_external_data_outside_the_model_folder(external_model, tmp_path, loc):
+    """A file may name its weights, not any file on the user's disk (whose bytes the optimized
+    model would carry)."""
+    model, _ = external_model
+    m = onnx.load(str(model), load_external_data=False)
+    for e in m.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = loc
+    p = tmp_path / "trav.onnx"
+    onnx.save(m, str(p))
+    for args in (("inspect", p), ("optimize", p, "-o", tmp_path / "o.onnx")):
+        rc, _, err = run(*args)
+        assert rc == 4 and "outside the model's folder" in err and one_line(err)
+    assert not (tmp_path / "o.onnx").exists()
