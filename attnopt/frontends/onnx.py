@@ -71,11 +71,13 @@ def node_scope(node: onnx.NodeProto) -> str:
     """
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                parts = ast.literal_eval(p.value)
-            except (ValueError, SyntaxError):
+            try:  # metadata is the file's text: parsed as a literal only, and only if it is one
+                parts = ast.literal_eval(p.value) if len(p.value) < 10_000 else None
+            except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
                 break
-            return ".".join(x for x in parts[:-1] if x)
+            if not isinstance(parts, (list, tuple)):
+                break
+            return ".".join(x for x in parts[:-1] if isinstance(x, str) and x)
     if node.name.startswith("/"):
         return ".".join(x for x in node.name.split("/")[1:-1] if x)
     return ""
