@@ -53,6 +53,18 @@ def _broadcast(vals: tuple, n: int, name: str) -> tuple:
     return vals
 
 
+def _check_png(png: str) -> None:
+    """--png names a new picture: a .png in an existing folder (never a model file, never a
+    folder made up on the way)."""
+    from pathlib import Path
+
+    p = Path(png)
+    if p.suffix.lower() != ".png":
+        raise ArgError(f"--png must name a .png file, got {png!r}")
+    if not p.resolve().parent.is_dir():
+        raise ArgError(f"--png: folder {p.resolve().parent} does not exist")
+
+
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code=2)
@@ -84,48 +96,52 @@ def register(app: typer.Typer) -> None:
                                                   help="search: only perfectly block-sparse"),
     ) -> None:
         """Simulate a GNA layout: KV tiles per Q tile, masking, and speedup bounds."""
-        from attnopt.cost import gna
-        from attnopt.cost.hardware import allowed_tiles, get_profile
-        from attnopt.cost.simulator import simulate
+        from attnopt.cli import user_errors
 
-        try:
-            shp = parse_dims(shape, "shape")
-            n = len(shp)
-            win = _broadcast(parse_dims(window, "window"), n, "window")
-            st = _broadcast(parse_dims(stride, "stride"), n, "stride") if stride else ()
-            dil = _broadcast(parse_dims(dilation, "dilation"), n, "dilation") if dilation else ()
-            cau = _broadcast(parse_bools(causal, "causal"), n, "causal") if causal else ()
-            layout = GNALayout(shp, win, st, dil, cau)
-            gna.validate(layout)
-            profile = get_profile(hw)
-            if q_tile is None or kv_tile is None:
-                qs, ks = allowed_tiles(profile, n)
-            qt = parse_dims(q_tile, "q-tile") if q_tile else qs[0]
-            kt = parse_dims(kv_tile, "kv-tile") if kv_tile else ks[0]
-            if attn_share is not None and not 0.0 <= attn_share <= 1.0:
-                raise ArgError(f"--attn-share must be in [0, 1], got {attn_share}")
-            res = simulate(layout, qt, kt, dynamic=dynamic, attn_share=attn_share)
-            found = None
-            if search:
-                from attnopt.cost.search import search as run_search
-                found = run_search(shp, win, hw=profile, dilation=layout.dilation,
-                                   causal=layout.causal, dynamic=dynamic,
-                                   require_block_sparse=require_block_sparse)
-            if png:
-                from attnopt.cost.draw import draw_png
-                draw_png(layout, res, png)
-        except (ValueError, OSError) as e:
-            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-            return
-        if as_json:
-            out = res.to_json()
-            if found is not None:
-                out["search"] = found.to_json()
-            if png:
-                out["png"] = png
-            typer.echo(json.dumps(out, indent=1))
-            return
-        _print_table(res, found, png)
+        with user_errors(False):  # anything unforeseen is still one line, never a traceback
+            from attnopt.cost import gna
+            from attnopt.cost.hardware import allowed_tiles, get_profile
+            from attnopt.cost.simulator import simulate
+
+            try:
+                shp = parse_dims(shape, "shape")
+                n = len(shp)
+                win = _broadcast(parse_dims(window, "window"), n, "window")
+                st = _broadcast(parse_dims(stride, "stride"), n, "stride") if stride else ()
+                dil = _broadcast(parse_dims(dilation, "dilation"), n, "dilation") if dilation else ()
+                cau = _broadcast(parse_bools(causal, "causal"), n, "causal") if causal else ()
+                layout = GNALayout(shp, win, st, dil, cau)
+                gna.validate(layout)
+                profile = get_profile(hw)
+                if q_tile is None or kv_tile is None:
+                    qs, ks = allowed_tiles(profile, n)
+                qt = parse_dims(q_tile, "q-tile") if q_tile else qs[0]
+                kt = parse_dims(kv_tile, "kv-tile") if kv_tile else ks[0]
+                if attn_share is not None and not 0.0 <= attn_share <= 1.0:
+                    raise ArgError(f"--attn-share must be in [0, 1], got {attn_share}")
+                res = simulate(layout, qt, kt, dynamic=dynamic, attn_share=attn_share)
+                found = None
+                if search:
+                    from attnopt.cost.search import search as run_search
+                    found = run_search(shp, win, hw=profile, dilation=layout.dilation,
+                                       causal=layout.causal, dynamic=dynamic,
+                                       require_block_sparse=require_block_sparse)
+                if png:
+                    from attnopt.cost.draw import draw_png
+                    _check_png(png)
+                    draw_png(layout, res, png)
+            except (ValueError, OSError) as e:
+                _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                return
+            if as_json:
+                out = res.to_json()
+                if found is not None:
+                    out["search"] = found.to_json()
+                if png:
+                    out["png"] = png
+                typer.echo(json.dumps(out, indent=1))
+                return
+            _print_table(res, found, png)
 
 
 def _print_table(res, found, png) -> None:

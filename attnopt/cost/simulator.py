@@ -279,12 +279,27 @@ def _check_tiles(layout: GNALayout, q_tile, kv_tile) -> str:
                      f"or both have 1 entry (runs of the flattened grid)")
 
 
+MAX_Q_TILES = 1 << 24
+
+
+def _q_tile_count(shape: Sequence[int], q_tile: Sequence[int], tiling: str) -> int:
+    if tiling == "box":
+        return int(np.prod([-(-int(n) // t) for n, t in zip(shape, q_tile)], dtype=object))
+    return -(-int(np.prod(shape, dtype=object)) // q_tile[0])
+
+
 def simulate(layout: GNALayout, q_tile: Sequence[int], kv_tile: Sequence[int], *,
              dynamic: bool = False, attn_share: float | None = None) -> SimResult:
     """Simulate a block-sparse GNA kernel: tile counts, masking, and speedup bounds."""
     gna.validate(layout)
     tiling = _check_tiles(layout, q_tile, kv_tile)
     q_tile, kv_tile = tuple(int(x) for x in q_tile), tuple(int(x) for x in kv_tile)
+    n_q = _q_tile_count(layout.shape, q_tile, tiling)
+    if n_q > MAX_Q_TILES:
+        # the maps below hold one entry per Q tile; past this they no longer fit in memory
+        raise ValueError(f"layout {'x'.join(map(str, layout.shape))} with Q tile "
+                         f"{'x'.join(map(str, q_tile))} has {n_q:.3g} Q tiles, more than the "
+                         f"simulator handles ({MAX_Q_TILES:.3g}); use larger tiles")
     ranges = gna.permuted_key_ranges(layout)
     if tiling == "box":
         dims = [dim_tiles(ws, we, tq, tk, dynamic)
