@@ -54,15 +54,11 @@ def _broadcast(vals: tuple, n: int, name: str) -> tuple:
 
 
 def _check_png(png: str) -> None:
-    """--png names a new picture: a .png in an existing folder (never a model file, never a
-    folder made up on the way)."""
+    """--png names a picture: a .png (a typo must not write a PNG over a model file)."""
     from pathlib import Path
 
-    p = Path(png)
-    if p.suffix.lower() != ".png":
+    if Path(png).suffix.lower() != ".png":
         raise ArgError(f"--png must name a .png file, got {png!r}")
-    if not p.resolve().parent.is_dir():
-        raise ArgError(f"--png: folder {p.resolve().parent} does not exist")
 
 
 def _fail(msg: str) -> None:
