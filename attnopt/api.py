@@ -53,13 +53,51 @@ def _is_pt2(path: Path) -> bool:
     return path.exists() and zipfile.is_zipfile(path)
 
 
-def optimize(model: Any, example_inputs: Any = None, policy: str = "exact", *,
+ONNX_OPS = ("ort", "standard")
+
+
+def check_options(policy: str | None, onnx_op: str) -> None:
+    """BadArgument (exit 2) for a policy or ONNX op outside its set."""
+    from attnopt.errors import BadArgument
+    from attnopt.passes.plan import POLICIES
+
+    if policy is not None and policy not in POLICIES:
+        raise BadArgument(f"policy (--policy) must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if onnx_op not in ONNX_OPS:
+        raise BadArgument(f"onnx_op (--onnx-op) must be one of {', '.join(ONNX_OPS)}, got {onnx_op!r}")
+
+
+def check_optimize_args(policy: str | None, onnx_op: str, plan: Any) -> tuple[str, Any]:
+    """(effective policy, checked Plan or None) for optimize(); BadArgument (exit 2) for an
+    unknown policy or ONNX op, a plan that is not valid (its bad field named), policy "approx"
+    without a plan, or policy "exact" with a plan that holds approximate choices."""
+    from attnopt.errors import BadArgument
+    from attnopt.passes.plan import Plan
+
+    check_options(policy, onnx_op)
+    if plan is None:
+        if policy == "approx":
+            raise BadArgument("policy 'approx' needs a plan: run attnopt.plan(model, ..., "
+                              "policy='approx') (`attnopt plan`) and pass it (plan= / --plan)")
+        return "exact", None
+    plan = Plan.coerce(plan)
+    approx = plan.approximate_sites
+    if policy == "exact" and approx:
+        raise BadArgument(f"policy 'exact', but the plan holds {len(approx)} approximate "
+                          f"choice(s) (site {approx[0]!r}, max_error {plan.max_error:g}): "
+                          "apply it without policy 'exact', or plan with policy 'exact'")
+    return policy or plan.policy, plan
+
+
+def optimize(model: Any, example_inputs: Any = None, policy: str | None = None, *,
              validate: bool = True, onnx_op: str = "ort", plan: Any = None):
     """Replace every provable attention site by one fused exact kernel call.
 
-    `plan` (an attnopt.Plan, e.g. from attnopt.plan(..., policy="approx")) chooses each site's
+    `plan` (an attnopt.Plan, e.g. from attnopt.plan(..., policy="approx"), its JSON dict or a
+    plan file path; checked field by field, BadArgument naming a bad one) chooses each site's
     variant, approximate ones included; approximate sites are validated against the plan's
-    max_error instead of floating-point noise.
+    max_error instead of floating-point noise. `policy`: None (exact, or the plan's), "exact"
+    (a plan with approximate choices is refused: BadArgument) or "approx" (needs a plan).
 
     Returns an `OptimizeResult` whose `.model` is a GraphModule (for an nn.Module or a dynamo
     GraphModule), an ExportedProgram (for an ExportedProgram or a `.pt2` path) or a ModelProto
@@ -67,9 +105,7 @@ def optimize(model: Any, example_inputs: Any = None, policy: str = "exact", *,
     """
     from attnopt.errors import UnsupportedModel
 
-    if policy != "exact" and plan is None:
-        raise UnsupportedModel(f"policy {policy!r} needs a plan: run attnopt.plan(model, ..., "
-                               f"policy={policy!r}) and pass plan=")
+    policy, plan = check_optimize_args(policy, onnx_op, plan)
     if (isinstance(model, (str, Path)) and not _is_pt2(Path(model))) \
             or type(model).__module__.startswith("onnx"):
         if plan is not None:

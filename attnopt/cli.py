@@ -209,10 +209,6 @@ def optimize(
                 raise InputNotFound(f"no such file: {plan_file}")
             plan = attnopt.Plan.load(plan_file)
         policy, plan = check_optimize_args(policy, onnx_op, plan)
-        if plan is not None and plan.approximate_sites:
-            err.print(f"applying an approximate plan: {len(plan.approximate_sites)} site(s) may "
-                      f"change results by up to max_error {plan.max_error:g} (end-to-end "
-                      "relative L2)", highlight=False)
         with err.status(f"optimizing {model} ..."):
             result = attnopt.optimize(model, policy=policy, onnx_op=onnx_op, plan=plan)
             write_model(result, output)
@@ -220,6 +216,12 @@ def optimize(
         # printed) must not turn that into "interrupted" with the file in place.
         _ignore_late_interrupts()
         result.output = str(output)
+        if plan is not None and plan.approximate_sites:
+            n = sum(1 for s in result.sites if s.status == "rewritten" and
+                    (s.variant or "").startswith("approx:"))
+            err.print(f"applied an approximate plan: {n} of its {len(plan.approximate_sites)} "
+                      f"approximate site(s) kept, results may differ by up to max_error "
+                      f"{plan.max_error:g} (end-to-end relative L2)", highlight=False)
         if as_json:
             data = result.to_json()
             sys.stdout.write(json.dumps({k: data[k] for k in (

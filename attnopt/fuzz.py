@@ -15,6 +15,12 @@ validator (fresh random inputs, padded masks included):
 
 A failure is written as `<out>/<kind>-<seed>-<index>.json` holding the choices; replay it with
 `--replay` or `attnopt.fuzz.run_case(json.load(...)["choices"])`.
+
+Case files are data: the torch programs are Python source built from the choices, so every
+choice is checked against the grammar's allowed values (`check_choices`: known keys only, each
+string from its set, each size an int in range) before any source is generated. A case with
+anything else (code pasted into a choice, say) is refused: `BadCase`, and `--replay` prints one
+line and exits 2 without running anything.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from attnopt.errors import BadArgument
 
 # ---- grammar -------------------------------------------------------------------------------
 
@@ -56,6 +64,95 @@ ONNX_NEAR = ["none", "softmax_axis", "probs_returned", "nonconst_scale", "contra
              "extra_op_probs", "dynamic_seq"]
 ONNX_REJECT = {"softmax_axis", "probs_returned", "nonconst_scale", "contract_query",
                "extra_op_probs"}
+
+# Every choice a case may hold, with its allowed values (check_choices): a set of values, or
+# (lo, hi) for an int. Sizes are bounded beyond what `sample` draws (hand-made cases may be a
+# little larger) but stay small: a case is a tiny program.
+_COMMON: dict[str, Any] = {
+    "kind": {"torch", "onnx"}, "seed": (0, 2 ** 31 - 1), "odd": bool, "B": (1, 8), "H": (1, 16),
+    "KVH": (1, 16), "S": (1, 64), "Sk": (1, 128), "D": (1, 64), "Dv": (1, 128), "v_dim": bool,
+    "cross": bool, "dtype": {"float16", "float32"}, "scale_value": {"inv_sqrt_d", "0.3", "1/8"},
+    "nan_guard": bool, "softcap": bool, "fill": set(FILLS)}
+_TORCH: dict[str, Any] = {
+    **_COMMON, "capture": {"export", "symbolic_trace"}, "near": set(NEAR), "layout": set(LAYOUTS),
+    "product": set(PRODUCTS), "ktrans": set(KTRANS), "scale": set(SCALES) | {"alpha"},
+    "mask": set(MASKS), "softmax": set(SOFTMAX), "gqa": set(GQA),
+    "cast": {"none", "float_cast", "dtype_arg"}, "dropout": {"none", "F_dropout", "module"},
+    "normalizer": {"softmax", "sigmoid"}, "window": (1, 64)}
+_ONNX: dict[str, Any] = {
+    **_COMMON, "near": set(ONNX_NEAR), "layout": {"bhsd", "proj"}, "ktrans": set(ONNX_KTRANS),
+    "scale": set(ONNX_SCALES), "mask": set(ONNX_MASKS), "gqa": set(ONNX_GQA),
+    "cast": {"none", "float_cast"}, "dropout": {"none"}, "normalizer": {"softmax"},
+    "opset": {17, 18, 20}}
+_OPTIONAL = {"window"}  # every other key is required
+
+
+class BadCase(BadArgument, ValueError):
+    """A fuzz case that is not one the grammar can produce: exit code 2, nothing run."""
+
+
+def check_choices(c: Any) -> dict[str, Any]:
+    """`c` itself when every key is a grammar choice and every value one of its allowed values;
+    BadCase naming the first bad one otherwise. Run before any source is generated."""
+    if not isinstance(c, dict):
+        raise BadCase(f"case choices must be an object, not {type(c).__name__}")
+    kind = c.get("kind")
+    if not isinstance(kind, str) or kind not in ("torch", "onnx"):
+        raise BadCase(f"case choice 'kind': {_short(kind)} is not one of onnx, torch")
+    allowed = _TORCH if kind == "torch" else _ONNX
+    for k in c:
+        if k not in allowed:
+            raise BadCase(f"case choice {_short(k)}: not a {kind} grammar choice")
+    for k, rule in allowed.items():
+        if k not in c:
+            if k in _OPTIONAL:
+                continue
+            raise BadCase(f"case choice {k!r}: missing")
+        v = c[k]
+        if rule is bool:
+            ok = isinstance(v, bool)
+            want = "true or false"
+        elif isinstance(rule, tuple):
+            ok = type(v) is int and rule[0] <= v <= rule[1]
+            want = f"an integer in [{rule[0]}, {rule[1]}]"
+        else:
+            ok = type(v) in (str, int) and v in rule
+            want = "one of " + ", ".join(sorted(map(str, rule)))
+        if not ok:
+            raise BadCase(f"case choice {k!r}: {_short(v)} is not {want}")
+    if c["H"] % c["KVH"]:
+        raise BadCase(f"case choice 'KVH': {c['KVH']} does not divide H = {c['H']}")
+    return c
+
+
+def _short(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def load_case(path: str | Path) -> dict[str, Any]:
+    """The checked choices of a case file; BadCase (one line) for a file that cannot be read,
+    is not JSON, holds no "choices" object, or holds a choice outside the grammar."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CASE_BYTES + 1)
+    except OSError as e:
+        raise BadCase(f"cannot read case {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CASE_BYTES:
+        raise BadCase(f"case {path} is larger than {MAX_CASE_BYTES} bytes: not a fuzz case")
+    try:
+        case = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BadCase(f"case {path} is not JSON: {getattr(e, 'msg', type(e).__name__)}") from None
+    if not isinstance(case, dict) or "choices" not in case:
+        raise BadCase(f"case {path} has no \"choices\" object")
+    try:
+        return check_choices(case["choices"])
+    except BadCase as e:
+        raise BadCase(f"case {path}: {e}") from None
+
+
+MAX_CASE_BYTES = 1 << 20
 
 # The grammar keys that make a "form"; distinct (key, value) pairs exercised are reported.
 FORM_KEYS = ("kind", "capture", "layout", "scale", "ktrans", "product", "mask", "fill", "softmax",
@@ -235,7 +332,9 @@ def _fill_value(c: dict[str, Any]) -> str:
 # ---- torch programs -------------------------------------------------------------------------
 
 def torch_source(c: dict[str, Any]) -> str:
-    """The forward() of the case as Python source (module attributes set up by `torch_case`)."""
+    """The forward() of the case as Python source (module attributes set up by `torch_case`).
+    Only from choices the grammar allows (check_choices): the source is executed."""
+    check_choices(c)
     B, H, KVH, S, Sk, D, Dv = c["B"], c["H"], c["KVH"], c["S"], c["Sk"], c["D"], c["Dv"]
     dt = f"torch.{c['dtype']}"
     sc = _scale_value(c)
@@ -476,6 +575,7 @@ def torch_module(c: dict[str, Any]):
     import torch.nn as nn
     import torch.nn.functional as F
 
+    check_choices(c)
     src = "class Case(nn.Module):\n" + torch_source(c)
     ns: dict[str, Any] = {"torch": torch, "nn": nn, "F": F, "math": math}
     exec(compile(src, f"<fuzz case {c['seed']}>", "exec"), ns)  # noqa: S102 - generated source
@@ -545,14 +645,18 @@ def _max_rel(ref, got) -> float:
         a, b = a.double(), b.double()
         # NaN in the original (a query row with every key masked: 0/0) is undefined output;
         # attnopt's kernels return zeros there, like SDPA (the same rule as passes/validate.py).
-        # NaN that the optimized program introduces is a miscompile.
-        nan_a = torch.isnan(a)
-        if bool((torch.isnan(b) & ~nan_a).any()):
+        # NaN or Inf that the optimized program introduces where the original is finite, or an
+        # Inf of the original that it does not reproduce, is a miscompile (inf - inf is NaN, and
+        # max() would have dropped it).
+        nan_a, inf_a = torch.isnan(a), torch.isinf(a)
+        if bool(((torch.isfinite(a) & ~torch.isfinite(b)) | (inf_a & (b != a))).any()):
             return float("inf")
-        a, b = a.masked_fill(nan_a, 0), b.masked_fill(nan_a, 0)
+        same = nan_a | inf_a
+        a, b = a.masked_fill(same, 0), b.masked_fill(same, 0)
         scale = max(a.abs().max().item() if a.numel() else 0.0, 1e-6)
         d = (a - b).abs().max().item() if a.numel() else 0.0
-        worst = max(worst, d / scale)
+        r = d / scale
+        worst = float("inf") if math.isnan(r) else max(worst, r)
     return worst
 
 
@@ -636,6 +740,7 @@ def onnx_model(c: dict[str, Any]):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    check_choices(c)
     B, H, KVH, S, Sk, D, Dv = c["B"], c["H"], c["KVH"], c["S"], c["Sk"], c["D"], c["Dv"]
     near = c["near"]
     fp16 = c["dtype"] == "float16"
@@ -873,7 +978,9 @@ def run_onnx(c: dict[str, Any]) -> Outcome:
 
 
 def run_case(c: dict[str, Any]) -> Outcome:
-    """Run one case; an exception inside attnopt is a failure, not a crash of the fuzzer."""
+    """Run one case; an exception inside attnopt is a failure, not a crash of the fuzzer.
+    BadCase (raised, nothing run) for choices the grammar does not allow."""
+    check_choices(c)
     try:
         return run_torch(c) if c["kind"] == "torch" else run_onnx(c)
     except Exception as e:  # noqa: BLE001
@@ -980,7 +1087,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     a = ap.parse_args(argv)
     if a.replay:
-        c = json.loads(Path(a.replay).read_text())["choices"]
+        try:
+            c = load_case(a.replay)
+        except BadCase as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         o = run_case(c)
         print(("ok" if o.ok else "FAIL: " + o.message), f"(sites {o.sites}, rewritten {o.rewritten})")
         if c["kind"] == "torch":

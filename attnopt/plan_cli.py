@@ -87,6 +87,7 @@ def _curve_png(plan) -> bytes:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # accepted steps in walk order, from the exact plan (1x by convention, error 0)
@@ -96,9 +97,12 @@ def _curve_png(plan) -> bytes:
         xs.append(w.rel_l2 or 0.0)
         ys.append(w.predicted_speedup)
     ax.plot(xs, ys, "-o", color="#1565c0", label="accepted (combined error)")
-    rej = [w for w in plan.walk if not w.accepted]
-    ax.scatter([w.rel_l2 if w.rel_l2 is not None else w.alone_rel_l2 for w in rej],
-               [w.predicted_speedup for w in rej], marker="x", color="#c62828", label="rejected")
+    rej = [(w.rel_l2 if w.rel_l2 is not None else w.alone_rel_l2, w.predicted_speedup)
+           for w in plan.walk if not w.accepted]
+    unbounded = sum(1 for x, _ in rej if not np.isfinite(x))  # NaN/Inf outputs: off the chart
+    rej = [(x, y) for x, y in rej if np.isfinite(x)]
+    ax.scatter([x for x, _ in rej], [y for _, y in rej], marker="x", color="#c62828",
+               label="rejected" + (f" ({unbounded} more with unbounded error)" if unbounded else ""))
     ax.axvline(plan.max_error, color="#888", linestyle="--", label=f"max_error {plan.max_error:g}")
     ax.set_xlabel("measured end-to-end relative L2")
     ax.set_ylabel(f"predicted end-to-end speedup ({plan.target})")
@@ -220,7 +224,7 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "-o", "--output", help="where to write the plan JSON"),
         policy: str = typer.Option("exact", "--policy", help="exact | approx"),
         max_error: float = typer.Option(1e-2, "--max-error",
-                                        help="end-to-end relative L2 budget (approx)"),
+                                        help="end-to-end relative L2 budget of approximations, in (0, 1]"),
         target: Optional[str] = typer.Option(None, "--target",
                                              help="cpu | h100 | h200 | b200 | a100 (default: this machine)"),
         calibration: Optional[Path] = typer.Option(None, "--calibration",
@@ -231,20 +235,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Choose a kernel variant per attention site of MODEL; write the plan as JSON."""
         from attnopt.cli import out, user_errors
-        from attnopt.errors import InputNotFound, OutputError
+        from attnopt.errors import BadArgument, InputNotFound, OutputError
 
         with user_errors(debug):
             from attnopt.passes.plan import POLICIES, TARGETS, make_plan
 
+            # option values first, each a one-line error with exit code 2
             if policy not in POLICIES:
-                typer.echo(f"error: --policy must be one of {', '.join(POLICIES)}", err=True)
-                raise typer.Exit(2)
+                raise BadArgument(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
             if target is not None and target.lower() not in TARGETS:
-                typer.echo(f"error: --target must be one of {', '.join(TARGETS)}", err=True)
-                raise typer.Exit(2)
-            if not max_error >= 0:
-                typer.echo("error: --max-error must be >= 0", err=True)
-                raise typer.Exit(2)
+                raise BadArgument(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+            if not 0.0 < max_error <= 1.0:  # NaN fails too
+                raise BadArgument(f"--max-error must be in (0, 1] (an end-to-end relative L2 "
+                                  f"budget), got {max_error:g}")
             if not model.exists():
                 raise InputNotFound(f"no such file: {model}")
             for p in (output, report):

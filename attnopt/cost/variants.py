@@ -142,21 +142,34 @@ def baseline(spec: AttentionSpec, hw: HardwareProfile) -> Candidate:
     return replace(c, baseline_time_s=c.time_s)
 
 
+def implied_layout(spec: AttentionSpec) -> GNALayout | None:
+    """The 1-D GNA layout the exact candidates give a softmax site: the one allowing exactly
+    the pairs its mask allows, or None. Sizes must be static."""
+    return _mask_layout(spec) if spec.normalizer == "softmax" else None
+
+
+def _mask_layout(spec: AttentionSpec) -> GNALayout | None:
+    """The 1-D GNA layout allowing exactly the pairs the site's mask allows (a causal sliding
+    window, a block-diagonal mask), or None."""
+    d = resolve_dims(spec)
+    sq, skv = d["q_len"], d["kv_len"]
+    m = spec.mask
+    if m.kind == "sliding_window" and m.right == 0 and m.left is not None and sq == skv and sq > m.left + 1:
+        return GNALayout((sq,), (m.left + 1,), (1,), (1,), (True,))
+    if m.kind == "block" and m.block and sq == skv and sq % m.block == 0 and m.block >= 2 \
+            and m.block < sq:
+        return GNALayout((sq,), (m.block,), (m.block,), (1,), (False,))
+    return None
+
+
 def exact_candidates(spec: AttentionSpec, hw: HardwareProfile) -> list[Candidate]:
     """The site's own kernel first, then the sparse kernels its mask already implies."""
     if not static(spec):
         return []
     base = baseline(spec, hw)
     out = [base]
-    d = resolve_dims(spec)
-    sq, skv = d["q_len"], d["kv_len"]
     m = spec.mask
-    layout = None
-    if m.kind == "sliding_window" and m.right == 0 and m.left is not None and sq == skv and sq > m.left + 1:
-        layout = GNALayout((sq,), (m.left + 1,), (1,), (1,), (True,))
-    elif m.kind == "block" and m.block and sq == skv and sq % m.block == 0 and m.block >= 2 \
-            and m.block < sq:
-        layout = GNALayout((sq,), (m.block,), (m.block,), (1,), (False,))
+    layout = _mask_layout(spec)
     if layout is not None and spec.normalizer == "softmax":
         qt, kt = _tiles_for(layout, hw)
         v = Variant(family="block_sparse_gna", q_tile=qt, kv_tile=kt, layout=layout, exact=True)

@@ -41,11 +41,24 @@ Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
    "walk": [{"step", "site", "candidate", "saved_s", "alone_rel_l2", "rel_l2", "cosine",
              "predicted_speedup", "accepted", "reason"}]}
 `Plan.from_json(plan.to_json()) == plan`; `Plan.load(path)` / `plan.save(path)` (atomic).
+A plan is input: `Plan.from_json`, `Plan.load` and `Plan.coerce` (what `attnopt.optimize(...,
+plan=)` takes: a Plan, its JSON dict or a path) check every field (passes/plan_schema.py) and
+raise attnopt.errors.BadArgument (exit 2) naming the bad one; applying a plan checks that each
+choice fits its site (`split_recipes`). An unbounded error (NaN or Inf outputs) is written "inf".
+
+Errors: NaN and Inf are infinite error wherever candidates or heads are scored (`rel_l2`,
+`cosine`, `_head_errors`): a candidate output that is non-finite where the reference is finite,
+or differs from a non-finite reference value, is an unbounded error (`max(0.0, nan)` is 0.0, so
+a NaN-producing candidate used to score as error-free). Positions where the reference itself is
+NaN (a fully masked query row: 0/0 in the original) are undefined output, as in validation
+(passes/validate.py): matching NaN there is equal, and so is the zero attnopt's exact kernels put
+there; +-Inf in the reference must be matched exactly.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -61,12 +74,12 @@ from attnopt.cost.roofline import resolve_dims
 from attnopt.cost.variants import (Candidate, approx_candidates, baseline, candidate_from_json,
                                    candidate_to_json, exact_candidates, on_heads, static)
 from attnopt.ir import Graph, Site
+from attnopt.passes.plan_schema import (FORMAT, INF, POLICIES, TARGETS, VERSION, BadPlan,  # noqa: F401
+                                        check_plan_fits, check_plan_json, parse_plan_text,
+                                        read_plan_file)
 from attnopt.passes.rewrite import Recipe
 from attnopt.passes.validate import padding_positions
 
-FORMAT, VERSION = "attnopt.plan", 1
-POLICIES = ("exact", "approx")
-TARGETS = ("cpu", "h100", "h200", "b200", "a100")
 SAFETY = 0.8  # approximations are accepted up to this fraction of max_error on calibration inputs
 # Generated calibration: the example batch plus redrawn ones. The last batch is held out: the
 # walk never sees it, and the final plan must stay within max_error on it.
@@ -75,6 +88,20 @@ HEAD_SHARES = (0.25, 0.5, 0.75)  # per-head candidates: these shares of a site's
 # An approximation must save at least this share of its site's predicted exact time: error for a
 # 1% gain is a bad trade (a 4K Llama plan took a window on 1 of 4 heads for a predicted 0.7%).
 MIN_APPROX_SAVING = 0.05
+
+
+def _enc(x: Any) -> Any:
+    """An error value for JSON: an unbounded one (inf) as the string "inf"."""
+    return INF if isinstance(x, float) and math.isinf(x) and x > 0 else x
+
+
+def _dec(x: Any) -> Any:
+    return math.inf if x == INF else x
+
+
+def _worst(a: float, b: float) -> float:
+    """max() for errors that treats NaN as the worst value (max(0.0, nan) is 0.0)."""
+    return math.inf if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 # ---- plan objects --------------------------------------------------------------------------------
@@ -86,12 +113,12 @@ class Measured:
     e2e_cosine: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"site_rel_l2": self.site_rel_l2, "e2e_rel_l2": self.e2e_rel_l2,
+        return {"site_rel_l2": _enc(self.site_rel_l2), "e2e_rel_l2": _enc(self.e2e_rel_l2),
                 "e2e_cosine": self.e2e_cosine}
 
     @classmethod
     def from_json(cls, d: dict | None) -> "Measured | None":
-        return None if d is None else cls(d.get("site_rel_l2"), float(d["e2e_rel_l2"]),
+        return None if d is None else cls(_dec(d.get("site_rel_l2")), float(_dec(d["e2e_rel_l2"])),
                                           float(d["e2e_cosine"]))
 
 
@@ -130,11 +157,13 @@ class WalkStep:
     reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["alone_rel_l2"], d["rel_l2"] = _enc(self.alone_rel_l2), _enc(self.rel_l2)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "WalkStep":
-        return cls(**d)
+        return cls(**{**d, "alone_rel_l2": _dec(d["alone_rel_l2"]), "rel_l2": _dec(d["rel_l2"])})
 
 
 @dataclass(frozen=True)
@@ -151,21 +180,53 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "policy": self.policy,
                 "max_error": self.max_error, "target": self.target, "hardware": self.hardware,
-                "predicted": dict(self.predicted), "measured": dict(self.measured),
+                "predicted": dict(self.predicted),
+                "measured": {k: _enc(v) for k, v in self.measured.items()},
                 "sites": [s.to_json() for s in self.sites], "walk": [w.to_json() for w in self.walk]}
 
     @classmethod
     def from_json(cls, d: dict | str) -> "Plan":
-        if isinstance(d, str):
-            d = json.loads(d)
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not an attnopt plan (format {d.get('format')!r})")
-        if int(d.get("version", 0)) != VERSION:
-            raise ValueError(f"plan version {d.get('version')} is not supported (only {VERSION})")
-        return cls(d["policy"], float(d["max_error"]), d["target"], d["hardware"],
-                   tuple(SitePlan.from_json(s) for s in d["sites"]),
-                   tuple(WalkStep.from_json(w) for w in d.get("walk", [])),
-                   dict(d.get("predicted") or {}), dict(d.get("measured") or {}))
+        """The plan of a JSON dict (or its text), every field checked first: BadPlan (a
+        BadArgument, exit 2, and a ValueError) naming the first bad one."""
+        if isinstance(d, (str, bytes)):
+            d = parse_plan_text(d)
+        return cls._checked(d)
+
+    @classmethod
+    def _checked(cls, d: Any) -> "Plan":
+        check_plan_json(d)
+        try:
+            return cls(d["policy"], float(d["max_error"]), d["target"], d["hardware"],
+                       tuple(SitePlan.from_json(s) for s in d["sites"]),
+                       tuple(WalkStep.from_json(w) for w in d.get("walk") or []),
+                       dict(d.get("predicted") or {}),
+                       {k: _dec(v) for k, v in (d.get("measured") or {}).items()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # the schema should stop these
+            raise BadPlan(f"not a valid attnopt plan: {type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:200]}") from None
+
+    @classmethod
+    def coerce(cls, plan: Any) -> "Plan":
+        """A checked Plan from a Plan object, its JSON dict or a plan file path (what
+        `attnopt.optimize(..., plan=)` accepts); BadPlan naming the bad field otherwise."""
+        if isinstance(plan, Plan):
+            try:
+                d = plan.to_json()
+            except Exception as e:  # noqa: BLE001 - a hand-built object with wrong field types
+                raise BadPlan(f"plan object cannot be read: {type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]}") from None
+            return cls.from_json(d)
+        if isinstance(plan, dict):
+            return cls.from_json(plan)
+        if isinstance(plan, (str, os.PathLike)):
+            return cls.load(plan)
+        raise BadPlan(f"plan must be an attnopt.Plan, its JSON dict or a plan file path, not "
+                      f"{type(plan).__name__}")
+
+    @property
+    def approximate_sites(self) -> list[str]:
+        """The sites whose choice is approximate."""
+        return [s.site for s in self.sites if s.choice is not None and not s.choice.exact]
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, allow_nan=False)
@@ -185,13 +246,13 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
-        from attnopt.errors import UnreadableModel
-
+        """Read and check a plan file: InputNotFound (exit 3) when it does not exist, BadPlan
+        (exit 2, one line naming the file and the bad field) for anything else wrong."""
+        d = read_plan_file(path)
         try:
-            return cls.from_json(Path(path).read_text())
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UnreadableModel(f"{path} is not a valid attnopt plan: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+            return cls._checked(d)
+        except BadPlan as e:
+            raise BadPlan(f"{path}: {e}") from None
 
     def site(self, name: str) -> SitePlan | None:
         return next((s for s in self.sites if s.site == name), None)
@@ -224,23 +285,46 @@ def _floats(x: Any, valid: torch.Tensor | None = None) -> torch.Tensor:
     return torch.cat(ts) if ts else torch.zeros(1, dtype=torch.float64)
 
 
+def compared(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unbounded, compared) masks of a reference `a` and a candidate `b` of one shape.
+
+    unbounded: positions whose error is infinite: `b` non-finite where `a` is finite, or `a`
+    +-Inf and `b` not the same infinity. compared: positions where both are finite. The rest
+    are equal: `a` NaN (undefined output: a fully masked query row of the original; `b` NaN
+    there too, or the zero attnopt's exact kernels put there, like validation), or `a` and
+    `b` the same infinity."""
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    inf_a = torch.isinf(a)
+    unbounded = (fa & ~fb) | (inf_a & (b != a))
+    return unbounded, fa & fb
+
+
 def rel_l2(ref: Any, new: Any, valid: torch.Tensor | None = None) -> float:
-    """Relative L2 over every floating output (with `valid`: real-token rows of [B, S, ...] ones)."""
+    """Relative L2 over every floating output (with `valid`: real-token rows of [B, S, ...] ones);
+    inf when the candidate has NaN/Inf where the reference does not (see `compared`)."""
     a, b = _floats(ref, valid), _floats(new, valid)
     if a.shape != b.shape:
         return float("inf")
-    ok = torch.isfinite(a)
+    unbounded, ok = compared(a, b)
+    if bool(unbounded.any()):
+        return float("inf")
     a, b = a[ok], b[ok]
-    return float((a - b).norm() / max(float(a.norm()), 1e-12))
+    e = float((a - b).norm() / max(float(a.norm()), 1e-12))
+    return math.inf if math.isnan(e) else e
 
 
 def cosine(ref: Any, new: Any, valid: torch.Tensor | None = None) -> float:
+    """Cosine similarity over every floating output; -1 (the worst) when the candidate has
+    NaN/Inf where the reference does not (see `compared`)."""
     a, b = _floats(ref, valid), _floats(new, valid)
     if a.shape != b.shape:
         return 0.0
-    ok = torch.isfinite(a) & torch.isfinite(b)
+    unbounded, ok = compared(a, b)
+    if bool(unbounded.any()):
+        return -1.0
     a, b = a[ok], b[ok]
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
+    c = float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
+    return -1.0 if math.isnan(c) else c
 
 
 # ---- calibration inputs --------------------------------------------------------------------------
@@ -364,11 +448,18 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     from attnopt.passes.rewrite import plan_all
 
     if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if not max_error >= 0:
-        raise ValueError(f"max_error must be >= 0, got {max_error}")
+        raise BadPlan(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) \
+            or not 0.0 < float(max_error) <= 1.0:
+        raise BadPlan(f"max_error must be in (0, 1] (an end-to-end relative L2 budget), got {max_error!r}")
     if target is None:
         target = local_target()
+    else:
+        key = target.lower().replace("-", "_").replace(" ", "_") if isinstance(target, str) else None
+        key = {"h100_sxm": "h100", "a100_sxm": "a100"}.get(key, key)  # get_profile's aliases
+        if key not in TARGETS:
+            raise BadPlan(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        target = key
     hw = get_profile(target)
     _ep, gm, inputs = _program(model, example_inputs)
     graph = fx_front.from_graph_module(gm, list(inputs), source="aten")
@@ -426,11 +517,11 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
         for b, (ref, ref_vals), valid in (held() if on_holdout else zip(batches, refs, valids)):
             want = [nodes[site]] if site else []
             out, vals = _run(new_gm, b, want)
-            worst_l2 = max(worst_l2, rel_l2(ref, out, valid))
+            worst_l2 = _worst(worst_l2, rel_l2(ref, out, valid))
             worst_cos = min(worst_cos, cosine(ref, out, valid))
             if site:
                 a, o = ref_vals[site_by[site].output], vals[nodes[site]]
-                worst_site = max(worst_site, rel_l2(a, o))
+                worst_site = _worst(worst_site, rel_l2(a, o))
                 if recs[site].batch_rank == 2 and not recs[site].heads:
                     e = _head_errors(a, o, recs[site].out_perm, valid)
                     per_head = e if per_head is None else np.maximum(per_head, e)
@@ -554,14 +645,21 @@ def _head_errors(ref: torch.Tensor, new: torch.Tensor, out_perm: Sequence[int],
         inv[p] = i
     a = ref.detach().double().permute(inv)
     b = new.detach().double().permute(inv)
+    if a.shape != b.shape:
+        return np.full(a.shape[1], np.inf)
+    unbounded, ok = compared(a, b)
     if valid is not None and tuple(valid.shape) == (a.shape[0], a.shape[2]):
-        w = valid.to(a.device)[:, None, :, None].double()
-        a, b = a * w, b * w
-    a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-    b = torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
+        keep = valid.to(a.device)[:, None, :, None].expand_as(a)  # padded query rows: ignored
+        unbounded, ok = unbounded & keep, ok & keep
+    # a head whose output is NaN/Inf where the reference is not: infinite error (nan_to_num
+    # used to zero it, ranking a NaN head best)
+    bad_head = unbounded.transpose(0, 1).reshape(a.shape[1], -1).any(dim=1)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    a, b = torch.where(ok, a, zero), torch.where(ok, b, zero)
     num = (a - b).transpose(0, 1).reshape(a.shape[1], -1).norm(dim=1)
     den = a.transpose(0, 1).reshape(a.shape[1], -1).norm(dim=1).clamp_min(1e-12)
-    return (num / den).cpu().numpy()
+    err = (num / den).masked_fill(bad_head, math.inf)
+    return err.masked_fill(torch.isnan(err), math.inf).cpu().numpy()
 
 
 def head_subsets(errors: np.ndarray, num_kv_heads: int,
@@ -590,6 +688,8 @@ def head_subsets(errors: np.ndarray, num_kv_heads: int,
 def split_recipes(graph: Graph, sites: Sequence[Site], recipes: Sequence[Recipe], plan: Plan
                   ) -> tuple[list[Recipe], list[Recipe], dict[str, str]]:
     """(exact recipes, approximate recipes in plan walk order, variant label per site)."""
+    plan = Plan.coerce(plan)  # a plan is input, however it arrived (optimize_torch takes objects)
+    check_plan_fits(plan, sites)  # every choice fits its site, before anything is spliced
     site_by = {s.name: s for s in sites}
     exact, approx, labels = [], [], {}
     for r in recipes:
@@ -620,7 +720,8 @@ def add_approximate(gm: fx.GraphModule, exact: list[Recipe], approx: list[Recipe
     valids = [valid_rows(b, padding_positions) for b in variants]
     while kept:
         new_gm, _ = splice(gm, exact + kept)
-        l2 = max(rel_l2(ref, _run(new_gm, b)[0], valid) for ref, b, valid in zip(refs, variants, valids))
+        l2 = functools.reduce(_worst, (rel_l2(ref, _run(new_gm, b)[0], valid)
+                                       for ref, b, valid in zip(refs, variants, valids)), 0.0)
         if l2 <= max_error:
             return new_gm, kept, l2, reverted
         reverted.append((kept[-1].site, l2))
