@@ -158,10 +158,19 @@ def write_onnx(model, output: Path, base_dir: str | None = None) -> None:
             onnx.save_model(model, str(f), save_as_external_data=True, location=data_name)
         else:
             onnx.save_model(model, str(f))
-        onnx.checker.check_model(str(f), full_check=True)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3  # errors only: the one-line promise
-        ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+        try:
+            onnx.checker.check_model(str(f), full_check=True)
+            so = ort.SessionOptions()
+            so.log_severity_level = 3  # errors only: the one-line promise
+            ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the model as given does not load: say so, once
+            from attnopt.errors import UnsupportedModel
+
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UnsupportedModel(f"the model to be written does not pass the ONNX checker and "
+                                   f"ONNX Runtime, so it is not written: {first}") from None
         if large:
             _publish(tmp / data_name, output.resolve().parent / data_name)
         _publish(f, output)

@@ -350,6 +350,10 @@ def _check_structure(model: onnx.ModelProto, where: str) -> int:
     if opset is None:
         # A model made only of custom-domain ops; nothing to hold it to.
         opset = MIN_OPSET
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise UnsupportedModel(f"{where} uses ONNX opset {opset}; the installed onnx knows opsets up "
+                               f"to {newest}")
     if opset < MIN_OPSET:
         raise UnsupportedModel(f"{where} uses ONNX opset {opset}; attnopt needs opset >= "
                                f"{MIN_OPSET} (convert it with onnx.version_converter)")
