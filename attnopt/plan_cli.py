@@ -211,6 +211,13 @@ def write_report(plan, path: str | os.PathLike, model_name: str = "") -> Path:
     return path
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
 def _chmod_default(path: str) -> None:
     umask = os.umask(0)
     os.umask(umask)
@@ -250,9 +257,16 @@ def register(app: typer.Typer) -> None:
                                   f"budget), got {max_error:g}")
             if not model.exists():
                 raise InputNotFound(f"no such file: {model}")
+            from attnopt.frontends import check_input
+            from attnopt.outputs import check_output
+
+            check_input(model)
+            reads = [("input model", model), ("calibration file", calibration)]
             for p in (output, report):
-                if p is not None and not p.resolve().parent.is_dir():
-                    raise OutputError(f"output directory {p.resolve().parent} does not exist")
+                if p is not None:
+                    check_output(p, reads)
+            if report is not None and _same_path(output, report):
+                raise OutputError(f"--report {report} is the plan output; choose another path")
             plan = make_plan(model, policy=policy, max_error=max_error,
                              target=None if target is None else target.lower(),
                              calibration=calibration)

@@ -60,6 +60,7 @@ import functools
 import json
 import math
 import os
+import zipfile
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -353,17 +354,39 @@ def generated_inputs(example: Sequence[Any], n: int, seed: int = 0) -> list[list
 
 def load_npz(path: str | os.PathLike, example: Sequence[Any]) -> list[list[Any]]:
     """Calibration batches from a .npz: arrays in stored order are the model's flat inputs; keys
-    "b<i>_<anything>" group several batches (one batch per prefix)."""
-    data = np.load(path)
+    "b<i>_<anything>" group several batches (one batch per prefix). The file is data: no pickled
+    objects, and every array must match its input's rank (else BadArgument, exit 2)."""
+    from attnopt.errors import BadArgument, InputNotFound
+
+    if not os.path.exists(path):
+        raise InputNotFound(f"no such file: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):
+            raise ValueError("not an .npz archive of named arrays")
+        arrays_by_key = [(key, data[key]) for key in data.files]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadArgument(f"--calibration {path}: not a usable .npz of arrays ({first})") from None
     groups: dict[str, list] = {}
-    for key in data.files:
+    for key, arr in arrays_by_key:
+        if arr.dtype.kind not in "biuf":
+            raise BadArgument(f"--calibration {path}: array {key!r} has dtype {arr.dtype}; "
+                              "calibration inputs are numbers")
         prefix = key.split("_", 1)[0] if key.startswith("b") and "_" in key else ""
-        groups.setdefault(prefix, []).append(torch.from_numpy(data[key]))
+        groups.setdefault(prefix, []).append((key, torch.from_numpy(np.ascontiguousarray(arr))))
+    if not groups:
+        raise BadArgument(f"--calibration {path}: holds no arrays")
     batches = []
     for arrays in groups.values():
         if len(arrays) != len(example):
-            raise ValueError(f"{path}: {len(arrays)} arrays for a model with {len(example)} inputs")
-        batches.append([a.to(e.dtype) if isinstance(e, torch.Tensor) else a for a, e in zip(arrays, example)])
+            raise BadArgument(f"--calibration {path}: {len(arrays)} arrays for a model with "
+                              f"{len(example)} inputs")
+        for (key, a), e in zip(arrays, example):
+            if isinstance(e, torch.Tensor) and a.dim() != e.dim():
+                raise BadArgument(f"--calibration {path}: array {key!r} has {a.dim()} dimensions, "
+                                  f"its input has {e.dim()}")
+        batches.append([a.to(e.dtype) if isinstance(e, torch.Tensor) else a for (_, a), e in zip(arrays, example)])
     return batches
 
 
@@ -438,6 +461,20 @@ def _run(gm, inputs, names=()):
     return run_captured(gm, inputs, set(names))
 
 
+def _check_runs(gm, batches) -> None:
+    """The user's calibration batches are input: one that the model cannot run on (a guarded
+    shape, a token id past the vocabulary) is a bad argument, said before any planning."""
+    from attnopt.errors import BadArgument
+
+    for i, b in enumerate(batches):
+        try:
+            with torch.no_grad():
+                _run(gm, b)
+        except Exception as e:  # noqa: BLE001 - whatever the model raises on this batch
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise BadArgument(f"calibration batch {i}: the model cannot run on it ({first})") from None
+
+
 def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
               max_error: float = 1e-2, target: str | None = None, calibration: Any = None) -> Plan:
     """Plan every attention site of a torch model (see the module header). target None: this
@@ -497,6 +534,8 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
         return (other + dense_total) / (other + t) if (other + t) > 0 else 1.0
 
     all_batches = calibration_batches(inputs, calibration)
+    if calibration is not None:
+        _check_runs(gm, all_batches)
     # approximations are never chosen on the batch they are checked on (step 4)
     batches, holdout = (all_batches[:-1], all_batches[-1:]) if len(all_batches) > 1 else (all_batches, [])
     positions = padding_positions(graph, sites)

@@ -530,3 +530,55 @@ def test_external_data_outside_the_model_folder(external_model, tmp_path, loc):
 def test_simulate_refuses_what_it_cannot_do(args, msg):
     rc, _, err = run("simulate", *args)
     assert rc == 2 and msg in err and one_line(err), (rc, err)
+
+
+# ---- attnopt plan: outputs and calibration files -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_pt2(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "tiny_transformer.py"), str(out)],
+                   check=True, capture_output=True)
+    return out / "tiny_transformer.pt2"
+
+
+def test_plan_outputs_are_never_inputs(demo_pt2, tmp_path):
+    import numpy as np
+
+    model = tmp_path / "m.pt2"
+    model.write_bytes(demo_pt2.read_bytes())
+    before = model.read_bytes()
+    rc, _, err = run("plan", model, "-o", model)
+    assert rc == 6 and "input model" in err and one_line(err)
+    rc, _, err = run("plan", model, "-o", tmp_path / "p.json", "--report", model)
+    assert rc == 6 and one_line(err)
+    rc, _, err = run("plan", model, "-o", tmp_path / "p.json", "--report", tmp_path / "p.json")
+    assert rc == 6 and one_line(err)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, a=np.zeros((2, 32), dtype=np.int64), b=np.ones((2, 32), dtype=np.int64))
+    rc, _, err = run("plan", model, "-o", calib, "--calibration", calib)
+    assert rc == 6 and "calibration file" in err and one_line(err)
+    assert model.read_bytes() == before and not (tmp_path / "p.json").exists()
+
+
+def test_calibration_files_are_data(demo_pt2, tmp_path):
+    import numpy as np
+
+    cases = {
+        "object": dict(a=np.array([object()], dtype=object)),
+        "count": dict(a=np.zeros((2, 32), dtype=np.int64)),
+        "rank": dict(a=np.zeros(3, dtype=np.int64), b=np.zeros(3, dtype=np.int64)),
+        "shape": dict(a=np.zeros((1, 5), dtype=np.int64), b=np.ones((1, 5), dtype=np.int64)),
+        "values": dict(a=np.full((2, 32), 10**9, dtype=np.int64), b=np.ones((2, 32), dtype=np.int64)),
+    }
+    for name, arrays in cases.items():
+        p = tmp_path / f"{name}.npz"
+        np.savez(p, **arrays)
+        rc, _, err = run("plan", demo_pt2, "-o", tmp_path / "p.json", "--calibration", p)
+        assert rc == 2 and "calibration" in err and one_line(err), (name, rc, err)
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not a zip")
+    rc, _, err = run("plan", demo_pt2, "-o", tmp_path / "p.json", "--calibration", tmp_path / "garbage.npz")
+    assert rc == 2 and one_line(err)
+    rc, _, err = run("plan", demo_pt2, "-o", tmp_path / "p.json", "--calibration", tmp_path / "none.npz")
+    assert rc == 3 and one_line(err)
+    assert not (tmp_path / "p.json").exists()
