@@ -6,16 +6,20 @@ process that needs it times every candidate and writes the winner, later process
 
 Cache layout ($ATTNOPT_CACHE_DIR or ~/.cache/attnopt, then <subdir>/):
   tune-<key hash>.json   {"key": ..., "config": <encoded winner>, "timings_ms": [[ms, <encoded>], ...]}
-Files are written to a temporary name and renamed, so a reader never sees a partial file; an
-unreadable or stale file is ignored and the choice re-measured.
+Files are written to a temporary name and renamed, so a reader never sees a partial file. An entry
+is data from disk, read under attnopt.util.cache's rules (this user's file, size-capped, plain JSON)
+and type-checked here: anything unreadable, stale or malformed is ignored and the choice
+re-measured; where the cache cannot be used the choice is simply not remembered.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
+
+from attnopt.util import cache
+from attnopt.util.cache import atomic_write, cache_root  # noqa: F401  their old home: callers import them here
 
 T = TypeVar("T")
 
@@ -23,18 +27,6 @@ T = TypeVar("T")
 def enabled() -> bool:
     """Whether kernels may time their candidates (ATTNOPT_AUTOTUNE=0 takes the first one)."""
     return os.environ.get("ATTNOPT_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
-
-
-def cache_root() -> Path:
-    root = os.environ.get("ATTNOPT_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "attnopt"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def key_hash(key: dict) -> str:
@@ -49,15 +41,17 @@ def fastest(key: dict, candidates: Sequence[T], bench: Callable[[T], float], *, 
     h = key_hash(key)
     if h in memo:
         return memo[h]
-    path = cache_root() / subdir / f"tune-{h}.json"
-    if path.exists():
-        try:
-            choice = decode(json.loads(path.read_text())["config"])
-            if choice in candidates:
-                memo[h] = choice
-                return choice
-        except (ValueError, KeyError, TypeError):
-            pass
+    d = cache.directory(subdir)
+    path = None if d is None else d / f"tune-{h}.json"
+    entry = None if path is None else cache.read_json(path)
+    if isinstance(entry, dict) and "config" in entry:
+        try:  # the equal candidate itself is returned: (8.0,) == (8,), but only ints are tiles
+            choice = candidates[list(candidates).index(decode(entry["config"]))]
+        except Exception:  # noqa: BLE001  whatever the file holds, it is only a miss
+            choice = None
+        if choice is not None:
+            memo[h] = choice
+            return choice
     timings, errors = [], []
     for cand in candidates:
         try:
@@ -67,8 +61,9 @@ def fastest(key: dict, candidates: Sequence[T], bench: Callable[[T], float], *, 
     if not timings:
         raise RuntimeError(f"no candidate ran for this kernel; first error: {errors[0]}")
     best = min(timings, key=lambda x: x[0])[1]
-    atomic_write(path, json.dumps({"key": key, "config": encode(best),
-                                   "timings_ms": [[t * 1e3, encode(c)] for t, c in timings]},
-                                  indent=1, default=str))
+    if path is not None:
+        cache.store(path, json.dumps({"key": key, "config": encode(best),
+                                      "timings_ms": [[t * 1e3, encode(c)] for t, c in timings]},
+                                     indent=1, default=str))
     memo[h] = best
     return best

@@ -12,9 +12,11 @@ in place through the plan's indices, keeps a tile's scores in cache and writes o
 
 Build: the C file is compiled on first use with the system C compiler ($CC, else cc) for this machine
 (-O3 -march=native -fopenmp), into $ATTNOPT_CACHE_DIR/native/ under a name keyed by the source, the
-compiler's version, the flags and the CPU, so a later process loads it at once. Without a compiler, when the build fails,
-or with ATTNOPT_CPU_NATIVE=0, `available()` is False and the caller runs its SDPA path (the reason is
-logged once).
+compiler's version, the flags and the CPU, so a later process loads it at once. A cached library is
+code this process runs: it is loaded only under attnopt.util.cache's trust model (this user's files,
+the SHA-256 recorded at build time), else rebuilt, or built privately where the cache cannot be used.
+Without a compiler, when the build fails, or with ATTNOPT_CPU_NATIVE=0, `available()` is False and the
+caller runs its SDPA path (the reason is logged once).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnopt.codegen import autotune
+from attnopt.util import cache
 
 log = logging.getLogger("attnopt.codegen.cpu_native")
 
@@ -86,37 +88,69 @@ def _cpu_identity() -> str:
     return "\n".join([platform.machine(), platform.processor()] + [f"{k}: {info[k]}" for k in sorted(info)])
 
 
-def _build(cc: str) -> Path:
-    """Compile (or find the cached build of) cpu_tiles.c; raises RuntimeError with the reason."""
+def library_names(cc: str) -> list[tuple[list[str], str]]:
+    """(flags, cache file name) of each build of cpu_tiles.c, in FLAG_SETS order: the name is keyed by
+    the source, the compiler's version, the flags and the CPU. Raises RuntimeError."""
     src = SOURCE.read_bytes()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"{cc} --version failed: {e}") from e
-    out_dir = autotune.cache_root() / "native"
     machine = _cpu_identity().encode()
-    errors = []
+    out = []
     for flags in FLAG_SETS:
         tag = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags + COMMON_FLAGS).encode(),
                                          machine])).hexdigest()[:20]
-        lib = out_dir / f"cpu_tiles-{tag}.so"
-        if lib.exists():
-            return lib
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f".{lib.name}.tmp{os.getpid()}"
-        cmd = [cc, *flags, *COMMON_FLAGS, "-o", str(tmp), str(SOURCE)]
-        started = time.perf_counter()
+        out.append((flags, f"cpu_tiles-{tag}.so"))
+    return out
+
+
+class _BuildFailed(Exception):
+    pass
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> None:
+    cmd = [cc, *flags, *COMMON_FLAGS, "-o", str(out), str(SOURCE)]
+    started = time.perf_counter()
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{' '.join(cmd)}: {e}") from e
+    if res.returncode != 0:
+        raise _BuildFailed((res.stderr.strip().splitlines() or ["failed"])[-1])
+    log.info("built the native CPU tile kernel in %.1f s (%s)", time.perf_counter() - started, " ".join(flags))
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """dlopen the library and look up its entry points (OSError / AttributeError: not our library)."""
+    lib = ctypes.CDLL(str(path))
+    lib.attnopt_tiles_f32, lib.attnopt_tiles_parallel  # noqa: B018  raise here, not in a caller
+    return lib
+
+
+def _load(cc: str) -> ctypes.CDLL:
+    """The cached build of cpu_tiles.c when the cache may be trusted with it (attnopt.util.cache),
+    else a fresh build; raises RuntimeError / OSError with the reason. A cached file that does not
+    load (corrupt, not a library) is rebuilt over, not skipped forever."""
+    errors = []
+    for flags, name in library_names(cc):
+        hit = cache.cached_artifact("native", name)
+        if hit is not None:
+            try:
+                return _open(hit)
+            except (OSError, AttributeError) as e:
+                cache.warn_once(f"attnopt: the cached {hit} does not load ({e}); it is rebuilt")
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise RuntimeError(f"{' '.join(cmd)}: {e}") from e
-        if res.returncode == 0:
-            os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
-            log.info("built the native CPU tile kernel in %.1f s (%s): %s", time.perf_counter() - started,
-                     " ".join(flags), lib)
-            return lib
-        tmp.unlink(missing_ok=True)
-        errors.append((res.stderr.strip().splitlines() or ["failed"])[-1])
+            path = cache.build_artifact("native", name, lambda tmp, flags=flags: _compile(cc, flags, tmp))
+        except _BuildFailed as e:
+            errors.append(str(e))
+            continue
+        try:
+            return _open(path)
+        except AttributeError as e:
+            raise RuntimeError(f"the fresh build {path} lacks {e}") from e
+        finally:
+            cache.discard_private(path)  # built outside the cache: nothing to keep once mapped
     raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[0]}")
 
 
@@ -131,7 +165,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         with _LOCK:
-            lib = ctypes.CDLL(str(_build(cc)))
+            lib = _load(cc)
     except (RuntimeError, OSError) as e:
         log.warning("native CPU tile kernel unavailable (%s): using SDPA per tile group", e)
         return None

@@ -27,6 +27,7 @@ Sources (public spec sheets and papers; figures as used below):
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from attnopt.util import cache
 
 # Literal tile tables: per GPU family, the Q and KV tile shapes a kernel is compiled for.
 # Keys: "q_1d"/"kv_1d" (runs of the flattened sequence), "q_2d"/"kv_2d", "q_3d"/"kv_3d" (boxes).
@@ -152,10 +155,10 @@ PROFILES: dict[str, HardwareProfile] = {
 
 # ---- local CPU: measured once, cached -----------------------------------------------------
 
-def _cache_path() -> Path:
-    from attnopt.codegen.autotune import cache_root  # deferred: codegen imports this module
-
-    return cache_root() / "cpu_profile.json"
+def _cache_path() -> Path | None:
+    """Where the measured profile is remembered; None where the cache cannot be used."""
+    root = cache.directory()
+    return None if root is None else root / "cpu_profile.json"
 
 
 def best_time(fn, repeats: int = 3) -> float:
@@ -188,18 +191,17 @@ def cpu_profile(refresh: bool = False) -> HardwareProfile:
     """The local CPU, measured with numpy once and cached in ~/.cache/attnopt/cpu_profile.json
     (or $ATTNOPT_CACHE_DIR). numpy has no fast bf16/fp16 matmul, so those use the fp32 rate."""
     path = _cache_path()
-    m = None
-    if not refresh and path.exists():
-        try:
-            m = json.loads(path.read_text())
-            float(m["fp32_flops"]), float(m["mem_bw"]), float(m["exp_per_s"])
-        except (ValueError, KeyError, TypeError):
+    m = None if refresh or path is None else cache.read_json(path)
+    try:  # data from disk: every field read below must be a finite positive number
+        if not (all(0 < float(m[k]) < math.inf for k in ("fp32_flops", "mem_bw", "exp_per_s"))
+                and 1 <= float(m["cores"]) < 1 << 20):
             m = None
+    except (ValueError, KeyError, TypeError, OverflowError):
+        m = None
     if m is None:
-        from attnopt.codegen.autotune import atomic_write
-
         m = measure_cpu()
-        atomic_write(path, json.dumps(m, indent=1))
+        if path is not None:
+            cache.store(path, json.dumps(m, indent=1))
     f = float(m["fp32_flops"])
     return HardwareProfile(
         name="local CPU", family="cpu", peak_flops={"bf16": f, "fp16": f, "fp32": f},

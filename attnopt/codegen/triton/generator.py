@@ -1,27 +1,33 @@
 """Emit, load and tune the generated Triton kernels; on-disk cache of sources and tuned configs.
 
 Cache layout ($ATTNOPT_CACHE_DIR or ~/.cache/attnopt, then triton/):
-  <family>_<kind>_<template hash>.py   the rendered kernel module (imported from there)
+  <family>_<kind>_<template hash>.py   the rendered kernel module, for tracebacks and the reader
   tune-<key hash>.json                 the chosen config for (spec, variant, device name, triton
                                        version), so a second process skips autotuning
-Files are written to a temporary name and renamed, so a reader never sees a partial file.
+The module is run from the text rendered in this process, never imported from the file: a file
+under that predictable name (planted, stale, or a bytecode cache beside it) runs nothing. The file is
+rewritten when it differs (attnopt.util.cache), and triton.jit reads the rendered text through
+linecache, so the kernel compiled is the one rendered.
 Under the interpreter (TRITON_INTERPRET=1) the first config of the "interpreter" tile table is used
 without tuning and nothing but the source is written.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import linecache
 import os
 import sys
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from attnopt.codegen.autotune import atomic_write, cache_root, fastest
 from attnopt.codegen.autotune import enabled as autotune_enabled
+from attnopt.codegen.autotune import fastest
 from attnopt.codegen.triton import template
 from attnopt.cost.hardware import TILE_TABLES
+from attnopt.util import cache
+from attnopt.util.cache import cache_root
 
 
 def interpreter_active() -> bool:
@@ -84,21 +90,25 @@ _MODULES: dict[tuple[str, str, bool], Any] = {}
 
 
 def kernel(family: str, kind: str) -> Callable:
-    """The compiled-on-launch `<family>_fwd_kernel`, rendered to the cache directory and imported."""
+    """The compiled-on-launch `<family>_fwd_kernel`, rendered, written to the cache directory and run
+    from the rendered text."""
     interp = interpreter_active()
     key = (family, kind, interp)
     if key in _MODULES:
         return getattr(_MODULES[key], f"{family}_fwd_kernel")
     source = template.render(family, kind)
-    path = cache_dir() / f"{family}_{kind}_{template.template_hash()}.py"
-    if not path.exists() or path.read_text() != source:
-        atomic_write(path, source)
+    stem = f"{family}_{kind}_{template.template_hash()}"
+    path = cache.generated_file("triton", f"{stem}.py", source)  # None: the cache cannot hold it
+    filename = str(path) if path is not None else f"<attnopt generated {stem}.py>"
+    # triton.jit reads its function's source through inspect/linecache: give it the rendered text
+    # (an entry without mtime is never re-read from disk), whatever the file holds by then.
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     # The interpreter flag is read when @triton.jit runs, so each mode gets its own module object.
-    mod_name = f"attnopt_generated.{family}_{kind}_{template.template_hash()}{'_interp' if interp else ''}"
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    module = importlib.util.module_from_spec(spec)
+    mod_name = f"attnopt_generated.{stem}{'_interp' if interp else ''}"
+    module = types.ModuleType(mod_name)
+    module.__file__ = filename
     sys.modules[mod_name] = module  # inspect.getsource (used by triton.jit) needs it registered
-    spec.loader.exec_module(module)
+    exec(compile(source, filename, "exec"), module.__dict__)  # noqa: S102  our own rendered text
     _MODULES[key] = module
     return getattr(module, f"{family}_fwd_kernel")
 
