@@ -230,7 +230,6 @@ class _CheckedSympy:
 
 def load_program(path: Path):
     """The ExportedProgram in `path`, loaded without executing code from the file (see header)."""
-    import torch
 
     path = Path(path)
     data = read_archive(path)

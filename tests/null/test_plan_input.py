@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 from zoo.testing import run_cli as run
 
 import attnopt
@@ -24,27 +23,7 @@ from attnopt.passes.plan_schema import BadPlan, check_plan_fits
 TOKENS = 33  # a 32-token grid after one leading token: small enough for a fast hand-made approximation
 
 
-class Attn(nn.Module):
-    def __init__(self, d=32, h=4):
-        super().__init__()
-        self.qkv, self.o, self.h = nn.Linear(d, 3 * d), nn.Linear(d, d), h
-
-    def forward(self, x):
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
-        s = q @ k.transpose(-1, -2) * (D // self.h) ** -0.5
-        return self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList([Attn(), Attn()])
-
-    def forward(self, x):
-        for a in self.blocks:
-            x = x + a(x)
-        return x
+from zoo.small import Attn, Net  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

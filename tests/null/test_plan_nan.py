@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import attnopt.frontends.fx_splice as fx_splice
 from attnopt.passes.plan import (Plan, _head_errors, compared, cosine, head_subsets, make_plan,
@@ -79,27 +78,7 @@ def test_head_errors_rank_a_nan_head_last():
     assert (_head_errors(ref2, new2, [0, 1, 2, 3], None) == 0).all()
 
 
-class Attn(nn.Module):
-    def __init__(self, d=32, h=4):
-        super().__init__()
-        self.qkv, self.o, self.h = nn.Linear(d, 3 * d), nn.Linear(d, d), h
-
-    def forward(self, x):
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
-        s = q @ k.transpose(-1, -2) * (D // self.h) ** -0.5
-        return self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList([Attn(), Attn()])
-
-    def forward(self, x):
-        for a in self.blocks:
-            x = x + a(x)
-        return x
+from zoo.small import Attn, Net  # noqa: E402,F401
 
 
 def _poison_site(monkeypatch, site: str):
