@@ -11,8 +11,8 @@ from attnopt.api import InspectReport, inspect, optimize
 from attnopt.codegen import ops as _ops  # noqa: F401 - registers torch.ops.attnopt.attention
 from attnopt.frontends.pt2 import trust_pickled_files
 from attnopt.functional import attention
-from attnopt.passes.plan import Plan, plan_model as plan
-from attnopt.backend import register as _register_backend
+from attnopt.planner.plan import Plan, plan_model as plan
+from attnopt.pipeline.backend import register as _register_backend
 
 _register_backend()
 

@@ -59,7 +59,7 @@ ONNX_OPS = ("ort", "standard")
 def check_options(policy: str | None, onnx_op: str) -> None:
     """BadArgument (exit 2) for a policy or ONNX op outside its set."""
     from attnopt.errors import BadArgument
-    from attnopt.passes.plan import POLICIES
+    from attnopt.planner.plan import POLICIES
 
     if policy is not None and policy not in POLICIES:
         raise BadArgument(f"policy (--policy) must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -72,7 +72,7 @@ def check_optimize_args(policy: str | None, onnx_op: str, plan: Any) -> tuple[st
     unknown policy or ONNX op, a plan that is not valid (its bad field named), policy "approx"
     without a plan, or policy "exact" with a plan that holds approximate choices."""
     from attnopt.errors import BadArgument
-    from attnopt.passes.plan import Plan
+    from attnopt.planner.plan import Plan
 
     check_options(policy, onnx_op)
     if plan is None:
@@ -110,10 +110,10 @@ def optimize(model: Any, example_inputs: Any = None, policy: str | None = None, 
             or type(model).__module__.startswith("onnx"):
         if plan is not None:
             raise UnsupportedModel("plans apply to torch models (.pt2, nn.Module) only so far")
-        from attnopt.optimize_onnx import optimize_onnx_model
+        from attnopt.pipeline.optimize_onnx import optimize_onnx_model
 
         return optimize_onnx_model(model, op=onnx_op, validate=validate)
-    from attnopt.optimize_torch import optimize_torch
+    from attnopt.pipeline.optimize_torch import optimize_torch
 
     if isinstance(model, (str, Path)):  # a .pt2 path
         import torch

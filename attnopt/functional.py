@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from attnopt.codegen import cpu as cpu_kernels
+from attnopt.codegen.cpu import tiles as cpu_kernels
 from attnopt.codegen.ops import AttentionParams, exact_attention
 from attnopt.codegen.reference import NORMALIZERS, reference_attention
 from attnopt.ir import GNALayout
@@ -61,7 +61,7 @@ def gna_layout(grid: Sequence[int], window, stride=None, dilation=None, causal=F
         shape=grid, window=_per_dim(window, n, "window", 0), stride=_per_dim(stride, n, "stride", 1),
         dilation=_per_dim(dilation, n, "dilation", 1), causal=_per_dim(causal, n, "causal", False),
     )
-    from attnopt.cost import gna
+    from attnopt.sparsity import gna
 
     gna.validate(layout)
     return layout
@@ -160,7 +160,7 @@ def attention(
 
 
 def _with_layout_mask(attn_mask: Tensor | None, layout: GNALayout, device) -> Tensor:
-    from attnopt.cost.gna import dense_mask
+    from attnopt.sparsity.gna import dense_mask
 
     allowed = torch.from_numpy(dense_mask(layout)).to(device)
     if attn_mask is None:

@@ -47,8 +47,8 @@ def main() -> None:
     import onnxruntime as ort
 
     import attnopt
-    from attnopt.frontends.onnx_splice import fused_nodes
-    from attnopt.passes.validate_onnx import compare_onnx, session
+    from attnopt.emit.onnx import fused_nodes
+    from attnopt.pipeline.validate_onnx import compare_onnx, session
 
     print(f"onnxruntime {ort.__version__}, CPU, {args.threads} threads, B=1 H={args.heads} "
           f"D={args.head_dim} fp32, {args.reps} interleaved reps, median ms; ratio = decomposed / fused")

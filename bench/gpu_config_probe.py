@@ -26,7 +26,7 @@ import sys, json, torch
 from attnopt.codegen.triton import generator, launcher
 from attnopt.codegen.ops import AttentionParams
 from attnopt.codegen.reference import reference_attention
-from attnopt.cost.gna import dense_mask
+from attnopt.sparsity.gna import dense_mask
 from attnopt.ir import GNALayout
 kw, layout, ndim = {case}
 i = {index}

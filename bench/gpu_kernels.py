@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from attnopt.codegen import triton as tk
 from attnopt.codegen.ops import AttentionParams
-from attnopt.cost import gna
-from attnopt.cost.simulator import simulate
+from attnopt.sparsity import gna
+from attnopt.sparsity.simulator import simulate
 from attnopt.ir import GNALayout
 
 ROWS: list[dict] = []

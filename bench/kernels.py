@@ -1,6 +1,6 @@
 """Kernel benchmarks (issue 5).
 
-CPU (always): the exact CPU GNA kernel (attnopt.codegen.cpu: the compiled tile kernel of cpu_native
+CPU (always): the exact CPU GNA kernel (attnopt.codegen.cpu.tiles: the compiled tile kernel of cpu_native
 where it builds, its build time reported first) on a 2-D layout of 64x64 tokens, window 16x16, head
 dim 64, 4 heads, fp32, 2 threads, strides 1 and tile-aligned; against dense SDPA with the equivalent
 boolean mask, dense unmasked SDPA, the same Q box through SDPA per tile group (the fallback path),
@@ -32,11 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attnopt.codegen import cpu as cpu_kernels
-from attnopt.codegen import cpu_native
+from attnopt.codegen.cpu import tiles as cpu_kernels
+from attnopt.codegen.cpu import native as cpu_native
 from attnopt.codegen.ops import AttentionParams
-from attnopt.cost.gna import dense_mask
-from attnopt.cost.simulator import simulate
+from attnopt.sparsity.gna import dense_mask
+from attnopt.sparsity.simulator import simulate
 from attnopt.ir import GNALayout
 
 

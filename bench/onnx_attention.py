@@ -80,9 +80,9 @@ def main() -> None:
     import onnxruntime as ort
 
     import attnopt
-    from attnopt.frontends.onnx_splice import fused_nodes, splice
+    from attnopt.emit.onnx import fused_nodes, splice
     from attnopt.passes.rewrite import plan
-    from attnopt.passes.validate_onnx import compare_onnx, session
+    from attnopt.pipeline.validate_onnx import compare_onnx, session
 
     print(f"onnxruntime {ort.__version__}, CPU, {args.threads} threads, B=1 H={args.heads} "
           f"D={args.head_dim} fp32, mask={args.mask}, {args.reps} interleaved reps, median ms")

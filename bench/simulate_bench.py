@@ -18,7 +18,7 @@ from pathlib import Path
 
 from attnopt.cost.hardware import B200, allowed_tiles
 from attnopt.cost.search import search
-from attnopt.cost.simulator import simulate
+from attnopt.sparsity.simulator import simulate
 from attnopt.ir import GNALayout
 
 SECTION = "## Simulator (issue 4)"

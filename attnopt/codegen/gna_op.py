@@ -47,7 +47,7 @@ from torch import Tensor
 
 from attnopt.codegen.ops import AttentionParams
 from attnopt.codegen.reference import reference_attention
-from attnopt.cost import gna
+from attnopt.sparsity import gna
 from attnopt.ir import GNALayout
 
 OP_NAME = "attnopt::gna_attention"
@@ -109,7 +109,7 @@ def _full_window(layout: GNALayout) -> GNALayout:
 def cpu_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
             layout: GNALayout, leading: int) -> Tensor:
     """Exact softmax GNA with leading global tokens on CPU (codegen.cpu, tile choice tuned)."""
-    from attnopt.codegen.cpu import gna_attention
+    from attnopt.codegen.cpu.tiles import gna_attention
 
     S, n = q.shape[2], int(np.prod(layout.shape))
     if S != leading + n or k.shape[2] != S:

@@ -212,7 +212,7 @@ def cpu_profile(refresh: bool = False) -> HardwareProfile:
 
 
 def _native_cpu_kernel_expected() -> bool:
-    from attnopt.codegen import cpu_native  # deferred: codegen imports this module
+    from attnopt.codegen.cpu import native as cpu_native  # deferred: codegen imports this module
 
     return cpu_native.expected()
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from attnopt.cost.hardware import HardwareProfile
-from attnopt.cost.simulator import simulate
+from attnopt.sparsity.simulator import simulate
 from attnopt.ir import AttentionSpec, Variant
 
 _DTYPE = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",

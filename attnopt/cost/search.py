@@ -17,9 +17,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from attnopt.cost import gna
+from attnopt.sparsity import gna
 from attnopt.cost.hardware import HardwareProfile, allowed_tiles
-from attnopt.cost.simulator import dim_tiles
+from attnopt.sparsity.simulator import dim_tiles
 from attnopt.ir import GNALayout
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnopt import fuzz
+from attnopt.testing import fuzz
 from attnopt.errors import BadArgument
 
 CASES = Path(__file__).parent / "cases"
@@ -64,7 +64,7 @@ def test_replay_cli_refuses_injected_code(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.json"
     path.write_text(json.dumps({"choices": _injected(marker)["window"]}))
-    p = subprocess.run([sys.executable, "-m", "attnopt.fuzz", "--replay", str(path)],
+    p = subprocess.run([sys.executable, "-m", "attnopt.testing.fuzz", "--replay", str(path)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1

@@ -1,6 +1,6 @@
 """The graph fuzzer in CI: a fixed, derandomized hypothesis run over the grammar (torch and
 ONNX), bounded in time, plus the driver's command line. Any failure here is a bug: replay its
-choices with `python -m attnopt.fuzz --replay` and add it to test_regressions.py."""
+choices with `python -m attnopt.testing.fuzz --replay` and add it to test_regressions.py."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attnopt import fuzz
+from attnopt.testing import fuzz
 
 BUDGET_S = 120.0  # hard cap for the hypothesis run (CI: 2 cores, <= 3 minutes for this file)
 _start: list[float] = []
@@ -33,7 +33,7 @@ def test_fuzz_invariant(seed, kind):
 
 def test_cli_summary_and_case_files(tmp_path):
     out = tmp_path / "failures"
-    p = subprocess.run([sys.executable, "-m", "attnopt.fuzz", "--cases", "6", "--seed", "3",
+    p = subprocess.run([sys.executable, "-m", "attnopt.testing.fuzz", "--cases", "6", "--seed", "3",
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode in (0, 1), p.stderr
     line = p.stdout.strip().splitlines()[-1]

@@ -1,4 +1,4 @@
-"""Every failure the graph fuzzer (attnopt.fuzz) found, replayed from its case file.
+"""Every failure the graph fuzzer (attnopt.testing.fuzz) found, replayed from its case file.
 
 Each case file holds the grammar choices of one generated program; `run_case` rebuilds it,
 optimizes it and checks it independently of attnopt's validator. The second column says what
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from attnopt.fuzz import run_case
+from attnopt.testing.fuzz import run_case
 
 CASES = Path(__file__).parent / "cases"
 

@@ -18,7 +18,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 from attnopt.codegen import triton as tk  # noqa: E402
 from attnopt.codegen.ops import AttentionParams, attention_op  # noqa: E402
 from attnopt.codegen.reference import reference_attention  # noqa: E402
-from attnopt.cost.gna import dense_mask  # noqa: E402
+from attnopt.sparsity.gna import dense_mask  # noqa: E402
 from attnopt.ir import GNALayout  # noqa: E402
 
 DEV = "cuda"

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from zoo.testing import run_cli
 
-from attnopt.codegen import autotune, cpu, cpu_native
+from attnopt.codegen import autotune
+from attnopt.codegen.cpu import tiles as cpu
+from attnopt.codegen.cpu import native as cpu_native
 from attnopt.codegen.ops import AttentionParams
 from attnopt.cost import hardware
-from attnopt.cost.gna import dense_mask
+from attnopt.sparsity.gna import dense_mask
 from attnopt.ir import GNALayout
 from attnopt.util import cache
 

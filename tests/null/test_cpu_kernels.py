@@ -1,4 +1,4 @@
-"""Exact CPU sparse kernels (attnopt.codegen.cpu) vs the dense masked reference at real sizes.
+"""Exact CPU sparse kernels (attnopt.codegen.cpu.tiles) vs the dense masked reference at real sizes.
 
 Layouts: q [B, H, N, D], k/v [B, Hkv, N, D]; GNA tokens are the row-major flattened grid.
 """
@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnopt.codegen import cpu
+from attnopt.codegen.cpu import tiles as cpu
 from attnopt.codegen.ops import AttentionParams
 from attnopt.codegen.reference import reference_attention
-from attnopt.cost.gna import dense_mask
-from attnopt.cost.simulator import simulate
+from attnopt.sparsity.gna import dense_mask
+from attnopt.sparsity.simulator import simulate
 from attnopt.functional import attention
 from attnopt.ir import GNALayout
 

@@ -1,4 +1,4 @@
-"""The compiled CPU tile kernel (attnopt.codegen.cpu_native / cpu_tiles.c) against the dense reference,
+"""The compiled CPU tile kernel (attnopt.codegen.cpu.native / cpu_tiles.c) against the dense reference,
 its SDPA fallback, and how it degrades (no compiler, a failed build, inputs it does not take).
 
 Layouts: q [B, H, N, D], k/v [B, Hkv, N, D|Dv]; GNA tokens are the row-major flattened grid.
@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
-from attnopt.codegen import cpu, cpu_native
+from attnopt.codegen.cpu import tiles as cpu
+from attnopt.codegen.cpu import native as cpu_native
 from attnopt.codegen.ops import AttentionParams
 from attnopt.codegen.reference import reference_attention
-from attnopt.cost.gna import dense_mask
+from attnopt.sparsity.gna import dense_mask
 from attnopt.ir import GNALayout
 
 HAS_CC = shutil.which(os.environ.get("CC") or "cc") is not None
@@ -256,7 +257,7 @@ def test_switched_off_by_environment(fresh_library, monkeypatch):
 
 def test_no_compiler_falls_back_with_one_warning(fresh_library, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    with caplog.at_level(logging.WARNING, logger="attnopt.codegen.cpu_native"):
+    with caplog.at_level(logging.WARNING, logger="attnopt.codegen.cpu.native"):
         assert not cpu_native.available()
         assert not cpu_native.available()
     assert len([r for r in caplog.records if "no C compiler" in r.message]) == 1
@@ -268,7 +269,7 @@ def test_failed_build_falls_back_and_leaves_no_library(fresh_library, monkeypatc
     broken = tmp_path / "cpu_tiles.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(cpu_native, "SOURCE", broken)
-    with caplog.at_level(logging.WARNING, logger="attnopt.codegen.cpu_native"):
+    with caplog.at_level(logging.WARNING, logger="attnopt.codegen.cpu.native"):
         assert not cpu_native.available()
     assert any("could not build" in r.message for r in caplog.records)
     assert not list((tmp_path / "native").glob("*.so")) and not list((tmp_path / "native").glob(".*"))

@@ -8,7 +8,7 @@ import pytest
 from gna_strategies import layouts
 from hypothesis import HealthCheck, given, settings
 
-from attnopt.cost import gna
+from attnopt.sparsity import gna
 from attnopt.ir import GNALayout
 
 # Deterministic for CI, without touching the global hypothesis profile of other test files.

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import attnopt
-from attnopt.codegen import cpu
+from attnopt.codegen.cpu import tiles as cpu
 from attnopt.codegen.gna_op import full_mask, gna_attention_op
 from attnopt.codegen.ops import AttentionParams
 from attnopt.codegen.reference import reference_attention, structural_mask
-from attnopt.cost.gna import dense_mask
+from attnopt.sparsity.gna import dense_mask
 from attnopt.ir import GNALayout
 
 TOL = 1e-5

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from attnopt import fuzz
+from attnopt.testing import fuzz
 from zoo.testing import run_cli as run
 
 
@@ -241,7 +241,7 @@ def test_failure_caused_by_a_ctrl_c_reports_interrupted():
     # failed"): the command must still say "interrupted" and exit 130, not report an internal error
     import typer
 
-    from attnopt import cli
+    from attnopt.cli import common as cli
 
     def failing_import():
         try:

@@ -16,9 +16,9 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import attnopt
-from attnopt.frontends.onnx_axes import AxisFacts
-from attnopt.frontends.onnx_splice import fused_nodes
-from attnopt.passes.validate_onnx import session
+from attnopt.emit.onnx_axes import AxisFacts
+from attnopt.emit.onnx import fused_nodes
+from attnopt.pipeline.validate_onnx import session
 from zoo import flavours
 from zoo.hf import ZooModel
 from zoo.sharpen import sharpen_

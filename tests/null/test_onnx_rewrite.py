@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 
 import attnopt
-from attnopt.frontends.onnx_splice import fused_nodes, splice, splice_report
+from attnopt.emit.onnx import fused_nodes, splice, splice_report
 from attnopt.passes.rewrite import Recipe, plan
-from attnopt.passes.validate_onnx import compare_onnx, generate_feeds
+from attnopt.pipeline.validate_onnx import compare_onnx, generate_feeds
 from zoo import flavours, hf
 from zoo.hf import ZooModel
 from zoo.sharpen import sharpen_

@@ -17,8 +17,8 @@ import torch.nn as nn
 import attnopt  # noqa: F401 - registers the ops
 from attnopt.codegen.gna_op import gna_attention_op, reference_gna
 from attnopt.ir import GNALayout
-from attnopt.optimize_torch import optimize_torch
-from attnopt.passes.plan import SAFETY, Plan, generated_inputs, make_plan, rel_l2
+from attnopt.pipeline.optimize_torch import optimize_torch
+from attnopt.planner.plan import SAFETY, Plan, generated_inputs, make_plan, rel_l2
 
 
 class Attn(nn.Module):
@@ -189,7 +189,7 @@ class _Checker(HTMLParser):
 
 
 def test_report_is_self_contained_html(approx_plan, tmp_path):
-    from attnopt.plan_cli import write_report
+    from attnopt.cli.plan import write_report
 
     path = write_report(approx_plan, tmp_path / "report.html", "vit")
     text = path.read_text()
@@ -213,7 +213,7 @@ def test_report_opens_in_headless_chromium(approx_plan, tmp_path):
         pytest.skip("/usr/bin/chromium does not exist")
     import subprocess
 
-    from attnopt.plan_cli import write_report
+    from attnopt.cli.plan import write_report
 
     path = write_report(approx_plan, tmp_path / "report.html", "vit")
     p = subprocess.run([str(chromium), "--headless", "--disable-gpu", "--no-sandbox",
@@ -226,7 +226,7 @@ def test_report_opens_in_headless_chromium(approx_plan, tmp_path):
 
 def _app():
     from attnopt.cli import app
-    from attnopt.plan_cli import register
+    from attnopt.cli.plan import register
 
     if not any(c.name == "plan" for c in app.registered_commands):
         register(app)

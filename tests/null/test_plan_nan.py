@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import attnopt.frontends.fx_splice as fx_splice
-from attnopt.passes.plan import (Plan, _head_errors, compared, cosine, head_subsets, make_plan,
+import attnopt.emit.fx as fx_splice
+from attnopt.planner.plan import (Plan, _head_errors, compared, cosine, head_subsets, make_plan,
                                  rel_l2)
 
 nan, inf = float("nan"), float("inf")

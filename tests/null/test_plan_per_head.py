@@ -14,8 +14,8 @@ import attnopt  # noqa: F401 - registers the ops
 from attnopt.codegen.gna_op import gna_attention_op, reference_gna
 from attnopt.cost.variants import candidate_from_json, candidate_to_json
 from attnopt.ir import GNALayout
-from attnopt.optimize_torch import optimize_torch
-from attnopt.passes.plan import SAFETY, Plan, generated_inputs, head_subsets, make_plan, rel_l2
+from attnopt.pipeline.optimize_torch import optimize_torch
+from attnopt.planner.plan import SAFETY, Plan, generated_inputs, head_subsets, make_plan, rel_l2
 
 
 class MixedHeads(nn.Module):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnopt
-from attnopt.frontends.onnx_splice import fused_nodes
+from attnopt.emit.onnx import fused_nodes
 from zoo import flavours as fl
 from zoo import hf
 from zoo.testing import shared_dir
@@ -58,7 +58,7 @@ def test_compile_backend(name):
     zm = _model(name)
     torch._dynamo.reset()
     with torch.no_grad():
-        got = hf.first_tensor(torch.compile(zm.model, backend=attnopt.backend.make_backend("eager"))(
+        got = hf.first_tensor(torch.compile(zm.model, backend=attnopt.pipeline.backend.make_backend("eager"))(
             *zm.args, **zm.kwargs))
     assert _close(fl.reference_output(zm), got) <= TOL
     for gm, ex in fl.via_compile(zm):
@@ -85,7 +85,7 @@ def test_onnx(name, flavour, op, zoo_dir, tmp_path):
     assert len(fused_nodes(res.model)) == len(zm.expected)
     assert res.rel_error <= TOL
     out = tmp_path / "opt.onnx"
-    from attnopt.optimize_onnx import write_onnx_atomically
+    from attnopt.pipeline.optimize_onnx import write_onnx_atomically
 
     write_onnx_atomically(res.model, str(out), res.base_dir)
     onnx.checker.check_model(str(out), full_check=True)

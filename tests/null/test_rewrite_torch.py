@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnopt
-import attnopt.optimize_torch as opt_torch
+import attnopt.pipeline.optimize_torch as opt_torch
 from attnopt.passes.rewrite import Recipe
 from zoo import handwritten as hw
 
@@ -109,10 +109,10 @@ def test_bf16_validation_still_catches_planted_bugs(monkeypatch, bug):
 
 
 def test_fp32_twin_computes_in_fp32():
-    from attnopt.passes.validate import fp32_twin
+    from attnopt.pipeline.validate import fp32_twin
 
     from attnopt.frontends.fx import export_module
-    from attnopt.optimize_torch import flat_example_inputs
+    from attnopt.pipeline.optimize_torch import flat_example_inputs
 
     model, kw = _bf16_model("llama_eager")
     ep = export_module(model, kw)
@@ -142,7 +142,7 @@ def _example():
 def test_compile_backend_matches_eager(inner, dynamic):
     model, inputs = _example()
     torch._dynamo.reset()
-    backend = "attnopt" if inner == "inductor" else attnopt.backend.make_backend("eager")
+    backend = "attnopt" if inner == "inductor" else attnopt.pipeline.backend.make_backend("eager")
     with torch.no_grad():
         ref = model(*inputs)[0]
         got = torch.compile(model, backend=backend, dynamic=dynamic)(*inputs)[0]
@@ -162,7 +162,7 @@ def test_compile_backend_counts_rewrites(monkeypatch):
     monkeypatch.setattr(opt_torch, "optimize_graph_module", spy)
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, backend=attnopt.backend.make_backend("eager"))(*inputs)
+        torch.compile(model, backend=attnopt.pipeline.backend.make_backend("eager"))(*inputs)
     assert sum(r.sites_rewritten for r in seen) == 2  # the third layer returns its weights
 
 
@@ -170,9 +170,9 @@ def test_training_graph_falls_back_untouched(caplog):
     model, inputs = _example()
     model.train()
     torch._dynamo.reset()
-    attnopt.backend._warned_training = False
+    attnopt.pipeline.backend._warned_training = False
     with caplog.at_level(logging.WARNING, logger="attnopt"):
-        out = torch.compile(model, backend=attnopt.backend.make_backend("eager"))(*inputs)[0]
+        out = torch.compile(model, backend=attnopt.pipeline.backend.make_backend("eager"))(*inputs)[0]
     out.sum().backward()
     assert any("training graph" in r.message for r in caplog.records)
 
@@ -276,7 +276,7 @@ def test_hf_decoder_with_kv_cache_output_is_optimized():
 def test_sdpa_purity_reads_each_variants_own_dropout_argument(dropout_p, causal, removable):
     """The flash variants put dropout_p at position 3 (is_causal at 4): dead-code removal must read
     the right one, or a dropout-carrying SDPA would be dropped as pure."""
-    from attnopt.frontends.fx_splice import _impure
+    from attnopt.emit.fx import _impure
 
     g = torch.fx.Graph()
     q, k, v = (g.placeholder(n) for n in "qkv")

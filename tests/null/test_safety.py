@@ -30,7 +30,7 @@ import torch
 from onnx import TensorProto, helper
 
 import attnopt
-from attnopt import fuzz
+from attnopt.testing import fuzz
 from attnopt.errors import UnreadableModel
 from zoo.testing import run_cli as run
 
@@ -334,7 +334,7 @@ def test_full_disk_is_exit_6_and_leaves_nothing(clean_pt2, tmp_path, monkeypatch
         if small is None:  # no mount allowed here: inject the error the writers would see
             import errno
 
-            from attnopt import outputs
+            from attnopt.pipeline import outputs
 
             def full(*a, **k):
                 raise OSError(errno.ENOSPC, "No space left on device")

@@ -7,7 +7,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from attnopt.simulate_cli import register
+from attnopt.cli.simulate import register
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from gna_strategies import layouts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attnopt.cost import gna
-from attnopt.cost.simulator import amdahl, run_boxes, simulate, tile_detail
+from attnopt.sparsity import gna
+from attnopt.sparsity.simulator import amdahl, run_boxes, simulate, tile_detail
 from attnopt.ir import GNALayout
 
 # Deterministic for CI, without touching the global hypothesis profile of other test files.

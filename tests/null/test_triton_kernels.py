@@ -14,8 +14,8 @@ import torch  # noqa: E402
 from attnopt.codegen import ops  # noqa: E402
 from attnopt.codegen.ops import AttentionParams, attention_op  # noqa: E402
 from attnopt.codegen.reference import reference_attention  # noqa: E402
-from attnopt.cost.gna import dense_mask  # noqa: E402
-from attnopt.cost.simulator import simulate  # noqa: E402
+from attnopt.sparsity.gna import dense_mask  # noqa: E402
+from attnopt.sparsity.simulator import simulate  # noqa: E402
 from attnopt.ir import GNALayout  # noqa: E402
 
 tk = pytest.importorskip("attnopt.codegen.triton")

@@ -94,7 +94,7 @@ ONNX_CASES = [(n, "onnx_ts17", op) for n in OWN_PATTERNS + ("deberta_v2",) for o
 def test_onnx(name, flavour, op, tmp_path):
     import onnx
 
-    from attnopt.optimize_onnx import write_onnx_atomically
+    from attnopt.pipeline.optimize_onnx import write_onnx_atomically
     from zoo import flavours as fl
     from zoo.hf import ZooModel
 
@@ -126,6 +126,6 @@ def test_compile_backend(name):
     assert sum(r.sites_found for r in results) == wide.WIDE[name].sites
     assert all(r.sites_rewritten == r.sites_found and r.rel_error <= TOL for r in results)
     torch._dynamo.reset()
-    got = _run(torch.compile(model, backend=attnopt.backend.make_backend("eager")), kw)
+    got = _run(torch.compile(model, backend=attnopt.pipeline.backend.make_backend("eager")), kw)
     torch._dynamo.reset()
     assert _rel(got, _run(model, kw)) <= TOL

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attnopt.cost import gna
-from attnopt.cost.simulator import dim_tiles
+from attnopt.sparsity import gna
+from attnopt.sparsity.simulator import dim_tiles
 from attnopt.ir import GNALayout
 
 

@@ -86,7 +86,7 @@ def can_run_block_sparse_gna(params, q, k, v, mask, layout: GNALayout | None = N
     if q.shape[2] != n or k.shape[2] != n:
         return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != {leading} leading + grid tokens {n - leading}"
     try:
-        from attnopt.cost import gna
+        from attnopt.sparsity import gna
 
         gna.validate(layout)
     except ValueError as e:

@@ -7,7 +7,7 @@ from typing import Any
 from attnopt.frontends.onnx import load_onnx
 from attnopt.passes.detect import detect
 from attnopt.passes.rewrite import Recipe, plan_all
-from attnopt.result import OptimizeResult, SiteResult
+from attnopt.pipeline.result import OptimizeResult, SiteResult
 
 TOLERANCE = 1e-4  # relative to output scale, fp32
 HALF_TOLERANCE = 1e-2  # fp16/bf16 outputs: the fused kernel rounds differently (as in torch)
@@ -21,8 +21,8 @@ def tolerance_for_model(model: Any) -> float:
 
 
 def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -> OptimizeResult:
-    from attnopt.frontends.onnx_splice import splice, splice_report
-    from attnopt.passes.validate_onnx import compare_onnx
+    from attnopt.emit.onnx import splice, splice_report
+    from attnopt.pipeline.validate_onnx import compare_onnx
 
     if op not in ("ort", "standard"):
         from attnopt.errors import UnsupportedModel
@@ -86,6 +86,6 @@ def write_onnx_atomically(model, out_path: str, base_dir: str | None = None) -> 
     """Temporary files, full checker, ORT load, then rename: never a partial output (outputs.py)."""
     from pathlib import Path
 
-    from attnopt.outputs import write_onnx
+    from attnopt.pipeline.outputs import write_onnx
 
     write_onnx(model, Path(out_path), base_dir)

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from attnopt.cost import gna
+from attnopt.sparsity import gna
 from attnopt.ir import GNALayout
 
 

@@ -1,6 +1,6 @@
 """Graph fuzzer: attention-like programs from a grammar of the real forms, and near misses.
 
-    python -m attnopt.fuzz --cases N --seed S [--kind torch|onnx|both] [--time-limit SECONDS]
+    python -m attnopt.testing.fuzz --cases N --seed S [--kind torch|onnx|both] [--time-limit SECONDS]
                            [--out DIR] [--replay CASE.json]
 
 Each case is a dict of grammar choices (`sample`), turned into a tiny torch module (Python
@@ -14,7 +14,7 @@ validator (fresh random inputs, padded masks included):
   then the optimized program must match.
 
 A failure is written as `<out>/<kind>-<seed>-<index>.json` holding the choices; replay it with
-`--replay` or `attnopt.fuzz.run_case(json.load(...)["choices"])`.
+`--replay` or `attnopt.testing.fuzz.run_case(json.load(...)["choices"])`.
 
 Case files are data: the torch programs are Python source built from the choices, so every
 choice is checked against the grammar's allowed values (`check_choices`: known keys only, each
@@ -682,7 +682,7 @@ def run_torch(c: dict[str, Any]) -> Outcome:
     import torch
 
     import attnopt
-    from attnopt.optimize_torch import optimize_graph_module
+    from attnopt.pipeline.optimize_torch import optimize_graph_module
 
     m = torch_module(c)
     inputs = torch_inputs(c, c["seed"] + 2)
@@ -1076,7 +1076,7 @@ def fuzz(cases: int, seed: int, kind: str = "both", time_limit: float | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m attnopt.fuzz", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m attnopt.testing.fuzz", description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kind", choices=["torch", "onnx", "both"], default="both")

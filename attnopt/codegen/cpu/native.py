@@ -39,7 +39,7 @@ from torch import Tensor
 
 from attnopt.util import cache
 
-log = logging.getLogger("attnopt.codegen.cpu_native")
+log = logging.getLogger("attnopt.codegen.cpu.native")
 
 SOURCE = Path(__file__).with_name("cpu_tiles.c")
 # Tried in order: the first set the compiler accepts is used (-march=native is not known everywhere).

@@ -324,7 +324,7 @@ class GNALayout:
     """A Generalized Neighborhood Attention layout over a 1-/2-/3-D token grid.
 
     Per dimension: window w (>= 2), stride s (1 <= s <= w), dilation d (w*d <= L), causal flag.
-    Semantics are exactly those of DESIGN.md ("GNA: the sparsity family"); attnopt.cost.gna
+    Semantics are exactly those of DESIGN.md ("GNA: the sparsity family"); attnopt.sparsity.gna
     implements them.
     """
 

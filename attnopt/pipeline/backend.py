@@ -3,7 +3,7 @@ result to inductor (or run it eagerly), so users get inductor's fusions for the 
 model plus ours for attention.
 
     torch.compile(model, backend="attnopt")
-    torch.compile(model, backend=attnopt.backend.make_backend(inner="eager"))
+    torch.compile(model, backend=attnopt.pipeline.backend.make_backend(inner="eager"))
 
 Training graphs (grad enabled and an input requiring grad) go to the inner compiler untouched
 until backward kernels exist; one log line says so.
@@ -45,7 +45,7 @@ def make_backend(inner: str = "inductor", validate: bool = True) -> Callable:
                             inner)
                 _warned_training = True
             return _inner_compile(inner, gm, example_inputs)
-        from attnopt.optimize_torch import optimize_graph_module
+        from attnopt.pipeline.optimize_torch import optimize_graph_module
 
         new_gm, result = optimize_graph_module(gm, list(example_inputs), validate=validate)
         log.info("attnopt: %d/%d attention sites rewritten (max rel error %.2g)",

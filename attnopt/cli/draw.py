@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnopt.cost.simulator import SimResult, tile_detail
+from attnopt.sparsity.simulator import SimResult, tile_detail
 from attnopt.ir import GNALayout
 
 

@@ -92,12 +92,12 @@ def register(app: typer.Typer) -> None:
                                                   help="search: only perfectly block-sparse"),
     ) -> None:
         """Simulate a GNA layout: KV tiles per Q tile, masking, and speedup bounds."""
-        from attnopt.cli import user_errors
+        from attnopt.cli.common import user_errors
 
         with user_errors(False):  # anything unforeseen is still one line, never a traceback
-            from attnopt.cost import gna
+            from attnopt.sparsity import gna
             from attnopt.cost.hardware import allowed_tiles, get_profile
-            from attnopt.cost.simulator import simulate
+            from attnopt.sparsity.simulator import simulate
 
             try:
                 shp = parse_dims(shape, "shape")
@@ -123,7 +123,7 @@ def register(app: typer.Typer) -> None:
                                        causal=layout.causal, dynamic=dynamic,
                                        require_block_sparse=require_block_sparse)
                 if png:
-                    from attnopt.cost.draw import draw_png
+                    from attnopt.cli.draw import draw_png
                     _check_png(png)
                     draw_png(layout, res, png)
             except (ValueError, OSError) as e:

@@ -12,13 +12,13 @@ import torch
 import torch.fx as fx
 
 from attnopt.frontends import fx as fx_front
-from attnopt.frontends.fx_splice import splice
+from attnopt.emit.fx import splice
 from attnopt.ir import Site
 from attnopt.passes.detect import detect
 from attnopt.passes.rewrite import plan_all, structural_windows
-from attnopt.passes.validate import (Error, outputs_error, padded_variants, padding_positions, run_captured,
+from attnopt.pipeline.validate import (Error, outputs_error, padded_variants, padding_positions, run_captured,
                                      tensor_error, tolerance_for, low_precision_tolerance)
-from attnopt.result import OptimizeResult, SiteResult
+from attnopt.pipeline.result import OptimizeResult, SiteResult
 
 
 def _label(plan_label: str | None, r) -> str:
@@ -54,7 +54,7 @@ def _concrete(x: Any) -> Any:
 def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: str = "fx",
                           validate: bool = True, plan: Any = None
                           ) -> tuple[fx.GraphModule, OptimizeResult]:
-    """plan: an attnopt.passes.plan.Plan; its exact variants are validated like any rewrite, its
+    """plan: an attnopt.planner.plan.Plan; its exact variants are validated like any rewrite, its
     approximate ones afterwards against the plan's max_error (end-to-end relative L2)."""
     inputs = [_concrete(x) for x in inputs]
     graph = fx_front.from_graph_module(gm, list(inputs), source=source)
@@ -62,7 +62,7 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
     recipes, reasons = plan_all(graph, sites)
     approx, labels = [], {}
     if plan is not None:
-        from attnopt.passes.plan import split_recipes
+        from attnopt.planner.plan import split_recipes
 
         recipes, approx, labels = split_recipes(graph, sites, recipes, plan)
     # after the plan's choices: a site the plan gave a layout or window keeps it
@@ -102,7 +102,7 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
                                      e.rel if e else None, "", _spec(sites, r.site),
                                      variant=_label(labels.get(r.site), r))
     if approx:
-        from attnopt.passes.plan import add_approximate
+        from attnopt.planner.plan import add_approximate
 
         new_gm, kept_approx, l2, reverted = add_approximate(gm, kept, approx, variants or [list(inputs)],
                                                             plan.max_error, positions)

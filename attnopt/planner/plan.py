@@ -75,11 +75,11 @@ from attnopt.cost.roofline import resolve_dims
 from attnopt.cost.variants import (Candidate, approx_candidates, baseline, candidate_from_json,
                                    candidate_to_json, exact_candidates, on_heads, static)
 from attnopt.ir import Graph, Site
-from attnopt.passes.plan_schema import (FORMAT, INF, POLICIES, TARGETS, VERSION, BadPlan,  # noqa: F401
+from attnopt.planner.schema import (FORMAT, INF, POLICIES, TARGETS, VERSION, BadPlan,  # noqa: F401
                                         check_plan_fits, check_plan_json, parse_plan_text,
                                         read_plan_file)
 from attnopt.passes.rewrite import Recipe
-from attnopt.passes.validate import padding_positions
+from attnopt.pipeline.validate import padding_positions
 
 SAFETY = 0.8  # approximations are accepted up to this fraction of max_error on calibration inputs
 # Generated calibration: the example batch plus redrawn ones. The last batch is held out: the
@@ -433,7 +433,7 @@ def recipe_for(graph: Graph, site: Site, base: Recipe, c: Candidate) -> Recipe |
 
 def _program(model: Any, example_inputs: Any):
     from attnopt.frontends import fx as fx_front
-    from attnopt.optimize_torch import flat_example_inputs
+    from attnopt.pipeline.optimize_torch import flat_example_inputs
 
     if isinstance(model, (str, os.PathLike)):
         from attnopt.frontends import _load_pt2_program
@@ -456,7 +456,7 @@ def other_time(gm: fx.GraphModule, sites: Sequence[Site], hw: HardwareProfile) -
 
 
 def _run(gm, inputs, names=()):
-    from attnopt.passes.validate import run_captured
+    from attnopt.pipeline.validate import run_captured
 
     return run_captured(gm, inputs, set(names))
 
@@ -480,7 +480,7 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     """Plan every attention site of a torch model (see the module header). target None: this
     machine's accelerator if it has a profile, else the CPU (cost.hardware.local_target)."""
     from attnopt.frontends import fx as fx_front
-    from attnopt.frontends.fx_splice import splice
+    from attnopt.emit.fx import splice
     from attnopt.passes.detect import detect
     from attnopt.passes.rewrite import plan_all
 
@@ -751,7 +751,7 @@ def add_approximate(gm: fx.GraphModule, exact: list[Recipe], approx: list[Recipe
     """Splice the approximate recipes on top of the validated exact ones; drop the last added
     while the end-to-end relative L2 on `variants` exceeds max_error. Returns
     (module, kept approximate recipes, rel_l2, reverted [(site, rel_l2)])."""
-    from attnopt.frontends.fx_splice import splice
+    from attnopt.emit.fx import splice
 
     kept = list(approx)
     reverted = []

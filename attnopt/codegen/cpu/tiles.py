@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnopt.codegen import autotune, cpu_native
+from attnopt.codegen import autotune
+from attnopt.codegen.cpu import native as cpu_native
 from attnopt.codegen.gna_op import leading_rows
 from attnopt.codegen.ops import AttentionParams
 from attnopt.codegen.reference import alignment_offset, reference_attention
-from attnopt.cost import gna
+from attnopt.sparsity import gna
 from attnopt.cost.hardware import TILE_TABLES, best_time
 from attnopt.ir import GNALayout
 

@@ -1,8 +1,5 @@
-"""The `attnopt` command line: inspect (and, as they land, optimize, plan, simulate, bench).
-
-Every command turns a user error into one line on stderr and a distinct exit code
-(attnopt.errors); a traceback only with --debug.
-"""
+"""The `attnopt` app: `inspect` and `optimize` here, `plan` (cli/plan.py) and `simulate`
+(cli/simulate.py) registered from their modules; shared error handling in cli/common.py."""
 from __future__ import annotations
 
 import json
@@ -14,78 +11,17 @@ from pathlib import Path
 from typing import Iterator
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from attnopt.errors import AttnoptError, Interrupted
+from attnopt.cli.common import err, ignore_late_interrupts, out, pickle_policy, run_as_process, shown, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="attnopt: find, plan and fuse every attention in a model.")
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
 def _root() -> None:
     """attnopt: find, plan and fuse every attention in a model."""
-
-
-@contextmanager
-def user_errors(debug: bool) -> Iterator[None]:
-    """Map failures to one-line messages and exit codes."""
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except AttnoptError as e:
-        if debug:
-            raise
-        err.print(f"[red]error:[/red] {shown(e)}", highlight=False)
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        # Straight to the real stderr: a ^C can land while rich's live status display has
-        # sys.stderr redirected, and the message was then lost (exit 130, nothing printed).
-        _report_interrupt()
-        raise typer.Exit(Interrupted.exit_code) from None
-    except MemoryError:
-        # a file can declare shapes no machine holds; that is the model's size, not a bug
-        if debug:
-            raise
-        err.print("[red]error:[/red] the model needs more memory than this machine has to run "
-                  "and validate it", highlight=False)
-        raise typer.Exit(5) from None
-    except Exception as e:  # noqa: BLE001 - a bug: still one line unless --debug
-        if _interrupted(e):
-            # a ^C inside a native extension's import surfaces as that import failing
-            # (seen: "ImportError: initialization failed"); the user stopped the command
-            _report_interrupt()
-            raise typer.Exit(Interrupted.exit_code) from None
-        if debug:
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        err.print(f"[red]error:[/red] internal error ({type(e).__name__}): {first} "
-                  "(run with --debug for the traceback)", highlight=False)
-        raise typer.Exit(1) from None
-
-
-def shown(x: object) -> str:
-    """Text for the terminal: a file name that is not UTF-8 (bytes the file system allows) is
-    shown with replacement characters instead of failing the print."""
-    return str(x).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-@contextmanager
-def _pickle_policy(allow: bool) -> Iterator[None]:
-    """--allow-unsafe-pickle: the user vouches for the file (frontends/pt2.py)."""
-    if not allow:
-        yield
-        return
-    from attnopt.frontends.pt2 import trust_pickled_files
-
-    err.print("[yellow]warning:[/yellow] --allow-unsafe-pickle: pickled objects in the model file "
-              "will be unpickled, which runs any code they hold", highlight=False)
-    with trust_pickled_files():
-        yield
 
 
 def _fmt(v) -> str:
@@ -127,7 +63,7 @@ def inspect(
     """Find every attention site in MODEL and describe it exactly."""
     import attnopt
 
-    with user_errors(debug), _pickle_policy(allow_unsafe_pickle):
+    with user_errors(debug), pickle_policy(allow_unsafe_pickle):
         with err.status(f"inspecting {model} ..."):
             report = attnopt.inspect(model)
         if as_json:
@@ -151,7 +87,7 @@ def inspect(
 def _check_output(model: Path, output: Path, *, reads: tuple = ()) -> None:
     """The output must be writable and must not be anything this run reads (outputs.py)."""
     from attnopt.errors import OutputError
-    from attnopt.outputs import check_output, onnx_external_files
+    from attnopt.pipeline.outputs import check_output, onnx_external_files
 
     if output.suffix not in (".onnx", ".pt2"):
         raise OutputError(f"output {output} must end in .onnx or .pt2")
@@ -195,7 +131,7 @@ def optimize(
     """Replace every attention site of MODEL by one fused, validated kernel; write OUTPUT."""
     import attnopt
 
-    with user_errors(debug), _pickle_policy(allow_unsafe_pickle):
+    with user_errors(debug), pickle_policy(allow_unsafe_pickle):
         from attnopt.api import check_optimize_args, check_options
         from attnopt.errors import InputNotFound
         from attnopt.frontends import check_input
@@ -214,7 +150,7 @@ def optimize(
             write_model(result, output)
         # The output is written: the command has succeeded, and a ^C now (while the report is
         # printed) must not turn that into "interrupted" with the file in place.
-        _ignore_late_interrupts()
+        ignore_late_interrupts()
         result.output = str(output)
         if plan is not None and plan.approximate_sites:
             n = sum(1 for s in result.sites if s.status == "rewritten" and
@@ -234,7 +170,7 @@ def optimize(
 
 def write_model(result, output: Path) -> None:
     """Write atomically: temporary file, check, reload, rename (outputs.py)."""
-    from attnopt.outputs import write_onnx, write_pt2
+    from attnopt.pipeline.outputs import write_onnx, write_pt2
 
     if output.suffix == ".onnx":
         write_onnx(result.model, output, getattr(result, "base_dir", None))
@@ -242,104 +178,19 @@ def write_model(result, output: Path) -> None:
         write_pt2(result.model, output)
 
 
-def main() -> None:
-    import warnings
-
-    if "--debug" not in sys.argv:
-        warnings.filterwarnings("ignore")  # library deprecation chatter is not for our users
-        _quiet_libraries()
-    global _PROCESS_ENTRY
-    _PROCESS_ENTRY = True
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
-    try:
-        app()
-    except SystemExit as e:
-        code = e.code
-    except KeyboardInterrupt:  # between typer's own steps, outside a command's handling
-        code = Interrupted.exit_code
-    else:
-        code = 0
-    if code == Interrupted.exit_code:  # typer also maps a ^C it sees itself to exit 130, silently
-        _report_interrupt()
-    # The command has finished (its output is written, or it failed cleanly). Interpreter
-    # teardown (torch, ONNX Runtime) takes about a second, and CPython restores ^C's default
-    # action for it: a ^C then killed the process by signal (exit -2, no message). The outcome is
-    # decided, so leave without the teardown.
-    _ignore_late_interrupts()
-    if isinstance(code, str):
-        err.print(code, highlight=False)
-        code = 1
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - a closed or redirected stream: nothing left to flush
-            pass
-    os._exit(int(code or 0))
-
-
-def _quiet_libraries() -> None:
-    """torch's and ONNX Runtime's own log lines break the one-line promise; --debug keeps them."""
-    import logging
-
-    logging.getLogger("torch").setLevel(logging.ERROR)
-    logging.getLogger("onnxscript").setLevel(logging.ERROR)
-    try:
-        import onnxruntime
-
-        onnxruntime.set_default_logger_severity(3)
-    except Exception:  # noqa: BLE001 - without ORT there is nothing of it to quiet
-        pass
-
-
-_PROCESS_ENTRY = False  # True when main() runs as the process (console script / -m)
-_INTERRUPT_REPORTED = False
-_SIGINT_SEEN = False
-
-
-def _on_sigint(signum, frame) -> None:
-    """^C as Python's default handler treats it, remembered (see user_errors)."""
-    global _SIGINT_SEEN
-    _SIGINT_SEEN = True
-    raise KeyboardInterrupt
-
-
-def _interrupted(e: BaseException) -> bool:
-    """Whether a failure comes from a ^C: one was received, or a KeyboardInterrupt is in its chain."""
-    seen, x = 0, e
-    while x is not None and seen < 20:
-        if isinstance(x, KeyboardInterrupt):
-            return True
-        x, seen = x.__cause__ or x.__context__, seen + 1
-    return _SIGINT_SEEN
-
-
-def _report_interrupt() -> None:
-    """The one-line ^C message, once, straight to the real stderr: a ^C can land while rich's
-    live status display has sys.stderr redirected, and the message was then lost."""
-    global _INTERRUPT_REPORTED
-    if not _INTERRUPT_REPORTED:
-        _INTERRUPT_REPORTED = True
-        sys.__stderr__.write("error: interrupted\n")
-        sys.__stderr__.flush()
-
-
-def _ignore_late_interrupts() -> None:
-    """Ignore ^C from here on, but only when attnopt is the process: an in-process caller (a test
-    runner, CliRunner) keeps its handler, and its child processes do not inherit SIG_IGN."""
-    if _PROCESS_ENTRY:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _register_subcommands() -> None:
-    from attnopt.plan_cli import register as register_plan
-    from attnopt.simulate_cli import register
+    from attnopt.cli.plan import register as register_plan
+    from attnopt.cli.simulate import register
 
     register(app)
     register_plan(app)
 
 
 _register_subcommands()
+
+
+def main() -> None:
+    run_as_process(app)
 
 
 if __name__ == "__main__":

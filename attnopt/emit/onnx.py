@@ -595,7 +595,7 @@ class _Splicer:
     def _key_bias(self, b: _Block, r: Recipe, dtype: np.dtype) -> str | None:
         """The site's masks as one additive key bias [B|1, Skv] divided by the scale, when
         they provably vary along batch and key axes only (else None); see the module header."""
-        from attnopt.frontends.onnx_axes import AxisFacts
+        from attnopt.emit.onnx_axes import AxisFacts
 
         if not r.masks or dtype != np.float32 or not r.scale > 0 or r.split_heads:
             return None

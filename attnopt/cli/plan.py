@@ -38,8 +38,8 @@ def _img(data: bytes, alt: str) -> str:
 
 def layout_png(choice, path: Path | None = None) -> bytes | None:
     """The chosen layout's picture (cost/draw.py), or None for a variant without a layout."""
-    from attnopt.cost.draw import draw_png
-    from attnopt.cost.simulator import simulate
+    from attnopt.cli.draw import draw_png
+    from attnopt.sparsity.simulator import simulate
 
     lay = choice.variant.layout if choice is not None else None
     if lay is None:
@@ -241,11 +241,11 @@ def register(app: typer.Typer) -> None:
         debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
     ) -> None:
         """Choose a kernel variant per attention site of MODEL; write the plan as JSON."""
-        from attnopt.cli import out, user_errors
+        from attnopt.cli.common import out, user_errors
         from attnopt.errors import BadArgument, InputNotFound, OutputError
 
         with user_errors(debug):
-            from attnopt.passes.plan import POLICIES, TARGETS, make_plan
+            from attnopt.planner.plan import POLICIES, TARGETS, make_plan
 
             # option values first, each a one-line error with exit code 2
             if policy not in POLICIES:
@@ -258,7 +258,7 @@ def register(app: typer.Typer) -> None:
             if not model.exists():
                 raise InputNotFound(f"no such file: {model}")
             from attnopt.frontends import check_input
-            from attnopt.outputs import check_output
+            from attnopt.pipeline.outputs import check_output
 
             check_input(model)
             reads = [("input model", model), ("calibration file", calibration)]
