@@ -33,6 +33,7 @@ demo: $(STAMP)
 	@echo "demo outputs in $(DEMO)/: optimized models, gna_layout.png, plan.json, report.html"
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports  # imports run one way (docs/ARCHITECTURE.md); a cycle or upward import fails here
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n 2 tests
 
 clean:

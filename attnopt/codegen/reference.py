@@ -25,15 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from attnopt.ir.vocab import CAUSAL_ALIGNMENTS, EXACT_FILL, NORMALIZERS  # noqa: F401 - re-exported
 
-CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
-NORMALIZERS = ("softmax", "sigmoid")
-# An additive mask value at or below this masks exactly: exp(score + fill - row max) underflows
-# to 0 for any finite score when the row keeps some key, and all such scores are equal (fill
-# swallows the score) when it keeps none. HF masks use finfo(float32).min; moderate fills such as
-# BERT's old -10000 do not qualify (scores are unbounded, and the model's rounding of score + fill
-# is part of its result).
-EXACT_FILL = -1e30
 
 
 def alignment_offset(q_len: int, kv_len: int, causal_alignment: str) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from attnopt.util import cache
+from attnopt.util import cache, toolchain
 
 # Literal tile tables: per GPU family, the Q and KV tile shapes a kernel is compiled for.
 # Keys: "q_1d"/"kv_1d" (runs of the flattened sequence), "q_2d"/"kv_2d", "q_3d"/"kv_3d" (boxes).
@@ -208,26 +208,13 @@ def cpu_profile(refresh: bool = False) -> HardwareProfile:
         alu_flops=f, mem_bw=float(m["mem_bw"]), num_sms=int(m["cores"]),
         sfu_exp_per_s=float(m["exp_per_s"]), mma_efficiency=1.0, mem_efficiency=1.0,
         sfu_overlap=0.0, launch_overhead_s=2e-6, source=f"measured {m.get('measured_at', '')}",
-        sparse_efficiency=0.8 if _native_cpu_kernel_expected() else 0.55)
+        sparse_efficiency=0.8 if toolchain.native_kernel_expected() else 0.55)
 
 
-def _native_cpu_kernel_expected() -> bool:
-    from attnopt.codegen.cpu import native as cpu_native  # deferred: codegen imports this module
-
-    return cpu_native.expected()
-
-
-def local_target() -> str:
-    """The profile name of this machine's accelerator (the first CUDA device, by its name), or
-    "cpu" when there is none or its kind has no profile."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "cpu"
-        name = torch.cuda.get_device_name(0).upper()
-    except Exception:  # noqa: BLE001 - no usable CUDA: plan for the CPU
-        return "cpu"
+def profile_for_device(device_name: str | None) -> str:
+    """The profile name for an accelerator's name (torch.cuda.get_device_name), or "cpu" when
+    there is none or its kind has no profile. The device query itself lives in codegen.device."""
+    name = (device_name or "").upper()
     for key in ("H200", "H100", "B200", "A100"):  # H200 before H100: names like "NVIDIA H200"
         if key in name:
             return key.lower()

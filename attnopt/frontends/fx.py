@@ -20,8 +20,8 @@ import torch.fx as fx
 
 from attnopt.errors import UnsupportedModel
 from attnopt.ir import Evaluator, Graph
+from attnopt.ir.vocab import SMALL_CONST_ELEMENTS as SMALL_CONST
 
-SMALL_CONST = 4096  # constants up to this many elements are copied into the IR
 
 # Nodes that only assert facts about tensors; they are not users in any meaningful sense.
 _ASSERT_OPS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range",

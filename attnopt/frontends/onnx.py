@@ -24,8 +24,8 @@ from onnx import TensorProto, numpy_helper
 
 from attnopt.errors import InputNotFound, UnreadableModel, UnsupportedModel
 from attnopt.ir import Evaluator, Graph, Shape
+from attnopt.ir.vocab import SMALL_CONST_ELEMENTS as MAX_CONST_ELEMENTS
 
-MAX_CONST_ELEMENTS = 4096
 MIN_OPSET = 13
 PROBE_BATCH = 2
 PROBE_DIM = 48

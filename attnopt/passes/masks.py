@@ -19,8 +19,8 @@ import numpy as np
 from attnopt.ir import Graph, MaskSpec
 from attnopt.patterns.match import Match
 from attnopt.patterns.values import user_inputs_reached
+from attnopt.ir.vocab import MASK_FILL_MAX as MASKED_AT_OR_BELOW
 
-MASKED_AT_OR_BELOW = -1e4
 
 
 @dataclass(frozen=True)

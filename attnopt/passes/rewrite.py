@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from attnopt.ir import GNALayout, Graph, Site
+from attnopt.ir.vocab import EXACT_FILL as OVERWHELMING_FILL  # a fill that overwhelms any bias (_never_masks)
 
 
 @dataclass(frozen=True)
@@ -247,9 +248,6 @@ def _dead_row_rule(graph: Graph, masks: list[MaskTerm], normalizer: str) -> str:
             return "reject:" + why
     return "mean_v"
 
-
-# A where-fill at or below this overwhelms any score a bias can produce: see _never_masks.
-OVERWHELMING_FILL = -1e30
 
 
 def _never_masks(graph: Graph, term: MaskTerm, fill: float) -> bool:

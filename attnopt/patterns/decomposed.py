@@ -26,9 +26,8 @@ from attnopt.ir import LAYOUT_OPS, Graph, Rejection
 from attnopt.patterns.contraction import CONTRACTION_OPS, Contraction, describe_contraction
 from attnopt.patterns.match import MaskOperand, Match
 from attnopt.patterns.values import NotConstant, numel, scalar_value
+from attnopt.ir.vocab import MASK_FILL_MAX, NORMALIZERS
 
-# Fill values at or below this mask a score (HF uses finfo.min, older code -1e4 / -1e9).
-MASK_FILL_MAX = -1e4
 _TRANSPARENT = {"cast", "identity"}
 
 
@@ -42,7 +41,7 @@ class DecomposedAttention:
     """Softmax or sigmoid attention spelled out op by op."""
 
     name = "decomposed"
-    normalizers = ("softmax", "sigmoid")
+    normalizers = NORMALIZERS
 
     def anchors(self, graph: Graph) -> list[str]:
         return [n for n in graph.nodes() if graph.op(n) in self.normalizers]

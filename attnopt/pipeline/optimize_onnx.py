@@ -8,9 +8,8 @@ from attnopt.frontends.onnx import load_onnx
 from attnopt.passes.detect import detect
 from attnopt.passes.rewrite import Recipe, plan_all
 from attnopt.pipeline.result import OptimizeResult, SiteResult
-
-TOLERANCE = 1e-4  # relative to output scale, fp32
-HALF_TOLERANCE = 1e-2  # fp16/bf16 outputs: the fused kernel rounds differently (as in torch)
+from attnopt.ir.vocab import TOLERANCE_FP32 as TOLERANCE  # relative to the output's scale
+from attnopt.ir.vocab import TOLERANCE_HALF as HALF_TOLERANCE  # fp16/bf16 outputs round differently
 
 
 def tolerance_for_model(model: Any) -> float:

@@ -6,7 +6,7 @@ beyond floating-point noise, re-validating until what is kept is proven.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 import torch.fx as fx
@@ -19,6 +19,22 @@ from attnopt.passes.rewrite import plan_all, structural_windows
 from attnopt.pipeline.validate import (Error, outputs_error, padded_variants, padding_positions, run_captured,
                                      tensor_error, tolerance_for, low_precision_tolerance)
 from attnopt.pipeline.result import OptimizeResult, SiteResult
+
+
+class PlanApplication(Protocol):
+    """What this layer needs of a plan (the planner's Plan implements it; the pipeline never
+    imports the planner, which sits above it)."""
+
+    max_error: float
+
+    def split(self, graph: Any, sites: Sequence[Site], recipes: Sequence[Any]
+              ) -> tuple[list[Any], list[Any], dict[str, str]]:
+        """(exact recipes, approximate recipes in walk order, variant label per site)."""
+
+    def add_approximate(self, gm: fx.GraphModule, exact: list[Any], approx: list[Any],
+                        variants: Sequence[Sequence[Any]], padding_positions: Sequence[int]
+                        ) -> tuple[fx.GraphModule, list[Any], float, list[tuple[str, float]]]:
+        """(module, kept approximate recipes, end-to-end rel L2, reverted [(site, rel L2)])."""
 
 
 def _label(plan_label: str | None, r) -> str:
@@ -52,9 +68,9 @@ def _concrete(x: Any) -> Any:
 
 
 def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: str = "fx",
-                          validate: bool = True, plan: Any = None
+                          validate: bool = True, plan: PlanApplication | None = None
                           ) -> tuple[fx.GraphModule, OptimizeResult]:
-    """plan: an attnopt.planner.plan.Plan; its exact variants are validated like any rewrite, its
+    """plan: an attnopt.Plan (PlanApplication); its exact variants are validated like any rewrite, its
     approximate ones afterwards against the plan's max_error (end-to-end relative L2)."""
     inputs = [_concrete(x) for x in inputs]
     graph = fx_front.from_graph_module(gm, list(inputs), source=source)
@@ -62,9 +78,7 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
     recipes, reasons = plan_all(graph, sites)
     approx, labels = [], {}
     if plan is not None:
-        from attnopt.planner.plan import split_recipes
-
-        recipes, approx, labels = split_recipes(graph, sites, recipes, plan)
+        recipes, approx, labels = plan.split(graph, sites, recipes)
     # after the plan's choices: a site the plan gave a layout or window keeps it
     recipes = structural_windows(graph, sites, recipes)
     results: dict[str, SiteResult] = {
@@ -102,10 +116,8 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
                                      e.rel if e else None, "", _spec(sites, r.site),
                                      variant=_label(labels.get(r.site), r))
     if approx:
-        from attnopt.planner.plan import add_approximate
-
-        new_gm, kept_approx, l2, reverted = add_approximate(gm, kept, approx, variants or [list(inputs)],
-                                                            plan.max_error, positions)
+        new_gm, kept_approx, l2, reverted = plan.add_approximate(gm, kept, approx,
+                                                                 variants or [list(inputs)], positions)
         for r in kept_approx:
             results[r.site] = SiteResult(r.site, _pattern(sites, r.site), "rewritten", l2,
                                          "approximate: end-to-end relative L2", _spec(sites, r.site),
@@ -153,7 +165,7 @@ def _measure(gm, new_gm, variants, recipes, result_nodes) -> tuple[Error, dict[s
 
 
 def optimize_torch(model: Any, example_inputs: Any = None, *, validate: bool = True,
-                   plan: Any = None) -> OptimizeResult:
+                   plan: PlanApplication | None = None) -> OptimizeResult:
     if isinstance(model, fx.GraphModule) and example_inputs is not None \
             and not isinstance(example_inputs, Mapping):
         new_gm, res = optimize_graph_module(model, list(example_inputs), validate=validate, plan=plan)

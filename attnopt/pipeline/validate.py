@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+
 import torch.fx as fx
+from attnopt.ir.vocab import TOLERANCE_FP32, TOLERANCE_HALF
 
 VALIDATION_SEED = 0x5EED
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float32: TOLERANCE_FP32, torch.float64: 1e-8, torch.float16: TOLERANCE_HALF,
+             torch.bfloat16: 2 * TOLERANCE_HALF}
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,9 @@ def outputs_error(ref: Any, new: Any) -> Error:
 
 def tolerance_for(ref: Any) -> float:
     flat, _ = torch.utils._pytree.tree_flatten(ref)
-    tols = [TOLERANCE.get(t.dtype, 1e-4) for t in flat if isinstance(t, torch.Tensor)
+    tols = [TOLERANCE.get(t.dtype, TOLERANCE_FP32) for t in flat if isinstance(t, torch.Tensor)
             and t.is_floating_point()]
-    return max(tols) if tols else 1e-4
+    return max(tols) if tols else TOLERANCE_FP32
 
 
 class Capture(fx.Interpreter):

@@ -70,7 +70,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from attnopt.cost.hardware import HardwareProfile, get_profile, local_target
+from attnopt.codegen.device import local_target
+from attnopt.cost.hardware import HardwareProfile, get_profile
 from attnopt.cost.roofline import resolve_dims
 from attnopt.cost.variants import (Candidate, approx_candidates, baseline, candidate_from_json,
                                    candidate_to_json, exact_candidates, on_heads, static)
@@ -254,6 +255,15 @@ class Plan:
             return cls._checked(d)
         except BadPlan as e:
             raise BadPlan(f"{path}: {e}") from None
+
+    # The pipeline's PlanApplication (optimize_torch): how a plan is applied to a graph.
+    def split(self, graph: Graph, sites: Sequence[Site], recipes: Sequence[Recipe]
+              ) -> tuple[list[Recipe], list[Recipe], dict[str, str]]:
+        return split_recipes(graph, sites, recipes, self)
+
+    def add_approximate(self, gm: fx.GraphModule, exact: list[Recipe], approx: list[Recipe],
+                        variants: Sequence[Sequence[Any]], padding_positions: Sequence[int] = ()):
+        return add_approximate(gm, exact, approx, variants, self.max_error, padding_positions)
 
     def site(self, name: str) -> SitePlan | None:
         return next((s for s in self.sites if s.site == name), None)
@@ -478,7 +488,7 @@ def _check_runs(gm, batches) -> None:
 def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
               max_error: float = 1e-2, target: str | None = None, calibration: Any = None) -> Plan:
     """Plan every attention site of a torch model (see the module header). target None: this
-    machine's accelerator if it has a profile, else the CPU (cost.hardware.local_target)."""
+    machine's accelerator if it has a profile, else the CPU (codegen.device.local_target)."""
     from attnopt.frontends import fx as fx_front
     from attnopt.emit.fx import splice
     from attnopt.passes.detect import detect

@@ -274,7 +274,7 @@ def test_gna_op_matches_reference(shape, window, stride, causal, leading, hkv):
 
 def test_default_target_is_the_local_device(monkeypatch):
     """--target defaults to this machine: its accelerator's profile when it has one, else the CPU."""
-    from attnopt.cost.hardware import local_target
+    from attnopt.codegen.device import local_target
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert local_target() == "cpu"

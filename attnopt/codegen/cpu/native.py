@@ -25,9 +25,7 @@ import ctypes
 import functools
 import hashlib
 import logging
-import os
 import platform
-import shutil
 import subprocess
 import threading
 import time
@@ -37,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnopt.util import cache
+from attnopt.util import cache, toolchain
 
 log = logging.getLogger("attnopt.codegen.cpu.native")
 
@@ -52,13 +50,8 @@ Q_PAD = 16  # the kernel's query panels are 16 wide
 _LOCK = threading.Lock()
 
 
-def enabled() -> bool:
-    return os.environ.get("ATTNOPT_CPU_NATIVE", "1").lower() not in ("0", "false", "no", "off")
-
-
-def _compiler() -> str | None:
-    cc = os.environ.get("CC") or "cc"
-    return shutil.which(cc)
+enabled = toolchain.native_enabled
+_compiler = toolchain.c_compiler
 
 
 _CPUINFO_FIELDS = ("model name", "flags", "Features")  # Features: the flags line on ARM
@@ -186,7 +179,7 @@ def available() -> bool:
 def expected() -> bool:
     """Whether the kernel should be available here (switched on, a compiler present), without
     building it: for cost models that must not compile anything."""
-    return enabled() and _compiler() is not None
+    return toolchain.native_kernel_expected()
 
 
 def can_run(q: Tensor, k: Tensor, v: Tensor, requires_grad: bool,

@@ -26,6 +26,7 @@ from attnopt.codegen.triton import generator
 from attnopt.codegen.triton.generator import KernelConfig
 from attnopt.codegen.triton.gna_tiles import gna_tile_plan
 from attnopt.ir import AttentionSpec, GNALayout, MaskSpec, Variant
+from attnopt.ir.vocab import NORMALIZERS
 
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -68,7 +69,7 @@ def _common(params: AttentionParams, q: Tensor, k: Tensor, v: Tensor, mask: Tens
             return False, f"mask {tuple(mask.shape)} does not broadcast to [B, H, Sq, Skv]"
         if mask.dim() > 4:
             return False, "mask has more than 4 dims"
-    if params.normalizer not in ("softmax", "sigmoid"):
+    if params.normalizer not in NORMALIZERS:
         return False, f"normalizer {params.normalizer!r}"
     return True, ""
 
