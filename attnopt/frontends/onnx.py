@@ -578,9 +578,6 @@ class _Translator:
             _gadd(graph, vi.name, "input", (), None, "graph_input", shape=shape, dtype=dt,
                   role="user")
 
-        graph.control_flow_nodes = []  # type: ignore[attr-defined]
-        graph.function_calls = []  # type: ignore[attr-defined]
-        graph.notes = []  # type: ignore[attr-defined]
         local_funcs = {(_domain(f.domain), f.name) for f in self.model.functions}
         for node in self._topo_nodes():
             self._node(node, local_funcs)
@@ -592,16 +589,16 @@ class _Translator:
                                       f"{vi.name!r} is never produced")
             _gadd(graph, f"output:{vi.name}", "output", [vi.name], None, "graph_output",
                   shape=self.shape(vi.name), dtype=self.dtype(vi.name))
-        if graph.control_flow_nodes:  # type: ignore[attr-defined]
-            graph.notes.append("attention inside control flow (If/Loop/Scan bodies) is not "  # type: ignore[attr-defined]
-                               "inspected: " + ", ".join(graph.control_flow_nodes[:5]))  # type: ignore[attr-defined]
-        if graph.function_calls:  # type: ignore[attr-defined]
-            graph.notes.append("calls of model-local functions are not inspected: "  # type: ignore[attr-defined]
-                               + ", ".join(graph.function_calls[:5]))  # type: ignore[attr-defined]
-        graph.native_model = self.model  # type: ignore[attr-defined]
-        graph.native_path = path  # type: ignore[attr-defined]
-        graph.base_dir = self.base_dir  # type: ignore[attr-defined]
-        graph.opset = self.opset  # type: ignore[attr-defined]
+        if graph.control_flow_nodes:
+            graph.notes.append("attention inside control flow (If/Loop/Scan bodies) is not "
+                               "inspected: " + ", ".join(graph.control_flow_nodes[:5]))
+        if graph.function_calls:
+            graph.notes.append("calls of model-local functions are not inspected: "
+                               + ", ".join(graph.function_calls[:5]))
+        graph.native_model = self.model
+        graph.native_path = path
+        graph.base_dir = self.base_dir
+        graph.opset = self.opset
         graph.evaluator = OnnxEvaluator(graph, self.model, self.base_dir, self.types)
         return graph
 

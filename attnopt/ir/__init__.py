@@ -56,6 +56,15 @@ class Graph:
         self.outputs: list[str] = []
         # Set by the front end: evaluates IR values on probe inputs (see `Evaluator`).
         self.evaluator: Evaluator | None = None
+        # Set by the front end: the native model this graph stands for (an fx.GraphModule or an
+        # onnx ModelProto; opaque here), where it came from, and what was left out.
+        self.native_model: Any = None
+        self.native_path: str | None = None  # ONNX: the file it was read from
+        self.base_dir: str | None = None  # ONNX: where its external data lives
+        self.opset: int | None = None  # ONNX: the ai.onnx opset
+        self.notes: list[str] = []  # what the front end did not inspect, for the report
+        self.control_flow_nodes: list[str] = []  # ONNX: If/Loop/Scan nodes whose bodies were skipped
+        self.function_calls: list[str] = []  # ONNX: calls of model-local functions
         self._order: list[str] = []
 
     # construction ---------------------------------------------------------------------
