@@ -50,7 +50,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from attnopt.codegen.reference import EXACT_FILL
 from attnopt.errors import UnsupportedModel
-from attnopt.frontends.onnx import _subgraph_refs
+from attnopt.frontends.onnx_proto import subgraph_refs as _subgraph_refs
 from attnopt.ir import Graph
 from attnopt.passes.rewrite import Recipe
 
