@@ -118,9 +118,9 @@ def optimize(model: Any, example_inputs: Any = None, policy: str | None = None, 
     if isinstance(model, (str, Path)):  # a .pt2 path
         import torch
 
-        from attnopt.frontends import _load_pt2_program
+        from attnopt.frontends import load_pt2_program
 
-        model = _load_pt2_program(Path(model))
+        model = load_pt2_program(Path(model))
         if not isinstance(model, torch.export.ExportedProgram):
             raise UnsupportedModel("not a torch.export program")
     return optimize_torch(model, example_inputs, validate=validate, plan=plan)

@@ -67,10 +67,10 @@ def load_path(path: Path) -> Graph:
 def _load_pt2(path: Path) -> Graph:
     from attnopt.frontends import fx
 
-    return fx.from_exported_program(_load_pt2_program(path), name=path.stem)
+    return fx.from_exported_program(load_pt2_program(path), name=path.stem)
 
 
-def _load_pt2_program(path: Path):
+def load_pt2_program(path: Path):
     """The program in a .pt2 file, loaded without running code from it (frontends/pt2.py)."""
     from attnopt.frontends.pt2 import load_program
 

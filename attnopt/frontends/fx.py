@@ -24,7 +24,7 @@ from attnopt.ir.vocab import SMALL_CONST_ELEMENTS as SMALL_CONST
 
 
 # Nodes that only assert facts about tensors; they are not users in any meaningful sense.
-_ASSERT_OPS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range",
+ASSERT_OPS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range",
                "sym_constrain_range_for_size", "_assert_async", "_check_is_size", "_guards_fn"}
 
 
@@ -58,7 +58,7 @@ def overload_name(node: fx.Node) -> str:
     return t._overloadname if isinstance(t, torch._ops.OpOverload) else ""
 
 
-def _meta_val(node: fx.Node) -> Any:
+def meta_val(node: fx.Node) -> Any:
     return node.meta.get("val", node.meta.get("example_value"))
 
 
@@ -75,7 +75,7 @@ def _dim(d: Any) -> int | str:
 
 
 def _shape_dtype(node: fx.Node) -> tuple[tuple | None, str | None]:
-    v = _meta_val(node)
+    v = meta_val(node)
     if isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
         v = v[0]
     if isinstance(v, torch.Tensor):
@@ -149,7 +149,7 @@ class _Translator:
                 self.outputs(node)
                 continue
             name = base_name(node) if node.op not in ("placeholder", "get_attr") else node.op
-            if name in _ASSERT_OPS or name.removeprefix("module:") in _ASSERT_OPS:
+            if name in ASSERT_OPS or name.removeprefix("module:") in ASSERT_OPS:
                 self.skipped.add(node.name)
                 continue
             try:
@@ -250,7 +250,7 @@ def _baddbmm(t: _Translator, n: fx.Node) -> None:
 
 
 def _rank_of(n: Any) -> int | None:
-    v = _meta_val(n) if isinstance(n, fx.Node) else None
+    v = meta_val(n) if isinstance(n, fx.Node) else None
     return v.dim() if isinstance(v, torch.Tensor) else None
 
 
@@ -575,7 +575,7 @@ class FxEvaluator(Evaluator):
             if example_inputs is not None and i < len(example_inputs):
                 self.defaults[p.name] = example_inputs[i]
             else:
-                self.defaults[p.name] = _probe_tensor(p.name, _meta_val(p), gen)
+                self.defaults[p.name] = _probe_tensor(p.name, meta_val(p), gen)
 
     def _run(self, targets: Sequence[fx.Node], feeds: Mapping[str, Any]) -> dict[fx.Node, Any]:
         needed: set[fx.Node] = set()
@@ -615,7 +615,7 @@ class FxEvaluator(Evaluator):
         return {**{k: v for k, v in consts.items() if v is not None}, **result}
 
     def probe_shape(self, nid):
-        v = _meta_val(self.nodes[nid]) if nid in self.nodes else None
+        v = meta_val(self.nodes[nid]) if nid in self.nodes else None
         if isinstance(v, torch.Tensor):
             try:
                 return tuple(int(d) if isinstance(d, int) else int(d.node.hint) for d in v.shape)
