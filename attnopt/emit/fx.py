@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from attnopt.frontends.fx import _ASSERT_OPS, _meta_val, arg, base_name, is_sdpa, sdpa_args
+from attnopt.frontends.fx import ASSERT_OPS, meta_val, arg, base_name, is_sdpa, sdpa_args
 from attnopt.passes.rewrite import Recipe
 
 def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModule, dict[str, str]]:
@@ -131,7 +131,7 @@ def _term(graph: fx.Graph, by: dict, t, x: fx.Node) -> fx.Node:
     x = _permute(graph, x, t.perm)
     if not t.merged_heads:
         return x
-    val = _meta_val(by[t.node]) if t.literal is None else None
+    val = meta_val(by[t.node]) if t.literal is None else None
     lead = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() == t.rank else 1
     if lead == 1:
         return _call(graph, torch.unsqueeze, x, 0)
@@ -140,7 +140,7 @@ def _term(graph: fx.Graph, by: dict, t, x: fx.Node) -> fx.Node:
 
 def _unsqueezed(graph: fx.Graph, x: fx.Node, rank: int) -> fx.Node:
     """Prepend size-1 axes up to `rank` (broadcasting, without naming any size)."""
-    val = _meta_val(x)
+    val = meta_val(x)
     if not isinstance(val, torch.Tensor):
         raise ValueError(f"mask {x.name} has no shape")
     for _ in range(rank - val.dim()):
@@ -188,9 +188,9 @@ def _remove_dead(graph: fx.Graph, start: set) -> None:
         n = work.pop()
         if n in erased or n.op not in ("call_function", "call_method", "call_module"):
             continue
-        if any(base_name(u) not in _ASSERT_OPS for u in n.users):
+        if any(base_name(u) not in ASSERT_OPS for u in n.users):
             continue
-        if n.op == "call_function" and base_name(n) in _ASSERT_OPS:
+        if n.op == "call_function" and base_name(n) in ASSERT_OPS:
             continue
         if n.op == "call_module" or _impure(n):
             continue
