@@ -10,7 +10,6 @@ get_attr), which keeps the node metadata and lets the evaluator run any node dir
 """
 from __future__ import annotations
 
-import operator
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,93 +18,11 @@ import torch
 import torch.fx as fx
 
 from attnopt.errors import UnsupportedModel
-from attnopt.ir import Evaluator, Graph
+from attnopt.ir import Graph
 from attnopt.ir.vocab import SMALL_CONST_ELEMENTS as SMALL_CONST
-
-
-# Nodes that only assert facts about tensors; they are not users in any meaningful sense.
-ASSERT_OPS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range",
-               "sym_constrain_range_for_size", "_assert_async", "_check_is_size", "_guards_fn"}
-
-
-# ---- helpers -------------------------------------------------------------------------------
-
-def base_name(node: fx.Node) -> str:
-    """A format-neutral name for what an fx node computes."""
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    if node.op == "call_module":
-        return "module:" + str(t)
-    if isinstance(t, torch._ops.OpOverload):
-        return t._schema.name.split("::", 1)[1]
-    if isinstance(t, torch._ops.OpOverloadPacket):
-        return t._qualified_op_name.split("::", 1)[1]
-    if isinstance(t, torch._ops.HigherOrderOperator):
-        return "hop:" + t.__name__
-    name = getattr(t, "__name__", str(t))
-    if t is operator.truediv:
-        return "div"
-    if t is operator.invert:
-        return "bitwise_not"
-    if t is operator.neg:
-        return "neg"
-    return name
-
-
-def overload_name(node: fx.Node) -> str:
-    t = node.target
-    return t._overloadname if isinstance(t, torch._ops.OpOverload) else ""
-
-
-def meta_val(node: fx.Node) -> Any:
-    return node.meta.get("val", node.meta.get("example_value"))
-
-
-def _dim(d: Any) -> int | str:
-    if isinstance(d, int):
-        return d
-    try:
-        expr = d.node.expr
-        if expr.is_number:
-            return int(expr)
-        return str(expr)
-    except AttributeError:
-        return str(d)
-
-
-def _shape_dtype(node: fx.Node) -> tuple[tuple | None, str | None]:
-    v = meta_val(node)
-    if isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
-        v = v[0]
-    if isinstance(v, torch.Tensor):
-        return tuple(_dim(d) for d in v.shape), str(v.dtype).removeprefix("torch.")
-    if isinstance(v, (int, float, bool)) or type(v).__name__ in ("SymInt", "SymFloat"):
-        return (), type(v).__name__.lower().replace("sym", "")
-    return None, None
-
-
-def _dtype_name(dt: Any) -> str | None:
-    return str(dt).removeprefix("torch.") if isinstance(dt, torch.dtype) else None
-
-
-def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def module_scope(node: fx.Node) -> str:
-    """Dotted path of the innermost nn.Module the node came from (best effort)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)       # dynamo: L['self'].encoder...
-    path = re.sub(r"\[(\d+)\]", r".\1", path)             # layer[0] -> layer.0
-    path = re.sub(r"\['([^']*)'\]", r".\1", path)         # ModuleDict['x'] -> .x
-    path = path.replace("_modules.", "").replace("self.", "")
-    return path.strip(".")
+from attnopt.frontends.fx_eval import GraphEvaluator, to_numpy
+from attnopt.frontends.fx_nodes import (ASSERT_OPS, SDPA_NAMES, arg, base_name, dtype_name, meta_val,
+                                        module_scope, overload_name, sdpa_args, shape_dtype)
 
 
 # ---- translation ---------------------------------------------------------------------------
@@ -128,7 +45,7 @@ class _Translator:
         return nid
 
     def add(self, node: fx.Node, op: str, inputs: Sequence[str], **attrs: Any) -> None:
-        shape, dtype = _shape_dtype(node)
+        shape, dtype = shape_dtype(node)
         attrs.setdefault("native", base_name(node) + (f".{overload_name(node)}" if overload_name(node) else ""))
         attrs.setdefault("scope", module_scope(node))
         self.g.add(node.name, op, inputs, shape=shape, dtype=dtype, ref=node, **attrs)
@@ -167,7 +84,7 @@ class _Translator:
 
     def translate(self, node: fx.Node, name: str) -> None:
         if node.op == "placeholder":
-            shape, dtype = _shape_dtype(node)
+            shape, dtype = shape_dtype(node)
             role = "param" if re.search(r"_(parameters|buffers)_", node.name) else "user"
             self.g.add(node.name, "input", [], shape=shape, dtype=dtype, ref=node, role=role,
                        scope="")
@@ -176,9 +93,9 @@ class _Translator:
             t = _fetch_attr(self.gm, node.target)
             value = None
             if isinstance(t, torch.Tensor) and t.numel() <= SMALL_CONST:
-                value = _to_numpy(t)
+                value = to_numpy(t)
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else None
-            dtype = _dtype_name(t.dtype) if isinstance(t, torch.Tensor) else None
+            dtype = dtype_name(t.dtype) if isinstance(t, torch.Tensor) else None
             self.g.add(node.name, "const", [], shape=shape, dtype=dtype, value=value, ref=node,
                        role="param", scope="")
             return
@@ -326,8 +243,8 @@ def _identity(t: _Translator, n: fx.Node) -> None:
 def _slice(t: _Translator, n: fx.Node) -> None:
     # A full slice (aten.slice with start 0 and end past the size) is a no-op.
     src = n.args[0]
-    s_in, _ = _shape_dtype(src) if isinstance(src, fx.Node) else (None, None)
-    s_out, _ = _shape_dtype(n)
+    s_in, _ = shape_dtype(src) if isinstance(src, fx.Node) else (None, None)
+    s_out, _ = shape_dtype(n)
     if s_in is not None and s_in == s_out and arg(n, 4, "step", 1) in (1, None):
         t.add(n, "identity", [src.name])
     else:
@@ -340,8 +257,8 @@ def _cast(t: _Translator, n: fx.Node) -> None:
     if not isinstance(src, fx.Node):
         t.other(n)
         return
-    _, dt_out = _shape_dtype(n)
-    _, dt_in = _shape_dtype(src)
+    _, dt_out = shape_dtype(n)
+    _, dt_in = shape_dtype(src)
     if dt_out is None:
         t.other(n)
     elif dt_out == dt_in:
@@ -447,34 +364,7 @@ def _shape(t: _Translator, n: fx.Node) -> None:
     t.add(n, "shape", t.node_inputs(n))
 
 
-_SDPA_NAMES = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-               "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-               "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math")
-
-
-def is_sdpa(n: fx.Node) -> bool:
-    return n.op == "call_function" and base_name(n) in _SDPA_NAMES
-
-
-def sdpa_args(n: fx.Node) -> tuple[Any, float, bool, Any]:
-    """(mask, dropout_p, is_causal, scale) of an SDPA node, whichever variant's signature it has."""
-    name = base_name(n)
-    if name == "_scaled_dot_product_efficient_attention":
-        mask = arg(n, 3, "attn_bias")
-        dropout_p, is_causal = arg(n, 5, "dropout_p", 0.0), arg(n, 6, "is_causal", False)
-        scale = n.kwargs.get("scale")
-    elif name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu"):
-        mask = n.kwargs.get("attn_mask")
-        dropout_p, is_causal = arg(n, 3, "dropout_p", 0.0), arg(n, 4, "is_causal", False)
-        scale = n.kwargs.get("scale")
-    else:
-        mask = arg(n, 3, "attn_mask")
-        dropout_p, is_causal = arg(n, 4, "dropout_p", 0.0), arg(n, 5, "is_causal", False)
-        scale = arg(n, 6, "scale")
-    return mask, float(dropout_p or 0.0), is_causal, scale
-
-
-@_handles(*_SDPA_NAMES)
+@_handles(*SDPA_NAMES)
 def _sdpa(t: _Translator, n: fx.Node) -> None:
     q, k, v = n.args[0], n.args[1], n.args[2]
     mask, dropout_p, is_causal, scale = sdpa_args(n)
@@ -484,8 +374,8 @@ def _sdpa(t: _Translator, n: fx.Node) -> None:
     if isinstance(mask, fx.Node):
         inputs.append(mask.name)
         slots["mask"] = mask.name
-    qs, _ = _shape_dtype(q)
-    ks, _ = _shape_dtype(k)
+    qs, _ = shape_dtype(q)
+    ks, _ = shape_dtype(k)
     t.add(n, "sdpa", inputs, flavor="torch_sdpa", layout="BHSD", slots=slots,
           is_causal=bool(is_causal), scale=None if scale is None else float(scale),
           dropout_p=dropout_p, enable_gqa=enable_gqa, softcap=None,
@@ -502,8 +392,8 @@ def _attnopt_op(t: _Translator, n: fx.Node) -> None:
     q, k, v, mask = n.args[:4]
     slots = {"q": q.name, "k": k.name, "v": v.name,
              "mask": mask.name if isinstance(mask, fx.Node) else None}
-    qs, _ = _shape_dtype(q)
-    ks, _ = _shape_dtype(k)
+    qs, _ = shape_dtype(q)
+    ks, _ = shape_dtype(k)
     t.add(n, "sdpa", t.node_inputs(n), flavor="attnopt", layout="BHSD", slots=slots,
           is_causal=bool(n.args[5]), scale=float(n.args[4]), dropout_p=0.0, enable_gqa=True,
           softcap=(float(n.args[9]) or None), num_heads=qs[1] if qs else None,
@@ -538,114 +428,13 @@ def _native_mha(t: _Translator, n: fx.Node) -> None:
           need_weights=bool(arg(n, 10, "need_weights", True)))
 
 
-# ---- evaluation ----------------------------------------------------------------------------
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.dtype == torch.bfloat16:
-            x = x.float()
-        return x.cpu().numpy()
-    return np.asarray(x)
-
-
-def _probe_tensor(name: str, val: Any, gen: torch.Generator) -> Any:
-    if not isinstance(val, torch.Tensor):
-        return val
-    shape = [d if isinstance(d, int) else int(d.node.hint) for d in val.shape]
-    dt = val.dtype
-    dev = val.device if val.device.type != "meta" else "cpu"
-    if dt.is_floating_point:
-        return torch.randn(shape, generator=gen).to(dev, dt)
-    if dt == torch.bool:
-        return torch.ones(shape, dtype=dt, device=dev)
-    return (torch.ones if "mask" in name.lower() else torch.zeros)(shape, dtype=dt, device=dev)
-
-
-class FxEvaluator(Evaluator):
-    """Runs the ancestors of requested nodes of a GraphModule on probe inputs."""
-
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None):
-        self.gm = gm
-        self.nodes = {n.name: n for n in gm.graph.nodes}
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        gen = torch.Generator().manual_seed(0)
-        self.defaults: dict[str, Any] = {}
-        for i, p in enumerate(placeholders):
-            if example_inputs is not None and i < len(example_inputs):
-                self.defaults[p.name] = example_inputs[i]
-            else:
-                self.defaults[p.name] = _probe_tensor(p.name, meta_val(p), gen)
-
-    def _run(self, targets: Sequence[fx.Node], feeds: Mapping[str, Any]) -> dict[fx.Node, Any]:
-        needed: set[fx.Node] = set()
-        stack = list(targets)
-        while stack:
-            n = stack.pop()
-            if n in needed:
-                continue
-            needed.add(n)
-            stack.extend(n.all_input_nodes)
-        interp = fx.Interpreter(self.gm)
-        env = interp.env
-        with torch.no_grad():
-            for n in self.gm.graph.nodes:
-                if n not in needed:
-                    continue
-                if n.op == "placeholder":
-                    env[n] = feeds[n.name] if n.name in feeds else self.defaults[n.name]
-                else:
-                    env[n] = interp.run_node(n)
-        return {n: env[n] for n in targets}
-
-    def evaluate(self, nids, feeds=None):
-        tfeeds = {k: torch.as_tensor(v) for k, v in (feeds or {}).items()}
-        for k, v in list(tfeeds.items()):
-            d = self.defaults.get(k)
-            if isinstance(d, torch.Tensor):  # probes arrive as numpy: back to the graph's device
-                tfeeds[k] = v.to(d.device, d.dtype)
-        targets, consts = [], {}
-        for nid in nids:
-            if nid in self.nodes:
-                targets.append(self.nodes[nid])
-            else:  # a literal const synthesized by the translator
-                consts[nid] = None
-        out = self._run(targets, tfeeds)
-        result = {n.name: _to_numpy(v) for n, v in out.items()}
-        return {**{k: v for k, v in consts.items() if v is not None}, **result}
-
-    def probe_shape(self, nid):
-        v = meta_val(self.nodes[nid]) if nid in self.nodes else None
-        if isinstance(v, torch.Tensor):
-            try:
-                return tuple(int(d) if isinstance(d, int) else int(d.node.hint) for d in v.shape)
-            except Exception:  # noqa: BLE001 - unhinted symbol: evaluate instead
-                pass
-        return tuple(self.evaluate([nid])[nid].shape)
-
-
-class _GraphEvaluator(FxEvaluator):
-    """FxEvaluator that also answers for literal consts (their value lives in the IR)."""
-
-    def __init__(self, gm, example_inputs, graph: Graph):
-        super().__init__(gm, example_inputs)
-        self.graph = graph
-
-    def evaluate(self, nids, feeds=None):
-        out = super().evaluate([n for n in nids if n in self.nodes], feeds)
-        for nid in nids:
-            if nid not in out and nid in self.graph and self.graph.value(nid) is not None:
-                out[nid] = self.graph.value(nid)
-        return out
-
-
 # ---- entry points --------------------------------------------------------------------------
 
 def from_graph_module(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None,
                       source: str = "fx", name: str = "graph") -> Graph:
     graph = Graph(name=name, source=source)
     _Translator(gm, graph).run()
-    graph.evaluator = _GraphEvaluator(gm, example_inputs, graph)
+    graph.evaluator = GraphEvaluator(gm, example_inputs, graph)
     graph.native_model = gm
     return graph
 

@@ -207,7 +207,7 @@ def test_replaced_attention_is_not_left_running():
 
 
 def _sdpa_nodes(gm) -> int:
-    from attnopt.frontends.fx import base_name
+    from attnopt.frontends.fx_nodes import base_name
 
     return sum(1 for n in gm.graph.nodes if n.op == "call_function"
                and "scaled_dot_product" in base_name(n))
