@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from attnopt.frontends.fx import ASSERT_OPS, meta_val, arg, base_name, is_sdpa, sdpa_args
+from attnopt.frontends.fx_nodes import ASSERT_OPS, arg, base_name, is_sdpa, meta_val, sdpa_args
 from attnopt.passes.rewrite import Recipe
 
 def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModule, dict[str, str]]:
