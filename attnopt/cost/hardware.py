@@ -68,7 +68,7 @@ TILE_TABLES: dict[str, dict[str, tuple[tuple[int, ...], ...]]] = {
         "kv_3d": ((4, 4, 8), (2, 8, 8), (4, 8, 4)),
     },
     # Triton interpreter (TRITON_INTERPRET=1, CI without a GPU): one config per shape, tiles
-    # of 64 tokens or less, because each inner-loop step costs ~10 ms there (FACTS.md).
+    # of 64 tokens or less, because each inner-loop step costs ~10 ms there (docs/FACTS.md).
     "interpreter": {
         "q_1d": ((64,), (32,)),
         "kv_1d": ((64,), (32,)),
