@@ -1,4 +1,5 @@
-"""GNA (Generalized Neighborhood Attention) mask semantics, exactly as docs/ARCHITECTURE.md ("GNA semantics") states them.
+"""GNA (Generalized Neighborhood Attention) mask semantics, exactly as docs/ARCHITECTURE.md
+("GNA semantics") states them.
 
 Conventions:
   * A layout is an `attnopt.ir.GNALayout` over a 1-/2-/3-D grid `shape = (L0, L1, ...)`.
