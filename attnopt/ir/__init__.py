@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import networkx as nx
 import numpy as np
 
+from attnopt.ir.score_mods import ScoreMod
+
 Dim = int | str  # a static size, or a symbolic one by name
 Shape = tuple[Dim, ...]
 
@@ -248,7 +250,7 @@ class AttentionSpec:
     v_head_dim: Dim
     scale: float | None  # folded; None only for fused ops whose scale is implicit and unknown
     mask: MaskSpec = field(default_factory=MaskSpec)
-    score_mods: tuple[str, ...] = ()  # e.g. ("bias",), ("alibi",), ("softcap:30.0",)
+    score_mods: tuple[ScoreMod, ...] = ()  # typed (ir/score_mods.py), shown as "bias", "softcap:30.0"
     token_grid: TokenGrid | None = None
     dtype: str | None = None
     layout: str = "BHSD"
@@ -273,6 +275,15 @@ class AttentionSpec:
         }
 
 
+@dataclass(frozen=True, kw_only=True)
+class PatternDetails:
+    """Base of the typed facts a pattern family records for its rewrite.
+
+    Each family (patterns/decomposed.py, patterns/fused.py) has its own frozen subclass, and the
+    registry (patterns/registry.py) maps a details type back to the family that builds its
+    recipe, so no code branches on pattern names."""
+
+
 @dataclass(frozen=True)
 class Site:
     """One attention site: its spec and where it lives in the graph.
@@ -280,7 +291,8 @@ class Site:
     q, k, v, mask, bias: IR node ids of the boundary values. `output` is the node whose value
     the site computes (what a rewrite replaces). `nodes` are the IR nodes inside the site, all
     of whose users are inside it too (a rewrite may delete them). `details` keeps the facts a
-    rewrite needs (e.g. whether k arrives transposed, which scale ops were folded).
+    rewrite needs (e.g. whether k arrives transposed, which scale ops were folded), typed by
+    the pattern family that found the site.
     """
 
     name: str
@@ -293,7 +305,7 @@ class Site:
     bias: tuple[str, ...] = ()
     nodes: frozenset[str] = frozenset()
     pattern: str = ""
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: PatternDetails = field(default_factory=PatternDetails)
 
     def to_json(self) -> dict[str, Any]:
         d = {"name": self.name, "pattern": self.pattern, "output_node": self.output}

@@ -1,22 +1,22 @@
-"""Detection: run every pattern at every anchor, analyze masks and grids, name the sites."""
+"""Detection: run every pattern family at its anchors, analyze masks and grids, name the sites."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 from attnopt.ir import AttentionSpec, Graph, Rejection, Site
 from attnopt.passes.grid import assign_grid
 from attnopt.passes.masks import MaskAnalysis, analyze_masks
-from attnopt.patterns.decomposed import DecomposedAttention
-from attnopt.patterns.fused import FusedAttention
 from attnopt.patterns.match import Match
+from attnopt.patterns.registry import FAMILIES
 
-PATTERNS = (DecomposedAttention(), FusedAttention())
 
 
 def detect(graph: Graph) -> tuple[list[Site], list[Rejection]]:
     matches: list[Match] = []
     rejected: list[Rejection] = []
-    for pattern in PATTERNS:
-        for anchor in pattern.anchors(graph):
-            result = pattern.match(graph, anchor)
+    for family in FAMILIES:
+        for anchor in family.anchors(graph):
+            result = family.match(graph, anchor)
             if result is None:
                 continue
             if isinstance(result, Rejection):
@@ -30,7 +30,7 @@ def detect(graph: Graph) -> tuple[list[Site], list[Rejection]]:
     sites, names = [], set()
     for m in matches:
         key = (m.mask_operands, m.score_axes, m.structural_causal, m.window, m.causal_alignment,
-               m.softcap, tuple(sorted(m.details.get("key_padding_input", "") or "")))
+               m.softcap, m.key_padding_input or "")
         try:
             if key not in mask_cache:
                 mask_cache[key] = analyze_masks(graph, m)
@@ -45,9 +45,7 @@ def detect(graph: Graph) -> tuple[list[Site], list[Rejection]]:
             v_head_dim=m.v_head_dim, scale=m.scale, mask=masks.mask, score_mods=masks.score_mods,
             token_grid=assign_grid(graph, m.q, m.q_len, grid_cache), dtype=m.dtype, layout=m.layout)
         name = _unique(_site_name(graph, m, len(sites)), names)
-        details = dict(m.details, mask_operands=m.mask_operands)
-        if masks.reason:
-            details["mask_reason"] = masks.reason
+        details = replace(m.details, mask_operands=m.mask_operands, mask_reason=masks.reason)
         sites.append(Site(
             name=name, spec=spec, output=m.output, q=m.q, k=m.k, v=m.v,
             mask=tuple(op.node for op in m.mask_operands), nodes=m.nodes, pattern=m.pattern,

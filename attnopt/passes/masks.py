@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnopt.ir import Graph, MaskSpec
+from attnopt.ir.score_mods import Alibi, Bias, ScoreMod, Softcap
 from attnopt.patterns.match import Match
 from attnopt.patterns.values import user_inputs_reached
 from attnopt.ir.vocab import MASK_FILL_MAX as MASKED_AT_OR_BELOW
@@ -26,15 +27,15 @@ from attnopt.ir.vocab import MASK_FILL_MAX as MASKED_AT_OR_BELOW
 @dataclass(frozen=True)
 class MaskAnalysis:
     mask: MaskSpec
-    score_mods: tuple[str, ...]
+    score_mods: tuple[ScoreMod, ...]
     reason: str = ""  # why a mask came out as "tensor"
 
 
 def analyze_masks(graph: Graph, m: Match) -> MaskAnalysis:
-    mods: list[str] = []
+    mods: list[ScoreMod] = []
     if m.softcap:
-        mods.append(f"softcap:{float(m.softcap)}")
-    padding_input = m.details.get("key_padding_input")
+        mods.append(Softcap(m.softcap))
+    padding_input = m.key_padding_input
     if not m.mask_operands and not m.structural_causal and m.window is None:
         kind = MaskSpec(kind="padding", padding=True) if padding_input else MaskSpec()
         return MaskAnalysis(kind, tuple(mods))
@@ -90,7 +91,7 @@ def _with(spec: MaskSpec, **kw) -> MaskSpec:
 def _probe_lengths(graph: Graph, m: Match) -> tuple[int, int]:
     ev = graph.evaluator
     if m.score_axes is not None:
-        shape = ev.probe_shape(m.details.get("scores", m.details["c1"]))
+        shape = ev.probe_shape(m.score_node)
         return int(shape[m.score_axes[0]]), int(shape[m.score_axes[1]])
     qs, ks = ev.probe_shape(m.q), ev.probe_shape(m.k)
     if m.layout == "BHSD":
@@ -231,11 +232,11 @@ def classify_pattern(allowed: np.ndarray | None, sq: int, skv: int, source: str 
     return MaskSpec(kind="tensor", source=source)
 
 
-def _bias_kind(bias: np.ndarray, allowed: np.ndarray) -> str:
-    """"alibi" when bias = slope_h * (j - i) up to a per-row constant, else "bias"."""
+def _bias_kind(bias: np.ndarray, allowed: np.ndarray) -> ScoreMod:
+    """Alibi when bias = slope_h * (j - i) up to a per-row constant, else Bias."""
     b = np.asarray(bias, dtype=np.float64)
     if b.shape[-1] < 3:
-        return "bias"
+        return Bias()
     shape = np.broadcast_shapes(b.shape, np.shape(allowed))  # a per-batch mask, a shared bias
     b, a = np.broadcast_to(b, shape), np.broadcast_to(allowed, shape)
     diff = b[..., 1:] - b[..., :-1]
@@ -245,7 +246,7 @@ def _bias_kind(bias: np.ndarray, allowed: np.ndarray) -> str:
     for dd, mm in zip(flat_d, flat_m):
         vals = dd[mm]
         if vals.size == 0 or np.ptp(vals) > 1e-4 * max(1.0, float(np.abs(vals).max())):
-            return "bias"
+            return Bias()
         if abs(float(vals.mean())) < 1e-12:
-            return "bias"
-    return "alibi"
+            return Bias()
+    return Alibi()

@@ -14,21 +14,27 @@ bmm's, the scores are viewed as [B, H, Sq, Skv] for the masks and the softmax, a
 probabilities viewed back as [B*H, Sq, Skv] for C2. Then the score layout is that 4-D view
 (`score_axes` (2, 3)); masks met between C1 and the view live in the merged layout and carry
 `merged_heads`.
+
+What the recipe needs beyond the Match (labels, folded scale ops, the merged-head view) travels
+as `DecomposedDetails` (patterns/details.py); heads and GQA repeats are read by
+patterns/heads.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 
-import numpy as np
-
-from attnopt.ir import LAYOUT_OPS, Graph, Rejection
-from attnopt.patterns.contraction import CONTRACTION_OPS, Contraction, describe_contraction
-from attnopt.patterns.match import MaskOperand, Match
-from attnopt.patterns.values import NotConstant, numel, scalar_value
+from attnopt.ir import LAYOUT_OPS, Graph, Rejection, Site
 from attnopt.ir.vocab import MASK_FILL_MAX, NORMALIZERS
-
-_TRANSPARENT = {"cast", "identity"}
+from attnopt.patterns.contraction import CONTRACTION_OPS, Contraction, describe_contraction
+from attnopt.patterns.decomposed_recipe import decomposed_recipe
+from attnopt.patterns.details import DecomposedDetails, FoldedScale
+from attnopt.patterns.heads import (TRANSPARENT as _TRANSPARENT, dim_product, head_split,
+                                    infer_merged_heads, probed_dims, repeat_factor, static_dim,
+                                    unmerged_view)
+from attnopt.patterns.match import MaskOperand, Match
+from attnopt.patterns.recipe import Recipe
+from attnopt.patterns.values import NotConstant, is_zero_constant, scalar_value
 
 
 class Reject(Exception):
@@ -38,9 +44,10 @@ class Reject(Exception):
 
 
 class DecomposedAttention:
-    """Softmax or sigmoid attention spelled out op by op."""
+    """Softmax or sigmoid attention spelled out op by op: a pattern family (patterns/registry.py)."""
 
     name = "decomposed"
+    details_type = DecomposedDetails
     normalizers = NORMALIZERS
 
     def anchors(self, graph: Graph) -> list[str]:
@@ -55,6 +62,10 @@ class DecomposedAttention:
             return _Matcher(graph, anchor).run()
         except Reject as r:
             return Rejection(node=r.node, reason=r.reason, pattern=self.name)
+
+    def recipe(self, graph: Graph, site: Site) -> Recipe | str:
+        """The site's recipe (patterns/decomposed_recipe.py), or why it cannot be rewritten."""
+        return decomposed_recipe(graph, site)
 
 
 def _is_gated_activation(graph: Graph, anchor: str) -> bool:
@@ -109,7 +120,9 @@ class _Matcher:
         self.anchor = anchor
         self.normalizer = graph.op(anchor)
         self.nodes: set[str] = {anchor}
-        self.details: dict = {"scale_nodes": []}
+        self.scale_nodes: list[FoldedScale] = []  # constant scalar mul/divs folded into the scale
+        self.guarded = False  # where(isnan(p), 0, p) met below the normalizer
+        self.kv_repeat: int | None = None  # GQA repeat factor of k (heads())
         self.p_perm: tuple[int, ...] = ()  # C2 operand axis i is probability axis p_perm[i]
         self.split: tuple | None = None  # (B, H) when heads are merged into the batch ([B*H, ...])
         self.split_node: str | None = None  # the [B, H, Sq, Skv] view of C1's merged scores
@@ -177,10 +190,10 @@ class _Matcher:
             self.reject(c1_node, c1)
         if self.half_merged:
             c1 = self.unmerged_contraction(c1)
-        if c1.bias is not None and c1.beta != 0 and _is_zero_constant(g, c1.bias):
+        if c1.bias is not None and c1.beta != 0 and is_zero_constant(g, c1.bias):
             c1 = dataclasses.replace(c1, bias=None)  # baddbmm(zeros, q, kᵀ) is a plain product
         if c1.bias is not None and c1.beta != 0:
-            if softcap is not None or any(d[1] == "scores" for d in self.details["scale_nodes"]):
+            if softcap is not None or any(d.side == "scores" for d in self.scale_nodes):
                 # baddbmm adds its bias first: a later softcap or scale applies to it too
                 self.reject(c1_node, "the baddbmm bias is added before the softcap or the scale "
                             "on the scores")
@@ -212,15 +225,15 @@ class _Matcher:
             self.reject(c1_node, "operand shapes are unknown")
         q_lab, k_lab, v_lab = c1.labels(q_side), c1.labels(k_side), c2.labels(v_side)
         s_lab = c1.out_labels
-        q_len = _static(qs[q_lab.index(q_label)], ss[s_lab.index(q_label)])
+        q_len = static_dim(qs[q_lab.index(q_label)], ss[s_lab.index(q_label)])
         v_key = vs[v_lab.index(key_label_c2)]
-        kv_len = _static(ks[k_lab.index(key_label)], ss[s_lab.index(key_label)], v_key)
-        head_dim = _static(qs[q_lab.index(d_label)], ks[k_lab.index(d_label)])
+        kv_len = static_dim(ks[k_lab.index(key_label)], ss[s_lab.index(key_label)], v_key)
+        head_dim = static_dim(qs[q_lab.index(d_label)], ks[k_lab.index(d_label)])
         v_label = next(iter(v_free))
         v_head_dim = vs[v_lab.index(v_label)]
         # Head dims are structural too (see heads()).
-        head_dim = _probed(g, q_op, [q_lab.index(d_label)], [head_dim])[0]
-        v_head_dim = _probed(g, v_op, [v_lab.index(v_label)], [v_head_dim])[0]
+        head_dim = probed_dims(g, q_op, [q_lab.index(d_label)], [head_dim])[0]
+        v_head_dim = probed_dims(g, v_op, [v_lab.index(v_label)], [v_head_dim])[0]
         if isinstance(v_key, int) and isinstance(kv_len, int) and v_key != kv_len:
             self.reject(c2_node, f"V has {v_key} keys but the scores have {kv_len}")
 
@@ -234,26 +247,27 @@ class _Matcher:
                     or (s_labels.index(q_label), s_labels.index(key_label)) != (1, 2):
                 self.reject(c1_node, "merged-head scores whose k batch or axis order differs from q's")
             batch, heads, kv_heads = self.split[0], self.split[1], self.split[1]
-            self.details.update(split_heads=self.split[1], scores=self.split_node)
+            split_heads, scores = self.split[1], self.split_node
             ss, score_axes = g.shape(self.split_node), (2, 3)
         else:
-            if self.half_merged:
-                self.details["scores"] = self.split_node
+            split_heads, scores = 0, (self.split_node if self.half_merged else None)
             batch, heads, kv_heads = self.heads(c1, batch_labels, ss, q_side, k_side, k_src)
             score_axes = (q_pos, key_pos)
         self.nodes.update([c1_node, c2_node])
-        self.details.update(
-            q_labels=q_lab, k_labels=k_lab, v_labels=v_lab, score_labels=s_labels, p_labels=p_labels, p_perm=self.p_perm,
-            out_labels=c2.out_labels, c1=c1_node, c2=c2_node, q_operand=q_op, k_operand=k_op,
-            query_label=q_label, key_label=key_label, head_label=d_label, value_label=v_label,
-            q_source=q_src, k_source=k_src)
+        details = DecomposedDetails(
+            c1=c1_node, c2=c2_node, q_operand=q_op, k_operand=k_op, q_labels=q_lab, k_labels=k_lab,
+            v_labels=v_lab, score_labels=s_labels, p_labels=p_labels, p_perm=self.p_perm,
+            out_labels=c2.out_labels, query_label=q_label, key_label=key_label, head_label=d_label,
+            value_label=v_label, scale_nodes=tuple(self.scale_nodes), scores=scores,
+            split_heads=split_heads, nan_guard=self.guarded, kv_repeat=self.kv_repeat)
         return Match(
             pattern="decomposed", normalizer=self.normalizer, anchor=self.anchor, output=c2_node,
             q=q_src, k=k_src, v=v_op, batch=batch, num_heads=heads, num_kv_heads=kv_heads,
             q_len=q_len, kv_len=kv_len, head_dim=head_dim, v_head_dim=v_head_dim, scale=scale,
-            score_shape=tuple(ss), score_axes=score_axes, mask_operands=tuple(masks),
-            softcap=softcap, nodes=frozenset(self.nodes), dtype=g.dtype(q_op),
-            layout="BHSD" if len(s_labels) == 4 else f"rank{len(s_labels)}", details=self.details)
+            score_shape=tuple(ss), score_axes=score_axes, score_node=scores or c1_node,
+            mask_operands=tuple(masks), softcap=softcap, nodes=frozenset(self.nodes),
+            dtype=g.dtype(q_op), layout="BHSD" if len(s_labels) == 4 else f"rank{len(s_labels)}",
+            details=details)
 
     # -- probabilities side ------------------------------------------------------------------
     def walk_down(self) -> tuple[str, str]:
@@ -278,7 +292,7 @@ class _Matcher:
                 self.nodes.add(u)
                 cur = u
             elif op == "reshape" and self.split is None and self.p_perm == (0, 1, 2, 3) \
-                    and (split := _head_split(g, cur, u)):
+                    and (split := head_split(g, cur, u)):
                 # untransposed [B, H, Sq, Skv] probabilities viewed as [B*H, Sq, Skv]
                 self.split, self.p_perm = split, (0, 1, 2)
                 self.nodes.add(u)
@@ -297,7 +311,7 @@ class _Matcher:
         the 4-D product of those tensors (same values, the batch split in two)."""
         ops = {}
         for side in "ab":
-            found = _unmerged(self.g, c1.operand(side), c1.labels(side), self.split[1])
+            found = unmerged_view(self.g, c1.operand(side), c1.labels(side), self.split[1])
             if found is None or c1.labels(side)[0] != c1.out_labels[0]:
                 self.reject(c1.node, "merged-head scores whose q or k is not a view of a [B, H, S, D] tensor")
             ops[side] = found
@@ -321,7 +335,7 @@ class _Matcher:
         if not isinstance(fill, float) or fill != 0.0:
             return None
         self.nodes.update([isnan, where])
-        self.details["nan_guard"] = True
+        self.guarded = True
         return where
 
     # -- scores side ---------------------------------------------------------------------------
@@ -344,7 +358,7 @@ class _Matcher:
             if op in _TRANSPARENT:
                 self.nodes.add(cur)
                 cur = ins[0]
-            elif op == "reshape" and not merged and (split := _head_split(g, cur, ins[0])) \
+            elif op == "reshape" and not merged and (split := head_split(g, cur, ins[0])) \
                     and self.split in (None, split):
                 # [B*H, Sq, Skv] scores viewed as [B, H, Sq, Skv]: the view the probabilities were
                 # merged from, or (no merge below the normalizer) a scores-only merge
@@ -364,7 +378,7 @@ class _Matcher:
                 scale *= factor
                 stage = 2 if stage == 0 else stage
                 self.nodes.add(cur)
-                self.details["scale_nodes"].append((cur, "scores", factor, path))
+                self.scale_nodes.append(FoldedScale(cur, "scores", factor, path))
                 cur = path
             elif op == "add":
                 outer = self.outer_scale(cur, stage, scale, "a mask or bias is added")
@@ -512,7 +526,7 @@ class _Matcher:
                 except Reject:
                     break
                 factor *= f
-                self.details["scale_nodes"].append((cur, side, f, path))
+                self.scale_nodes.append(FoldedScale(cur, side, f, path))
                 self.nodes.add(cur)
                 cur = path
                 continue
@@ -530,12 +544,12 @@ class _Matcher:
         # Head axes are structural, never sequence-dependent: where an exporter left them
         # unknown (shape inference's unk__N), their value on the probe inputs is their value.
         if len(sizes) >= 2 and not all(isinstance(x, int) for x in sizes[1:] + k_sizes[1:]):
-            sizes[1:] = _probed(g, c1.node, [c1.out_labels.index(l) for l in batch_labels[1:]],
+            sizes[1:] = probed_dims(g, c1.node, [c1.out_labels.index(l) for l in batch_labels[1:]],
                                 sizes[1:])
             k_op = c1.operand(k_side)
             idx = [k_lab.index(l) for l in batch_labels[1:] if l in k_lab]
             if len(idx) == len(batch_labels) - 1:
-                k_sizes[1:] = _probed(g, k_op, idx, k_sizes[1:])
+                k_sizes[1:] = probed_dims(g, k_op, idx, k_sizes[1:])
         if len(sizes) == 0:
             return 1, 1, 1
         if len(sizes) == 1:
@@ -546,161 +560,11 @@ class _Matcher:
             return sizes[0], 1, 1
         batch = sizes[0]
         heads_sizes = sizes[1:]
-        heads = _prod(heads_sizes)
+        heads = dim_product(heads_sizes)
         # Broadcast heads on k (MQA / GQA without repeat: k has size 1 on a head axis).
-        kv = _prod(ks if ks != 1 or s == 1 else 1 for ks, s in zip(k_sizes[1:], heads_sizes))
+        kv = dim_product(ks if ks != 1 or s == 1 else 1 for ks, s in zip(k_sizes[1:], heads_sizes))
         rep = repeat_factor(g, c1.operand(k_side))
         if rep and isinstance(kv, int):
             kv = kv // rep
-        self.details["kv_repeat"] = rep
+        self.kv_repeat = rep
         return batch, heads, kv
-
-
-def _head_split(graph: Graph, split: str, merged: str) -> tuple | None:
-    """(B, H) when `split` is the [B, H, Sq, Skv] view of `merged`'s [B*H, Sq, Skv] (either may
-    be the producer), with H static."""
-    ss, ms = graph.shape(split), graph.shape(merged)
-    if ss is None or ms is None or len(ss) != 4 or len(ms) != 3:
-        return None
-    b, h = ss[0], ss[1]
-    if not isinstance(h, int) or tuple(ss[2:]) != tuple(ms[1:]) or (isinstance(b, int) and ms[0] != b * h):
-        return None
-    return (b, h)
-
-
-def _unmerged(graph: Graph, nid: str, labels: str, heads: int) -> tuple[str, str] | None:
-    """For a rank-3 operand whose axis 0 merges [B, H]: the 4-D tensor it is a view of (through
-    transposes of the last two axes and casts) and its labels, axis 0 split into X, Y."""
-    lab = labels
-    for _ in range(6):
-        op, shape = graph.op(nid), graph.shape(nid)
-        if shape is None or len(shape) != 3:
-            return None
-        ins = graph.inputs_of(nid)
-        if op in _TRANSPARENT:
-            nid = ins[0]
-        elif op == "transpose":
-            perm = graph.attr(nid, "perm")
-            if perm is None or tuple(perm)[0] != 0:
-                return None
-            lab = "".join(lab[list(perm).index(i)] for i in range(3))
-            nid = ins[0]
-        elif op == "reshape":
-            src = graph.shape(ins[0])
-            if src is None or len(src) != 4 or src[1] != heads or tuple(src[2:]) != tuple(shape[1:]):
-                return None
-            return ins[0], "XY" + lab[1:]
-        else:
-            return None
-    return None
-
-
-def _is_zero_constant(graph: Graph, nid: str) -> bool:
-    from attnopt.patterns.values import user_inputs_reached
-
-    if user_inputs_reached(graph, nid) or graph.evaluator is None:
-        return False
-    try:
-        return not np.any(graph.evaluator.evaluate([nid])[nid])
-    except Exception:  # noqa: BLE001 - unknown: keep the bias
-        return False
-
-
-def _probed(graph: Graph, nid: str, axes: list[int], dims: list) -> list:
-    """`dims` with the non-static entries replaced by their size on the probe inputs."""
-    if all(isinstance(d, int) for d in dims) or graph.evaluator is None:
-        return dims
-    try:
-        shape = graph.evaluator.probe_shape(nid)
-    except Exception:  # noqa: BLE001 - stay symbolic when the value cannot be computed
-        return dims
-    return [d if isinstance(d, int) else int(shape[a]) for d, a in zip(dims, axes)]
-
-
-def _static(*dims):
-    """The same size seen on several tensors: the first static one (exporters lose some)."""
-    return next((d for d in dims if isinstance(d, int)), dims[0])
-
-
-def _prod(xs) -> int | str:
-    out: int | str = 1
-    for x in xs:
-        if isinstance(x, int) and isinstance(out, int):
-            out *= x
-        else:
-            out = f"{out}*{x}" if out != 1 else x
-    return out
-
-
-def repeat_factor(graph: Graph, nid: str) -> int | None:
-    """How many times k's heads were repeated on its way into the score matmul (GQA).
-
-    Recognizes repeat_kv (unsqueeze -> expand -> reshape merging (kv_heads, n_rep)), ONNX
-    Tile on the inserted axis, and repeat_interleave, through layout ops and scalar scales.
-    The factor is read from element counts (expand/tile only grow size-1 axes, layout ops keep
-    the count), so exporters that lose the expanded shape still give it exactly.
-    """
-    start = numel(graph.shape(nid))
-    cur = nid
-    for _ in range(12):
-        op = graph.op(cur)
-        if op == "repeat":
-            return int(graph.attr(cur, "repeats"))
-        native = graph.attr(cur, "native")
-        if op == "expand" or native == "ai.onnx::Tile":
-            src = graph.inputs_of(cur)[0]
-            s_in = graph.shape(src)
-            if s_in is None or len(s_in) < 5 or s_in[0] == 1:
-                return None  # a batch broadcast, or not the repeat_kv form
-            n_in = numel(s_in)
-            if start and n_in and start % n_in == 0 and start > n_in:
-                return start // n_in
-            s_out = graph.shape(cur)
-            if s_out is not None and len(s_in) == len(s_out):
-                grown = [o // i for i, o in zip(s_in, s_out)
-                         if isinstance(i, int) and isinstance(o, int) and i == 1 and o > 1]
-                if len(grown) == 1:
-                    return grown[0]
-            return None
-        if op in LAYOUT_OPS or op == "cast":
-            cur = graph.inputs_of(cur)[0]
-            continue
-        if op in ("mul", "div"):
-            a, b = graph.inputs_of(cur)
-            if numel(graph.shape(b)) == 1:
-                cur = a
-                continue
-            if op == "mul" and numel(graph.shape(a)) == 1:
-                cur = b
-                continue
-        return None
-    return None
-
-
-def infer_merged_heads(graph: Graph, nid: str) -> int | None:
-    """For [B*H, S, D] operands: find the 4-D [B, H, S, D] or [B, S, H, D] tensor above."""
-    shape = graph.shape(nid)
-    if shape is None or len(shape) != 3:
-        return None
-    s, d = shape[1], shape[2]
-    cur = nid
-    for _ in range(8):
-        if graph.op(cur) not in LAYOUT_OPS and graph.op(cur) not in ("mul", "div", "cast"):
-            return None
-        ins = graph.inputs_of(cur)
-        if not ins:
-            return None
-        cur = ins[0] if graph.op(cur) not in ("mul", "div") else next(
-            (i for i in ins if graph.shape(i) is not None and len(graph.shape(i)) >= 3), ins[0])
-        sh = graph.shape(cur)
-        if sh is not None and len(sh) == 4:
-            dims = list(sh)
-            if dims[-1] == d and s in dims[1:3]:
-                rest = dims[1:3]
-                rest.remove(s)
-                return rest[0] if isinstance(rest[0], int) else None
-            if dims[-2] == d and s in dims[1:]:  # pre-transposed k: [B, H, D, S]
-                rest = [x for i, x in enumerate(dims[1:]) if i != 1]
-                rest.remove(s)
-                return rest[0] if isinstance(rest[0], int) else None
-    return None

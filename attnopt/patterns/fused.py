@@ -3,20 +3,30 @@ ONNX `Attention` (opset 23+), and com.microsoft MultiHeadAttention / Attention /
 GroupQueryAttention. Front ends translate them all to one IR op, `sdpa`, whose attrs say which
 one it was (`flavor`), the layout of q ("BHSD", or "BSD" with heads folded into the hidden
 dim), head counts, scale (None = 1/sqrt(head_dim)), is_causal and mask slots.
+
+Of these, only torch SDPA with 4-D [B, H, S, D] inputs is rewritten (into attnopt's own op, which
+runs the same math with the masks it can prove structural turned into flags); the others already
+are the target runtime's fused node and are kept.
 """
 from __future__ import annotations
 
 import math
 
-from attnopt.ir import Graph, Rejection
-from attnopt.patterns.decomposed import repeat_factor
+from attnopt.ir import Graph, Rejection, Site
+from attnopt.patterns.details import FusedDetails
+from attnopt.patterns.heads import repeat_factor
 from attnopt.patterns.match import MaskOperand, Match
+from attnopt.patterns.recipe import MaskTerm, Operand, Recipe, simplify_constant_masks
 
 _BOOL = {"bool"}
+REWRITTEN_FLAVORS = frozenset({"torch_sdpa"})  # the fused calls attnopt replaces (see above)
 
 
 class FusedAttention:
+    """Already-fused attention calls: a pattern family (patterns/registry.py)."""
+
     name = "fused"
+    details_type = FusedDetails
 
     def anchors(self, graph: Graph) -> list[str]:
         return [n for n in graph.nodes() if graph.op(n) == "sdpa"]
@@ -75,10 +85,6 @@ class FusedAttention:
         bias = slots.get("attention_bias")
         if bias is not None:
             masks.append(MaskOperand(bias, "add"))
-        kpm = slots.get("key_padding_mask")
-        details = {"flavor": flavor}
-        if kpm is not None:
-            details["key_padding_input"] = kpm
         window = None
         lw = a.get("local_window_size")
         if lw is not None and lw >= 0:
@@ -90,8 +96,9 @@ class FusedAttention:
             score_shape=None, score_axes=None, mask_operands=tuple(masks),
             structural_causal=bool(a.get("is_causal")),
             causal_alignment="top_left" if flavor.startswith("torch") else "bottom_right",
-            softcap=a.get("softcap") or None, window=window, nodes=frozenset([anchor]),
-            dtype=graph.dtype(q), layout=a.get("layout", "BHSD"), details=details)
+            softcap=a.get("softcap") or None, window=window,
+            key_padding_input=slots.get("key_padding_mask"), nodes=frozenset([anchor]),
+            dtype=graph.dtype(q), layout=a.get("layout", "BHSD"), details=FusedDetails(flavor=flavor))
 
     def _ms_attention(self, graph: Graph, anchor: str, a: dict, xs) -> Match | Rejection:
         heads = a.get("num_heads")
@@ -110,13 +117,37 @@ class FusedAttention:
         masks = []
         if slots.get("attention_bias"):
             masks.append(MaskOperand(slots["attention_bias"], "add"))
-        details = {"flavor": "ms_attention"}
-        if slots.get("mask_index"):
-            details["key_padding_input"] = slots["mask_index"]
         return Match(
             pattern="fused:ms_attention", normalizer="softmax", anchor=anchor, output=anchor,
             q=slots.get("q"), k=slots.get("k"), v=slots.get("v"), batch=xs[0], num_heads=heads,
             num_kv_heads=heads, q_len=xs[1], kv_len=xs[1], head_dim=d, v_head_dim=d,
             scale=scale, mask_operands=tuple(masks), structural_causal=bool(a.get("is_causal")),
-            causal_alignment="bottom_right", nodes=frozenset([anchor]), dtype=graph.dtype(anchor),
-            layout="BSD", details=details)
+            causal_alignment="bottom_right", key_padding_input=slots.get("mask_index") or None,
+            nodes=frozenset([anchor]), dtype=graph.dtype(anchor), layout="BSD",
+            details=FusedDetails(flavor="ms_attention"))
+
+    def recipe(self, graph: Graph, site: Site) -> Recipe | str:
+        """torch SDPA becomes attnopt's op (same 4-D operands, the mask slot as its one term);
+        every other fused call is kept, or the reason."""
+        if site.details.flavor not in REWRITTEN_FLAVORS:
+            return f"{site.pattern} sites are kept as they are (already fused)"
+        a = graph.attrs(site.output)
+        qs = graph.shape(site.q)
+        if qs is None or len(qs) != 4:
+            return "SDPA with non-4-D inputs is kept as it is"
+        ident = (0, 1, 2, 3)
+        masks = []
+        slot = (a.get("slots") or {}).get("mask")
+        if slot is not None:
+            how = "keep" if graph.dtype(slot) == "bool" else "add"
+            # SDPA's bool mask drops a pair exactly like a -inf fill.
+            masks.append(MaskTerm(slot, how, float("-inf") if how == "keep" else None, 1.0, 4, ident))
+        causal, align = bool(a.get("is_causal")), "top_left"
+        if not causal:
+            masks, causal, align = simplify_constant_masks(graph, site.spec, masks)
+        return Recipe(
+            site=site.name, q=Operand(site.q, ident), k=Operand(site.k, ident),
+            v=Operand(site.v, ident), batch_rank=2, batch_sizes=tuple(qs[:2]), k_group_broadcast=False,
+            masks=tuple(masks), scale=float(site.spec.scale), causal=causal,
+            causal_alignment=align, window=None, softcap=None, normalizer="softmax",
+            out_perm=ident, output=site.output, remove=frozenset([site.output]))

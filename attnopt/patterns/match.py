@@ -3,13 +3,15 @@
 Score axes are named by role: the score tensor (the softmax input) has batch axes, one query
 axis and one key axis; `score_axes` gives their positions so mask operands can be broadcast
 and read as [..., q, k] whatever the graph's layout was.
+
+`Match` holds what every family proves (and what mask analysis reads); `details` holds what only
+the family's own recipe needs, as the family's frozen `Details` subclass (patterns/details.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from attnopt.ir import Dim
+from attnopt.ir import Dim, PatternDetails
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,14 @@ class MaskOperand:
     # > 0: the operand lives in the merged [B*H, Sq, Skv] layout of a site whose scores are
     # viewed as [B, H, Sq, Skv] (BLOOM's baddbmm ALiBi): this is H.
     merged_heads: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Details(PatternDetails):
+    """The facts every family's details carry once detection has analyzed the masks."""
+
+    mask_operands: tuple[MaskOperand, ...] = ()  # set by passes/detect.py from the Match
+    mask_reason: str = ""  # why the mask analysis called the mask a tensor, if it did
 
 
 @dataclass(frozen=True)
@@ -49,12 +59,14 @@ class Match:
     scale: float | None
     score_shape: tuple[Dim, ...] | None = None
     score_axes: tuple[int, int] | None = None  # (query axis, key axis) in the score tensor
+    score_node: str | None = None  # the node whose probed shape sizes the scores (with score_axes)
     mask_operands: tuple[MaskOperand, ...] = ()
     structural_causal: bool = False  # fused ops' is_causal flag
     causal_alignment: str = "top_left"
     softcap: float | None = None
     window: tuple[int, int] | None = None  # fused ops' own (left, right) window
+    key_padding_input: str | None = None  # fused ops' own [B, Skv] key-padding input
     nodes: frozenset[str] = frozenset()
     dtype: str | None = None
     layout: str = "BHSD"
-    details: dict[str, Any] = field(default_factory=dict)
+    details: Details = field(default_factory=Details)

@@ -79,3 +79,13 @@ def numel(shape) -> int | None:
     if shape is None or any(not isinstance(d, int) for d in shape):
         return None
     return int(np.prod(shape)) if shape else 1
+
+
+def is_zero_constant(graph: Graph, nid: str) -> bool:
+    """Whether `nid` is a constant whose every element is 0 (baddbmm's zeros bias)."""
+    if user_inputs_reached(graph, nid) or graph.evaluator is None:
+        return False
+    try:
+        return not np.any(graph.evaluator.evaluate([nid])[nid])
+    except Exception:  # noqa: BLE001 - unknown: keep the bias
+        return False
