@@ -11,7 +11,8 @@ from attnopt.api import InspectReport, inspect, optimize
 from attnopt.codegen import ops as _ops  # noqa: F401 - registers torch.ops.attnopt.attention
 from attnopt.frontends.pt2 import trust_pickled_files
 from attnopt.functional import attention
-from attnopt.planner.plan import Plan, plan_model as plan
+from attnopt.planner.plan import Plan
+from attnopt.planner.search import plan_model as plan
 from attnopt.pipeline.backend import register as _register_backend
 
 _register_backend()

@@ -59,7 +59,7 @@ ONNX_OPS = ("ort", "standard")
 def check_options(policy: str | None, onnx_op: str) -> None:
     """BadArgument (exit 2) for a policy or ONNX op outside its set."""
     from attnopt.errors import BadArgument
-    from attnopt.planner.plan import POLICIES
+    from attnopt.planner.schema import POLICIES
 
     if policy is not None and policy not in POLICIES:
         raise BadArgument(f"policy (--policy) must be one of {', '.join(POLICIES)}, got {policy!r}")

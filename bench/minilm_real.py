@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import attnopt  # noqa: E402
-from attnopt.planner.plan import rel_l2  # noqa: E402
+from attnopt.planner.metrics import rel_l2  # noqa: E402
 from zoo import minilm  # noqa: E402
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 import attnopt
-from attnopt.planner.plan import cosine, rel_l2
+from attnopt.planner.metrics import cosine, rel_l2
 
 
 def vit(layers: int):

@@ -245,7 +245,8 @@ def register(app: typer.Typer) -> None:
         from attnopt.errors import BadArgument, InputNotFound, OutputError
 
         with user_errors(debug):
-            from attnopt.planner.plan import POLICIES, TARGETS, make_plan
+            from attnopt.planner.schema import POLICIES, TARGETS
+            from attnopt.planner.search import make_plan
 
             # option values first, each a one-line error with exit code 2
             if policy not in POLICIES:

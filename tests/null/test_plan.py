@@ -18,7 +18,11 @@ import attnopt  # noqa: F401 - registers the ops
 from attnopt.codegen.gna_op import gna_attention_op, reference_gna
 from attnopt.ir import GNALayout
 from attnopt.pipeline.optimize_torch import optimize_torch
-from attnopt.planner.plan import SAFETY, Plan, generated_inputs, make_plan, rel_l2
+from attnopt.planner.calibration import generated_inputs
+from attnopt.planner.metrics import rel_l2
+from attnopt.planner.plan import Plan
+from attnopt.planner.search import make_plan
+from attnopt.planner.walk import SAFETY
 
 
 class Attn(nn.Module):

@@ -17,7 +17,8 @@ from zoo.testing import run_cli as run
 import attnopt
 from attnopt.errors import BadArgument, InputNotFound
 from attnopt.planner import schema as plan_schema
-from attnopt.planner.plan import Plan, make_plan
+from attnopt.planner.plan import Plan
+from attnopt.planner.search import make_plan
 from attnopt.planner.schema import BadPlan, check_plan_fits
 
 TOKENS = 33  # a 32-token grid after one leading token: small enough for a fast hand-made approximation

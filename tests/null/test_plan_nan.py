@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import attnopt.emit.fx as fx_splice
-from attnopt.planner.plan import (Plan, _head_errors, compared, cosine, head_subsets, make_plan,
-                                 rel_l2)
+from attnopt.planner.heads import head_errors, head_subsets
+from attnopt.planner.metrics import compared, cosine, rel_l2
+from attnopt.planner.plan import Plan
+from attnopt.planner.search import make_plan
 
 nan, inf = float("nan"), float("inf")
 
@@ -65,17 +67,17 @@ def test_head_errors_rank_a_nan_head_last():
     ref = torch.randn(2, 4, 6, 3)  # [B, H, S, D], out_perm identity
     new = ref + 1e-3 * torch.randn_like(ref)
     new[1, 2, 5, 0] = nan  # head 2
-    errs = _head_errors(ref, new, [0, 1, 2, 3], None)
+    errs = head_errors(ref, new, [0, 1, 2, 3], None)
     assert errs[2] == np.inf and np.isfinite(errs[[0, 1, 3]]).all()
     assert all(2 not in sub for sub in head_subsets(errs, 4))
     # padded query rows are ignored, NaN there included
     valid = torch.ones(2, 6, dtype=torch.bool)
     valid[1, 5] = False
-    assert np.isfinite(_head_errors(ref, new, [0, 1, 2, 3], valid)).all()
+    assert np.isfinite(head_errors(ref, new, [0, 1, 2, 3], valid)).all()
     # NaN in the reference (a fully masked row) matched by the candidate: not an error
     ref2, new2 = ref.clone(), ref.clone()
     ref2[0, 1, 0], new2[0, 1, 0] = nan, nan
-    assert (_head_errors(ref2, new2, [0, 1, 2, 3], None) == 0).all()
+    assert (head_errors(ref2, new2, [0, 1, 2, 3], None) == 0).all()
 
 
 from zoo.small import Attn, Net  # noqa: E402,F401

