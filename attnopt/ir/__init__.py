@@ -61,6 +61,7 @@ class Graph:
         # Set by the front end: the native model this graph stands for (an fx.GraphModule or an
         # onnx ModelProto; opaque here), where it came from, and what was left out.
         self.native_model: Any = None
+        self.native_program: Any = None  # torch: the ExportedProgram a graph was read from
         self.native_path: str | None = None  # ONNX: the file it was read from
         self.base_dir: str | None = None  # ONNX: where its external data lives
         self.opset: int | None = None  # ONNX: the ai.onnx opset
