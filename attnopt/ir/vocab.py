@@ -5,6 +5,17 @@ Sq != Skv. Mask fills: the two thresholds that decide what a fill value means.
 """
 from __future__ import annotations
 
+# The IR's op vocabulary (ir/__init__.py's header says what each means): Graph.add refuses any
+# other name, so a front end cannot invent an op the pattern library does not know.
+OPS: frozenset[str] = frozenset({
+    "input", "const", "output",
+    "matmul", "baddbmm", "einsum",
+    "transpose", "reshape", "expand", "repeat", "identity",
+    "mul", "div", "add", "sub", "where",
+    "softmax", "sigmoid", "tanh", "exp", "sqrt", "isnan", "logical_not", "cast",
+    "shape", "dropout", "sdpa", "other",
+})
+
 # Normalizers the detector recognizes and the kernels run. ("softplus" and "linear" appear in an
 # AttentionSpec only for reporting: no kernel runs them.)
 NORMALIZERS: tuple[str, ...] = ("softmax", "sigmoid")
