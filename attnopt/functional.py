@@ -8,15 +8,17 @@ mask / bias broadcastable to [B, H, S, S_kv], out [B, H, S, Dv] in q.dtype.
             backend="auto")
 
 With `grid` (e.g. (64, 64); tokens flattened row-major into S) window / stride / dilation / causal
-(an int or bool for every dimension, or one per dimension) define a GNA layout (see DESIGN.md);
-without a grid, `window=(left, right)` is a 1-D sliding window (None on a side = unbounded) and
-`causal` masks keys after the query (top-left aligned unless causal_alignment="bottom_right").
+(an int or bool for every dimension, or one per dimension) define a GNA layout (docs/ARCHITECTURE.md,
+"GNA semantics"); without a grid, `window=(left, right)` is a 1-D sliding window (None on a side =
+unbounded) and `causal` masks keys after the query (top-left aligned unless
+causal_alignment="bottom_right").
 `mask` is bool (True = attend) or float (added); `bias` is float and added; both may be given.
 
 backend: "auto" (Triton on CUDA when a generated kernel fits, the exact CPU sparse kernels on CPU,
 else the exact dense path), "triton" (error if no kernel fits, with the reasons), "cpu" (the exact
 CPU kernels; dense SDPA where nothing is sparse), "reference" (dense float32 math with the full
-mask materialised: the ground truth).
+mask materialised: the ground truth). Which kernel runs is the kernel table's choice
+(attnopt/codegen/select.py, caller "functional"): its rows, in order, and the rules above.
 
 Gradients (q, k, v, and a float mask / bias) are exact on every path that returns a tensor needing
 them: the CPU kernels (SDPA per tile group, each query's row from one tile), SDPA and the reference.
@@ -31,12 +33,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from attnopt.codegen.cpu import tiles as cpu_kernels
-from attnopt.codegen.ops import AttentionParams, exact_attention
-from attnopt.codegen.reference import NORMALIZERS, reference_attention
+from attnopt.codegen import select
+from attnopt.codegen.params import AttentionParams, TokenLayout
+from attnopt.codegen.reference import NORMALIZERS
 from attnopt.ir import GNALayout
 
-BACKENDS = ("auto", "triton", "cpu", "reference")
+BACKENDS = select.BACKENDS
 IntOrTuple = int | Sequence[int] | None
 
 
@@ -127,50 +129,7 @@ def attention(
         params = AttentionParams(scale=scale, causal=causal, causal_alignment=causal_alignment,
                                  window=win, softcap=softcap, normalizer=normalizer)
 
-    if backend == "reference":
-        return _reference(q, k, v, attn_mask, params, layout)
     # the generated kernels write a plain tensor: no autograd graph behind it
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, attn_mask))
-    if backend == "triton" and needs_grad:
-        raise RuntimeError("backend='triton' is forward only and these inputs need gradients; use "
-                           "backend='auto' (exact differentiable path) or run under torch.no_grad()")
-    if backend in ("triton", "auto") and (q.is_cuda or backend == "triton") and not needs_grad:
-        from attnopt.codegen import triton as tk
-
-        ok, why = tk.can_run(q, k, v, attn_mask, params, layout)
-        if ok:
-            out = tk.launch(q, k, v, attn_mask, params, layout)
-            if out is not None:
-                return out
-        if backend == "triton":
-            raise RuntimeError(f"no Triton kernel fits this call: {why}")
-        tk.log_fallback_once(why)
-    if q.device.type == "cpu" or backend == "cpu":
-        if layout is not None:
-            ok, why = cpu_kernels.can_run_cpu_gna(params, q, k, v, attn_mask, layout)
-            if ok:
-                return cpu_kernels.gna_attention(q, k, v, layout, params, attn_mask)
-        elif params.window is not None:
-            ok, why = cpu_kernels.can_run_cpu_sliding_window(params, q, k, v, attn_mask)
-            if ok:
-                return cpu_kernels.sliding_window_attention(q, k, v, params, attn_mask)
-    if layout is not None:
-        return exact_attention(q, k, v, _with_layout_mask(attn_mask, layout, q.device), params)
-    return exact_attention(q, k, v, attn_mask, params)
-
-
-def _with_layout_mask(attn_mask: Tensor | None, layout: GNALayout, device) -> Tensor:
-    from attnopt.sparsity.gna import dense_mask
-
-    allowed = torch.from_numpy(dense_mask(layout)).to(device)
-    if attn_mask is None:
-        return allowed
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & allowed
-    return torch.where(allowed, attn_mask, torch.tensor(float("-inf"), dtype=attn_mask.dtype, device=device))
-
-
-def _reference(q, k, v, attn_mask, params: AttentionParams, layout: GNALayout | None) -> Tensor:
-    if layout is not None:
-        attn_mask = _with_layout_mask(attn_mask, layout, q.device)
-    return reference_attention(q, k, v, attn_mask, **params.kwargs())
+    request = select.Request(caller="functional", backend=backend, needs_grad=needs_grad)
+    return select.dispatch(q, k, v, attn_mask, params, None if layout is None else TokenLayout(layout), request)

@@ -24,7 +24,8 @@ CASES = {
 CHILD = r'''
 import sys, json, torch
 from attnopt.codegen.triton import generator, launcher
-from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen import select
+from attnopt.codegen.params import AttentionParams
 from attnopt.codegen.reference import reference_attention
 from attnopt.sparsity.gna import dense_mask
 from attnopt.ir import GNALayout
@@ -35,7 +36,7 @@ p = AttentionParams(**kw)
 N = 4096
 g = torch.Generator(device="cuda").manual_seed(0)
 q, k, v = (torch.randn(1, 8, N, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-family, _ = launcher.select_family(p, q, k, v, None, layout)
+family, _ = select.triton_family(q, k, v, None, p, layout)
 out = launcher.kernel_call(family, cfg, q, k, v, None, p, layout).run()
 torch.cuda.synchronize()
 mask = None if layout is None else torch.from_numpy(dense_mask(layout)).cuda()

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnopt.codegen import select
 from attnopt.codegen import triton as tk
-from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.params import AttentionParams, as_layout
 from attnopt.sparsity import gna
 from attnopt.sparsity.simulator import simulate
 from attnopt.ir import GNALayout
@@ -104,6 +105,18 @@ def dense_cases(quick: bool) -> list[tuple]:
     return cases
 
 
+def triton_kernel(q, k, v, p: AttentionParams, layout: GNALayout | None = None):
+    """(out, family, config, run) of the generated kernel the kernel table picks for this case;
+    `run` launches that family directly (the timed path: no per-call checks)."""
+    family, reasons = select.triton_family(q, k, v, None, p, layout)
+    if family is None:
+        raise RuntimeError(f"no Triton kernel fits: {reasons}")
+    lay = as_layout(layout)
+    run = lambda: tk.launch(family, q, k, v, None, p, lay)  # noqa: E731
+    out = run()
+    return out, family, tk.chosen_config(family, q, k, v, None, p, lay), run
+
+
 def section_dense(quick: bool, deadline: float) -> None:
     for dtype, D, S in dense_cases(quick):
         for causal in (False, True):
@@ -113,9 +126,8 @@ def section_dense(quick: bool, deadline: float) -> None:
             B = max(1, 16384 // S)
             q, k, v = _qkv(B, H, S, D, dtype)
             p = AttentionParams(scale=D ** -0.5, causal=causal)
-            out = tk.launch(q, k, v, None, p)
-            family, cfg = tk.chosen_config(q, k, v, None, p)
-            t_tri = bench_ms(lambda: tk.launch(q, k, v, None, p))
+            out, family, cfg, run = triton_kernel(q, k, v, p)
+            t_tri = bench_ms(run)
             t_flash, ref = flash_ms(q, k, v, causal)
             bm = block_mask(lambda b, h, qi, ki: qi >= ki, S) if causal else None
             t_flex = bench_ms(lambda: flex()(q, k, v, block_mask=bm))
@@ -152,13 +164,11 @@ def section_window(quick: bool, deadline: float) -> None:
         B = max(1, 16384 // S)
         q, k, v = _qkv(B, H, S, D, dtype, seed=1)
         p = AttentionParams(scale=D ** -0.5, window=(W - 1, 0))
-        out = tk.launch(q, k, v, None, p)
-        family, cfg = tk.chosen_config(q, k, v, None, p)
-        t_tri = bench_ms(lambda: tk.launch(q, k, v, None, p))
+        out, family, cfg, run = triton_kernel(q, k, v, p)
+        t_tri = bench_ms(run)
         pc = AttentionParams(scale=D ** -0.5, causal=True)
-        tk.launch(q, k, v, None, pc)
-        _, cfg_c = tk.chosen_config(q, k, v, None, pc)
-        t_tri_causal = bench_ms(lambda: tk.launch(q, k, v, None, pc))
+        _, _, cfg_c, run_c = triton_kernel(q, k, v, pc)
+        t_tri_causal = bench_ms(run_c)
         t_flash_causal, _ = flash_ms(q, k, v, True)
 
         def window_mod(b, h, qi, ki):
@@ -221,11 +231,9 @@ def section_gna(quick: bool, deadline: float) -> None:
         N = math.prod(layout.shape)
         q, k, v = _qkv(B, H, N, D, dtype, seed=2)
         p = AttentionParams(scale=D ** -0.5)
-        out = tk.launch(q, k, v, None, p, layout)
-        family, cfg = tk.chosen_config(q, k, v, None, p, layout)
-        t_tri = bench_ms(lambda: tk.launch(q, k, v, None, p, layout))
-        tk.launch(q, k, v, None, p)
-        t_dense = bench_ms(lambda: tk.launch(q, k, v, None, p))
+        out, family, cfg, run = triton_kernel(q, k, v, p, layout)
+        t_tri = bench_ms(run)
+        t_dense = bench_ms(triton_kernel(q, k, v, p)[3])
         t_flash, _ = flash_ms(q, k, v, False)
         bm = block_mask(gna_mask_mod(layout), N)
         ref = flex()(q, k, v, block_mask=bm)
@@ -329,7 +337,7 @@ def _compile_worker(jobs: list[tuple]) -> list[str]:
         try:
             q = torch.randn(B, H, S, D, device="cuda", dtype=getattr(torch, dt))
             p = AttentionParams(**kw)
-            family, _ = launcher.select_family(p, q, q, q, None, layout)
+            family, _ = select.triton_family(q, q, q, None, p, layout)
             launcher.kernel_call(family, cfg, q, q, q, None, p, layout).run()
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001  reported, the timed phase skips what fails

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from attnopt.codegen.cpu import tiles as cpu_kernels
 from attnopt.codegen.cpu import native as cpu_native
-from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.params import AttentionParams
 from attnopt.sparsity.gna import dense_mask
 from attnopt.sparsity.simulator import simulate
 from attnopt.ir import GNALayout

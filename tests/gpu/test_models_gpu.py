@@ -18,7 +18,9 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
 
 import attnopt
-from attnopt.codegen import ops
+import dataclasses
+
+from attnopt.codegen import select
 from zoo import hf
 
 MODELS = hf.NAMES
@@ -26,19 +28,18 @@ MODELS = hf.NAMES
 
 @pytest.fixture
 def triton_calls(monkeypatch, tmp_path):
+    """One entry per kernel-table dispatch of the rewritten model: whether a Triton row ran."""
     monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("ATTNOPT_AUTOTUNE", "0")
-    ops._ensure_triton_kernels()
     calls = []
 
-    def counted(fn):
-        def wrapper(*a, **kw):
-            out = fn(*a, **kw)
-            calls.append(out is not None)
-            return out
-        return wrapper
+    def counted(row):
+        def run(*a, **kw):
+            calls.append(row.group == "triton")
+            return row.run(*a, **kw)
+        return dataclasses.replace(row, run=run)
 
-    monkeypatch.setattr(ops, "CUDA_KERNELS", [counted(f) for f in ops.CUDA_KERNELS])
+    monkeypatch.setattr(select, "TABLE", tuple(counted(c) for c in select.TABLE))
     return calls
 
 

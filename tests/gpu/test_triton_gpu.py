@@ -15,8 +15,9 @@ if not torch.cuda.is_available():
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
 
-from attnopt.codegen import triton as tk  # noqa: E402
-from attnopt.codegen.ops import AttentionParams, attention_op  # noqa: E402
+from attnopt.codegen import select  # noqa: E402
+from attnopt.codegen.ops import attention_op  # noqa: E402
+from attnopt.codegen.params import AttentionParams  # noqa: E402
 from attnopt.codegen.reference import reference_attention  # noqa: E402
 from attnopt.sparsity.gna import dense_mask  # noqa: E402
 from attnopt.ir import GNALayout  # noqa: E402
@@ -66,7 +67,7 @@ def test_dense_family_gpu(case, dtype):
     (B, H, Hkv, Sq, Skv, D), kw = CASES[case]
     q, k, v = _qkv(B, H, Hkv, Sq, Skv, D, dtype)
     p = AttentionParams(scale=D ** -0.5, **kw)
-    _check(tk.launch(q, k, v, None, p), reference_attention(q, k, v, None, **p.kwargs()), dtype)
+    _check(select.launch_triton(q, k, v, None, p), reference_attention(q, k, v, None, **p.kwargs()), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -77,7 +78,7 @@ def test_masks_gpu(dtype):
     bias = torch.randn(1, H, S, S, device=DEV)
     for mask in (pad, bias):
         p = AttentionParams(scale=D ** -0.5)
-        _check(tk.launch(q, k, v, mask, p), reference_attention(q, k, v, mask, **p.kwargs()), dtype)
+        _check(select.launch_triton(q, k, v, mask, p), reference_attention(q, k, v, mask, **p.kwargs()), dtype)
 
 
 GNA = {
@@ -99,16 +100,17 @@ def test_gna_gpu(name, dtype):
     q, k, v = _qkv(1, 4, 2, n, n, 64, dtype, seed=3)
     p = AttentionParams(scale=0.125)
     allowed = torch.from_numpy(dense_mask(layout)).to(DEV)
-    _check(tk.launch(q, k, v, None, p, layout), reference_attention(q, k, v, allowed, **p.kwargs()), dtype)
+    _check(select.launch_triton(q, k, v, None, p, layout), reference_attention(q, k, v, allowed, **p.kwargs()), dtype)
 
 
 def test_op_uses_generated_kernel_and_falls_back():
     q, k, v = _qkv(1, 4, 4, 257, 257, 64, torch.float16)
     out = attention_op(q, k, v, scale=0.125, causal=True)
     _check(out, reference_attention(q, k, v, scale=0.125, causal=True), torch.float16)
-    assert tk.cuda_kernel in __import__("attnopt.codegen.ops", fromlist=["x"]).CUDA_KERNELS
+    assert select.choose(q, k, v, None, AttentionParams(scale=0.125, causal=True), None,
+                         select.Request.for_op("attention")).name == "triton_causal"
     big = torch.randn(1, 1, 64, 512, device=DEV, dtype=torch.float16)
-    assert tk.launch(big, big, big, None, AttentionParams(scale=0.05)) is None
+    assert select.launch_triton(big, big, big, None, AttentionParams(scale=0.05)) is None
     out = attention_op(big, big, big, scale=0.05)  # exact path
     _check(out, reference_attention(big, big, big, scale=0.05), torch.float16)
 
@@ -118,7 +120,8 @@ def test_op_uses_generated_kernel_and_falls_back():
 def test_gna_op_on_cuda(monkeypatch, leading, heads, dtype):
     """attnopt::gna_attention on CUDA (what approximate plans splice): the generated GNA kernel,
     with leading global tokens ([CLS], sinks) as one extra KV block per Q tile, per-head splits."""
-    from attnopt.codegen.gna_op import gna_attention_op, reference_gna
+    from attnopt.codegen.gna_exact import reference_gna
+    from attnopt.codegen.gna_op import gna_attention_op
     from attnopt.codegen.triton import launcher
 
     calls = []

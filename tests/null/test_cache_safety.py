@@ -30,7 +30,7 @@ from zoo.testing import run_cli
 from attnopt.codegen import autotune
 from attnopt.codegen.cpu import tiles as cpu
 from attnopt.codegen.cpu import native as cpu_native
-from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.params import AttentionParams
 from attnopt.cost import hardware
 from attnopt.sparsity.gna import dense_mask
 from attnopt.ir import GNALayout
@@ -207,7 +207,7 @@ def test_planted_triton_module_never_runs(root, tmp_path, monkeypatch, caplog, w
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 33, 16, generator=g) for _ in range(3))
     with caplog.at_level(logging.WARNING):
-        out = tk.launch(q, k, v, None, AttentionParams(scale=0.25, causal=True))
+        out = tk.launch("causal", q, k, v, None, AttentionParams(scale=0.25, causal=True))
     assert not marker.exists(), "the planted module ran"
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)
     assert out is not None and (out - ref).abs().max().item() < 2e-5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnopt.codegen.cpu import tiles as cpu
-from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.params import AttentionParams
 from attnopt.codegen.reference import reference_attention
 from attnopt.sparsity.gna import dense_mask
 from attnopt.sparsity.simulator import simulate
@@ -84,7 +84,7 @@ def test_sliding_window_cpu(kw, lens):
 
 def test_unbounded_band_declined():
     q, k, v = _qkv(1, 1, 1, 64, 64, 16)
-    ok, why = cpu.can_run_cpu_sliding_window(AttentionParams(scale=1.0, causal=True), q, k, v, None)
+    ok, why = cpu.can_run_window(q, k, v, None, AttentionParams(scale=1.0, causal=True))
     assert not ok and "unbounded" in why
 
 
@@ -115,7 +115,7 @@ def test_gna_cpu_leading_tokens(causal):
     """Leading global tokens ([CLS], sinks): tiles' KV boxes start with every leading key; leading
     rows attend every key (causal: every earlier key). Against the op's dense reference, with a
     float bias, GQA, and a non-softmax normalizer."""
-    from attnopt.codegen.gna_op import reference_gna
+    from attnopt.codegen.gna_exact import reference_gna
 
     layout = GNALayout((12, 10), (5, 3), (2, 1), (1, 2), (causal, False))
     S = 3 + 120

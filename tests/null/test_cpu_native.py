@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from attnopt.codegen.cpu import tiles as cpu
 from attnopt.codegen.cpu import native as cpu_native
-from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.params import AttentionParams
 from attnopt.codegen.reference import reference_attention
 from attnopt.sparsity.gna import dense_mask
 from attnopt.ir import GNALayout

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 import attnopt
 from attnopt.codegen.cpu import tiles as cpu
-from attnopt.codegen.gna_op import full_mask, gna_attention_op
-from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.gna_exact import full_mask
+from attnopt.codegen.gna_op import gna_attention_op
+from attnopt.codegen.params import AttentionParams
 from attnopt.codegen.reference import reference_attention, structural_mask
 from attnopt.sparsity.gna import dense_mask
 from attnopt.ir import GNALayout

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import attnopt.codegen  # noqa: F401  registers the op
-from attnopt.codegen.ops import AttentionParams, attention_op, sdpa_can_run
+from attnopt.codegen.exact import sdpa_can_run
+from attnopt.codegen.ops import attention_op
+from attnopt.codegen.params import AttentionParams
 from attnopt.codegen.reference import reference_attention
 
 OP = torch.ops.attnopt.attention.default
@@ -229,7 +231,7 @@ def _padded(lengths, sq, skv, kind, full_rows=False):
 @pytest.mark.parametrize("full_rows", [False, True])
 @pytest.mark.parametrize("kind", ["bool", "float", "neginf"])
 def test_trailing_key_padding_is_skipped_exactly(kind, full_rows):
-    from attnopt.codegen.ops import trim_padded_keys
+    from attnopt.codegen.exact import trim_padded_keys
 
     q, k, v = make(2, 4, 2, 63, 197, 8)
     mask = _padded([150, 100], 63, 197, kind, full_rows)
@@ -261,7 +263,7 @@ def test_trailing_key_padding_gradients_match():
 def test_trailing_key_padding_near_misses_are_not_trimmed():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from attnopt.codegen.ops import trim_padded_keys
+    from attnopt.codegen.exact import trim_padded_keys
 
     q, k, v = make(2, 4, 4, 63, 197, 8)
     p = AttentionParams(scale=0.3)

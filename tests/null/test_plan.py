@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 import attnopt  # noqa: F401 - registers the ops
-from attnopt.codegen.gna_op import gna_attention_op, reference_gna
+from attnopt.codegen.gna_exact import reference_gna
+from attnopt.codegen.gna_op import gna_attention_op
 from attnopt.ir import GNALayout
 from attnopt.pipeline.optimize_torch import optimize_torch
 from attnopt.planner.calibration import generated_inputs

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from attnopt.codegen import ops  # noqa: E402
-from attnopt.codegen.ops import AttentionParams, attention_op  # noqa: E402
+from attnopt.codegen import select  # noqa: E402
+from attnopt.codegen.ops import attention_op  # noqa: E402
+from attnopt.codegen.params import AttentionParams  # noqa: E402
 from attnopt.codegen.reference import reference_attention  # noqa: E402
 from attnopt.sparsity.gna import dense_mask  # noqa: E402
 from attnopt.sparsity.simulator import simulate  # noqa: E402
@@ -75,9 +76,9 @@ def test_dense_family(case, dtype):
     kw = CASES[case]["kw"]
     q, k, v = _qkv(B, H, Hkv, Sq, Skv, D, dtype)
     p = AttentionParams(scale=D ** -0.5, **kw)
-    ok, family = tk.can_run(q, k, v, None, p)
+    ok, family = select.can_run_triton(q, k, v, None, p)
     assert ok, family
-    _check(tk.launch(q, k, v, None, p), reference_attention(q, k, v, None, **p.kwargs()), dtype)
+    _check(select.launch_triton(q, k, v, None, p), reference_attention(q, k, v, None, **p.kwargs()), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -94,7 +95,7 @@ def test_masks(mask_kind, dtype):
     else:
         mask = torch.randn(B, H, S, S, generator=g).to(dtype)
     p = AttentionParams(scale=D ** -0.5, causal=mask_kind == "padding_bool")
-    _check(tk.launch(q, k, v, mask, p), reference_attention(q, k, v, mask, **p.kwargs()), dtype)
+    _check(select.launch_triton(q, k, v, mask, p), reference_attention(q, k, v, mask, **p.kwargs()), dtype)
 
 
 def test_fully_masked_rows_are_zero():
@@ -102,7 +103,7 @@ def test_fully_masked_rows_are_zero():
     mask = torch.ones(33, 33, dtype=torch.bool)
     mask[5] = False
     p = AttentionParams(scale=0.25)
-    out = tk.launch(q, k, v, mask, p)
+    out = select.launch_triton(q, k, v, mask, p)
     assert torch.equal(out[0, 0, 5], torch.zeros(16))
     _check(out, reference_attention(q, k, v, mask, **p.kwargs()), torch.float32)
 
@@ -128,10 +129,10 @@ def test_gna(name, dtype):
     D = 80 if name == "3d" else 16
     q, k, v = _qkv(1, 2, 1 if name.startswith("3d") else 2, n, n, D, dtype, seed=3)
     p = AttentionParams(scale=D ** -0.5, softcap=5.0 if name == "2d_causal" else None)
-    ok, family = tk.can_run(q, k, v, None, p, layout)
+    ok, family = select.can_run_triton(q, k, v, None, p, layout)
     assert ok and family == "block_sparse_gna", family
     allowed = torch.from_numpy(dense_mask(layout))
-    _check(tk.launch(q, k, v, None, p, layout), reference_attention(q, k, v, allowed, **p.kwargs()), dtype)
+    _check(select.launch_triton(q, k, v, None, p, layout), reference_attention(q, k, v, allowed, **p.kwargs()), dtype)
 
 
 def test_gna_with_padding_mask_and_sigmoid():
@@ -141,7 +142,7 @@ def test_gna_with_padding_mask_and_sigmoid():
     allowed = torch.from_numpy(dense_mask(layout)) & pad
     for normalizer in ("softmax", "sigmoid"):
         p = AttentionParams(scale=0.25, normalizer=normalizer)
-        _check(tk.launch(q, k, v, pad, p, layout), reference_attention(q, k, v, allowed, **p.kwargs()),
+        _check(select.launch_triton(q, k, v, pad, p, layout), reference_attention(q, k, v, allowed, **p.kwargs()),
                torch.float32)
 
 
@@ -163,16 +164,16 @@ def test_gna_tiles_match_simulator(name):
 
 def test_selection_order_and_reasons():
     q, k, v = _qkv(1, 2, 2, 33, 33, 16, torch.float32)
-    assert tk.select_family(AttentionParams(scale=1.0, window=(3, 3), causal=True), q, k, v, None)[0] == "sliding_window"
-    assert tk.select_family(AttentionParams(scale=1.0, causal=True), q, k, v, None)[0] == "causal"
-    assert tk.select_family(AttentionParams(scale=1.0, normalizer="sigmoid"), q, k, v, None)[0] == "sigmoid"
-    assert tk.select_family(AttentionParams(scale=1.0), q, k, v, None)[0] == "dense"
+    assert select.triton_family(q, k, v, None, AttentionParams(scale=1.0, window=(3, 3), causal=True))[0] == "sliding_window"
+    assert select.triton_family(q, k, v, None, AttentionParams(scale=1.0, causal=True))[0] == "causal"
+    assert select.triton_family(q, k, v, None, AttentionParams(scale=1.0, normalizer="sigmoid"))[0] == "sigmoid"
+    assert select.triton_family(q, k, v, None, AttentionParams(scale=1.0))[0] == "dense"
     big = torch.randn(1, 1, 8, 512)
-    ok, why = tk.can_run(big, big, big, None, AttentionParams(scale=1.0))
+    ok, why = select.can_run_triton(big, big, big, None, AttentionParams(scale=1.0))
     assert not ok and "head dim 512" in why and "dense:" in why
-    assert tk.launch(big, big, big, None, AttentionParams(scale=1.0)) is None
+    assert select.launch_triton(big, big, big, None, AttentionParams(scale=1.0)) is None
     q64 = torch.randn(1, 1, 64, 16, dtype=torch.float64)
-    assert not tk.can_run(q64, q64, q64, None, AttentionParams(scale=1.0))[0]
+    assert not select.can_run_triton(q64, q64, q64, None, AttentionParams(scale=1.0))[0]
 
 
 def test_generated_source_cached_on_disk(tmp_path, monkeypatch):
@@ -181,7 +182,7 @@ def test_generated_source_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(generator, "_MODULES", {})
     q, k, v = _qkv(1, 1, 1, 33, 33, 16, torch.float32)
-    tk.launch(q, k, v, None, AttentionParams(scale=0.25, causal=True))
+    select.launch_triton(q, k, v, None, AttentionParams(scale=0.25, causal=True))
     files = list((tmp_path / "triton").glob("causal_dense_*.py"))
     assert len(files) == 1 and "def causal_fwd_kernel(" in files[0].read_text()
     cfg = generator.tuned_config({"k": 1}, generator.candidate_configs("interpreter", 2), lambda c: 1.0)
@@ -221,8 +222,13 @@ def test_force_triton_runs_the_op_through_the_kernel(monkeypatch):
     assert calls == [1] and torch.allclose(out, reference_attention(big, big, big, scale=0.1), atol=1e-5)
 
 
-def test_registered_as_cuda_kernel():
-    assert tk.cuda_kernel in ops.CUDA_KERNELS
+def test_triton_rows_serve_cuda_first():
+    """The CUDA implementation of attnopt::attention tries the generated kernels before anything
+    else (they used to be registered as its CUDA kernels; now they head the kernel table)."""
+    triton_rows = [c for c in select.TABLE if c.group == "triton"]
+    assert list(select.TABLE[:len(triton_rows)]) == triton_rows
+    request = select.Request.for_op("attention")
+    assert all(c.applies(request, "cuda")[0] for c in triton_rows)
 
 
 def test_functional_triton_backend_on_interpreter():
@@ -240,7 +246,7 @@ def test_functional_triton_backend_on_interpreter():
 def test_finfo_min_additive_mask_matches_sdpa_on_fully_masked_rows():
     """HF masks with finfo.min: a row masked everywhere gets uniform weights in SDPA and eager
     softmax; the kernels must not turn it into -inf (weight 0) when moving to log2 units."""
-    from attnopt.codegen.ops import exact_attention
+    from attnopt.codegen.exact import exact_attention
 
     q, k, v = _qkv(2, 2, 2, 33, 33, 16, torch.float32)
     bias = torch.zeros(2, 1, 33, 33)
@@ -249,7 +255,7 @@ def test_finfo_min_additive_mask_matches_sdpa_on_fully_masked_rows():
     bias[0, :, 5, :] = low  # one query row masked everywhere
     bias[0, :, 7, :] = float("-inf")  # a real -inf row stays undefined (NaN in SDPA): skip it
     p = AttentionParams(scale=0.25)
-    out = tk.launch(q, k, v, bias, p)
+    out = select.launch_triton(q, k, v, bias, p)
     ref = exact_attention(q, k, v, bias, p)
     rows = torch.ones(33, dtype=torch.bool)
     rows[7] = False
@@ -265,7 +271,8 @@ def test_gna_op_forced_triton(monkeypatch, leading, heads, causal, mask):
     interpreter): the generated GNA kernel, with leading global tokens as one extra KV block per
     Q tile (17 leading keys: a 32-wide block, half padding) and the leading rows filled by SDPA;
     per-head splits around it; causal layouts; padding and bias masks."""
-    from attnopt.codegen.gna_op import gna_attention_op, reference_gna
+    from attnopt.codegen.gna_exact import reference_gna
+    from attnopt.codegen.gna_op import gna_attention_op
     from attnopt.codegen.triton import launcher
 
     monkeypatch.setenv("ATTNOPT_FORCE_TRITON", "1")
@@ -291,15 +298,15 @@ def test_gna_op_forced_triton(monkeypatch, leading, heads, causal, mask):
 def test_gna_kernel_leading_tokens_gqa_3d(dtype):
     """The kernel with leading keys on a 3-D layout under GQA 4:1, head dim 24 (padded to 32):
     grid rows against the dense reference (the leading rows are the caller's)."""
-    from attnopt.codegen.gna_op import reference_gna
+    from attnopt.codegen.gna_exact import reference_gna
 
     layout = GNALayout((3, 5, 6), (3, 3, 3), (1, 2, 1), (1, 1, 2), (True, False, False))
     leading = 3
     S = leading + 90
     q, k, v = _qkv(1, 4, 1, S, S, 24, dtype, seed=7)
     p = AttentionParams(scale=24 ** -0.5)
-    out = tk.launch(q, k, v, None, p, layout, leading)
+    out = select.launch_triton(q, k, v, None, p, layout, leading)
     ref = reference_gna(q.float(), k.float(), v.float(), None, p.scale, layout, leading).to(dtype)
     _check(out[:, :, leading:], ref[:, :, leading:], dtype)
-    ok, why = tk.can_run(q, k, v, None, p, None, leading)
+    ok, why = select.can_run_triton(q, k, v, None, p, None, leading)
     assert not ok and "leading" in why

@@ -74,7 +74,7 @@ def specializations():
     specialization the tests exercise under the interpreter."""
     import torch
 
-    from attnopt.codegen.ops import AttentionParams
+    from attnopt.codegen.params import AttentionParams
     from attnopt.ir import GNALayout
 
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32

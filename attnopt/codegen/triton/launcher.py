@@ -1,14 +1,16 @@
-"""Host launchers of the generated Triton attention kernels, and the ordered kernel selection.
+"""Host launchers of the generated Triton attention kernels, and what each kernel family takes.
 
 Canonical layouts (as attnopt::attention):
   q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], attn_mask broadcastable to
   [B, H, Sq, Skv] (bool: True = attend; float: added), out [B, H, Sq, Dv] in q.dtype.
-  With a GNA layout, Sq = Skv = leading + prod(layout.shape): `leading` global tokens ([CLS],
-  sinks; 0 by default) then the row-major flattened grid.
+  With a TokenLayout (params.py), Sq = Skv = leading + prod(grid.shape): `leading` global tokens
+  ([CLS], sinks) then the row-major flattened grid.
 
-Selection is an ordered list of `can_run_<variant>(params, q, k, v, mask, layout) -> (ok, reason)`;
-the first that fits names the kernel family; everything else (head dim, GQA, mask kind, softcap,
-sigmoid, causal alignment) is a constexpr specialization of that family's kernel.
+Each family has a check with the kernel table's signature,
+`can_run_<family>(q, k, v, attn_mask, params, layout) -> (ok, reason)`; the order in which they
+are tried is the kernel table's (codegen/select.py), not this module's. Everything a family does not
+decide (head dim, GQA, mask kind, softcap, sigmoid, causal alignment) is a constexpr specialization
+of that family's kernel. `launch(family, ...)` runs one family, tuned per case.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from attnopt.codegen.ops import AttentionParams
+from attnopt.codegen.params import AttentionParams, TokenLayout
 from attnopt.codegen.reference import alignment_offset
 from attnopt.codegen.triton import generator
 from attnopt.codegen.triton.generator import KernelConfig
@@ -31,12 +33,10 @@ from attnopt.ir.vocab import NORMALIZERS
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-CanRun = Callable[..., "tuple[bool, str]"]
-
 
 # ---- checks ------------------------------------------------------------------------------------
 
-def _common(params: AttentionParams, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[bool, str]:
+def _common(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, params: AttentionParams) -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - triton ships with torch on Linux
@@ -74,89 +74,61 @@ def _common(params: AttentionParams, q: Tensor, k: Tensor, v: Tensor, mask: Tens
     return True, ""
 
 
-def can_run_block_sparse_gna(params, q, k, v, mask, layout: GNALayout | None = None,
-                             leading: int = 0) -> tuple[bool, str]:
-    if layout is None:
+def can_run_block_sparse_gna(q, k, v, attn_mask, params: AttentionParams,
+                             layout: TokenLayout | None = None) -> tuple[bool, str]:
+    if layout is None or layout.grid is None:
         return False, "no GNA layout"
-    ok, why = _common(params, q, k, v, mask)
+    ok, why = _common(q, k, v, attn_mask, params)
     if not ok:
         return ok, why
     if params.causal or params.window is not None:
         return False, "causal/window come from the GNA layout's own flags, not the op's"
-    n = leading + math.prod(layout.shape)
+    leading = layout.leading
+    n = leading + math.prod(layout.grid.shape)
     if q.shape[2] != n or k.shape[2] != n:
         return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != {leading} leading + grid tokens {n - leading}"
     try:
         from attnopt.sparsity import gna
 
-        gna.validate(layout)
+        gna.validate(layout.grid)
     except ValueError as e:
         return False, f"invalid layout: {e}"
     return True, ""
 
 
-def _no_layout(layout) -> tuple[bool, str]:
-    return (False, "a GNA layout needs the block_sparse_gna kernel") if layout is not None else (True, "")
+def _no_layout(layout: TokenLayout | None) -> tuple[bool, str]:
+    """The dense families take no token layout (leading global tokens are a GNA kernel feature)."""
+    if layout is not None and layout.leading:
+        return False, "leading global tokens need the block_sparse_gna kernel"
+    if layout is not None and layout.grid is not None:
+        return False, "a GNA layout needs the block_sparse_gna kernel"
+    return True, ""
 
 
-def can_run_sliding_window(params, q, k, v, mask, layout=None) -> tuple[bool, str]:
+def can_run_sliding_window(q, k, v, attn_mask, params: AttentionParams, layout=None) -> tuple[bool, str]:
     ok, why = _no_layout(layout)
     if ok and params.window is None:
         ok, why = False, "no window"
-    return _common(params, q, k, v, mask) if ok else (ok, why)
+    return _common(q, k, v, attn_mask, params) if ok else (ok, why)
 
 
-def can_run_causal(params, q, k, v, mask, layout=None) -> tuple[bool, str]:
+def can_run_causal(q, k, v, attn_mask, params: AttentionParams, layout=None) -> tuple[bool, str]:
     ok, why = _no_layout(layout)
     if ok and not params.causal:
         ok, why = False, "not causal"
-    return _common(params, q, k, v, mask) if ok else (ok, why)
+    return _common(q, k, v, attn_mask, params) if ok else (ok, why)
 
 
-def can_run_sigmoid(params, q, k, v, mask, layout=None) -> tuple[bool, str]:
+def can_run_sigmoid(q, k, v, attn_mask, params: AttentionParams, layout=None) -> tuple[bool, str]:
     ok, why = _no_layout(layout)
     if ok and params.normalizer != "sigmoid":
         ok, why = False, "normalizer is not sigmoid"
-    return _common(params, q, k, v, mask) if ok else (ok, why)
+    return _common(q, k, v, attn_mask, params) if ok else (ok, why)
 
 
-def can_run_dense(params, q, k, v, mask, layout=None) -> tuple[bool, str]:
+def can_run_dense(q, k, v, attn_mask, params: AttentionParams, layout=None) -> tuple[bool, str]:
     ok, why = _no_layout(layout)
-    return _common(params, q, k, v, mask) if ok else (ok, why)
-
-
-CHECKS: tuple[tuple[str, CanRun], ...] = (
-    ("block_sparse_gna", can_run_block_sparse_gna),
-    ("sliding_window", can_run_sliding_window),
-    ("causal", can_run_causal),
-    ("sigmoid", can_run_sigmoid),
-    ("dense", can_run_dense),
-)
-
-
-def select_family(params, q, k, v, mask, layout=None, leading: int = 0) -> tuple[str | None, dict[str, str]]:
-    """(first family whose check passes, {family: reason} of those that declined). Leading global
-    tokens before a GNA grid are a block_sparse_gna feature only."""
-    reasons = {}
-    for family, check in CHECKS:
-        if family == "block_sparse_gna":
-            ok, why = check(params, q, k, v, mask, layout, leading)
-        elif leading:
-            ok, why = False, "leading global tokens need the block_sparse_gna kernel"
-        else:
-            ok, why = check(params, q, k, v, mask, layout)
-        if ok:
-            return family, reasons
-        reasons[family] = why
-    return None, reasons
-
-
-def can_run(q, k, v, attn_mask, params: AttentionParams, layout: GNALayout | None = None,
-            leading: int = 0) -> tuple[bool, str]:
-    family, reasons = select_family(params, q, k, v, attn_mask, layout, leading)
-    if family is not None:
-        return True, family
-    return False, "; ".join(f"{f}: {r}" for f, r in reasons.items())
+    return _common(q, k, v, attn_mask, params) if ok else (ok, why)
 
 
 # ---- spec / variant ------------------------------------------------------------------------
@@ -321,61 +293,51 @@ def _bench(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=20) * 1e-3
 
 
-_CHOSEN: dict[tuple, tuple[str, KernelConfig] | None] = {}
+_CHOSEN: dict[tuple, KernelConfig] = {}
 
 
-def _case_key(q, k, v, mask, params: AttentionParams, layout, leading: int) -> tuple:
-    """Everything `select_family` and the tuner look at, as a cheap hashable key."""
+def _case_key(family: str, q, k, v, mask, params: AttentionParams, layout: TokenLayout | None) -> tuple:
+    """Everything the tuner looks at, as a cheap hashable key."""
     def desc(t):
         return None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
-    return (desc(q), desc(k), desc(v), desc(mask), params, layout, leading, generator.interpreter_active(),
+    return (family, desc(q), desc(k), desc(v), desc(mask), params, layout, generator.interpreter_active(),
             os.environ.get("ATTNOPT_AUTOTUNE", "1"))
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-             layout: GNALayout | None, leading: int = 0):
-    """(family, tuned config, run(config) -> out) for this case, or None when no kernel fits.
+def _prepare(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+             layout: TokenLayout | None):
+    """(tuned config, run(config) -> out) of `family` for this case.
 
-    The (family, config) choice is memoized per case: at small sizes the checks, spec building
-    and tune-key hashing cost more host time than the kernel runs (seen on an H100: a 4K-token
-    GNA call took 0.31 ms, most of it Python, before this cache)."""
-    run = lambda c: kernel_call(family, c, q, k, v, attn_mask, params, layout, leading).run()  # noqa: E731
-    key = _case_key(q, k, v, attn_mask, params, layout, leading)
-    if key in _CHOSEN:
-        chosen = _CHOSEN[key]
-        if chosen is None:
-            return None
-        family, cfg = chosen
-        return family, cfg, run
-    family, _ = select_family(params, q, k, v, attn_mask, layout, leading)
-    if family is None:
-        _CHOSEN[key] = None
-        return None
-    ndim = 1 if layout is None else len(layout.shape)
-    configs = generator.candidate_configs(generator.device_family(q.device), ndim)
-    variant = Variant(family, configs[0].q_tile, configs[0].kv_tile, layout=layout)
-    spec = spec_of(q, k, v, attn_mask, params, layout)
-    cfg = generator.tuned_config(_tune_key(spec, variant, q.device, leading), configs,
-                                 lambda c: _bench(lambda: run(c)))
-    _CHOSEN[key] = (family, cfg)
-    return family, cfg, run
+    The config is memoized per case: at small sizes the spec building and tune-key hashing cost
+    more host time than the kernel runs (seen on an H100: a 4K-token GNA call took 0.31 ms, most of
+    it Python, before this cache)."""
+    grid = None if layout is None else layout.grid
+    leading = 0 if layout is None else layout.leading
+    run = lambda c: kernel_call(family, c, q, k, v, attn_mask, params, grid, leading).run()  # noqa: E731
+    key = _case_key(family, q, k, v, attn_mask, params, layout)
+    cfg = _CHOSEN.get(key)
+    if cfg is None:
+        ndim = 1 if grid is None else len(grid.shape)
+        configs = generator.candidate_configs(generator.device_family(q.device), ndim)
+        variant = Variant(family, configs[0].q_tile, configs[0].kv_tile, layout=grid)
+        spec = spec_of(q, k, v, attn_mask, params, grid)
+        cfg = generator.tuned_config(_tune_key(spec, variant, q.device, leading), configs,
+                                     lambda c: _bench(lambda: run(c)))
+        _CHOSEN[key] = cfg
+    return cfg, run
 
 
-def chosen_config(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-                  layout: GNALayout | None = None, leading: int = 0) -> tuple[str, KernelConfig] | None:
-    """(kernel family, tile config) `launch` runs for this case (autotuning it if needed)."""
-    prepared = _prepare(q, k, v, attn_mask, params, layout, leading)
-    return None if prepared is None else prepared[:2]
+def chosen_config(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                  params: AttentionParams, layout: TokenLayout | None = None) -> KernelConfig:
+    """The tile config `launch(family, ...)` runs for this case (autotuning it if needed)."""
+    return _prepare(family, q, k, v, attn_mask, params, layout)[0]
 
 
-def launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-           layout: GNALayout | None = None, leading: int = 0) -> Tensor | None:
-    """Run the generated kernel for this case, or None when no kernel fits (see `can_run`). With
-    `leading` tokens before a GNA grid, only the grid rows of the result are written: the caller
-    fills out[:, :, :leading] (see attnopt.codegen.gna_op)."""
-    prepared = _prepare(q, k, v, attn_mask, params, layout, leading)
-    if prepared is None:
-        return None
-    _, cfg, run = prepared
+def launch(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+           layout: TokenLayout | None = None) -> Tensor:
+    """Run the generated kernel of `family` for this case (the caller checked can_run_<family>).
+    With leading tokens before a GNA grid, only the grid rows of the result are written: the caller
+    fills out[:, :, :leading] (the kernel table's Triton GNA row does)."""
+    cfg, run = _prepare(family, q, k, v, attn_mask, params, layout)
     return run(cfg)
