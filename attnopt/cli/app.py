@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from attnopt.cli.common import err, ignore_late_interrupts, out, pickle_policy, run_as_process, shown, user_errors
+from attnopt.cli.common import (UNSAFE_PICKLE_OPTION, err, ignore_late_interrupts, out, pickle_policy,
+                                run_as_process, shown, user_errors)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="attnopt: find, plan and fuse every attention in a model.")
@@ -50,10 +51,7 @@ def inspect(
     model: Path = typer.Argument(..., help="an .onnx or .pt2 file", readable=False),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     explain: bool = typer.Option(False, "--explain", help="also list near misses and why"),
-    allow_unsafe_pickle: bool = typer.Option(
-        False, "--allow-unsafe-pickle",
-        help="DANGEROUS: load .pt2 files that store pickled objects, which runs code from the file; "
-             "only for files you made yourself"),
+    allow_unsafe_pickle: bool = UNSAFE_PICKLE_OPTION,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Find every attention site in MODEL and describe it exactly."""
@@ -118,10 +116,7 @@ def optimize(
                                     "choices) | approx (needs --plan); default: exact, or the plan's"),
     plan_file: Path = typer.Option(None, "--plan", help="apply a plan written by `attnopt plan` "
                                                         "(re-validated; .pt2 models)"),
-    allow_unsafe_pickle: bool = typer.Option(
-        False, "--allow-unsafe-pickle",
-        help="DANGEROUS: load .pt2 files that store pickled objects, which runs code from the file; "
-             "only for files you made yourself"),
+    allow_unsafe_pickle: bool = UNSAFE_PICKLE_OPTION,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Replace every attention site of MODEL by one fused, validated kernel; write OUTPUT."""

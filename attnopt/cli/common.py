@@ -17,6 +17,12 @@ from rich.console import Console
 
 from attnopt.errors import AttnoptError, Interrupted
 
+# Shared by every command that opens a model file (pickle_policy below says what it allows).
+UNSAFE_PICKLE_OPTION = typer.Option(
+    False, "--allow-unsafe-pickle",
+    help="DANGEROUS: load .pt2 files that store pickled objects, which runs code from the file; "
+         "only for files you made yourself")
+
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 

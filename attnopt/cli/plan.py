@@ -21,6 +21,8 @@ from typing import Optional
 
 import typer
 
+from attnopt.cli.common import UNSAFE_PICKLE_OPTION
+
 
 def _png_bytes(fig) -> bytes:
     buf = io.BytesIO()
@@ -238,13 +240,14 @@ def register(app: typer.Typer) -> None:
                                                    help=".npz of calibration inputs"),
         report: Optional[Path] = typer.Option(None, "--report", help="write an HTML report"),
         png: Optional[Path] = typer.Option(None, "--png", help="directory for layout PNGs"),
+        allow_unsafe_pickle: bool = UNSAFE_PICKLE_OPTION,
         debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
     ) -> None:
         """Choose a kernel variant per attention site of MODEL; write the plan as JSON."""
-        from attnopt.cli.common import out, user_errors
+        from attnopt.cli.common import out, pickle_policy, user_errors
         from attnopt.errors import BadArgument, InputNotFound, OutputError
 
-        with user_errors(debug):
+        with user_errors(debug), pickle_policy(allow_unsafe_pickle):
             from attnopt.planner.schema import POLICIES, TARGETS
             from attnopt.planner.search import make_plan
 

@@ -42,23 +42,17 @@ from attnopt.util import cache, toolchain
 # Keys: "q_1d"/"kv_1d" (runs of the flattened sequence), "q_2d"/"kv_2d", "q_3d"/"kv_3d" (boxes).
 # Blackwell's FMHA uses 256-token Q tiles and 128-token KV tiles (the GNA paper's FLUX
 # configuration Q 16x16 / KV 16x8); Hopper and Ampere kernels use 64/128-token tiles.
+_SM80_SM90_TILES: dict[str, tuple[tuple[int, ...], ...]] = {  # Ampere and Hopper: the same set
+    "q_1d": ((64,), (128,)),
+    "kv_1d": ((64,), (128,)),
+    "q_2d": ((8, 8), (16, 8), (8, 16)),
+    "kv_2d": ((8, 8), (16, 8), (8, 16)),
+    "q_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
+    "kv_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
+}
 TILE_TABLES: dict[str, dict[str, tuple[tuple[int, ...], ...]]] = {
-    "ampere": {
-        "q_1d": ((64,), (128,)),
-        "kv_1d": ((64,), (128,)),
-        "q_2d": ((8, 8), (16, 8), (8, 16)),
-        "kv_2d": ((8, 8), (16, 8), (8, 16)),
-        "q_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
-        "kv_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
-    },
-    "hopper": {
-        "q_1d": ((64,), (128,)),
-        "kv_1d": ((64,), (128,)),
-        "q_2d": ((8, 8), (16, 8), (8, 16)),
-        "kv_2d": ((8, 8), (16, 8), (8, 16)),
-        "q_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
-        "kv_3d": ((4, 4, 4), (4, 4, 8), (2, 8, 8), (4, 8, 4)),
-    },
+    "ampere": dict(_SM80_SM90_TILES),
+    "hopper": dict(_SM80_SM90_TILES),
     "blackwell": {
         "q_1d": ((128,), (256,)),
         "kv_1d": ((128,),),
