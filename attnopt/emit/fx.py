@@ -1,9 +1,10 @@
 """Execute rewrite recipes on a torch.fx GraphModule (dynamo torch-level or unlifted aten).
 
-The replacement is emitted with torch-level calls (permute, unsqueeze, reshape, where, add)
-around one `torch.ops.attnopt.attention` call; both eager execution, inductor and a re-export
-with torch.export accept them at either level. The input GraphModule is never modified: a
-copy of its graph is rewritten and wrapped around the same parameters.
+Each recipe is lowered into neutral steps (passes/lower.py); this module turns each step and view
+op into torch-level calls (permute, unsqueeze, flatten, where, add) around one
+`torch.ops.attnopt.attention` (or `gna_attention`) call; eager execution, inductor and a
+re-export with torch.export accept them at either level. The input GraphModule is never
+modified: a copy of its graph is rewritten and wrapped around the same parameters.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import torch
 import torch.fx as fx
 
 from attnopt.frontends.fx_nodes import ASSERT_OPS, arg, base_name, is_sdpa, meta_val, sdpa_args
+from attnopt.passes.lower import (Attend, CombineMasks, Expand, Flatten, LoadOperand, MaskInput,
+                                  MeanVOnDeadRows, Permute, Squeeze, SplitLead, StoreOutput, ToRank,
+                                  Unflatten, Unsqueeze, View, ZeroNaNRows, lower)
 from attnopt.passes.rewrite import Recipe
 
 def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModule, dict[str, str]]:
@@ -40,102 +44,112 @@ def _call(graph: fx.Graph, fn, *args) -> fx.Node:
     return graph.call_function(fn, args)
 
 
-def _permute(graph: fx.Graph, x: fx.Node, perm: tuple[int, ...]) -> fx.Node:
-    if perm == tuple(range(len(perm))):
-        return x
-    return _call(graph, torch.permute, x, list(perm))
+def _view(graph: fx.Graph, x: fx.Node, op: View, src: fx.Node | None = None) -> fx.Node:
+    """One neutral view op (passes/lower.py) as torch calls. `src`: the value a mask term was
+    read from (SplitLead keeps a size-1 lead broadcast)."""
+    match op:
+        case Permute(perm=perm):
+            return _call(graph, torch.permute, x, list(perm))
+        case Unsqueeze(axes=axes):
+            for a in axes:
+                x = _call(graph, torch.unsqueeze, x, a)
+            return x
+        case Squeeze(axes=axes):
+            for a in sorted(axes, reverse=True):
+                x = _call(graph, torch.squeeze, x, a)
+            return x
+        case Flatten(start=start, end=end):
+            return _call(graph, torch.flatten, x, start, end)
+        case Unflatten(axis=axis, sizes=sizes):
+            return _call(graph, torch.unflatten, x, axis, tuple(sizes))
+        case Expand(sizes=sizes):
+            return _call(graph, torch.Tensor.expand, x, *sizes)
+        case ToRank(rank=rank):
+            return _unsqueezed(graph, x, rank)
+        case SplitLead(heads=heads):
+            val = meta_val(src) if src is not None else None
+            lead = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() == op.rank else 1
+            if lead == 1:
+                return _call(graph, torch.unsqueeze, x, 0)
+            return _call(graph, torch.unflatten, x, 0, (-1, heads))
+    raise TypeError(f"unknown view op {op!r}")
 
 
-def _to_4d(graph: fx.Graph, x: fx.Node, r: Recipe, role: str = "q") -> fx.Node:
-    """Canonical [batch..., S, D] (or a mask's [batch..., Sq, Skv]) -> [B, H, ...].
-
-    role: "q", "kv" (a rank-3 batch with k broadcast over its last batch axis keeps that axis
-    as GQA groups) or "mask" (broadcast axes are expanded before the merge). Merged-head
-    recipes (`split_heads`) view [B*H, S, D] as [B, H, S, D]; their masks are 4-D already."""
-    if r.split_heads:
-        return x if role == "mask" else _call(graph, torch.unflatten, x, 0, (-1, r.split_heads))
-    if r.batch_rank == 2:
-        return x
-    if r.batch_rank == 1:
-        return _call(graph, torch.unsqueeze, x, 1)
-    if r.batch_rank == 0:
-        return _call(graph, torch.unsqueeze, _call(graph, torch.unsqueeze, x, 0), 0)
-    if role == "kv" and r.k_group_broadcast:
-        return _call(graph, torch.squeeze, x, 2)
-    if role == "mask":
-        b1, b2 = r.batch_sizes[1:3]
-        x = _call(graph, torch.Tensor.expand, x, -1, b1, b2, -1, -1)
-    return _call(graph, torch.flatten, x, 1, 2)
+def _views(graph: fx.Graph, x: fx.Node, views, src: fx.Node | None = None) -> fx.Node:
+    for op in views:
+        x = _view(graph, x, op, src)
+    return x
 
 
 def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
+    low = lower(r)
     out_node = by[r.output]
+    ops: dict[str, fx.Node] = {}
+    mask = attn = result = None
     with graph.inserting_before(out_node):
-        q = _to_4d(graph, _permute(graph, by[r.q.node], r.q.perm), r)
-        k = _to_4d(graph, _permute(graph, by[r.k.node], r.k.perm), r, "kv")
-        v = _to_4d(graph, _permute(graph, by[r.v.node], r.v.perm), r, "kv")
-        mask = _combined_mask(graph, by, r, q)
-        if r.layout is not None:  # a GNA layout (passes/plan.py): causal/window come from it
-            lay = r.layout
-            attn = _call(graph, torch.ops.attnopt.gna_attention.default, q, k, v, mask,
-                         float(r.scale), list(lay.shape), list(lay.window), list(lay.stride),
-                         list(lay.dilation), [bool(c) for c in lay.causal], int(r.leading),
-                         r.normalizer, [int(h) for h in r.heads])
-        else:
-            wl, wr = (r.window or (None, None))
-            attn = _call(graph, torch.ops.attnopt.attention.default, q, k, v, mask, float(r.scale),
-                         bool(r.causal), r.causal_alignment, -1 if wl is None else int(wl),
-                         -1 if wr is None else int(wr), float(r.softcap or 0.0), r.normalizer)
-        if r.dead_rows_mean_v:
-            attn = _mean_v_on_dead_rows(graph, by, r, attn, v)
-        if r.split_heads:
-            attn = _call(graph, torch.flatten, attn, 0, 1)
-        elif r.batch_rank == 1:
-            attn = _call(graph, torch.squeeze, attn, 1)
-        elif r.batch_rank == 0:
-            attn = _call(graph, torch.squeeze, _call(graph, torch.squeeze, attn, 0), 0)
-        elif r.batch_rank == 3:
-            attn = _call(graph, torch.unflatten, attn, 1, tuple(r.batch_sizes[1:3]))
-        result = _permute(graph, attn, r.out_perm)
+        for step in low.steps:
+            match step:
+                case LoadOperand():
+                    ops[step.role] = _views(graph, by[step.node], step.views)
+                case CombineMasks():
+                    mask = _combined_mask(graph, by, step, ops["q"])
+                case Attend():
+                    attn = _attend(graph, step, ops["q"], ops["k"], ops["v"], mask)
+                case ZeroNaNRows():
+                    pass  # attnopt's ops write zeros, never NaN, on rows with every key masked
+                case MeanVOnDeadRows():
+                    attn = _mean_v_on_dead_rows(graph, by, step, attn, ops["v"])
+                case StoreOutput():
+                    result = _views(graph, attn, step.views)
     out_node.replace_all_uses_with(result)
-    for name, path in r.bypass:
+    for name, path in low.bypass:
         by[name].replace_all_uses_with(by[path])
         touched.add(by[name])
-    touched.update(by[n] for n in r.remove if n in by)
+    touched.update(by[n] for n in low.remove if n in by)
     touched.add(out_node)
     return result
 
 
-def _mean_v_on_dead_rows(graph: fx.Graph, by: dict, r: Recipe, attn: fx.Node, v: fx.Node
-                         ) -> fx.Node:
-    """Rows whose keys are all masked by a finite fill are softmax(constant) = mean of V in the
-    model; the kernel gives zeros there. Only the where-selects decide which rows are dead:
-    additive terms beside them are biases that never mask (rewrite._dead_row_rule)."""
+def _attend(graph: fx.Graph, a: Attend, q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None
+            ) -> fx.Node:
+    if a.layout is not None:  # a GNA layout (the planner's): causal/window come from it
+        lay = a.layout
+        return _call(graph, torch.ops.attnopt.gna_attention.default, q, k, v, mask,
+                     float(a.scale), list(lay.shape), list(lay.window), list(lay.stride),
+                     list(lay.dilation), [bool(c) for c in lay.causal], int(a.leading),
+                     a.normalizer, [int(h) for h in a.heads])
+    wl, wr = (a.window or (None, None))
+    return _call(graph, torch.ops.attnopt.attention.default, q, k, v, mask, float(a.scale),
+                 bool(a.causal), a.causal_alignment, -1 if wl is None else int(wl),
+                 -1 if wr is None else int(wr), float(a.softcap or 0.0), a.normalizer)
+
+
+def _mean_v_on_dead_rows(graph: fx.Graph, by: dict, step: MeanVOnDeadRows, attn: fx.Node,
+                         v: fx.Node) -> fx.Node:
+    """See MeanVOnDeadRows: where no select keeps a key, the output is the mean of V."""
     keep = None
-    for t in (t for t in r.masks if t.how in ("keep", "drop")):
-        x = _term(graph, by, t, _unsqueezed(graph, by[t.node], t.rank))
+    for i in step.selects:
+        x = _mask_term(graph, by, i, None)
         x = _call(graph, torch.Tensor.bool, x)
-        x = x if t.how == "keep" else _call(graph, torch.logical_not, x)
+        x = x if i.term.how == "keep" else _call(graph, torch.logical_not, x)
         keep = x if keep is None else _call(graph, torch.logical_and, keep, x)
-    keep = _to_4d(graph, keep, r, "mask")
+    keep = _views(graph, keep, step.views)
     dead = _call(graph, torch.logical_not, _call(graph, torch.any, keep, -1, True))
     v_mean = _call(graph, torch.mean, v, -2, True)
-    if r.q_heads and r.k_heads and r.q_heads != r.k_heads:
-        v_mean = _call(graph, torch.repeat_interleave, v_mean, r.q_heads // r.k_heads, 1)
+    if step.kv_repeat != 1:
+        v_mean = _call(graph, torch.repeat_interleave, v_mean, step.kv_repeat, 1)
     return _call(graph, torch.where, dead, _call(graph, torch.Tensor.to, v_mean, attn), attn)
 
 
-def _term(graph: fx.Graph, by: dict, t, x: fx.Node) -> fx.Node:
-    """A mask term at the score rank, permuted to canonical order; a merged-head term's
-    [B*H, Sq, Skv] viewed as [B, H, Sq, Skv] (a size-1 batch axis stays broadcast)."""
-    x = _permute(graph, x, t.perm)
-    if not t.merged_heads:
-        return x
-    val = meta_val(by[t.node]) if t.literal is None else None
-    lead = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() == t.rank else 1
-    if lead == 1:
-        return _call(graph, torch.unsqueeze, x, 0)
-    return _call(graph, torch.unflatten, x, 0, (-1, t.merged_heads))
+def _mask_term(graph: fx.Graph, by: dict, i: MaskInput, q: fx.Node | None) -> fx.Node:
+    """A mask term at the score rank in canonical order (passes/lower.mask_input)."""
+    t = i.term
+    if t.literal is not None:  # a python scalar in the model: a one-element tensor here,
+        # on q's device (a CPU [1, 1, 1, 1] tensor cannot meet CUDA scores)
+        x = graph.call_function(torch.Tensor.new_full, (q, [1] * t.rank, float(t.literal)),
+                                {"dtype": torch.float32})
+        return _views(graph, x, i.views)
+    return _views(graph, by[t.node], i.views, by[t.node])
 
 
 def _unsqueezed(graph: fx.Graph, x: fx.Node, rank: int) -> fx.Node:
@@ -148,24 +162,15 @@ def _unsqueezed(graph: fx.Graph, x: fx.Node, rank: int) -> fx.Node:
     return x
 
 
-def _combined_mask(graph: fx.Graph, by: dict, r: Recipe, q: fx.Node) -> fx.Node | None:
-    """One attn_mask from the recipe's terms: a bool mask if all terms are selections with a
-    -inf fill, else an additive float mask (sums reproduce the model's own additions)."""
-    if not r.masks:
+def _combined_mask(graph: fx.Graph, by: dict, step: CombineMasks, q: fx.Node) -> fx.Node | None:
+    """One attn_mask: a bool mask when the step says the terms are exactly one (all selections
+    with a -inf fill), else an additive float mask (sums reproduce the model's own additions)."""
+    if not step.inputs:
         return None
-    parts = []
-    for t in r.masks:
-        if t.literal is not None:  # a python scalar in the model: a one-element tensor here,
-            # on q's device (a CPU [1, 1, 1, 1] tensor cannot meet CUDA scores)
-            x = graph.call_function(torch.Tensor.new_full, (q, [1] * t.rank, float(t.literal)),
-                                    {"dtype": torch.float32})
-        else:
-            x = _unsqueezed(graph, by[t.node], t.rank)
-        parts.append((t, _term(graph, by, t, x)))
-    all_bool = all(t.how in ("keep", "drop") and t.fill == float("-inf") for t, _ in parts)
     acc = None
-    for t, x in parts:
-        if all_bool:
+    for i in step.inputs:
+        t, x = i.term, _mask_term(graph, by, i, q)
+        if step.boolean:
             term = x if t.how == "keep" else _call(graph, torch.logical_not, x)
             term = _call(graph, torch.Tensor.bool, term)
             acc = term if acc is None else _call(graph, torch.logical_and, acc, term)
@@ -176,7 +181,7 @@ def _combined_mask(graph: fx.Graph, by: dict, r: Recipe, q: fx.Node) -> fx.Node 
             cond = x if t.how == "drop" else _call(graph, torch.logical_not, x)
             term = _call(graph, torch.where, _call(graph, torch.Tensor.bool, cond), float(t.fill), 0.0)
         acc = term if acc is None else _call(graph, operator.add, acc, term)
-    return _to_4d(graph, acc, r, "mask")
+    return _views(graph, acc, step.views)
 
 
 def _remove_dead(graph: fx.Graph, start: set) -> None:
