@@ -274,8 +274,10 @@ class _Translator:
         if dom == "ai.onnx":
             if t == "MatMul":
                 return "matmul", ins, {}
-            if t == "Shape":
+            if t in ("Shape", "Size"):  # both depend on their input's shape only
                 return "shape", [x0], {"native_attrs": a}
+            if t == "Tile":  # tiles=True: repeats its input along axes (patterns/heads.repeat_factor)
+                return "other", ins, {"native_attrs": a, "tiles": True}
             if t == "Einsum":
                 return "einsum", ins, {"equation": a.get("equation", "")}
             if t == "Transpose":

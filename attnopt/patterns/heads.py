@@ -93,8 +93,7 @@ def repeat_factor(graph: Graph, nid: str) -> int | None:
         op = graph.op(cur)
         if op == "repeat":
             return int(graph.attr(cur, "repeats"))
-        native = graph.attr(cur, "native")
-        if op == "expand" or native == "ai.onnx::Tile":
+        if op == "expand" or graph.attr(cur, "tiles"):  # broadcast or tiled (ONNX Tile) values
             src = graph.inputs_of(cur)[0]
             s_in = graph.shape(src)
             if s_in is None or len(s_in) < 5 or s_in[0] == 1:

@@ -13,11 +13,10 @@ import numpy as np
 
 from attnopt.ir import Graph
 
-_SHAPE_NATIVE = {"ai.onnx::Shape", "ai.onnx::Size", "sym_size", "size", "dim", "numel"}
-
-
 def is_shape_query(graph: Graph, nid: str) -> bool:
-    return graph.op(nid) == "shape" or graph.attr(nid, "native") in _SHAPE_NATIVE
+    """A value that depends on its input's shape only (ONNX Shape and Size, fx sym_size, size,
+    dim, numel: the front ends translate them all to the IR's `shape`)."""
+    return graph.op(nid) == "shape"
 
 
 @dataclass(frozen=True)
