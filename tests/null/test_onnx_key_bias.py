@@ -1,4 +1,4 @@
-"""Key-padding masks folded into q/k for com.microsoft.MultiHeadAttention (onnx_splice.py), and
+"""Key-padding masks folded into q/k for com.microsoft.MultiHeadAttention (emit/ort.py), and
 the axis analysis that proves a mask is one (onnx_axes.py): positive cases (exporters' padding
 masks however broadcast), near misses that must keep the full attention_bias (a mask varying
 along queries or heads), and numerics on rows with every key masked."""
