@@ -22,13 +22,14 @@ Vocabulary (`Node.op`):
   where      inputs (cond, a, b): cond ? a : b. masked_fill(x, m, v) becomes where(m, v, x).
   softmax    attrs: axis (non-negative).
   sigmoid tanh exp sqrt isnan logical_not cast(attrs: to = target dtype name)
-  shape      a shape query (ONNX Shape, fx sym_size): depends on its input's shape only.
+  shape      a shape query (ONNX Shape and Size, fx sym_size): depends on its input's shape only.
   dropout    attrs: p, train (train=False is normalized to identity by front ends).
   sdpa       fused scaled dot-product attention. inputs (q, k, v[, mask]);
              attrs: is_causal, scale (None = 1/sqrt(D)), dropout_p, enable_gqa, layout ("BHSD"
              or "BSD" for fused ops whose heads are folded into the hidden dim), num_heads,
              num_kv_heads, flavor (which native op).
-  other      anything else; attrs: native (the native op name). Blocks matching.
+  other      anything else; attrs: native (the native op name; ONNX Tile also tiles=True).
+             Blocks matching.
 
 Canonical layouts named in this package: BHSD = [batch, heads, seq, head_dim].
 

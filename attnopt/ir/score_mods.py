@@ -34,7 +34,7 @@ class ScoreMod(str):
             return text
         if text.startswith(Softcap.kind + ":"):
             return Softcap(float(text.split(":", 1)[1]))
-        for cls in (Bias, Alibi):
+        for cls in (Bias, Alibi, BoolMask):
             if text == cls.kind:
                 return cls()
         raise ValueError(f"unknown score modifier {text!r}")
@@ -50,6 +50,13 @@ class Alibi(ScoreMod):
     """A bias linear in the key position per head: slope_h * (j - i) up to a per-row constant."""
 
     kind = "alibi"
+
+
+class BoolMask(ScoreMod):
+    """A boolean mask tensor operand (True attends). Kernel specs name it so a tuned config for a
+    boolean mask is not reused for an additive one; detection reports masks in `MaskSpec`."""
+
+    kind = "bool_mask"
 
 
 class Softcap(ScoreMod):

@@ -28,6 +28,7 @@ from attnopt.codegen.triton import generator
 from attnopt.codegen.triton.generator import KernelConfig
 from attnopt.codegen.triton.gna_tiles import gna_tile_plan
 from attnopt.ir import AttentionSpec, GNALayout, MaskSpec, Variant
+from attnopt.ir.score_mods import Bias, BoolMask, ScoreMod, Softcap
 from attnopt.ir.vocab import NORMALIZERS
 
 MAX_HEAD_DIM = 256
@@ -146,11 +147,11 @@ def spec_of(q, k, v, mask, params: AttentionParams, layout: GNALayout | None) ->
                          padding=mask is not None)
     else:
         mspec = MaskSpec(kind="tensor" if mask is not None else "none")
-    mods = []
+    mods: list[ScoreMod] = []
     if params.softcap is not None:
-        mods.append(f"softcap:{params.softcap}")
+        mods.append(Softcap(params.softcap))
     if mask is not None:
-        mods.append("bool_mask" if mask.dtype == torch.bool else "bias")
+        mods.append(BoolMask() if mask.dtype == torch.bool else Bias())
     return AttentionSpec(
         normalizer=params.normalizer, batch=q.shape[0], num_heads=q.shape[1], num_kv_heads=k.shape[1],
         q_len=q.shape[2], kv_len=k.shape[2], head_dim=q.shape[3], v_head_dim=v.shape[3],
