@@ -17,6 +17,7 @@ awkward in schemas and in exported programs), so saved .pt2 programs hold these 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from attnopt.ir import GNALayout
@@ -89,6 +90,21 @@ class TokenLayout:
     def causal(self) -> bool:
         """A causal grid (any dimension): leading queries then see keys j <= i only."""
         return self.grid is not None and any(self.grid.causal)
+
+
+def gna_call_fits(q_len: int, kv_len: int, params: AttentionParams, layout: TokenLayout | None
+                  ) -> tuple[bool, str]:
+    """What every GNA kernel needs of a call, before its own limits: a grid, causal/window only
+    from the grid's flags, and a sequence of exactly `leading` + grid tokens."""
+    if layout is None or layout.grid is None:
+        return False, "no GNA layout"
+    if params.causal or params.window is not None:
+        return False, "causal/window come from the GNA layout's own flags, not the op's"
+    n = layout.leading + math.prod(layout.grid.shape)
+    if q_len != n or kv_len != n:
+        return False, (f"sequence lengths {q_len}/{kv_len} != {layout.leading} leading + grid tokens "
+                       f"{n - layout.leading}")
+    return True, ""
 
 
 def as_layout(layout: "TokenLayout | GNALayout | None", leading: int = 0) -> TokenLayout | None:

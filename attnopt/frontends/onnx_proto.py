@@ -198,24 +198,25 @@ def subgraph_refs(node: onnx.NodeProto) -> list[str]:
                     seen.add(x)
                     refs.append(x)
             defined.update(o for o in n.output if o)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
+            for sg in _bodies(n):
+                walk(sg)
         for o in g.output:
             if o.name not in defined and o.name not in seen:
                 seen.add(o.name)
                 refs.append(o.name)
 
+    for sg in _bodies(node):
+        walk(sg)
+    return refs
+
+
+def _bodies(node: onnx.NodeProto):
+    """The subgraphs a node's attributes hold (If branches, Loop and Scan bodies)."""
     for a in node.attribute:
         if a.type == onnx.AttributeProto.GRAPH:
-            walk(a.g)
+            yield a.g
         elif a.type == onnx.AttributeProto.GRAPHS:
-            for sg in a.graphs:
-                walk(sg)
-    return refs
+            yield from a.graphs
 
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -38,7 +38,7 @@ from attnopt.codegen import autotune
 from attnopt.codegen.cpu import native as cpu_native
 from attnopt.codegen.cpu.tile_sdpa import Tiles, needs_grad, run_tiles
 from attnopt.codegen.gna_exact import leading_rows
-from attnopt.codegen.params import AttentionParams, TokenLayout
+from attnopt.codegen.params import AttentionParams, TokenLayout, gna_call_fits
 from attnopt.codegen.reference import alignment_offset
 from attnopt.sparsity import gna
 from attnopt.cost.hardware import TILE_TABLES, best_time
@@ -348,18 +348,10 @@ def _common(q, k, v, attn_mask) -> tuple[bool, str]:
 
 def can_run_gna(q, k, v, attn_mask, params: AttentionParams, layout: TokenLayout | None) -> tuple[bool, str]:
     """The GNA kernel: a grid (after `layout.leading` global tokens) over the whole sequence."""
-    if layout is None or layout.grid is None:
-        return False, "no GNA layout"
-    ok, why = _common(q, k, v, attn_mask)
+    ok, why = gna_call_fits(q.shape[2], k.shape[2], params, layout)
     if not ok:
         return ok, why
-    if params.causal or params.window is not None:
-        return False, "causal/window come from the GNA layout's own flags"
-    leading = layout.leading
-    n = leading + math.prod(layout.grid.shape)
-    if q.shape[2] != n or k.shape[2] != n:
-        return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != leading {leading} + grid tokens {n - leading}"
-    return True, ""
+    return _common(q, k, v, attn_mask)
 
 
 def can_run_window(q, k, v, attn_mask, params: AttentionParams, layout: TokenLayout | None = None

@@ -14,7 +14,6 @@ of that family's kernel. `launch(family, ...)` runs one family, tuned per case.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from attnopt.codegen.params import AttentionParams, TokenLayout
+from attnopt.codegen.params import AttentionParams, TokenLayout, gna_call_fits
 from attnopt.codegen.reference import alignment_offset
 from attnopt.codegen.triton import generator
 from attnopt.codegen.triton.generator import KernelConfig
@@ -77,17 +76,11 @@ def _common(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, params: Attent
 
 def can_run_block_sparse_gna(q, k, v, attn_mask, params: AttentionParams,
                              layout: TokenLayout | None = None) -> tuple[bool, str]:
-    if layout is None or layout.grid is None:
-        return False, "no GNA layout"
-    ok, why = _common(q, k, v, attn_mask, params)
+    ok, why = gna_call_fits(q.shape[2], k.shape[2], params, layout)
+    if ok:
+        ok, why = _common(q, k, v, attn_mask, params)
     if not ok:
         return ok, why
-    if params.causal or params.window is not None:
-        return False, "causal/window come from the GNA layout's own flags, not the op's"
-    leading = layout.leading
-    n = leading + math.prod(layout.grid.shape)
-    if q.shape[2] != n or k.shape[2] != n:
-        return False, f"sequence lengths {q.shape[2]}/{k.shape[2]} != {leading} leading + grid tokens {n - leading}"
     try:
         from attnopt.sparsity import gna
 
