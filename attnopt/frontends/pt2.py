@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 from attnopt.errors import InputNotFound, UnreadableModel
 from attnopt.frontends.pt2_checks import UnsafeProgram, check_program, check_sym_expr
+from attnopt.frontends.pt2_types import register_placeholders, unregistered_type_names
 
 # A .pt2 is a zip whose entries share one top-level folder (any name); inside it:
 _WEIGHTS_DIR = "data/weights/"
@@ -242,6 +243,8 @@ def load_program_bytes(data: bytes, name: str):
     trusted = trusting()
     if not trusted:
         check_archive(data, name)
+    # library dataclasses (transformers' ModelOutput, ...) in the inputs/outputs: placeholders
+    register_placeholders(data)
     try:
         with _quiet_torch_logs():
             if trusted:
@@ -254,6 +257,12 @@ def load_program_bytes(data: bytes, name: str):
             f"{name} {e}; loading it would run code from the file, so attnopt refuses it "
             "(pass --allow-unsafe-pickle if you made it)") from None
     except Exception as e:  # noqa: BLE001 - any failure to load is the file's problem
+        missing = unregistered_type_names(data)
+        if missing:
+            raise UnreadableModel(
+                f"{name} could not be loaded as a torch.export program: its inputs or outputs use "
+                f"{missing[0][:120]!r}, a type attnopt cannot stand in for (import its module "
+                f"{missing[0].rpartition('.')[0][:120]!r} before loading)") from None
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UnreadableModel(f"{name} could not be loaded as a torch.export program: {msg}") from None
     if not isinstance(ep, torch.export.ExportedProgram):
