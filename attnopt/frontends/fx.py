@@ -468,9 +468,9 @@ def export_module(module: torch.nn.Module, example_inputs: Any) -> "torch.export
             try:
                 return torch.export.export(module, args, kwargs, strict=False)
             except Exception as e:  # noqa: BLE001 - retried once below, else re-raised
-                # HF decoders return a DynamicCache by default (use_cache=True), which torch.export
-                # cannot flatten until transformers registers it as a pytree node.
-                if "DynamicCache" not in str(e) or not _register_hf_cache_pytree():
+                # HF decoders return a cache by default (use_cache=True: DynamicCache,
+                # EncoderDecoderCache, ...), which torch.export cannot flatten until it is a pytree node.
+                if "Cache" not in str(e) or not _register_hf_cache_pytree():
                     raise
             return torch.export.export(module, args, kwargs, strict=False)
     finally:
@@ -478,9 +478,6 @@ def export_module(module: torch.nn.Module, example_inputs: Any) -> "torch.export
 
 
 def _register_hf_cache_pytree() -> bool:
-    try:
-        from transformers.integrations.executorch import register_dynamic_cache_export_support
-    except ImportError:
-        return False
-    register_dynamic_cache_export_support()
-    return True
+    from attnopt.frontends.hf_cache import register_cache_pytrees
+
+    return register_cache_pytrees()
