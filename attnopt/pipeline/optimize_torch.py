@@ -178,7 +178,7 @@ def optimize_torch(model: Any, example_inputs: Any = None, *, validate: bool = T
     inputs = flat_example_inputs(ep, gm)
     new_gm, res = optimize_graph_module(gm, inputs, source="aten", validate=validate, plan=plan)
     if isinstance(model, torch.export.ExportedProgram):
-        args, kwargs = ep.example_inputs
-        with torch.no_grad():
-            res.model = torch.export.export(new_gm, tuple(args), dict(kwargs), strict=False)
+        from attnopt.pipeline.export_shapes import reexport  # keeps the input's dynamic dimensions
+
+        res.model = reexport(ep, new_gm)
     return res
