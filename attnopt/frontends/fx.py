@@ -22,7 +22,7 @@ from attnopt.ir import Graph
 from attnopt.ir.vocab import SMALL_CONST_ELEMENTS as SMALL_CONST
 from attnopt.frontends.fx_eval import GraphEvaluator, to_numpy
 from attnopt.frontends.fx_nodes import (ASSERT_OPS, SDPA_NAMES, arg, base_name, dtype_name, meta_val,
-                                        module_scope, overload_name, sdpa_args, shape_dtype)
+                                        module_scope, overload_name, sdpa_args, sdpa_qkv, shape_dtype)
 
 
 # ---- translation ---------------------------------------------------------------------------
@@ -142,7 +142,11 @@ def _handles(*names: str):
 
 @_handles("matmul", "bmm", "mm", "__matmul__")
 def _matmul(t: _Translator, n: fx.Node) -> None:
-    t.add(n, "matmul", [t.lit(n, 0, n.args[0]), t.lit(n, 1, n.args[1])])
+    a, b = arg(n, 0, "input"), arg(n, 1, "other")
+    if a is None or b is None:
+        t.other(n)
+        return
+    t.add(n, "matmul", [t.lit(n, 0, a), t.lit(n, 1, b)])
 
 
 @_handles("einsum")
@@ -173,22 +177,27 @@ def _rank_of(n: Any) -> int | None:
 
 @_handles("transpose", "swapaxes", "transpose_")
 def _transpose(t: _Translator, n: fx.Node) -> None:
-    r = _rank_of(n.args[0])
+    src = arg(n, 0, "input")
+    r = _rank_of(src)
     d0, d1 = arg(n, 1, "dim0"), arg(n, 2, "dim1")
-    if r is None or d0 is None:
+    if r is None or d0 is None or d1 is None:
         t.other(n)
         return
     perm = list(range(r))
     d0, d1 = d0 % r, d1 % r
     perm[d0], perm[d1] = perm[d1], perm[d0]
-    t.add(n, "transpose", [n.args[0].name], perm=tuple(perm))
+    t.add(n, "transpose", [src.name], perm=tuple(perm))
 
 
 @_handles("t")
 def _t(t: _Translator, n: fx.Node) -> None:
-    r = _rank_of(n.args[0])
-    perm = (1, 0) if r == 2 else tuple(range(r or 0))
-    t.add(n, "transpose", [n.args[0].name], perm=perm)
+    src = arg(n, 0, "input")
+    r = _rank_of(src)
+    if r is None:
+        t.other(n)
+        return
+    perm = (1, 0) if r == 2 else tuple(range(r))
+    t.add(n, "transpose", [src.name], perm=perm)
 
 
 @_handles("permute")
@@ -196,45 +205,52 @@ def _permute(t: _Translator, n: fx.Node) -> None:
     dims = n.args[1:] if n.op == "call_method" and len(n.args) > 2 else arg(n, 1, "dims")
     if isinstance(dims, int):
         dims = [dims]
-    r = _rank_of(n.args[0])
-    if r is None:
+    src = n.args[0] if n.args else arg(n, 0, "input")
+    r = _rank_of(src)
+    if r is None or dims is None:
         t.other(n)
         return
-    t.add(n, "transpose", [n.args[0].name], perm=tuple(int(d) % r for d in dims))
+    t.add(n, "transpose", [src.name], perm=tuple(int(d) % r for d in dims))
 
 
 @_handles("view", "reshape", "_unsafe_view", "flatten", "unflatten", "unsqueeze", "squeeze",
           "view_as", "reshape_as")
 def _reshape(t: _Translator, n: fx.Node) -> None:
-    if not isinstance(n.args[0], fx.Node):
+    src = n.args[0] if n.args else arg(n, 0, "input")
+    if not isinstance(src, fx.Node):
         t.other(n)
         return
     # A view with a dtype argument reinterprets bits: not a layout op.
-    if len(n.args) == 2 and isinstance(n.args[1], torch.dtype):
+    if (len(n.args) == 2 and isinstance(n.args[1], torch.dtype)) or "dtype" in n.kwargs:
         t.other(n)
         return
-    t.add(n, "reshape", [n.args[0].name])
+    t.add(n, "reshape", [src.name])
 
 
 @_handles("expand", "expand_as", "broadcast_to")
 def _expand(t: _Translator, n: fx.Node) -> None:
-    t.add(n, "expand", [n.args[0].name])
+    src = n.args[0] if n.args else arg(n, 0, "input")
+    if not isinstance(src, fx.Node):
+        t.other(n)
+        return
+    t.add(n, "expand", [src.name])
 
 
 @_handles("repeat_interleave")
 def _repeat_interleave(t: _Translator, n: fx.Node) -> None:
-    reps, dim = arg(n, 1, "repeats"), arg(n, 2, "dim")
-    if not isinstance(reps, int) or dim is None or not isinstance(n.args[0], fx.Node):
+    src, reps, dim = arg(n, 0, "input"), arg(n, 1, "repeats"), arg(n, 2, "dim")
+    if not isinstance(reps, int) or dim is None or not isinstance(src, fx.Node):
         t.other(n)
         return
-    r = _rank_of(n.args[0])
-    t.add(n, "repeat", [n.args[0].name], dim=dim % r if r else dim, repeats=reps, interleave=True)
+    r = _rank_of(src)
+    t.add(n, "repeat", [src.name], dim=dim % r if r else dim, repeats=reps, interleave=True)
 
 
 @_handles("contiguous", "clone", "alias", "detach", "lift_fresh_copy", "identity")
 def _identity(t: _Translator, n: fx.Node) -> None:
-    if isinstance(n.args[0], fx.Node):
-        t.add(n, "identity", [n.args[0].name])
+    src = arg(n, 0, "input")
+    if isinstance(src, fx.Node):
+        t.add(n, "identity", [src.name])
     else:
         t.other(n)
 
@@ -242,7 +258,7 @@ def _identity(t: _Translator, n: fx.Node) -> None:
 @_handles("slice")
 def _slice(t: _Translator, n: fx.Node) -> None:
     # A full slice (aten.slice with start 0 and end past the size) is a no-op.
-    src = n.args[0]
+    src = arg(n, 0, "input")
     s_in, _ = shape_dtype(src) if isinstance(src, fx.Node) else (None, None)
     s_out, _ = shape_dtype(n)
     if s_in is not None and s_in == s_out and arg(n, 4, "step", 1) in (1, None):
@@ -253,7 +269,7 @@ def _slice(t: _Translator, n: fx.Node) -> None:
 
 @_handles("to", "_to_copy", "type", "type_as", "float", "half", "bfloat16", "double")
 def _cast(t: _Translator, n: fx.Node) -> None:
-    src = n.args[0]
+    src = n.args[0] if n.args else arg(n, 0, "input")
     if not isinstance(src, fx.Node):
         t.other(n)
         return
@@ -269,19 +285,19 @@ def _cast(t: _Translator, n: fx.Node) -> None:
 
 @_handles("softmax", "_softmax", "_safe_softmax")
 def _softmax(t: _Translator, n: fx.Node) -> None:
-    dim = arg(n, 1, "dim")
-    r = _rank_of(n.args[0])
+    src, dim = arg(n, 0, "input"), arg(n, 1, "dim")
+    r = _rank_of(src)
     if dim is None or r is None:
         t.other(n)
         return
-    t.add(n, "softmax", [n.args[0].name], axis=int(dim) % r)
+    t.add(n, "softmax", [src.name], axis=int(dim) % r)
 
 
 def _binary(op: str):
     def handler(t: _Translator, n: fx.Node) -> None:
-        a, b = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
-        alpha = n.kwargs.get("alpha", 1)
-        if alpha != 1 and op in ("add", "sub"):
+        a, b = arg(n, 0, "input"), arg(n, 1, "other")
+        alpha = arg(n, None, "alpha", 1)
+        if a is None or b is None or (alpha != 1 and op in ("add", "sub")):
             t.other(n)
             return
         t.add(n, op, [t.lit(n, 0, a), t.lit(n, 1, b)])
@@ -300,36 +316,46 @@ for _name, _op in (("mul", "mul"), ("div", "div"), ("add", "add"), ("sub", "sub"
 @_handles("rsub")
 def _rsub(t: _Translator, n: fx.Node) -> None:
     # rsub(x, y) = y - x
-    if n.kwargs.get("alpha", 1) != 1:
+    a, b = arg(n, 0, "input"), arg(n, 1, "other")
+    if arg(n, None, "alpha", 1) != 1 or a is None or b is None:
         t.other(n)
         return
-    t.add(n, "sub", [t.lit(n, 1, n.args[1]), t.lit(n, 0, n.args[0])])
+    t.add(n, "sub", [t.lit(n, 1, b), t.lit(n, 0, a)])
 
 
 @_handles("__rtruediv__", "__rmul__", "__radd__", "__rsub__")
 def _reflected(t: _Translator, n: fx.Node) -> None:
     op = {"__rtruediv__": "div", "__rmul__": "mul", "__radd__": "add", "__rsub__": "sub"}[base_name(n)]
-    t.add(n, op, [t.lit(n, 1, n.args[1]), t.lit(n, 0, n.args[0])])
+    a, b = arg(n, 0, "input"), arg(n, 1, "other")
+    if a is None or b is None:
+        t.other(n)
+        return
+    t.add(n, op, [t.lit(n, 1, b), t.lit(n, 0, a)])
 
 
 @_handles("where")
 def _where(t: _Translator, n: fx.Node) -> None:
-    if len(n.args) < 3:
+    c, a, b = arg(n, 0, "condition"), arg(n, 1, "input"), arg(n, 2, "other")
+    if c is None or a is None or b is None:
         t.other(n)
         return
-    t.add(n, "where", [t.lit(n, 0, n.args[0]), t.lit(n, 1, n.args[1]), t.lit(n, 2, n.args[2])])
+    t.add(n, "where", [t.lit(n, 0, c), t.lit(n, 1, a), t.lit(n, 2, b)])
 
 
 @_handles("masked_fill", "masked_fill_")
 def _masked_fill(t: _Translator, n: fx.Node) -> None:
-    x, m, v = n.args[0], n.args[1], arg(n, 2, "value")
+    x, m, v = arg(n, 0, "input"), arg(n, 1, "mask"), arg(n, 2, "value")
+    if x is None or m is None or v is None:
+        t.other(n)
+        return
     t.add(n, "where", [t.lit(n, 1, m), t.lit(n, 2, v), t.lit(n, 0, x)])
 
 
 def _unary(op: str):
     def handler(t: _Translator, n: fx.Node) -> None:
-        if isinstance(n.args[0], fx.Node):
-            t.add(n, op, [n.args[0].name])
+        src = arg(n, 0, "input")
+        if isinstance(src, fx.Node):
+            t.add(n, op, [src.name])
         else:
             t.other(n)
     return handler
@@ -342,12 +368,15 @@ for _name, _op in (("sigmoid", "sigmoid"), ("tanh", "tanh"), ("exp", "exp"), ("s
 
 @_handles("dropout", "native_dropout", "feature_dropout", "alpha_dropout")
 def _dropout(t: _Translator, n: fx.Node) -> None:
-    train = arg(n, 2, "train", arg(n, 2, "training", False))
+    src = arg(n, 0, "input")
+    train = arg(n, 2, "train", arg(n, None, "training", False))
     p = arg(n, 1, "p", 0.0)
-    if base_name(n) == "native_dropout" or (train and p):
-        t.add(n, "dropout", [n.args[0].name], p=float(p), train=bool(train))
+    if not isinstance(src, fx.Node):
+        t.other(n)
+    elif base_name(n) == "native_dropout" or (train and p):
+        t.add(n, "dropout", [src.name], p=float(p), train=bool(train))
     else:
-        t.add(n, "identity", [n.args[0].name])
+        t.add(n, "identity", [src.name])
 
 
 @_handles("getitem")
@@ -366,9 +395,12 @@ def _shape(t: _Translator, n: fx.Node) -> None:
 
 @_handles(*SDPA_NAMES)
 def _sdpa(t: _Translator, n: fx.Node) -> None:
-    q, k, v = n.args[0], n.args[1], n.args[2]
+    q, k, v = sdpa_qkv(n)
+    if not all(isinstance(x, fx.Node) for x in (q, k, v)):
+        t.other(n)
+        return
     mask, dropout_p, is_causal, scale = sdpa_args(n)
-    enable_gqa = bool(n.kwargs.get("enable_gqa", arg(n, 7, "enable_gqa", False)))
+    enable_gqa = bool(arg(n, None, "enable_gqa", False))
     inputs = [q.name, k.name, v.name]
     slots = {"q": q.name, "k": k.name, "v": v.name, "mask": None}
     if isinstance(mask, fx.Node):
@@ -403,21 +435,21 @@ def _attnopt_op(t: _Translator, n: fx.Node) -> None:
 @_handles("multi_head_attention_forward")
 def _mha_forward(t: _Translator, n: fx.Node) -> None:
     """F.multi_head_attention_forward as dynamo keeps it: q/k/v are [S, B, E] (sequence first)."""
-    q, k, v = n.args[0], n.args[1], n.args[2]
+    q, k, v = sdpa_qkv(n)
     heads = arg(n, 4, "num_heads")
-    kpm, mask = n.kwargs.get("key_padding_mask"), n.kwargs.get("attn_mask")
+    kpm, mask = arg(n, None, "key_padding_mask"), arg(n, None, "attn_mask")
     slots = {"q": q.name, "k": k.name, "v": v.name,
              "mask": mask.name if isinstance(mask, fx.Node) else None,
              "key_padding_mask": kpm.name if isinstance(kpm, fx.Node) else None}
     t.add(n, "sdpa", t.node_inputs(n), flavor="torch_mha_forward", layout="SBD", slots=slots,
-          is_causal=bool(n.kwargs.get("is_causal", False)), scale=None,
-          dropout_p=float(arg(n, 10, "dropout_p", 0.0)) if n.kwargs.get("training") else 0.0,
+          is_causal=bool(arg(n, None, "is_causal", False)), scale=None,
+          dropout_p=float(arg(n, 10, "dropout_p", 0.0)) if arg(n, None, "training", True) else 0.0,
           enable_gqa=False, softcap=None, num_heads=heads, num_kv_heads=heads)
 
 
 @_handles("_native_multi_head_attention")
 def _native_mha(t: _Translator, n: fx.Node) -> None:
-    q, k, v = n.args[0], n.args[1], n.args[2]
+    q, k, v = sdpa_qkv(n)
     embed, heads = arg(n, 3, "embed_dim"), arg(n, 4, "num_head")
     mask = arg(n, 9, "mask")
     slots = {"q": q.name, "k": k.name, "v": v.name,

@@ -3,12 +3,14 @@ aten): an op's base name, its arguments by position or keyword, its example valu
 scope, and the SDPA family's arguments. Shared by the fx front end and the fx emitter."""
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.operator_schemas import _torchscript_schema_to_signature, get_signature_for_torch_op
 
 
 
@@ -78,8 +80,83 @@ def dtype_name(dt: Any) -> str | None:
     return str(dt).removeprefix("torch.") if isinstance(dt, torch.dtype) else None
 
 
-def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
+def _signatures_of(target: Any, method: bool) -> tuple[inspect.Signature, ...]:
+    """Every signature an op may have been called with, in the order overloads are tried."""
+    if isinstance(target, torch._ops.OpOverload):
+        return (_torchscript_schema_to_signature(target._schema),)
+    packet = None
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        packet = target
+    elif not method:
+        try:
+            return (inspect.signature(target),)
+        except (TypeError, ValueError):
+            sigs = get_signature_for_torch_op(target)
+            if sigs:
+                return tuple(sigs)
+    name = target if isinstance(target, str) else getattr(target, "__name__", None)
+    if packet is None and isinstance(name, str):
+        packet = getattr(torch.ops.aten, name, None)   # Tensor methods: aten's schema (self first)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return ()
+    sigs = []
+    for o in packet.overloads():
+        try:
+            sigs.append(_torchscript_schema_to_signature(getattr(packet, o)._schema))
+        except Exception:  # noqa: BLE001 - a schema inspect cannot express: not bindable
+            continue
+    return tuple(sigs)
+
+
+_SIG_CACHE: dict[Any, tuple[inspect.Signature, ...]] = {}
+
+
+def _signatures(node: fx.Node) -> tuple[inspect.Signature, ...]:
+    if node.op not in ("call_function", "call_method"):
+        return ()
+    key = (node.op, node.target)
+    try:
+        return _SIG_CACHE[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable target
+        return _signatures_of(node.target, node.op == "call_method")
+    try:
+        sigs = _signatures_of(node.target, node.op == "call_method")
+    except Exception:  # noqa: BLE001 - no signature: arguments are read as written
+        sigs = ()
+    _SIG_CACHE[key] = sigs
+    return sigs
+
+
+def bound_arguments(node: fx.Node) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+    """The node's arguments bound to its op's signature, however they were spelled (positional,
+    keyword or a mix): (parameter names in signature order, name -> value as passed; defaults
+    not filled). None when no signature of the op accepts the call as written."""
+    for sig in _signatures(node):
+        try:
+            b = sig.bind(*node.args, **node.kwargs)
+        except TypeError:
+            continue
+        params = tuple(sig.parameters)
+        if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()):
+            return None   # *args (einsum, Tensor.permute(0, 2, 1, 3)): read as written
+        return params, dict(b.arguments)
+    return None
+
+
+def arg(node: fx.Node, i: int | None, name: str, default: Any = None) -> Any:
+    """Argument `name` of a node, or failing that its i-th parameter (i=None: by name only),
+    whether it was passed by position or keyword: the one normalization every reader uses."""
+    b = bound_arguments(node)
+    if b is not None:
+        params, values = b
+        if name in values:
+            return values[name]
+        if i is not None and i < len(params) and params[i] in values:
+            return values[params[i]]
+        return default
+    if i is not None and len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
 
@@ -108,19 +185,13 @@ def is_sdpa(n: fx.Node) -> bool:
 
 
 def sdpa_args(n: fx.Node) -> tuple[Any, float, bool, Any]:
-    """(mask, dropout_p, is_causal, scale) of an SDPA node, whichever variant's signature it has."""
-    name = base_name(n)
-    if name == "_scaled_dot_product_efficient_attention":
-        mask = arg(n, 3, "attn_bias")
-        dropout_p, is_causal = arg(n, 5, "dropout_p", 0.0), arg(n, 6, "is_causal", False)
-        scale = n.kwargs.get("scale")
-    elif name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu"):
-        mask = n.kwargs.get("attn_mask")
-        dropout_p, is_causal = arg(n, 3, "dropout_p", 0.0), arg(n, 4, "is_causal", False)
-        scale = n.kwargs.get("scale")
-    else:
-        mask = arg(n, 3, "attn_mask")
-        dropout_p, is_causal = arg(n, 4, "dropout_p", 0.0), arg(n, 5, "is_causal", False)
-        scale = arg(n, 6, "scale")
-    return mask, float(dropout_p or 0.0), is_causal, scale
+    """(mask, dropout_p, is_causal, scale) of an SDPA node, whichever variant's signature it has
+    and however its arguments were spelled (the variants share these parameter names; the
+    efficient/cuDNN kernels call the mask attn_bias)."""
+    mask = arg(n, None, "attn_mask", arg(n, None, "attn_bias"))
+    dropout_p, is_causal = arg(n, None, "dropout_p", 0.0), arg(n, None, "is_causal", False)
+    return mask, float(dropout_p or 0.0), is_causal, arg(n, None, "scale")
 
+
+def sdpa_qkv(n: fx.Node) -> tuple[Any, Any, Any]:
+    return arg(n, 0, "query"), arg(n, 1, "key"), arg(n, 2, "value")

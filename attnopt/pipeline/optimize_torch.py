@@ -6,11 +6,13 @@ beyond floating-point noise, re-validating until what is kept is proven.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 import torch.fx as fx
 
+from attnopt.errors import AttnoptError
 from attnopt.frontends import fx as fx_front
 from attnopt.emit.fx import splice
 from attnopt.ir import Site
@@ -19,6 +21,8 @@ from attnopt.passes.rewrite import plan_all, structural_windows
 from attnopt.pipeline.validate import (Error, outputs_error, padded_variants, padding_positions, run_captured,
                                      tensor_error, tolerance_for, low_precision_tolerance)
 from attnopt.pipeline.result import OptimizeResult, SiteResult
+
+log = logging.getLogger("attnopt")
 
 
 class PlanApplication(Protocol):
@@ -73,9 +77,14 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
     """plan: an attnopt.Plan (PlanApplication); its exact variants are validated like any rewrite, its
     approximate ones afterwards against the plan's max_error (end-to-end relative L2)."""
     inputs = [_concrete(x) for x in inputs]
-    graph = fx_front.from_graph_module(gm, list(inputs), source=source)
-    sites, rejected = detect(graph)
-    recipes, reasons = plan_all(graph, sites)
+    try:
+        graph = fx_front.from_graph_module(gm, list(inputs), source=source)
+        sites, rejected = detect(graph)
+        recipes, reasons = plan_all(graph, sites)
+    except AttnoptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a front-end bug leaves this graph as it is
+        return gm, _left_alone(gm, "reading it", e)
     approx, labels = [], {}
     if plan is not None:
         recipes, approx, labels = plan.split(graph, sites, recipes)
@@ -94,7 +103,10 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
         ref0 = _run(gm, variants[0])
         tol = low_precision_tolerance(gm, variants[0], ref0, tolerance_for(ref0))
     while kept:
-        new_gm, result_nodes = splice(gm, kept)
+        try:
+            new_gm, result_nodes = splice(gm, kept)
+        except Exception as e:  # noqa: BLE001 - a splice bug leaves this graph as it is
+            return gm, _left_alone(gm, "splicing it", e)
         if not validate:
             break
         total, site_err = _measure(gm, new_gm, variants, kept, result_nodes)
@@ -133,6 +145,13 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
     ordered = [results[s.name] for s in sites if s.name in results]
     return new_gm, OptimizeResult(model=new_gm, sites=ordered, rejected=rejected,
                                   max_abs_error=total.max_abs, rel_error=total.rel)
+
+
+def _left_alone(gm: fx.GraphModule, stage: str, e: Exception) -> OptimizeResult:
+    """The result for a graph left as it is because the front end failed on it: one warning
+    with the reason, nothing rewritten (the graph still runs, unoptimized)."""
+    log.warning("attnopt: graph left unoptimized: %s failed (%s: %s)", stage, type(e).__name__, e)
+    return OptimizeResult(model=gm, sites=[])
 
 
 def _spec(sites: list[Site], name: str):
