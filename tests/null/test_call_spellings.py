@@ -202,24 +202,43 @@ def test_splice_failure_leaves_graph_unoptimized(monkeypatch, caplog):
     assert any("planted splice bug" in r.getMessage() for r in caplog.records)
 
 
-def _tiny_flux():
+def _tiny_diffusers(name: str):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
-        axes_dims_rope=(2, 2, 4)).eval()
-    img, txt = 16, 4
-    inputs = dict(hidden_states=torch.randn(1, img, 4), encoder_hidden_states=torch.randn(1, txt, 16),
-                  pooled_projections=torch.randn(1, 8), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(img, 3), txt_ids=torch.zeros(txt, 3), return_dict=False)
-    return model, inputs
+    if name == "flux":
+        model = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+            axes_dims_rope=(2, 2, 4))
+        img, txt = 16, 4
+        inputs = dict(hidden_states=torch.randn(1, img, 4), encoder_hidden_states=torch.randn(1, txt, 16),
+                      pooled_projections=torch.randn(1, 8), timestep=torch.tensor([0.5]),
+                      img_ids=torch.zeros(img, 3), txt_ids=torch.zeros(txt, 3), return_dict=False)
+        return model.eval(), inputs, 2
+    video = dict(hidden_states=torch.randn(1, 4, 2, 4, 4), timestep=torch.tensor([1]),
+                 encoder_hidden_states=torch.randn(1, 5, 16), return_dict=False)
+    if name == "wan":
+        model = diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+            out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+        return model.eval(), video, 2
+    model = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+    video.update(encoder_attention_mask=torch.ones(1, 5), pooled_projections=torch.randn(1, 8),
+                 guidance=torch.tensor([1000.0]))
+    return model.eval(), video, 3
 
 
-def test_diffusers_flux_compiles_and_matches_eager():
-    model, inputs = _tiny_flux()
+@pytest.mark.parametrize("name", ["flux", "wan", "hunyuan_video"])
+def test_diffusers_transformer_compiles_and_matches_eager(monkeypatch, name):
+    """Flux, Wan and HunyuanVideo call SDPA with keyword arguments: every site is rewritten."""
+    model, inputs, n_sites = _tiny_diffusers(name)
+    seen = _spy(monkeypatch)
     torch._dynamo.reset()
     with torch.no_grad():
         ref = model(**inputs)[0]
         got = torch.compile(model, backend=backend_mod.make_backend("eager"))(**inputs)[0]
-    _close(got, ref, rel=1e-4)
+    _close(got, ref, rel=1e-5)
+    assert sum(r.sites_rewritten for r in seen) == n_sites, [r.sites for r in seen]
