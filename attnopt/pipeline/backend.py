@@ -5,6 +5,9 @@ model plus ours for attention.
     torch.compile(model, backend="attnopt")
     torch.compile(model, backend=attnopt.pipeline.backend.make_backend(inner="eager"))
 
+A graph the front end cannot read or splice (optimize_graph_module), or whose rewritten form the
+inner compiler refuses, runs as it came, with one warning giving the reason.
+
 Training graphs (grad enabled and an input requiring grad) go to the inner compiler untouched
 until backward kernels exist; one log line says so.
 """
@@ -50,7 +53,14 @@ def make_backend(inner: str = "inductor", validate: bool = True) -> Callable:
         new_gm, result = optimize_graph_module(gm, list(example_inputs), validate=validate)
         log.info("attnopt: %d/%d attention sites rewritten (max rel error %.2g)",
                  result.sites_rewritten, result.sites_found, result.rel_error)
-        return _inner_compile(inner, new_gm, example_inputs)
+        if new_gm is gm:
+            return _inner_compile(inner, gm, example_inputs)
+        try:
+            return _inner_compile(inner, new_gm, example_inputs)
+        except Exception as e:  # noqa: BLE001 - the graph as it came still compiles
+            log.warning("attnopt: graph left unoptimized: %s could not compile the rewritten graph "
+                        "(%s: %s)", inner, type(e).__name__, e)
+            return _inner_compile(inner, gm, example_inputs)
 
     return attnopt_backend
 

@@ -202,6 +202,24 @@ def test_splice_failure_leaves_graph_unoptimized(monkeypatch, caplog):
     assert any("planted splice bug" in r.getMessage() for r in caplog.records)
 
 
+def test_inner_compiler_refusing_the_rewrite_runs_the_graph_as_it_came(monkeypatch, caplog):
+    model, inputs = _model("all_keywords"), _inputs()
+    real = backend_mod._inner_compile
+
+    def refuses_attnopt(inner, gm, example_inputs):
+        if any(n.target is torch.ops.attnopt.attention.default for n in gm.graph.nodes):
+            raise RuntimeError("planted inner-compiler refusal")
+        return real(inner, gm, example_inputs)
+
+    monkeypatch.setattr(backend_mod, "_inner_compile", refuses_attnopt)
+    torch._dynamo.reset()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="attnopt"):
+        ref = model(*inputs)
+        got = torch.compile(model, backend=backend_mod.make_backend("eager"))(*inputs)
+    _close(got, ref)
+    assert sum("planted inner-compiler refusal" in r.getMessage() for r in caplog.records) == 1
+
+
 def _tiny_diffusers(name: str):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
