@@ -421,14 +421,14 @@ def _attnopt_op(t: _Translator, n: fx.Node) -> None:
     if not (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "attnopt"):
         t.other(n)
         return
-    q, k, v, mask = n.args[:4]
+    q, k, v, mask = arg(n, 0, "q"), arg(n, 1, "k"), arg(n, 2, "v"), arg(n, 3, "attn_mask")
     slots = {"q": q.name, "k": k.name, "v": v.name,
              "mask": mask.name if isinstance(mask, fx.Node) else None}
     qs, _ = shape_dtype(q)
     ks, _ = shape_dtype(k)
     t.add(n, "sdpa", t.node_inputs(n), flavor="attnopt", layout="BHSD", slots=slots,
-          is_causal=bool(n.args[5]), scale=float(n.args[4]), dropout_p=0.0, enable_gqa=True,
-          softcap=(float(n.args[9]) or None), num_heads=qs[1] if qs else None,
+          is_causal=bool(arg(n, 5, "causal")), scale=float(arg(n, 4, "scale")), dropout_p=0.0,
+          enable_gqa=True, softcap=(float(arg(n, 9, "softcap")) or None), num_heads=qs[1] if qs else None,
           num_kv_heads=ks[1] if ks else None)
 
 
