@@ -493,7 +493,8 @@ def export_module(module: torch.nn.Module, example_inputs: Any) -> "torch.export
         raise UnsupportedModel("an nn.Module needs example_inputs (a tuple of args or a dict of kwargs)")
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (
         tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,), {})
-    was_training = module.training
+    # each submodule's own flag: module.train(flag) would reset a train-mode model's eval-mode parts
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         with torch.no_grad():
@@ -506,7 +507,8 @@ def export_module(module: torch.nn.Module, example_inputs: Any) -> "torch.export
                     raise
             return torch.export.export(module, args, kwargs, strict=False)
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def _register_hf_cache_pytree() -> bool:

@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from attnopt.ir import Evaluator, Graph
 from attnopt.frontends.fx_nodes import meta_val
+from attnopt.frontends.fx_state import preserved
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -43,6 +44,7 @@ class FxEvaluator(Evaluator):
         self.gm = gm
         self.nodes = {n.name: n for n in gm.graph.nodes}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.placeholders = placeholders
         gen = torch.Generator().manual_seed(0)
         self.defaults: dict[str, Any] = {}
         for i, p in enumerate(placeholders):
@@ -62,7 +64,9 @@ class FxEvaluator(Evaluator):
             stack.extend(n.all_input_nodes)
         interp = fx.Interpreter(self.gm)
         env = interp.env
-        with torch.no_grad():
+        # a probe run must not write the caller's inputs or buffers (a static KV cache)
+        values = [feeds[p.name] if p.name in feeds else self.defaults[p.name] for p in self.placeholders]
+        with torch.no_grad(), preserved(self.gm, values):
             for n in self.gm.graph.nodes:
                 if n not in needed:
                     continue

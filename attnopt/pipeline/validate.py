@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 import torch.fx as fx
+from attnopt.frontends.fx_state import preserved
 from attnopt.ir.vocab import TOLERANCE_FP32, TOLERANCE_HALF
 
 VALIDATION_SEED = 0x5EED
@@ -107,8 +108,11 @@ def reference_semantics(inputs: Sequence[Any]):
 
 
 def run_captured(gm: fx.GraphModule, inputs: Sequence[Any], names: set[str]) -> tuple[Any, dict]:
+    """One run of `gm` that leaves the caller's state as it found it: whatever the graph writes in
+    place (a static KV cache, a buffer) is put back afterwards (frontends/fx_state.py), so
+    validation's extra runs never show through."""
     cap = Capture(gm, names)
-    with torch.no_grad(), reference_semantics(inputs):
+    with torch.no_grad(), reference_semantics(inputs), preserved(gm, inputs):
         out = cap.run(*inputs)
     return out, cap.values
 
@@ -181,7 +185,7 @@ def low_precision_tolerance(gm: fx.GraphModule, inputs: Sequence[Any], ref: Any,
     try:
         twin = fp32_twin(gm)
         up = [x.float() if isinstance(x, torch.Tensor) and x.dtype in _LOW else x for x in inputs]
-        with torch.no_grad(), reference_semantics(up):
+        with torch.no_grad(), reference_semantics(up), preserved(twin, up):
             ref32 = twin(*up)
         noise = outputs_error(ref32, ref).rel  # scale from the fp32 output
     except Exception:  # noqa: BLE001  a graph that cannot run in fp32: keep the fixed tolerance
