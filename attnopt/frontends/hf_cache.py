@@ -99,6 +99,9 @@ class _Template:
     def __repr__(self) -> str:
         return f"{type(self.cache).__name__}({len(self.slots)} tensors)"
 
+    def __deepcopy__(self, memo: dict) -> "_Template":
+        return self  # never mutated: unflattening copies it
+
 
 def _slots(cache: Any) -> list[tuple[int, str]]:
     import torch
@@ -113,14 +116,21 @@ def _slots(cache: Any) -> list[tuple[int, str]]:
 
 def _layers_flatten(cache: Any) -> tuple[list[Any], _Template]:
     slots = _slots(cache)
-    return [getattr(cache.layers[i], a) for i, a in slots], _Template(cache, slots)
+    children = [getattr(cache.layers[i], a) for i, a in slots]
+    # the template holds no tensors (they may be fake ones of a trace, and would be kept alive)
+    template = copy.copy(cache)
+    if hasattr(cache, "layers"):
+        template.layers = [copy.copy(layer) for layer in cache.layers]
+        for i, a in slots:
+            setattr(template.layers[i], a, None)
+    return children, _Template(template, slots)
 
 
 def _layers_flatten_with_keys(cache: Any):
-    from torch.utils._pytree import GetAttrKey
+    from torch.utils._pytree import MappingKey
 
     children, template = _layers_flatten(cache)
-    return [(GetAttrKey(f"layers[{i}].{a}"), c) for (i, a), c in zip(template.slots, children)], template
+    return [(MappingKey(f"layers_{i}_{a}"), c) for (i, a), c in zip(template.slots, children)], template
 
 
 def _layers_unflatten(children: Any, template: _Template) -> Any:

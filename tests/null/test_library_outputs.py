@@ -191,3 +191,34 @@ def test_dynamic_shapes_survive_optimize(tmp_path):
         x = torch.randn(b, s, 32)
         with torch.no_grad():
             torch.testing.assert_close(res.model.module()(x), ep.module()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_static_and_sliding_caches_module_path():
+    """A StaticCache passed in (and returned), and a sliding-window model's default cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, StaticCache
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 8))
+
+    def inputs():
+        return {"input_ids": ids, "past_key_values": StaticCache(config=cfg, max_cache_len=16),
+                "cache_position": torch.arange(8)}
+
+    with torch.no_grad():
+        ref = model(**inputs())
+    assert len(attnopt.inspect(model, inputs()).sites) == 1
+    res = attnopt.optimize(model, inputs())
+    assert [s.status for s in res.sites] == ["rewritten"]
+    with torch.no_grad():
+        got = res.model(**inputs())
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    assert type(got.past_key_values) is StaticCache
+
+    mcfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, sliding_window=4,
+                         max_position_embeddings=32)
+    res = attnopt.optimize(MistralForCausalLM(mcfg).eval(), (ids,))
+    assert [s.status for s in res.sites] == ["rewritten", "rewritten"]
