@@ -4,8 +4,12 @@ GroupQueryAttention. Front ends translate them all to one IR op, `sdpa`, whose a
 one it was (`flavor`), the layout of q ("BHSD", or "BSD" with heads folded into the hidden
 dim), head counts, scale (None = 1/sqrt(head_dim)), is_causal and mask slots.
 
-Of these, only torch SDPA with 4-D [B, H, S, D] inputs is rewritten (into attnopt's own op, which
-runs the same math with the masks it can prove structural turned into flags); the others already
+Rewritten: torch SDPA with 4-D [B, H, S, D] inputs (into attnopt's own op, which runs the same
+math with the masks it can prove structural turned into flags), and ONNX's standard `Attention`
+with 4-D inputs, no KV cache and no extra outputs: on ONNX Runtime's CPU provider
+com.microsoft.MultiHeadAttention is the faster node (bench/RESULTS.md: 48 vs 62 ms unmasked and 42
+vs 115 ms with a bool mask at 2048 tokens, 12 heads), so under `--onnx-op ort` the ONNX pipeline
+converts it (under `--onnx-op standard` it already is the target and stays). The others already
 are the target runtime's fused node and are kept.
 """
 from __future__ import annotations
@@ -19,7 +23,24 @@ from attnopt.patterns.match import MaskOperand, Match
 from attnopt.patterns.recipe import MaskTerm, Operand, Recipe, simplify_constant_masks
 
 _BOOL = {"bool"}
-REWRITTEN_FLAVORS = frozenset({"torch_sdpa"})  # the fused calls attnopt replaces (see above)
+REWRITTEN_FLAVORS = frozenset({"torch_sdpa", "onnx_attention"})  # the calls attnopt replaces (above)
+_CACHE_SLOTS = ("past_key", "past_value", "nonpad_kv_seqlen")
+
+
+def _standard_op_kept(graph: Graph, site: Site, a: dict) -> str:
+    """Why an ONNX standard Attention node stays as it is, or "" when it converts to attnopt's op
+    exactly: the same math on the same 4-D operands, with nothing the node also produces."""
+    slots = a.get("slots") or {}
+    if any(slots.get(s) for s in _CACHE_SLOTS):
+        return "an Attention node with a KV cache (past_key/past_value) is kept as it is"
+    if any(graph.attr(u, "output_index") for u in graph.users(site.output)):
+        return "an Attention node whose present_key/value or qk outputs are used is kept as it is"
+    if a.get("softcap"):
+        return "an Attention node with softcap is kept (MultiHeadAttention has no softcap)"
+    if site.spec.num_heads != site.spec.num_kv_heads:
+        # measured: the converted node failed validation on Llama's GQA (4/2 heads, opset 23)
+        return "an Attention node with grouped kv heads is kept (MultiHeadAttention has none)"
+    return ""
 
 
 class FusedAttention:
@@ -133,8 +154,12 @@ class FusedAttention:
             return f"{site.pattern} sites are kept as they are (already fused)"
         a = graph.attrs(site.output)
         qs = graph.shape(site.q)
-        if qs is None or len(qs) != 4:
+        if qs is None or len(qs) != 4 or any(graph.rank(x) != 4 for x in (site.k, site.v)):
             return "SDPA with non-4-D inputs is kept as it is"
+        if site.details.flavor == "onnx_attention":
+            why = _standard_op_kept(graph, site, a)
+            if why:
+                return why
         ident = (0, 1, 2, 3)
         masks = []
         slot = (a.get("slots") or {}).get("mask")

@@ -34,8 +34,12 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
         s.name: SiteResult(s.name, s.pattern, "kept", None, reasons[s.name], s.spec)
         for s in sites if s.name in reasons}
     original = graph.native_model
-    # Sites the chosen fused node cannot express (e.g. sigmoid, softcap on MHA) stay as they are.
+    # Sites the chosen fused node cannot express (e.g. sigmoid, softcap on MHA) stay as they are;
+    # a standard Attention node already is the node `--onnx-op standard` asks for.
     skipped = splice_report(graph, recipes, op=op).skipped
+    if op == "standard":
+        skipped.update({r.site: "already the standard Attention op" for r in recipes
+                        if _is_standard_attention(graph, r.site, sites)})
     spec_of = {s.name: s for s in sites}
     for name, reason in skipped.items():
         results[name] = SiteResult(name, spec_of[name].pattern, "kept", None, reason,
@@ -70,6 +74,11 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
                          rel_error=float(err["max_rel_error"]))
     res.base_dir = getattr(graph, "base_dir", None)
     return res
+
+
+def _is_standard_attention(graph, site: str, sites) -> bool:
+    s = next(x for x in sites if x.name == site)
+    return getattr(s.details, "flavor", None) == "onnx_attention"
 
 
 def _first_failing(graph, kept, op, compare, splice, tol: float = TOLERANCE) -> Recipe:
