@@ -222,3 +222,29 @@ def test_static_and_sliding_caches_module_path():
                          max_position_embeddings=32)
     res = attnopt.optimize(MistralForCausalLM(mcfg).eval(), (ids,))
     assert [s.status for s in res.sites] == ["rewritten", "rewritten"]
+
+
+def test_dynamic_return_dict_pt2_through_cli(tmp_path):
+    """Both at once: a BERT exported with dynamic batch/sequence and return_dict=True, optimized by
+    the CLI without transformers, runs at other sizes with the original output type."""
+    from torch.export import Dim
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    model = BertModel(cfg).eval()
+    ep = torch.export.export(model, (torch.randint(0, 50, (2, 8)),), strict=False,
+                             dynamic_shapes={"input_ids": {0: Dim("b", max=32), 1: Dim("s", min=2, max=64)}})
+    src, dst = tmp_path / "dyn.pt2", tmp_path / "dyn_opt.pt2"
+    torch.export.save(ep, src)
+    rc, out, err = run_blocked("optimize", src, "-o", dst)
+    assert rc == 0, err
+    back = torch.export.load(dst)
+    assert len(back.range_constraints) == 2
+    for b, s in [(1, 5), (3, 16), (4, 33)]:
+        x = torch.randint(0, 50, (b, s))
+        with torch.no_grad():
+            got, ref = back.module()(x), ep.module()(x)
+        assert type(got) is type(ref)
+        torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=1e-4, atol=1e-5)
