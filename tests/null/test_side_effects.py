@@ -160,3 +160,14 @@ def test_generate_matches_eager(name, cache, backend, caplog):
     assert out.shape[1] == ref.shape[1] == 14
     assert torch.equal(out, ref), (out.tolist(), ref.tolist())
     assert _sites_rewritten(caplog) >= 1
+
+
+@pytest.mark.parametrize("policy", ["exact", "approx"])
+def test_plan_and_planned_optimize_leave_inputs_and_buffers_alone(policy):
+    m = CachedAttention().eval()
+    x, cache, pos = _inputs()
+    before = cache.clone()
+    plan = attnopt.plan(m, (x, cache, pos), policy=policy, max_error=1e-2)
+    attnopt.optimize(m, (x, cache, pos), plan=plan)
+    assert torch.equal(cache, before)
+    assert torch.equal(m.v_cache, torch.zeros_like(m.v_cache)) and int(m.calls) == 0
