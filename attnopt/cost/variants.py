@@ -198,6 +198,28 @@ def _grid_of(spec: AttentionSpec) -> tuple[tuple[int, ...], int, bool] | None:
     return (S - 1,), 1, False
 
 
+def approx_refusal(spec: AttentionSpec) -> str:
+    """Why a site gets no approximate candidate at all ("" when it may get some)."""
+    if not static(spec):
+        return "no approximate candidates: symbolic sizes"
+    if spec.normalizer != "softmax":
+        return f"no approximate candidates: {spec.normalizer} normalizer (GNA layouts are softmax)"
+    if spec.score_mods:
+        return ("no approximate candidates: the scores carry " + ", ".join(spec.score_mods)
+                + " (a bias that depends on the inputs cannot be kept inside a window yet)")
+    d = resolve_dims(spec)
+    if d["q_len"] != d["kv_len"]:
+        return "no approximate candidates: cross-attention (q and kv lengths differ)"
+    if d["q_len"] < MIN_APPROX_TOKENS:
+        return f"no approximate candidates: {d['q_len']} tokens (fewer than {MIN_APPROX_TOKENS})"
+    if spec.mask.kind == "tensor":
+        return ("no approximate candidates: a mask or bias tensor computed from the inputs (keeping "
+                "it inside a window is not built yet)")
+    if spec.mask.kind not in ("none", "padding", "causal"):
+        return f"no approximate candidates: a {spec.mask.kind} mask"
+    return ""
+
+
 def approx_candidates(spec: AttentionSpec, hw: HardwareProfile,
                       fractions: tuple[float, ...] = WINDOW_FRACTIONS) -> list[Candidate]:
     """Approximate GNA candidates cheaper than the site's exact kernel, most context first."""

@@ -26,7 +26,8 @@ import torch.fx as fx
 from attnopt.codegen.device import local_target
 from attnopt.cost.hardware import HardwareProfile, get_profile
 from attnopt.cost.roofline import resolve_dims
-from attnopt.cost.variants import Candidate, approx_candidates, baseline, exact_candidates, on_heads, static
+from attnopt.cost.variants import (Candidate, approx_candidates, approx_refusal, baseline, exact_candidates,
+                                   on_heads, static)
 from attnopt.ir import Graph, Site
 from attnopt.passes.rewrite import Recipe
 from attnopt.pipeline.validate import padding_positions
@@ -85,19 +86,27 @@ def other_time(gm: fx.GraphModule, sites: Sequence[Site], hw: HardwareProfile) -
 
 def _approx_trials(graph: Graph, site_by: dict[str, Site], by_recipe: dict[str, Recipe],
                    chosen: dict[str, Candidate], chosen_recipe: dict[str, Recipe],
-                   hw: HardwareProfile, measure: Measure, max_error: float) -> list[Trial]:
-    """Steps 2 and per-head: every approximate candidate worth its error, measured alone."""
+                   hw: HardwareProfile, measure: Measure, max_error: float,
+                   no_trial: dict[str, str]) -> list[Trial]:
+    """Steps 2 and per-head: every approximate candidate worth its error, measured alone.
+    `no_trial` receives, for each site that got no trial, the reason."""
     trials = []
     for name in chosen_recipe:
         s = site_by[name]
         worth = (1.0 - MIN_APPROX_SAVING) * chosen[name].time_s
         base = baseline(s.spec, hw)
-        for c in approx_candidates(s.spec, hw):
+        cands = approx_candidates(s.spec, hw)
+        no_trial[name] = approx_refusal(s.spec) or (
+            "no approximate candidate: none is cheaper than the exact kernel" if cands else
+            "no approximate candidate: no GNA layout is cheaper than the exact kernel here")
+        for c in cands:
             if c.time_s > worth:
                 continue
             r = recipe_for(graph, s, by_recipe[name], c)
             if isinstance(r, str):
+                no_trial[name] = f"no approximate candidate: {r}"
                 continue
+            no_trial.pop(name, None)
             l2, cos, se, errs = measure({**chosen_recipe, name: r}, name)
             trials.append(Trial(name, c, r, l2, cos, se))
             if l2 <= SAFETY * max_error or errs is None:
@@ -165,11 +174,12 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     measure = Measure(gm, sites, batches, holdout, padding_positions(graph, sites))
 
     measured_site = {}
+    no_trial: dict[str, str] = {}  # approx policy: why a site got no approximate trial
     walk = []
     holdout_l2: float | None = None  # the final plan's error on the held-out batch
     if policy == "approx" and chosen_recipe:
         trials = _approx_trials(graph, site_by, by_recipe, chosen, chosen_recipe, hw, measure,
-                                max_error)
+                                max_error, no_trial)
         walked = greedy_walk(trials, chosen, chosen_recipe, measure, e2e_speedup, max_error)
         measured_site, walk, holdout_l2 = walked.measured, walked.steps, walked.holdout_l2
         chosen_recipe.update(walked.recipes)
@@ -189,7 +199,10 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
         if c is None:
             site_plans.append(SitePlan(s.name, "kept", None, why.get(s.name, "no candidate"), spec))
         else:
-            site_plans.append(SitePlan(s.name, "planned", c, "", spec, measured_site.get(s.name)))
+            # approx policy: a site left exact says why (no candidate, or none within the budget)
+            why_exact = "" if policy != "approx" or not c.exact else no_trial.get(
+                s.name, f"no approximation held within max_error {max_error:g}")
+            site_plans.append(SitePlan(s.name, "planned", c, why_exact, spec, measured_site.get(s.name)))
     att = sum(chosen[n].time_s if n in chosen else base_time[n] for n in base_time)
     predicted = {"attention_dense_s": dense_total, "attention_s": att, "other_s": other,
                  "attention_speedup": dense_total / att if att else 1.0,

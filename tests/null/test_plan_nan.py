@@ -130,3 +130,27 @@ def test_planner_rejects_a_nan_producing_candidate(model, monkeypatch):
     # unbounded errors survive the JSON round trip (JSON has no infinity: "inf")
     again = Plan.from_json(plan.dumps())
     assert again == plan and '"inf"' in plan.dumps()
+
+
+def test_sites_left_exact_say_why():
+    """Under the approx policy a site that keeps its exact kernel says why: no candidate (and
+    which), or none held within the budget (issue 18: reasons everywhere)."""
+    import attnopt
+
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.b = torch.nn.Linear(32, 96), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            B, S, _ = x.shape
+            q, k, v = self.p(x).view(B, S, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            bias = self.b(x).permute(0, 2, 1)[:, :, None, :]  # computed from the input
+            s = q @ k.transpose(-1, -2) * 0.35 + bias
+            return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, S, 32)
+
+    torch.manual_seed(0)
+    plan = attnopt.plan(Biased().eval(), (torch.randn(1, 300, 32),), policy="approx", max_error=0.05)
+    assert [s.status for s in plan.sites] == ["planned"]
+    assert "no approximate candidates" in plan.sites[0].reason and "inputs" in plan.sites[0].reason
+    attnopt.Plan.from_json(plan.dumps())  # the reason round-trips
