@@ -171,3 +171,34 @@ def test_plan_and_planned_optimize_leave_inputs_and_buffers_alone(policy):
     attnopt.optimize(m, (x, cache, pos), plan=plan)
     assert torch.equal(cache, before)
     assert torch.equal(m.v_cache, torch.zeros_like(m.v_cache)) and int(m.calls) == 0
+
+
+class Writer(torch.nn.Module):
+    """Writes through a view of an input, bumps a buffer, and runs BatchNorm in train mode
+    (running statistics), as symbolic_trace keeps them (call_method on a view, call_module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(D)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x, cache):
+        cache.narrow(1, 1, 2).copy_(x[:, :2] * 2)
+        self.steps.add_(1)
+        return self.bn(x) + cache.sum()
+
+
+def test_run_captured_puts_back_what_a_traced_graph_writes():
+    from attnopt.pipeline.validate import run_captured
+
+    m = Writer().train()
+    gm = torch.fx.symbolic_trace(m)
+    x, cache = torch.randn(4, D), torch.randn(4, D)
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    before = cache.clone()
+    out1, _ = run_captured(gm, [x, cache], set())
+    out2, _ = run_captured(gm, [x, cache], set())
+    torch.testing.assert_close(out1, out2)  # each run starts from the caller's state
+    assert torch.equal(cache, before)
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, state[k]), k
