@@ -66,7 +66,7 @@ class FxEvaluator(Evaluator):
         env = interp.env
         # a probe run must not write the caller's inputs or buffers (a static KV cache)
         values = [feeds[p.name] if p.name in feeds else self.defaults[p.name] for p in self.placeholders]
-        with torch.no_grad(), preserved(self.gm, values):
+        with torch.no_grad(), preserved(self.gm, values, needed):
             for n in self.gm.graph.nodes:
                 if n not in needed:
                     continue

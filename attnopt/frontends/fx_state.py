@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -106,8 +106,10 @@ def _torch_module(node: fx.Node) -> bool:
     return isinstance(sub, torch.nn.Module) and type(sub).__module__.startswith("torch.")
 
 
-def mutable_tensors(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[torch.Tensor]:
-    """The caller's tensors a run of `gm` on `inputs` may write (graph inputs, buffers, params)."""
+def mutable_tensors(gm: fx.GraphModule, inputs: Sequence[Any],
+                    only: Collection[fx.Node] | None = None) -> list[torch.Tensor]:
+    """The caller's tensors a run of `gm` on `inputs` may write (graph inputs, buffers, params);
+    `only`: the nodes a partial run executes (the evaluator's), else the whole graph."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found: dict[int, torch.Tensor] = {}
     unknown = False
@@ -117,6 +119,8 @@ def mutable_tensors(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[torch.Ten
             found[id(t)] = t
 
     for node in gm.graph.nodes:
+        if only is not None and node not in only:
+            continue
         if node.op == "call_module":
             sub = _attr(gm, str(node.target))
             if isinstance(sub, torch.nn.Module):
@@ -143,9 +147,10 @@ def mutable_tensors(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[torch.Ten
 
 
 @contextlib.contextmanager
-def preserved(gm: fx.GraphModule, inputs: Sequence[Any]) -> Iterator[None]:
-    """Run the body, then put back every tensor the graph may have written in place."""
-    tensors = [t for t in mutable_tensors(gm, inputs) if not isinstance(t, torch._subclasses.FakeTensor)]
+def preserved(gm: fx.GraphModule, inputs: Sequence[Any],
+              only: Collection[fx.Node] | None = None) -> Iterator[None]:
+    """Run the body, then put back every tensor the graph (or the nodes `only`) may have written."""
+    tensors = [t for t in mutable_tensors(gm, inputs, only) if not isinstance(t, torch._subclasses.FakeTensor)]
     with torch.no_grad():
         saved = [t.detach().clone() for t in tensors]
     try:
