@@ -333,22 +333,25 @@ def _reflected(t: _Translator, n: fx.Node) -> None:
     t.add(n, op, [t.lit(n, 1, b), t.lit(n, 0, a)])
 
 
-@_handles("where")
-def _where(t: _Translator, n: fx.Node) -> None:
-    c, a, b = arg(n, 0, "condition"), arg(n, 1, "input"), arg(n, 2, "other")
-    if c is None or a is None or b is None:
+def _select(t: _Translator, n: fx.Node, cond: tuple[int, str], then: tuple[int, str],
+            other: tuple[int, str]) -> None:
+    """where(cond, then, other) from the call's (position, name) slots."""
+    slots = (cond, then, other)
+    vals = [arg(n, i, name) for i, name in slots]
+    if any(v is None for v in vals):
         t.other(n)
         return
-    t.add(n, "where", [t.lit(n, 0, c), t.lit(n, 1, a), t.lit(n, 2, b)])
+    t.add(n, "where", [t.lit(n, i, v) for (i, _), v in zip(slots, vals)])
+
+
+@_handles("where")
+def _where(t: _Translator, n: fx.Node) -> None:
+    _select(t, n, (0, "condition"), (1, "input"), (2, "other"))
 
 
 @_handles("masked_fill", "masked_fill_")
-def _masked_fill(t: _Translator, n: fx.Node) -> None:
-    x, m, v = arg(n, 0, "input"), arg(n, 1, "mask"), arg(n, 2, "value")
-    if x is None or m is None or v is None:
-        t.other(n)
-        return
-    t.add(n, "where", [t.lit(n, 1, m), t.lit(n, 2, v), t.lit(n, 0, x)])
+def _masked_fill(t: _Translator, n: fx.Node) -> None:  # masked_fill(x, m, v) is where(m, v, x)
+    _select(t, n, (1, "mask"), (2, "value"), (0, "input"))
 
 
 def _unary(op: str):
