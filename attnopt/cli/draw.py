@@ -9,14 +9,14 @@ failed draw never leaves a broken PNG.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
 
 from attnopt.sparsity.simulator import SimResult, tile_detail
 from attnopt.ir import GNALayout
+from attnopt.pipeline.outputs import write_bytes_atomically
 
 
 def draw_png(layout: GNALayout, result: SimResult, path: str | Path) -> Path:
@@ -81,19 +81,11 @@ def draw_png(layout: GNALayout, result: SimResult, path: str | Path) -> Path:
     ax1.set_title(f"KV tiles per Q tile: max {result.max_kv_tiles}, mean "
                   f"{result.mean_kv_tiles:.1f} of {result.full_kv_tiles}; masked "
                   f"{result.masked_tiles}/{result.total_kv_tiles}", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buf = io.BytesIO()
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
         plt.close(fig)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(buf.getvalue(), path)
     return path

@@ -22,6 +22,7 @@ from typing import Optional
 import typer
 
 from attnopt.cli.common import UNSAFE_PICKLE_OPTION
+from attnopt.pipeline.outputs import write_bytes_atomically
 
 
 def _png_bytes(fig) -> bytes:
@@ -205,11 +206,7 @@ def render_report(plan, model_name: str = "") -> str:
 def write_report(plan, path: str | os.PathLike, model_name: str = "") -> Path:
     path = Path(path)
     text = render_report(plan, model_name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    _chmod_default(tmp)
-    os.replace(tmp, path)
+    write_bytes_atomically(text.encode("utf-8"), path)
     return path
 
 
@@ -218,12 +215,6 @@ def _same_path(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except (OSError, RuntimeError):
         return False
-
-
-def _chmod_default(path: str) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600
 
 
 def register(app: typer.Typer) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +36,7 @@ import torch.fx as fx
 from attnopt.cost.variants import Candidate, candidate_from_json, candidate_to_json
 from attnopt.ir import Graph, Site
 from attnopt.passes.rewrite import Recipe
+from attnopt.pipeline.outputs import write_bytes_atomically
 from attnopt.planner.apply import add_approximate, split_recipes
 from attnopt.planner.schema import (FORMAT, INF, VERSION, BadPlan, check_plan_json, parse_plan_text,
                                     read_plan_file)
@@ -180,13 +180,7 @@ class Plan:
         path = Path(path)
         text = self.dumps()
         Plan.from_json(text)  # never write what cannot be read back
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
+        write_bytes_atomically((text + "\n").encode(), path)
         return path
 
     @classmethod
