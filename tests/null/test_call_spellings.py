@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import attnopt
 import attnopt.frontends.fx as fx_front
 import attnopt.pipeline.backend as backend_mod
+from zoo.testing import spy_optimize
 
 B, H, S, D = 2, 4, 16, 8
 
@@ -88,17 +89,7 @@ def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
 
 
 def _spy(monkeypatch) -> list:
-    import attnopt.pipeline.optimize_torch as opt_torch
-    seen = []
-    real = opt_torch.optimize_graph_module
-
-    def spy(gm, inputs, **kw):
-        new, res = real(gm, inputs, **kw)
-        seen.append(res)
-        return new, res
-
-    monkeypatch.setattr(opt_torch, "optimize_graph_module", spy)
-    return seen
+    return spy_optimize(monkeypatch)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import attnopt
-import attnopt.pipeline.optimize_torch as opt_torch
 from attnopt.passes.rewrite import Recipe
 from zoo import handwritten as hw
+from zoo.testing import spy_optimize
 
 POSITIVE = [c.name for c in hw.cases() if not c.near_miss]
 NEAR_MISSES = [c.name for c in hw.cases() if c.near_miss]
@@ -151,15 +151,7 @@ def test_compile_backend_matches_eager(inner, dynamic):
 
 def test_compile_backend_counts_rewrites(monkeypatch):
     model, inputs = _example()
-    seen = []
-    real = opt_torch.optimize_graph_module
-
-    def spy(gm, inputs, **kw):
-        new, res = real(gm, inputs, **kw)
-        seen.append(res)
-        return new, res
-
-    monkeypatch.setattr(opt_torch, "optimize_graph_module", spy)
+    seen = spy_optimize(monkeypatch)
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(model, backend=attnopt.pipeline.backend.make_backend("eager"))(*inputs)

@@ -146,3 +146,20 @@ def run_cli(*args) -> tuple[int, str, str]:
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         raise r.exception
     return r.exit_code, r.stdout, r.stderr
+
+
+def spy_optimize(monkeypatch) -> list:
+    """Record the OptimizeResult of every graph the pipeline optimizes (the compile backend's
+    graphs included), by wrapping optimize_graph_module; returns the list it fills."""
+    import attnopt.pipeline.optimize_torch as opt_torch
+
+    seen = []
+    real = opt_torch.optimize_graph_module
+
+    def spy(gm, inputs, **kw):
+        new, res = real(gm, inputs, **kw)
+        seen.append(res)
+        return new, res
+
+    monkeypatch.setattr(opt_torch, "optimize_graph_module", spy)
+    return seen
