@@ -19,7 +19,6 @@ import os
 from typing import Any, Callable, Sequence, TypeVar
 
 from attnopt.util import cache
-from attnopt.util.cache import atomic_write, cache_root  # noqa: F401  their old home: callers import them here
 
 T = TypeVar("T")
 
