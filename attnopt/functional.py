@@ -35,7 +35,7 @@ from torch import Tensor
 
 from attnopt.codegen import select
 from attnopt.codegen.params import AttentionParams, TokenLayout
-from attnopt.codegen.reference import NORMALIZERS
+from attnopt.ir.vocab import NORMALIZERS
 from attnopt.ir import GNALayout
 
 BACKENDS = select.BACKENDS

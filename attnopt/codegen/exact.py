@@ -18,7 +18,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from attnopt.codegen.params import AttentionParams, TokenLayout
-from attnopt.codegen.reference import EXACT_FILL, reference_attention, structural_mask
+from attnopt.codegen.reference import reference_attention, structural_mask
+from attnopt.ir.vocab import EXACT_FILL
 
 
 def sdpa_float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:

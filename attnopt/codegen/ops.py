@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attnopt.codegen import select
 from attnopt.codegen.params import NO_SOFTCAP, NO_WINDOW_LIMIT, AttentionParams
-from attnopt.codegen.reference import CAUSAL_ALIGNMENTS, NORMALIZERS
+from attnopt.ir.vocab import CAUSAL_ALIGNMENTS, NORMALIZERS
 
 OP_NAME = "attnopt::attention"
 SCHEMA = (

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from attnopt.ir.vocab import CAUSAL_ALIGNMENTS, EXACT_FILL, NORMALIZERS  # noqa: F401 - re-exported
+from attnopt.ir.vocab import CAUSAL_ALIGNMENTS, NORMALIZERS
 
 
 

@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from attnopt.codegen.reference import EXACT_FILL
+from attnopt.ir.vocab import EXACT_FILL
 from attnopt.ir import Graph
 
 ELEMENTWISE = {

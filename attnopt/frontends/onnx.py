@@ -21,7 +21,7 @@ import onnx
 from attnopt.errors import UnreadableModel
 from attnopt.ir import Graph, Shape
 from attnopt.ir.vocab import SMALL_CONST_ELEMENTS as MAX_CONST_ELEMENTS
-from attnopt.frontends.onnx_checks import (MIN_OPSET, check_external_files, check_sizes,  # noqa: F401 - MIN_OPSET: public here
+from attnopt.frontends.onnx_checks import (check_external_files, check_sizes,
                                            check_structure, infer_shapes, read_model)
 from attnopt.frontends.onnx_eval import OnnxEvaluator
 from attnopt.frontends.onnx_proto import (OnnxEvaluationError, constant_node_type, constant_node_value,
