@@ -210,13 +210,6 @@ def write_report(plan, path: str | os.PathLike, model_name: str = "") -> Path:
     return path
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except (OSError, RuntimeError):
-        return False
-
-
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
@@ -236,7 +229,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Choose a kernel variant per attention site of MODEL; write the plan as JSON."""
         from attnopt.cli.common import out, pickle_policy, user_errors
-        from attnopt.errors import BadArgument, InputNotFound, OutputError
+        from attnopt.errors import BadArgument, InputNotFound
 
         with user_errors(debug), pickle_policy(allow_unsafe_pickle):
             from attnopt.planner.schema import POLICIES, TARGETS
@@ -257,11 +250,9 @@ def register(app: typer.Typer) -> None:
 
             check_input(model)
             reads = [("input model", model), ("calibration file", calibration)]
-            for p in (output, report):
-                if p is not None:
-                    check_output(p, reads)
-            if report is not None and _same_path(output, report):
-                raise OutputError(f"--report {report} is the plan output; choose another path")
+            check_output(output, reads)
+            if report is not None:
+                check_output(report, reads + [("plan output", output)])
             plan = make_plan(model, policy=policy, max_error=max_error,
                              target=None if target is None else target.lower(),
                              calibration=calibration)
