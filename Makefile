@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean bench test-compat
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -36,5 +36,26 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports  # imports run one way (docs/ARCHITECTURE.md); a cycle or upward import fails here
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n 2 tests
 
+# The detection and rewrite tests against a second, newer torch in a venv of its own (not part
+# of `make test` / CI). TORCH_COMPAT defaults to the newest torch this machine's package
+# registry serves: pip's site constraints (/etc/xdg/pip/constraints.txt) cap it at 2.14.1 here,
+# which lies on disk with its CUDA dependencies (a CUDA build: it runs on the CPU all the same).
+COMPAT := .venv-compat
+TORCH_COMPAT ?= 2.14.1
+COMPAT_TESTS := tests/null/test_detect_models.py tests/null/test_detect_handwritten.py \
+	tests/null/test_detect_fused_onnx.py tests/null/test_rewrite_models.py \
+	tests/null/test_rewrite_torch.py tests/null/test_onnx_rewrite.py tests/null/test_call_spellings.py \
+	tests/null/test_side_effects.py tests/null/test_library_outputs.py tests/null/test_zoo.py \
+	tests/null/test_views_relpos.py
+$(COMPAT)/.installed-$(TORCH_COMPAT):
+	$(PY) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check torch==$(TORCH_COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+test-compat: $(COMPAT)/.installed-$(TORCH_COMPAT)
+	$(COMPAT)/bin/python -c "import torch; print('torch', torch.__version__)"
+	TRITON_INTERPRET=1 $(COMPAT)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(COMPAT_TESTS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT) build *.egg-info

@@ -16,9 +16,10 @@ import torch
 import torch.fx as fx
 
 from attnopt.frontends.fx_nodes import ASSERT_OPS, arg, base_name, is_sdpa, meta_val, sdpa_args
-from attnopt.passes.lower import (Attend, CombineMasks, Expand, Flatten, LoadOperand, MaskInput,
-                                  MeanVOnDeadRows, Permute, Squeeze, SplitLead, StoreOutput, ToRank,
-                                  Unflatten, Unsqueeze, View, ZeroNaNRows, lower)
+from attnopt.passes.lower import (Attend, Broadcast, CombineMasks, Expand, Flatten, LoadOperand,
+                                  MaskInput, MergeAxes, MeanVOnDeadRows, Permute, SizeOf, Squeeze,
+                                  SplitLead, StoreOutput, ToRank, Unflatten, Unsqueeze, View,
+                                  ZeroNaNRows, lower)
 from attnopt.passes.rewrite import Recipe
 
 def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModule, dict[str, str]]:
@@ -66,6 +67,11 @@ def _view(graph: fx.Graph, x: fx.Node, op: View, src: fx.Node | None = None) -> 
             return _call(graph, torch.Tensor.expand, x, *sizes)
         case ToRank(rank=rank):
             return _unsqueezed(graph, x, rank)
+        case MergeAxes(groups=groups):
+            for g in reversed(groups):  # right to left: the axes before a group keep their index
+                if len(g) > 1:
+                    x = _call(graph, torch.flatten, x, g[0], g[-1])
+            return x
         case SplitLead(heads=heads):
             val = meta_val(src) if src is not None else None
             lead = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() == op.rank else 1
@@ -149,7 +155,25 @@ def _mask_term(graph: fx.Graph, by: dict, i: MaskInput, q: fx.Node | None) -> fx
         x = graph.call_function(torch.Tensor.new_full, (q, [1] * t.rank, float(t.literal)),
                                 {"dtype": torch.float32})
         return _views(graph, x, i.views)
-    return _views(graph, by[t.node], i.views, by[t.node])
+    x = by[t.node]
+    for op in i.views:
+        if isinstance(op, Broadcast):  # sizes of the scores' view, symbolic ones read at run time
+            sizes = [-1 if e is None else e if isinstance(e, int) else _size_of(graph, by, e)
+                     for e in op.sizes]
+            x = _call(graph, torch.Tensor.expand, x, *sizes)
+        else:
+            x = _view(graph, x, op, by[t.node])
+    return x
+
+
+def _size_of(graph: fx.Graph, by: dict, s: SizeOf):
+    n = by[s.node]
+    val = meta_val(n)
+    dim = val.shape[s.axis] if isinstance(val, torch.Tensor) else None
+    if isinstance(dim, int):
+        return dim // s.divisor
+    size = _call(graph, torch.Tensor.size, n, s.axis)
+    return size if s.divisor == 1 else _call(graph, operator.floordiv, size, s.divisor)
 
 
 def _unsqueezed(graph: fx.Graph, x: fx.Node, rank: int) -> fx.Node:

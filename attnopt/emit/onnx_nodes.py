@@ -18,9 +18,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from attnopt.ir import Graph
-from attnopt.passes.lower import (Attend, CombineMasks, Expand, Flatten, LoadOperand, Lowered,
-                                  MaskInput, MeanVOnDeadRows, Permute, Squeeze, SplitLead, ToRank,
-                                  Unflatten, Unsqueeze, View)
+from attnopt.passes.lower import (Attend, Broadcast, CombineMasks, Expand, Flatten, LoadOperand,
+                                  Lowered, MaskInput, MergeAxes, MeanVOnDeadRows, Permute, SizeOf,
+                                  Squeeze, SplitLead, ToRank, Unflatten, Unsqueeze, View)
 
 
 class Skip(Exception):
@@ -224,7 +224,30 @@ def view(b: Block, x: str, op: View, f: SiteFacts, hint: str, *, last=None, src:
         s = f.shape(src) if src is not None else None
         lead = s[0] if s is not None and len(s) == op.rank else 1
         return b.unsqueeze(x, [0], hint) if lead == 1 else b.unmerge(x, op.heads, hint)
+    if isinstance(op, Broadcast):  # Expand broadcasts: 1 keeps an axis
+        parts = [b.ints([1 if e is None else e], f"{hint}_b{i}") if not isinstance(e, SizeOf)
+                 else _size_of(b, e, f"{hint}_b{i}") for i, e in enumerate(op.sizes)]
+        return b.node("Expand", [x, b.node("Concat", parts, f"{hint}_bshape", axis=0)], hint)
+    if isinstance(op, MergeAxes):  # each run merged by a Reshape that reads the other sizes
+        rank = sum(len(g) for g in op.groups)
+        for g in reversed(op.groups):
+            if len(g) == 1:
+                continue
+            shp = b.node("Shape", [x], hint + "_shape")
+            head = b.node("Slice", [shp, b.ints([0], hint + "_s0"), b.ints([g[0]], hint + "_s1")], hint + "_head")
+            tail = b.node("Slice", [shp, b.ints([g[-1] + 1], hint + "_t0"), b.ints([rank], hint + "_t1")],
+                          hint + "_tail")
+            x = b.node("Reshape", [x, b.node("Concat", [head, b.ints([-1], hint + "_m"), tail],
+                                              hint + "_dims", axis=0)], hint)
+            rank -= len(g) - 1
+        return x
     raise Skip(f"no ONNX form for the view {op!r}")
+
+
+def _size_of(b: Block, s: SizeOf, hint: str) -> str:
+    """A run-time size (lower.SizeOf) as a 1-element int64 tensor."""
+    d = b.dim(s.node, s.axis, None, hint)
+    return d if s.divisor == 1 else b.node("Div", [d, b.ints([s.divisor], hint + "_div")], hint + "_q")
 
 
 def load(b: Block, step: LoadOperand, f: SiteFacts) -> str:

@@ -51,7 +51,7 @@ def key_bias(b: Block, step: CombineMasks, att: Attend, f: SiteFacts,
     allowed = {rb + 1} | ({0} if rb >= 1 else set())
     for inp in step.inputs:
         t = inp.term
-        if t.literal is not None:
+        if t.literal is not None or t.view is not None:
             return None
         if t.how in ("keep", "drop"):
             exact = t.fill is not None and t.fill <= EXACT_FILL

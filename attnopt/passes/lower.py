@@ -75,7 +75,32 @@ class SplitLead:
     rank: int
 
 
-View = Permute | Unsqueeze | Squeeze | Flatten | Unflatten | Expand | ToRank | SplitLead
+@dataclass(frozen=True)
+class SizeOf:
+    """A size known at run time only: `node`'s size on `axis`, floor-divided by `divisor`."""
+
+    node: str
+    axis: int
+    divisor: int = 1
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Broadcast a term to a view of the scores: entry None keeps the axis, an int or a SizeOf
+    is the size to expand it to (patterns/score_views.py)."""
+
+    sizes: tuple[int | SizeOf | None, ...]
+
+
+@dataclass(frozen=True)
+class MergeAxes:
+    """Merge each run of consecutive axes `groups[i]` into output axis i (a view of the scores
+    back to the score layout)."""
+
+    groups: tuple[tuple[int, ...], ...]
+
+
+View = Permute | Unsqueeze | Squeeze | Flatten | Unflatten | Expand | ToRank | SplitLead | Broadcast | MergeAxes
 
 # ---- steps ----------------------------------------------------------------------------------
 
@@ -214,18 +239,41 @@ def _permute(perm: tuple[int, ...]) -> tuple[View, ...]:
     return () if tuple(perm) == tuple(range(len(perm))) else (Permute(tuple(perm)),)
 
 
-def mask_input(t: MaskTerm) -> MaskInput:
+def mask_input(t: MaskTerm, r: Recipe | None = None) -> MaskInput:
     """A term at the score rank, permuted to canonical order, a merged-head term viewed as
-    [B, H, Sq, Skv] (a literal scalar is made at the score rank by the emitter)."""
-    views = (() if t.literal is not None else (ToRank(t.rank),)) + _permute(t.perm)
+    [B, H, Sq, Skv] (a literal scalar is made at the score rank by the emitter). A term added in
+    a view of the scores is first broadcast to that view and merged back (`r` sizes the view's
+    symbolic axes from q and k)."""
+    views = () if t.literal is not None else (ToRank(t.rank),)
+    if t.view is not None and t.literal is None:
+        views = _from_view(t, r)
+    views += _permute(t.perm)
     return MaskInput(t, views + ((SplitLead(t.merged_heads, t.rank),) if t.merged_heads else ()))
+
+
+def _from_view(t: MaskTerm, r: Recipe | None) -> tuple[View, ...]:
+    v = t.view
+    sizes = tuple(_view_size(e, t, r) for e in v.expand) if any(e is not None for e in v.expand) else ()
+    return (ToRank(len(v.inner)),) + ((Broadcast(sizes),) if sizes else ()) + (MergeAxes(v.groups),)
+
+
+def _view_size(e, t: MaskTerm, r: Recipe | None) -> int | SizeOf | None:
+    """A Broadcast size: ("outer", i, c) is score axis i's run-time size over c, read from the
+    operand that carries that axis (canonical batch axes and Sq from q, Skv from k)."""
+    if e is None or isinstance(e, int):
+        return e
+    _, axis, divisor = e
+    c = list(t.perm).index(axis)
+    rb = r.batch_rank
+    o = r.k if c == rb + 1 else r.q
+    return SizeOf(o.node, o.perm[min(c, rb)], divisor)
 
 
 def lower(r: Recipe) -> Lowered:
     """The neutral steps of one recipe (the same for every emitter)."""
     loads = tuple(LoadOperand(role, o.node, _permute(o.perm) + to_heads(r, "q" if role == "q" else "kv"))
                   for role, o in (("q", r.q), ("k", r.k), ("v", r.v)))
-    inputs = tuple(mask_input(t) for t in r.masks)
+    inputs = tuple(mask_input(t, r) for t in r.masks)
     boolean = bool(r.masks) and all(t.how in ("keep", "drop") and t.fill == -math.inf for t in r.masks)
     steps: list[Step] = [*loads, CombineMasks(inputs, boolean, to_heads(r, "mask")),
                          Attend(r.scale, r.causal, r.causal_alignment, r.window, r.softcap,

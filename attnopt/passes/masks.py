@@ -130,6 +130,10 @@ def _combine(graph: Graph, m: Match, ops, feeds, sq: int, skv: int):
     bias = np.zeros((1, 1), dtype=np.float64)
     for op in ops:
         arr = np.asarray(values[op.node])
+        if op.view is not None:  # added in a view of the scores: broadcast to it, merge back
+            v = op.view
+            arr = arr.reshape((1,) * (len(v.inner_probe) - arr.ndim) + arr.shape)
+            arr = np.broadcast_to(arr, v.inner_probe).reshape(v.outer_probe)
         if op.merged_heads:  # [B*H, Sq, Skv] layout: view it as the [B, H, Sq, Skv] scores
             arr = arr.reshape((1,) * (3 - arr.ndim) + arr.shape)
             arr = arr[None] if arr.shape[0] == 1 else arr.reshape((-1, op.merged_heads) + arr.shape[1:])

