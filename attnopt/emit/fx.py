@@ -96,7 +96,7 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
         for step in low.steps:
             match step:
                 case LoadOperand():
-                    ops[step.role] = _views(graph, by[step.node], step.views)
+                    ops[step.role] = _scaled(graph, by, step, _views(graph, by[step.node], step.views))
                 case CombineMasks():
                     mask = _combined_mask(graph, by, step, ops["q"])
                 case Attend():
@@ -114,6 +114,14 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
     touched.update(by[n] for n in low.remove if n in by)
     touched.add(out_node)
     return result
+
+
+def _scaled(graph: fx.Graph, by: dict, step: LoadOperand, x: fx.Node) -> fx.Node:
+    """q times the per-head factors the model multiplied its scores by (in q's dtype)."""
+    for f in step.factors:
+        t = _views(graph, _mask_term(graph, by, f, None), step.factor_views)
+        x = _call(graph, operator.mul, x, _call(graph, torch.Tensor.type_as, t, x))
+    return x
 
 
 def _attend(graph: fx.Graph, a: Attend, q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None

@@ -256,6 +256,13 @@ def load(b: Block, step: LoadOperand, f: SiteFacts) -> str:
     last = f.dv if w == "v" else f.d
     for op in step.views:
         x = view(b, x, op, f, f"{w}_4d", last=last, perm_hint=f"{w}_canon")
+    for i, fi in enumerate(step.factors):  # per-head factors of the scores, moved onto q
+        t = mask_term(b, fi, f, f"{w}_factor{i}")
+        for op in step.factor_views:
+            t = view(b, t, op, f, f"{w}_factor{i}_4d")
+        if f.g.dtype(fi.term.node) != f.dtype.name:
+            t = b.node("Cast", [t], f"{w}_factor{i}_cast", to=helper.np_dtype_to_tensor_dtype(f.dtype))
+        x = b.node("Mul", [x, t], f"{w}_scaled")
     return x
 
 

@@ -142,7 +142,7 @@ def attend(b: Block, f: SiteFacts, att: Attend, mask4: Callable[[], str] | None,
 
     def to_bsd(which: str, expand: bool) -> str:
         step = getattr(f, which)
-        if not expand and all(isinstance(v, Permute) for v in step.views):
+        if not expand and not step.factors and all(isinstance(v, Permute) for v in step.views):
             # One transpose straight from the operand's own layout to BSHD.
             perm = getattr(f, f"{which}_perm")
             x = b.transpose(step.node, tuple(perm[j] for j in BSHD), f"{which}_bshd")

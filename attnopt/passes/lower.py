@@ -112,6 +112,10 @@ class LoadOperand:
     role: str  # "q" | "k" | "v"
     node: str
     views: tuple[View, ...]
+    # q only: per-head factors the model multiplied its scores by, each a term in canonical
+    # [batch..., 1, 1] order viewed by `factor_views` to [B|1, H|1, 1, 1]; q is multiplied by them.
+    factors: tuple[MaskInput, ...] = ()
+    factor_views: tuple[View, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,9 @@ def _view_size(e, t: MaskTerm, r: Recipe | None) -> int | SizeOf | None:
 
 def lower(r: Recipe) -> Lowered:
     """The neutral steps of one recipe (the same for every emitter)."""
-    loads = tuple(LoadOperand(role, o.node, _permute(o.perm) + to_heads(r, "q" if role == "q" else "kv"))
+    factors = tuple(mask_input(t, r) for t in r.q_factors)
+    loads = tuple(LoadOperand(role, o.node, _permute(o.perm) + to_heads(r, "q" if role == "q" else "kv"),
+                              factors if role == "q" else (), to_heads(r, "mask") if role == "q" else ())
                   for role, o in (("q", r.q), ("k", r.k), ("v", r.v)))
     inputs = tuple(mask_input(t, r) for t in r.masks)
     boolean = bool(r.masks) and all(t.how in ("keep", "drop") and t.fill == -math.inf for t in r.masks)

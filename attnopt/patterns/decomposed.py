@@ -121,6 +121,7 @@ class _Matcher:
         self.scale_nodes: list[FoldedScale] = []  # constant scalar mul/divs folded into the scale
         self.guarded = False  # where(isnan(p), 0, p) met below the normalizer
         self.kv_repeat: int | None = None  # GQA repeat factor of k (heads())
+        self.factors: list[str] = []  # tensors the scores are multiplied by (per-head scales)
         self.p_perm: tuple[int, ...] = ()  # C2 operand axis i is probability axis p_perm[i]
         self.split: tuple | None = None  # (B, H) when heads are merged into the batch ([B*H, ...])
         self.split_node: str | None = None  # the [B, H, Sq, Skv] view of C1's merged scores
@@ -180,7 +181,7 @@ class _Matcher:
                                          f"axis {key_pos}: softmax over a non-key axis")
 
         c1_node, masks, scale, softcap = self.walk_up()
-        for m in masks:
+        for m in masks + [MaskOperand(f, "mul") for f in self.factors]:
             if m.node in self.g and ({c1_node} | self.nodes) & self.g.ancestors(m.node):
                 self.reject(m.node, f"{g.describe(m.node)} added to the scores is computed from the "
                                     "scores themselves")
@@ -218,6 +219,7 @@ class _Matcher:
         batch_labels = [l for l in s_labels if l not in (q_label, key_label)]
         if set(batch_labels) != c1.batch:
             self.reject(c1_node, "the score matmul has free axes besides query and key")
+        self.check_factors(len(s_labels), s_labels.index(q_label), s_labels.index(key_label))
 
         q_op, k_op = c1.operand(q_side), c1.operand(k_side)
         v_op = c2.operand(v_side)
@@ -261,7 +263,8 @@ class _Matcher:
             v_labels=v_lab, score_labels=s_labels, p_labels=p_labels, p_perm=self.p_perm,
             out_labels=c2.out_labels, query_label=q_label, key_label=key_label, head_label=d_label,
             value_label=v_label, scale_nodes=tuple(self.scale_nodes), scores=scores,
-            split_heads=split_heads, nan_guard=self.guarded, kv_repeat=self.kv_repeat)
+            split_heads=split_heads, nan_guard=self.guarded, kv_repeat=self.kv_repeat,
+            q_factors=tuple(self.factors))
         return Match(
             pattern="decomposed", normalizer=self.normalizer, anchor=self.anchor, output=c2_node,
             q=q_src, k=k_src, v=v_op, batch=batch, num_heads=heads, num_kv_heads=kv_heads,
@@ -385,6 +388,14 @@ class _Matcher:
                     softcap, cur = cap
                     stage = 1
                     continue
+                tensor = self.tensor_factor(cur) if op == "mul" and back is None and not merged else None
+                if tensor is not None:  # Swin v2's per-head logit scale: moved onto q
+                    if stage == 1:
+                        self.reject(cur, "the scores are multiplied by a tensor inside the softcap")
+                    self.factors.append(tensor[0])
+                    self.nodes.add(cur)
+                    stage, cur = 3, tensor[1]
+                    continue
                 factor, path = self.scalar_factor(cur)
                 scale *= factor
                 stage = 2 if stage == 0 else stage
@@ -459,6 +470,8 @@ class _Matcher:
 
         if stage == 1:
             self.reject(nid, f"{what} inside the softcap")
+        if stage == 3:
+            self.reject(nid, f"{what} before the scores are multiplied by a tensor")
         if stage == 2 and not (math.isfinite(scale) and scale > 0):
             self.reject(nid, f"{what} before the scores are scaled by {scale:g}")
         return scale
@@ -493,6 +506,35 @@ class _Matcher:
             return (a, b) if self.choices[nid] == 0 else (b, a)
         self.reject(nid, "an add on the scores has scores on both sides or on neither")
         raise AssertionError  # unreachable
+
+    def check_factors(self, rank: int, q_axis: int, k_axis: int) -> None:
+        """A tensor factor on the scores is a per-head (per-batch) scale only when it is
+        constant along the query and key axes: then it multiplies q instead (one rounding apart)."""
+        for f in self.factors:
+            if self.split is not None:
+                self.reject(f, "merged-head scores multiplied by a tensor")
+            try:
+                shape = self.g.evaluator.probe_shape(f)
+            except Exception:  # noqa: BLE001
+                shape = None
+            if shape is None or len(shape) > rank:
+                self.reject(f, f"{self.g.describe(f)} multiplies the scores by a tensor of unknown shape")
+            shape = (1,) * (rank - len(shape)) + tuple(shape)
+            if shape[q_axis] != 1 or shape[k_axis] != 1:
+                self.reject(f, f"{self.g.describe(f)} multiplies the scores by a tensor that varies "
+                               "along queries or keys, not a per-head scale")
+
+    def tensor_factor(self, nid: str) -> tuple[str, str] | None:
+        """scores * t with t a tensor that does not come from a matrix product: (t, scores).
+        Only a t constant along the query and key axes is a per-head scale (checked in
+        run() once the axes are known)."""
+        a, b = self.g.inputs_of(nid)
+        for t, path in ((b, a), (a, b)):
+            if scalar_value(self.g, t) is None and (self.g.rank(t) or 0) > 0 \
+                    and self.reaches_contraction(path) \
+                    and not self.reaches_contraction(t):
+                return t, path
+        return None
 
     def scalar_factor(self, nid: str) -> tuple[float, str]:
         """For mul/div by a constant scalar: (factor, the other operand)."""

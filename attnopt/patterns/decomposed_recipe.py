@@ -64,6 +64,7 @@ def decomposed_recipe(graph: Graph, site: Site) -> Recipe | str:
             masks.append(MaskTerm(op.node, op.how, op.fill, op.scale, rank, score_perm, literal,
                                   view=op.view))
 
+    factors = tuple(MaskTerm(f, "mul", None, 1.0, rank, score_perm) for f in d.q_factors)
     dead_rows = dead_row_rule(graph, masks, spec.normalizer)
     if dead_rows.unsupported:
         return dead_rows.unsupported
@@ -77,7 +78,7 @@ def decomposed_recipe(graph: Graph, site: Site) -> Recipe | str:
         causal=causal, causal_alignment=align, window=None, softcap=softcap_of(spec.score_mods),
         normalizer=spec.normalizer, out_perm=out_perm, bypass=bypass, output=site.output,
         remove=frozenset(site.nodes), nan_guard=d.nan_guard,
-        dead_rows_mean_v=dead_rows.mean_v, split_heads=split,
+        dead_rows_mean_v=dead_rows.mean_v, split_heads=split, q_factors=factors,
         head_dims=tuple(x if isinstance(x, int) else None for x in (spec.head_dim, spec.v_head_dim)),
         q_heads=spec.num_heads if isinstance(spec.num_heads, int) else None,
         k_heads=(spec.num_kv_heads * (d.kv_repeat or 1)

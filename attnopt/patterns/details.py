@@ -46,6 +46,9 @@ class DecomposedDetails(Details):
     split_heads: int = 0  # H when q, k, v and the output are [B*H, S, D] (BLOOM, DeBERTa)
     nan_guard: bool = False  # the model zeroes NaN probabilities (rows with every key masked)
     kv_repeat: int | None = None  # GQA: how often k's heads were repeated before C1
+    # Tensors constant along queries and keys that multiply the scores (Swin v2's per-head logit
+    # scale, [H, 1, 1]): the rewrite multiplies q by them instead.
+    q_factors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

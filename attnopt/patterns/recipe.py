@@ -93,6 +93,9 @@ class Recipe:
     # operands as [B, H, S, D] (this is H) so masks keep that layout. Masks without
     # `merged_heads` are rank 4 in the [B, H, Sq, Skv] view.
     split_heads: int = 0
+    # Terms (at the score rank, constant along queries and keys) the model multiplied its scores
+    # by: q is multiplied by them instead (how "mul").
+    q_factors: tuple[MaskTerm, ...] = ()
 
 
 def simplify_constant_masks(graph: Graph, spec, masks: list) -> tuple[list, bool, str]:

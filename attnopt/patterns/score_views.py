@@ -71,6 +71,7 @@ def term_view(g: Graph, view: ScoreView, term: str) -> ScoreView | str:
         return f"{g.describe(term)} has more axes than the viewed scores"
     shape = (1,) * (rank - len(shape)) + tuple(shape)
     expand: list = [None] * rank
+    static = _static_inputs(g)
     for oi, group in enumerate(view.groups):
         sizes = [shape[j] for j in group]
         full = [view.inner_probe[j] for j in group]
@@ -81,8 +82,8 @@ def term_view(g: Graph, view: ScoreView, term: str) -> ScoreView | str:
         for j, s, f in zip(group, sizes, full):
             if s == 1 and f != 1:
                 dim = view.inner[j]
-                if isinstance(dim, int):
-                    expand[j] = dim
+                if isinstance(dim, int) or static:
+                    expand[j] = f  # == dim; or every size is fixed where every input is
                     continue
                 rest = [view.inner[x] for x in group if x != j]
                 if not all(isinstance(x, int) for x in rest):
@@ -103,3 +104,11 @@ def _term_shape(g: Graph, term: str) -> tuple[int, ...] | None:
         if s is None or not all(isinstance(x, int) for x in s):
             return None
     return tuple(int(x) for x in s)
+
+
+def _static_inputs(g: Graph) -> bool:
+    """Whether every user input has a static shape: then every size in the graph is fixed
+    (an exporter's shape inference may still have lost some: their probe value is their value)."""
+    ins = [n for n in g.nodes() if g.op(n) == "input" and g.attr(n, "role", "user") == "user"]
+    return bool(ins) and all(g.shape(n) is not None and all(isinstance(d, int) for d in g.shape(n))
+                             for n in ins)

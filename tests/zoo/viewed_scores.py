@@ -153,6 +153,34 @@ class DecomposedRelPos(nn.Module):
         return h + self.attn(F.layer_norm(h, h.shape[-1:]))
 
 
+class PerHeadScale(nn.Module):
+    """Swin v2's cosine attention: normalized q and k, scores times a learned per-head logit
+    scale ([H, 1, 1], clamped and exponentiated), then a bias. Near misses: a factor that varies
+    along the keys ([H, 1, N]), and a bias added before the tensor factor."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, n: int = 16, variant: str = "swinv2"):
+        super().__init__()
+        self.h, self.variant, self.size = heads, variant, int(n ** 0.5)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.embed = nn.Linear(3, dim)
+        shape = (heads, 1, n) if variant == "per_key" else (heads, 1, 1)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(shape) + 1))
+        self.bias = nn.Parameter(torch.randn(heads, n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, n, c = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        scale = torch.clamp(self.logit_scale, max=4.6052).exp()
+        if self.variant == "bias_first":
+            attn = (attn + self.bias) * scale
+        else:
+            attn = attn * scale + self.bias
+        attn = attn.softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
 def sharpen(model: nn.Module, factor: float = 3.0) -> nn.Module:
     """Scale the weights up so attention is peaked (default inits hide wrong scales)."""
     torch.manual_seed(0)
