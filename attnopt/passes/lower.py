@@ -12,6 +12,10 @@ The batch axes map to the op's [B, H] as follows (the same views for q, k, v, ma
   rank 0  []                  unsqueeze both
   rank 3  [B, H1, H2]         flatten H1*H2 into H (k/v with H2 == 1 broadcast: squeeze it, GQA)
 
+A term the model added to a view of its scores (patterns/score_views.py) is first brought to the
+score rank: ToRank to the view's rank, Broadcast where a merged group is only partly broadcast,
+MergeAxes back to the score layout. q may carry per-head factors (LoadOperand.factors).
+
 Steps, in order: three `LoadOperand`s (q, k, v), `CombineMasks` (possibly without terms),
 `Attend` (the fused call), then `ZeroNaNRows` and `MeanVOnDeadRows` when the model needs them,
 and `StoreOutput`. The emitters realize every view op and step; what only one target needs
