@@ -8,12 +8,17 @@ model plus ours for attention.
 A graph the front end cannot read or splice (optimize_graph_module), or whose rewritten form the
 inner compiler refuses, runs as it came, with one warning giving the reason.
 
+Symbolic graphs (dynamic=True, automatic dynamic's recompile) are rewritten once per graph
+compile with batch and sequence lengths left symbolic; what a rewrite must fix (head sizes, a
+float it folds) is pinned by a dynamo guard, logged with its reason (pipeline/symbolic.py).
+
 Training graphs (grad enabled and an input requiring grad) go to the inner compiler untouched
 until backward kernels exist; one log line says so.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,6 +41,38 @@ def _is_training(example_inputs: Sequence[Any]) -> bool:
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
+def _rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], validate: bool):
+    """optimize_graph_module on a dynamo graph, once per graph compile (never per call). A graph
+    with symbolic sizes or unspecialized floats first gets the few values a rewrite must fix
+    (head sizes, folded floats) pinned by guards, and what the rewrite added is run on the
+    symbolic sizes so any size it assumes becomes a guard too (pipeline/symbolic.py); batch and
+    sequence lengths stay dynamic."""
+    from attnopt.pipeline import symbolic
+    from attnopt.pipeline.optimize_torch import optimize_graph_module
+
+    floats = symbolic.symbolic_floats(gm)
+    work = symbolic.float_literals(gm, floats) if floats else gm
+    dynamic = symbolic.is_symbolic(example_inputs)
+    if dynamic:
+        symbolic.pin_head_sizes(work, example_inputs)
+    new_gm, result = optimize_graph_module(work, list(example_inputs), validate=validate)
+    if new_gm is work:  # nothing rewritten: the graph as it came, no float pinned
+        return gm, result
+    consumed = symbolic.keep_consumed(work, new_gm, floats) if floats else []
+    if dynamic:
+        try:
+            symbolic.check_rewritten(gm, new_gm)
+        except Exception as e:  # noqa: BLE001 - the graph as it came holds for every size
+            why = f"the rewrite does not hold for symbolic sizes ({type(e).__name__}: {e})"
+            log.warning("attnopt: graph left unoptimized: %s", why)
+            result.sites = [replace(s, status="kept", reason=why) if s.status == "rewritten" else s
+                            for s in result.sites]
+            result.model = gm
+            return gm, result
+    symbolic.pin_floats(consumed)
+    return new_gm, result
+
+
 def make_backend(inner: str = "inductor", validate: bool = True) -> Callable:
     if inner not in ("inductor", "eager"):
         raise ValueError(f"inner must be 'inductor' or 'eager', got {inner!r}")
@@ -48,15 +85,18 @@ def make_backend(inner: str = "inductor", validate: bool = True) -> Callable:
                             inner)
                 _warned_training = True
             return _inner_compile(inner, gm, example_inputs)
-        from attnopt.pipeline.optimize_torch import optimize_graph_module
-
-        new_gm, result = optimize_graph_module(gm, list(example_inputs), validate=validate)
+        new_gm, result = _rewrite(gm, example_inputs, validate)
         log.info("attnopt: %d/%d attention sites rewritten (max rel error %.2g)",
                  result.sites_rewritten, result.sites_found, result.rel_error)
         if new_gm is gm:
             return _inner_compile(inner, gm, example_inputs)
         try:
             return _inner_compile(inner, new_gm, example_inputs)
+        except torch._dynamo.exc.RestartAnalysis:
+            # dynamo's control flow, not a failure: inductor asks for a retrace (e.g. with a float
+            # the rewrite pinned specialized, TensorifyScalarRestartAnalysis); the retraced graph
+            # comes back here and is rewritten as it then is.
+            raise
         except Exception as e:  # noqa: BLE001 - the graph as it came still compiles
             log.warning("attnopt: graph left unoptimized: %s could not compile the rewritten graph "
                         "(%s: %s)", inner, type(e).__name__, e)

@@ -21,6 +21,7 @@ from attnopt.passes.rewrite import plan_all, structural_windows
 from attnopt.pipeline.validate import (Error, outputs_error, padded_variants, padding_positions, run_captured,
                                      tensor_error, tolerance_for, low_precision_tolerance)
 from attnopt.pipeline.result import OptimizeResult, SiteResult
+from attnopt.pipeline.symbolic import concrete
 
 log = logging.getLogger("attnopt")
 
@@ -64,19 +65,12 @@ def flat_example_inputs(ep: "torch.export.ExportedProgram", gm: fx.GraphModule) 
     return flat
 
 
-def _concrete(x: Any) -> Any:
-    """dynamo hands symbolic sizes as SymInts; run validation at their example values."""
-    if isinstance(x, torch.SymInt):
-        return int(x.node.hint)
-    return x
-
-
 def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: str = "fx",
                           validate: bool = True, plan: PlanApplication | None = None
                           ) -> tuple[fx.GraphModule, OptimizeResult]:
     """plan: an attnopt.Plan (PlanApplication); its exact variants are validated like any rewrite, its
     approximate ones afterwards against the plan's max_error (end-to-end relative L2)."""
-    inputs = [_concrete(x) for x in inputs]
+    inputs = [concrete(x) for x in inputs]  # dynamo's SymInts: validate at their example values
     try:
         graph = fx_front.from_graph_module(gm, list(inputs), source=source)
         sites, rejected = detect(graph)
