@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from attnopt.frontends.fx_nodes import ASSERT_OPS, arg, base_name, is_sdpa, meta_val, sdpa_args
+from attnopt.frontends.fx_nodes import ASSERT_OPS, arg, base_name, dead_nodes, is_sdpa, meta_val, sdpa_args
 from attnopt.passes.lower import (Attend, Broadcast, CombineMasks, Expand, Flatten, LoadOperand,
                                   MaskInput, MergeAxes, MeanVOnDeadRows, Permute, SizeOf, Squeeze,
                                   SplitLead, StoreOutput, ToRank, Unflatten, Unsqueeze, View,
@@ -34,7 +34,9 @@ def splice(gm: fx.GraphModule, recipes: Sequence[Recipe]) -> tuple[fx.GraphModul
     results = {}
     for r in recipes:
         results[r.site] = _apply(graph, by_name, r, touched).name
-    _remove_dead(graph, touched)
+    # Computations that reach no output (detection never saw them: frontends/fx_nodes.dead_nodes)
+    # would keep a replaced attention alive.
+    _remove_dead(graph, touched | dead_nodes(graph))
     graph.lint()
     new = fx.GraphModule(gm, graph)
     new.meta.update(getattr(gm, "meta", {}))

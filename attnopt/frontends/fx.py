@@ -21,8 +21,8 @@ from attnopt.errors import UnsupportedModel
 from attnopt.ir import Graph
 from attnopt.ir.vocab import SMALL_CONST_ELEMENTS as SMALL_CONST
 from attnopt.frontends.fx_eval import GraphEvaluator, to_numpy
-from attnopt.frontends.fx_nodes import (ASSERT_OPS, SDPA_NAMES, arg, base_name, dtype_name, meta_val,
-                                        module_scope, overload_name, sdpa_args, sdpa_qkv, shape_dtype)
+from attnopt.frontends.fx_nodes import (ASSERT_OPS, SDPA_NAMES, arg, base_name, dead_nodes, dtype_name,
+                                        meta_val, module_scope, overload_name, sdpa_args, sdpa_qkv, shape_dtype)
 
 
 # ---- translation ---------------------------------------------------------------------------
@@ -61,9 +61,13 @@ class _Translator:
         self.add(node, "other", self.node_inputs(node), **attrs)
 
     def run(self) -> None:
+        dead = dead_nodes(self.gm.graph)  # not in the IR: their uses are not uses
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self.outputs(node)
+                continue
+            if node in dead:
+                self.skipped.add(node.name)
                 continue
             name = base_name(node) if node.op not in ("placeholder", "get_attr") else node.op
             if name in ASSERT_OPS or name.removeprefix("module:") in ASSERT_OPS:

@@ -195,3 +195,23 @@ def sdpa_args(n: fx.Node) -> tuple[Any, float, bool, Any]:
 
 def sdpa_qkv(n: fx.Node) -> tuple[Any, Any, Any]:
     return arg(n, 0, "query"), arg(n, 1, "key"), arg(n, 2, "value")
+
+
+def dead_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Computations whose values reach no output and that change nothing: an exporter may keep
+    them (F.multi_head_attention_forward's head-averaged weights that the caller drops), and
+    counted as uses they would make attention weights look like they escape. Conservative: a
+    call is pure only if fx calls it pure and it is not an in-place method (name ending in _)."""
+    dead: set[fx.Node] = set()
+    for n in reversed(graph.nodes):
+        if n.op not in ("call_function", "call_method") or not all(u in dead for u in n.users):
+            continue
+        if base_name(n).endswith("_"):
+            continue
+        try:
+            impure = n.is_impure()
+        except Exception:  # noqa: BLE001 - unknown targets are kept
+            impure = True
+        if not impure:
+            dead.add(n)
+    return dead
