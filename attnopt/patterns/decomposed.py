@@ -357,7 +357,7 @@ class _Matcher(ScorePath):
                 self.nodes.add(cur)
                 back, cur = None, ins[0]
             elif op == "reshape" and not merged and (split := head_split(g, cur, ins[0])) \
-                    and self.split in (None, split):
+                    and (self.split is None or self.split[1] == split[1]):
                 # [B*H, Sq, Skv] scores viewed as [B, H, Sq, Skv]: the view the probabilities were
                 # merged from, or (no merge below the normalizer) a scores-only merge
                 self.half_merged = self.split is None

@@ -21,6 +21,8 @@ def head_split(graph: Graph, split: str, merged: str) -> tuple | None:
     if ss is None or ms is None or len(ss) != 4 or len(ms) != 3:
         return None
     b, h = ss[0], ss[1]
+    if not isinstance(h, int):  # heads are structural: a symbol (dynamic=True) has its probe value
+        h = probed_dims(graph, split, [1], [h])[0]
     if not isinstance(h, int) or tuple(ss[2:]) != tuple(ms[1:]) or (isinstance(b, int) and ms[0] != b * h):
         return None
     return (b, h)

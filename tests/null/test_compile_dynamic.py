@@ -343,3 +343,23 @@ def test_a_size_the_rewrite_bakes_in_becomes_a_guard(monkeypatch, caplog):
     assert ins.compiles == 3, "each size the rewrite baked in recompiles"
     assert any("guard" in r.message and "reshape" in r.message for r in caplog.records), \
         [r.message for r in caplog.records]
+
+
+def test_dynamic_true_merged_heads(monkeypatch):
+    """Heads merged into the batch around the softmax (DeBERTa-style [B*H] bmm's with a
+    [B, H, Sq, Skv] view): under dynamic=True the head count of those views is a symbol; it is
+    structural, so its probe value proves the split and the site is rewritten."""
+    from zoo import handwritten as hw
+
+    case = hw.get("merged_heads_scale_on_kT")
+    seen = spy_optimize(monkeypatch)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(case.module, backend=backend_mod.make_backend("eager"), dynamic=True)
+        with torch.no_grad():
+            got, ref = compiled(*case.args), case.module(*case.args)
+    finally:
+        torch._dynamo.reset()
+    assert _rel(got, ref) <= 1e-4
+    sites = [s for r in seen for s in r.sites]
+    assert sites and all(s.status == "rewritten" for s in sites), [r.rejected for r in seen]
