@@ -27,7 +27,8 @@ def load(model: Any, example_inputs: Any = None) -> Graph:
     if isinstance(model, torch.fx.GraphModule) and example_inputs is not None:
         return fx.from_graph_module(model, list(example_inputs), source="fx")
     if isinstance(model, torch.nn.Module):
-        return fx.from_exported_program(fx.export_module(model, example_inputs),
+        # inspect describes the model at the example inputs: sizes are the example's
+        return fx.from_exported_program(fx.export_module(model, example_inputs, dynamic=False),
                                         name=type(model).__name__)
     raise UnsupportedModel(f"cannot inspect an object of type {type(model).__name__}")
 

@@ -10,8 +10,9 @@ get_attr), which keeps the node metadata and lets the evaluator run any node dir
 """
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +21,12 @@ import torch.fx as fx
 from attnopt.errors import UnsupportedModel
 from attnopt.ir import Graph
 from attnopt.ir.vocab import SMALL_CONST_ELEMENTS as SMALL_CONST
+from attnopt.frontends.fx_dynamic import auto_dynamic_shapes
 from attnopt.frontends.fx_eval import GraphEvaluator, to_numpy
 from attnopt.frontends.fx_nodes import (ASSERT_OPS, SDPA_NAMES, arg, base_name, dead_nodes, dtype_name,
                                         meta_val, module_scope, overload_name, sdpa_args, sdpa_qkv, shape_dtype)
+
+log = logging.getLogger("attnopt")
 
 
 # ---- translation ---------------------------------------------------------------------------
@@ -495,7 +499,12 @@ def from_exported_program(ep: "torch.export.ExportedProgram", name: str = "expor
     return graph
 
 
-def export_module(module: torch.nn.Module, example_inputs: Any) -> "torch.export.ExportedProgram":
+def export_module(module: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True,
+                  static: Mapping[int, Collection[int]] | None = None) -> "torch.export.ExportedProgram":
+    """`module` exported on `example_inputs`. dynamic: every input dimension the model leaves free
+    is kept symbolic (fx_dynamic.py) except those in `static` (dimension indices by the id of the
+    example tensor), so the optimized module runs at other batch sizes and lengths; if that export
+    fails, or with dynamic=False, it is exported at the example shapes."""
     if example_inputs is None:
         raise UnsupportedModel("an nn.Module needs example_inputs (a tuple of args or a dict of kwargs)")
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (
@@ -505,17 +514,33 @@ def export_module(module: torch.nn.Module, example_inputs: Any) -> "torch.export
     module.eval()
     try:
         with torch.no_grad():
-            try:
-                return torch.export.export(module, args, kwargs, strict=False)
-            except Exception as e:  # noqa: BLE001 - retried once below, else re-raised
-                # HF decoders return a cache by default (use_cache=True: DynamicCache,
-                # EncoderDecoderCache, ...), which torch.export cannot flatten until it is a pytree node.
-                if "Cache" not in str(e) or not _register_hf_cache_pytree():
-                    raise
-            return torch.export.export(module, args, kwargs, strict=False)
+            if dynamic:
+                try:
+                    return _export(module, args, kwargs, lambda: auto_dynamic_shapes(module, args, kwargs, static))
+                except Exception as e:  # noqa: BLE001 - the static export below is the fallback
+                    log.debug("attnopt: %s exported at the example input shapes only (the export "
+                              "with dynamic dimensions failed: %s: %s)", type(module).__name__,
+                              type(e).__name__, _first_line(e))
+            return _export(module, args, kwargs, lambda: None)
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _export(module: torch.nn.Module, args: tuple, kwargs: dict, shapes: Callable[[], Any]):
+    # `shapes` is called per attempt: a cache registered as a pytree node changes its structure
+    try:
+        return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes())
+    except Exception as e:  # noqa: BLE001 - retried once below, else re-raised
+        # HF decoders return a cache by default (use_cache=True: DynamicCache,
+        # EncoderDecoderCache, ...), which torch.export cannot flatten until it is a pytree node.
+        if "Cache" not in str(e) or not _register_hf_cache_pytree():
+            raise
+    return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes())
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _register_hf_cache_pytree() -> bool:

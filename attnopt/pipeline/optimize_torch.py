@@ -186,7 +186,11 @@ def optimize_torch(model: Any, example_inputs: Any = None, *, validate: bool = T
     if isinstance(model, torch.export.ExportedProgram):
         ep = model
     else:
-        ep = fx_front.export_module(model, example_inputs)
+        from attnopt.pipeline.module_export import export_for_optimize
+
+        # dynamic sizes where the model and the rewrites allow; a plan is chosen for the example's
+        ep = export_for_optimize(model, example_inputs) if plan is None else \
+            fx_front.export_module(model, example_inputs, dynamic=False)
     gm = ep.module()
     inputs = flat_example_inputs(ep, gm)
     new_gm, res = optimize_graph_module(gm, inputs, source="aten", validate=validate, plan=plan)

@@ -52,8 +52,10 @@ def _program(model: Any, example_inputs: Any):
         from attnopt.frontends import load_pt2_program
 
         model = load_pt2_program(Path(model))
+    # at the example's sizes: the cost model and the measurements need them (optimize with a
+    # plan exports the same way)
     ep = model if isinstance(model, torch.export.ExportedProgram) else \
-        fx_front.export_module(model, example_inputs)
+        fx_front.export_module(model, example_inputs, dynamic=False)
     gm = ep.module()
     return ep, gm, flat_example_inputs(ep, gm)
 
