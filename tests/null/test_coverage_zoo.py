@@ -26,10 +26,6 @@ XFAIL: dict[str, str] = {
                "Lumina2 takes len(set(seq_lengths)) of the text mask's row sums (data-dependent)",
     "hidream": "torch.export (attnopt's module loader) raises 'RuntimeError: .numpy() is not supported for "
                "tensor subclasses': HiDream's MoE inference path calls .cpu().numpy() on expert counts",
-    "wavlm": "Rejection: 'the probabilities softmax (...) are also used elsewhere (bmm, view_9); attention "
-             "weights that escape cannot be fused': F.multi_head_attention_forward(need_weights=True) averages "
-             "the weights over heads and WavLM drops them, but the dead view/mean/unsqueeze/broadcast_to chain "
-             "stays in the exported graph and counts as a use",
 }
 
 # Models whose module-flavour check takes more than ~4 s on the 2-core VM.

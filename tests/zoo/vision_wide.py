@@ -267,9 +267,12 @@ WIDE: dict[str, Wide] = {
     "sew": Wide(lambda: _audio("SEWConfig", "SEWModel", squeeze_factor=2), 2, _first(heads=2)),
     "unispeech": Wide(lambda: _audio("UniSpeechConfig", "UniSpeechModel"), 2, _first(heads=2)),
     "wavlm": Wide(lambda: _audio("WavLMConfig", "WavLMModel", num_buckets=16, max_bucket_distance=32), 2,
-                  _first(heads=2, mods=("bias",)),
-                  "gated relative position bias through F.multi_head_attention_forward(need_weights=True): the "
-                  "head-averaged weights are computed and dropped (a dead view/mean/broadcast_to chain)"),
+                  _first(heads=1, mask="tensor"),
+                  "F.multi_head_attention_forward merges the 2 heads into the batch (bmm on [B*H, S, d], 1 head as "
+                  "the graph reads); the gated rel-pos bias is its attn_mask, gated by a sigmoid of the hidden "
+                  "states (input-dependent: a 'tensor' mask, not a static bias); need_weights=True: the "
+                  "head-averaged weights are computed and dropped (a dead view/mean/broadcast_to chain, which "
+                  "made the weights look escaping before 6144c67)"),
     "ast": Wide(ast, 2, _first(heads=2)),
     "musicgen_decoder": Wide(musicgen_decoder, 2, _first(mask="causal"),
                              "causal self attention (no decoder mask given) + cross attention over padded encoder states"),
