@@ -161,6 +161,7 @@ class Attend:
     q_heads: int | None = None  # heads of the loaded q and k
     k_heads: int | None = None
     head_dims: tuple[int | None, int | None] = (None, None)  # (q/k head dim, v head dim)
+    trailing: int = 0  # global tokens after the GNA grid (`leading` ones come before it)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ def lower(r: Recipe) -> Lowered:
     steps: list[Step] = [*loads, CombineMasks(inputs, boolean, to_heads(r, "mask")),
                          Attend(r.scale, r.causal, r.causal_alignment, r.window, r.softcap,
                                 r.normalizer, r.layout, r.leading, r.heads, r.q_heads, r.k_heads,
-                                tuple(r.head_dims))]
+                                tuple(r.head_dims), trailing=r.trailing)]
     if r.nan_guard:
         steps.append(ZeroNaNRows())
     if r.dead_rows_mean_v:

@@ -80,11 +80,12 @@ class Recipe:
     # keys are all masked is softmax of a constant there, i.e. the mean of V; the fused op must
     # reproduce that (kernels give such rows zeros).
     dead_rows_mean_v: bool = False
-    # A GNA layout over the tokens after `leading` global ones: the splice emits
+    # A GNA layout over the tokens after `leading` global ones (and before `trailing` ones): the splice emits
     # `attnopt::gna_attention` instead of `attnopt::attention` (causal/window then come from
     # the layout; `causal` and `window` above must be unset). Set by the planner only.
     layout: GNALayout | None = None
     leading: int = 0
+    trailing: int = 0
     # Per-head choice: the canonical query heads that run `layout` (empty: all of them); the
     # others keep the site's exact attention.
     heads: tuple[int, ...] = ()
