@@ -1,17 +1,20 @@
-"""GNA token layouts as exact math: the layout as a bool mask (with leading global tokens), the
-dense reference, the leading tokens' rows, and per-head splits. Shared by the GNA op, the CPU tile
+"""GNA token layouts as exact math: the layout as a bool mask (with leading / trailing global
+tokens), the dense reference, the global tokens' rows, and per-head splits. Shared by the GNA op, the CPU tile
 kernels, the Triton GNA row of the kernel table and attnopt.attention; it sits below all of them
 (it imports no kernel), so none of them imports another for these helpers.
 
 Canonical layouts (BHSD, see params.py):
-  q [B, H, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], S = leading + prod(grid.shape): the leading
-  tokens first, then the grid's tokens flattened row-major; attn_mask broadcastable to
-  [B, H, S, S] (bool: True = attend; float: added), out [B, H, S, Dv] in q.dtype.
+  q [B, H, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], S = leading + prod(grid.shape) + trailing:
+  the leading tokens first, then the grid's tokens flattened row-major, then the trailing tokens;
+  attn_mask broadcastable to [B, H, S, S] (bool: True = attend; float: added), out [B, H, S, Dv]
+  in q.dtype.
 
 Which pairs attend (on top of attn_mask):
-  * a leading query attends every key (if the layout is causal: every key j <= i);
-  * a grid query attends every leading key, and the grid keys its GNA layout allows
-    (docs/ARCHITECTURE.md, "GNA semantics").
+  * a global (leading or trailing) query attends every key (if the layout is causal: every key
+    j <= i);
+  * a grid query attends every global key (if the layout is causal: every leading key, no
+    trailing one), and the grid keys its GNA layout allows (docs/ARCHITECTURE.md, "GNA
+    semantics").
 """
 from __future__ import annotations
 
@@ -29,17 +32,22 @@ from attnopt.sparsity import gna
 
 
 @functools.lru_cache(maxsize=32)
-def full_mask(layout: GNALayout, leading: int) -> Tensor:
-    """Bool [S, S] (True = attend) of the layout with its leading global tokens."""
+def full_mask(layout: GNALayout, leading: int, trailing: int = 0) -> Tensor:
+    """Bool [S, S] (True = attend) of the layout with its leading and trailing global tokens."""
     n = int(np.prod(layout.shape))
-    s = leading + n
+    s = leading + n + trailing
+    end = leading + n
     m = np.zeros((s, s), dtype=bool)
-    m[leading:, leading:] = gna.dense_mask(layout, max_tokens=max(n, gna.DENSE_MASK_MAX_TOKENS))
+    m[leading:end, leading:end] = gna.dense_mask(layout, max_tokens=max(n, gna.DENSE_MASK_MAX_TOKENS))
     m[:, :leading] = True
-    if any(layout.causal):
-        m[:leading, :] = np.tril(np.ones((leading, s), dtype=bool))
-    else:
-        m[:leading, :] = True
+    m[:, end:] = True
+    m[:leading, :] = True
+    m[end:, :] = True
+    if any(layout.causal):  # global rows and columns: key j <= query i (the grid block as GNA says)
+        tri = np.tril(np.ones((s, s), dtype=bool))
+        m[:leading] &= tri[:leading]
+        m[end:] &= tri[end:]
+        m[:, end:] &= tri[:, end:]
     return torch.from_numpy(m)
 
 
@@ -63,12 +71,12 @@ def every_head(heads, num_heads: int) -> bool:
     return not heads or len(set(heads)) == num_heads
 
 
-def layout_mask(layout: GNALayout, leading: int, heads, num_heads: int, device) -> Tensor:
+def layout_mask(layout: GNALayout, leading: int, heads, num_heads: int, device, trailing: int = 0) -> Tensor:
     """Bool [S, S] of the layout (or [H, S, S] when only `heads` run it: the others get the
     layout's full-window counterpart)."""
-    allowed = full_mask(layout, leading).to(device)
+    allowed = full_mask(layout, leading, trailing).to(device)
     if not every_head(heads, num_heads):
-        full = full_mask(full_window(layout), leading).to(device)
+        full = full_mask(full_window(layout), leading, trailing).to(device)
         per_head = full.repeat(num_heads, 1, 1)
         per_head[sorted(set(int(h) for h in heads))] = allowed
         allowed = per_head
@@ -76,10 +84,11 @@ def layout_mask(layout: GNALayout, leading: int, heads, num_heads: int, device) 
 
 
 def reference_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
-                  layout: GNALayout, leading: int, normalizer: str = "softmax", heads=()) -> Tensor:
+                  layout: GNALayout, leading: int, normalizer: str = "softmax", heads=(),
+                  trailing: int = 0) -> Tensor:
     """Dense reference: the layout as a full mask (any device, any normalizer); with `heads`,
     only those heads get the layout (the others: the same mask minus the layout)."""
-    allowed = layout_mask(layout, leading, heads, q.shape[1], q.device)
+    allowed = layout_mask(layout, leading, heads, q.shape[1], q.device, trailing)
     return reference_attention(q, k, v, and_mask(attn_mask, allowed), scale=scale, normalizer=normalizer)
 
 
@@ -94,12 +103,33 @@ def leading_rows(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, para
                  leading: int, causal: bool) -> Tensor:
     """Rows [:leading] of the op: leading (global) queries attend every key; under a causal
     layout every key j <= i. Any device; the kernels fill the grid rows."""
+    return global_rows(q, k, v, attn_mask, params, 0, leading, causal)
+
+
+def fill_global_rows(out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                     params: AttentionParams, leading: int, trailing: int, causal: bool) -> Tensor:
+    """out with its global rows (the first `leading`, the last `trailing`) written; the kernels
+    write the grid rows."""
+    S = q.shape[2]
+    if leading:
+        out[:, :, :leading] = global_rows(q, k, v, attn_mask, params, 0, leading, causal)
+    if trailing:
+        out[:, :, S - trailing:] = global_rows(q, k, v, attn_mask, params, S - trailing, S, causal)
+    return out
+
+
+def global_rows(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+                start: int, stop: int, causal: bool) -> Tensor:
+    """Rows [start:stop] of the op, global queries: they attend every key; under a causal layout
+    every key j <= i. Any device."""
     S = k.shape[2]
-    m = torch.ones(leading, S, dtype=torch.bool, device=q.device).tril() if causal else None
+    m = None
+    if causal:
+        m = torch.ones(stop - start, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
     if attn_mask is not None:
-        rows = attn_mask.expand(*attn_mask.shape[:-2], q.shape[2], S)[..., :leading, :]
+        rows = attn_mask.expand(*attn_mask.shape[:-2], q.shape[2], S)[..., start:stop, :]
         m = rows if m is None else and_mask(rows, m)
-    ql = q[:, :, :leading]
+    ql = q[:, :, start:stop]
     if params.normalizer == "softmax" and params.softcap is None:
         return F.scaled_dot_product_attention(ql, k, v, attn_mask=sdpa_mask(m, q.dtype), scale=params.scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
@@ -108,16 +138,16 @@ def leading_rows(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, para
 
 
 def sdpa_gna(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
-             layout: GNALayout, leading: int) -> Tensor:
-    """Softmax GNA as SDPA with the layout (leading tokens included) as a bool mask: exact, dense
+             layout: GNALayout, leading: int, trailing: int = 0) -> Tensor:
+    """Softmax GNA as SDPA with the layout (global tokens included) as a bool mask: exact, dense
     work. The GNA op's path when no Triton kernel takes the call."""
-    allowed = full_mask(layout, leading).to(q.device)
+    allowed = full_mask(layout, leading, trailing).to(q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(and_mask(attn_mask, allowed), q.dtype),
                                           scale=float(scale), enable_gqa=q.shape[1] != k.shape[1])
 
 
 def exact_rest(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
-               layout: GNALayout, leading: int) -> Tensor:
+               layout: GNALayout, leading: int, trailing: int = 0) -> Tensor:
     """The site's exact attention for heads that keep it: the layout's full-window counterpart,
     as in reference_gna. For a 1-D causal layout that is plain causal attention, run with
     is_causal when there is no other mask (an explicit S x S mask made the exact heads of a 4K
@@ -128,7 +158,7 @@ def exact_rest(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale:
                                               scale=float(scale), enable_gqa=gqa)
     if len(layout.shape) == 1 and attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=float(scale), enable_gqa=gqa)
-    allowed = full_mask(full_window(layout), leading).to(q.device)
+    allowed = full_mask(full_window(layout), leading, trailing).to(q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(and_mask(attn_mask, allowed), q.dtype),
                                           scale=float(scale), enable_gqa=gqa)
 

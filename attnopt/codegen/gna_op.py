@@ -1,15 +1,17 @@
 """The custom op `torch.ops.attnopt.gna_attention`: attention restricted to a GNA layout over the
-token grid, with a few leading tokens (class token, attention sinks) that stay global.
+token grid, with a few leading tokens (class token, attention sinks) and trailing tokens (joint
+text tokens after the image grid: SD3, HunyuanVideo) that stay global.
 
 Canonical layouts (BHSD, as attnopt::attention):
-  q [B, H, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], S = leading + prod(shape);
+  q [B, H, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], S = leading + prod(shape) + trailing;
   attn_mask broadcastable to [B, H, S, S] (bool: True = attend; float: added), out [B, H, S, Dv].
-  Grid tokens are flattened row-major after the leading ones.
+  Grid tokens are flattened row-major after the leading ones; the trailing ones come last.
 
-Schema (saved .pt2 programs contain it: it must not change):
+Schema (saved .pt2 programs contain it: it only grows by arguments with defaults at the end, so
+programs saved before `trailing` existed still load and mean the same):
   attnopt::gna_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int[] shape,
                          int[] window, int[] stride, int[] dilation, bool[] causal, int leading,
-                         str normalizer, int[] heads=[]) -> Tensor
+                         str normalizer, int[] heads=[], int trailing=0) -> Tensor
 
 Per-head choices: `heads` lists the query heads that run the layout (empty: every head); the
 others run exact attention (dense, or causal when the layout is causal: a full-window 1-D causal
@@ -22,8 +24,8 @@ Which pairs attend (on top of attn_mask): gna_exact.py's header.
 Implementations (the kernel table, select.py, as caller "gna_attention"):
   fake   shape [B, H, S, Dv] in q.dtype
   CPU / CUDA, softmax with one float dtype: per head group, the first kernel of the table: on CUDA
-         the generated block-sparse GNA Triton kernel (leading keys are one extra block per Q tile,
-         leading query rows dense SDPA), else SDPA with the layout as a bool mask (exact, dense
+         the generated block-sparse GNA Triton kernel (leading and trailing keys are one extra
+         block each per Q tile, global query rows dense SDPA), else SDPA with the layout as a bool mask (exact, dense
          work); on CPU the exact tile kernel (compiled C, or SDPA per tile group; the box is tuned
          per shape). ATTNOPT_FORCE_TRITON=1 runs the CUDA choice on CPU under the Triton interpreter.
   anything else (other normalizers, dtypes, devices): backend "reference", the dense reference
@@ -46,7 +48,8 @@ from attnopt.ir import GNALayout
 OP_NAME = "attnopt::gna_attention"
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int[] shape, int[] window, "
-    "int[] stride, int[] dilation, bool[] causal, int leading, str normalizer, int[] heads=[]) -> Tensor"
+    "int[] stride, int[] dilation, bool[] causal, int leading, str normalizer, int[] heads=[], "
+    "int trailing=0) -> Tensor"
 )
 
 
@@ -66,20 +69,24 @@ def _kernels_apply(q, k, v, attn_mask, normalizer) -> bool:
 @torch.library.custom_op(OP_NAME, mutates_args=(), schema=SCHEMA)
 def gna_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
                   shape: list[int], window: list[int], stride: list[int], dilation: list[int],
-                  causal: list[bool], leading: int, normalizer: str, heads: list[int] = ()) -> Tensor:
+                  causal: list[bool], leading: int, normalizer: str, heads: list[int] = (),
+                  trailing: int = 0) -> Tensor:
     """Every device: the kernel table, per head group (see the module header)."""
     grid = make_layout(shape, window, stride, dilation, causal)
-    leading = int(leading)
+    leading, trailing = int(leading), int(trailing)
+    if leading < 0 or trailing < 0:
+        raise ValueError(f"gna_attention: leading {leading} / trailing {trailing} must be >= 0")
     S, n = q.shape[2], math.prod(grid.shape)
-    if S != leading + n or k.shape[2] != S:
-        raise ValueError(f"gna_attention: sequence {S}/{k.shape[2]} != leading {leading} + grid {n}")
+    if S != leading + n + trailing or k.shape[2] != S:
+        raise ValueError(f"gna_attention: sequence {S}/{k.shape[2]} != leading {leading} + grid {n}"
+                         f" + trailing {trailing}")
     params = AttentionParams(scale=float(scale), normalizer=normalizer)
     if not _kernels_apply(q, k, v, attn_mask, normalizer):
         request = select.Request.for_op("gna_attention", backend="reference")
-        layout = TokenLayout(grid, leading, tuple(int(h) for h in heads))
+        layout = TokenLayout(grid, leading, tuple(int(h) for h in heads), trailing)
         return select.dispatch(q, k, v, attn_mask, params, layout, request).contiguous()
     request = select.Request.for_op("gna_attention")
-    layout = TokenLayout(grid, leading)
+    layout = TokenLayout(grid, leading, trailing=trailing)
 
     def run_layout(q_, k_, v_, m_):
         return select.dispatch(q_, k_, v_, m_, params, layout, request)
@@ -87,22 +94,23 @@ def gna_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, sca
     if every_head(heads, q.shape[1]):
         return run_layout(q, k, v, attn_mask).contiguous()
     return split_heads(q, k, v, attn_mask, heads, run_layout,
-                       lambda q_, k_, v_, m_: exact_rest(q_, k_, v_, m_, scale, grid, leading))
+                       lambda q_, k_, v_, m_: exact_rest(q_, k_, v_, m_, scale, grid, leading, trailing))
 
 
 @gna_attention.register_fake
 def _gna_fake(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer,
-              heads=()):
+              heads=(), trailing=0):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D [B, H, S, D]")
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
 def gna_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, scale: float,
                      layout: GNALayout, leading: int = 0, normalizer: str = "softmax",
-                     heads=()) -> Tensor:
-    """Call torch.ops.attnopt.gna_attention with a GNALayout."""
+                     heads=(), trailing: int = 0) -> Tensor:
+    """Call torch.ops.attnopt.gna_attention with a GNALayout (`trailing` passed only when set,
+    so calls without it read as before the argument existed)."""
     return torch.ops.attnopt.gna_attention(
         q, k, v, attn_mask, float(scale), list(layout.shape), list(layout.window),
         list(layout.stride), list(layout.dilation), [bool(c) for c in layout.causal], int(leading),
-        normalizer, [int(h) for h in heads])
+        normalizer, [int(h) for h in heads], *([int(trailing)] if trailing else []))
 

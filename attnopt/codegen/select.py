@@ -4,16 +4,18 @@ dispatcher that `attnopt::attention`, `attnopt::gna_attention` and `attnopt.atte
 Canonical layouts (BHSD, see params.py):
   q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], H % Hkv == 0, attn_mask broadcastable
   to [B, H, Sq, Skv] (bool: True = attend; float: added), out [B, H, Sq, Dv] in q.dtype.
-  With a TokenLayout: Sq = Skv = leading + prod(grid.shape), leading tokens first, grid row-major.
+  With a TokenLayout: Sq = Skv = leading + prod(grid.shape) + trailing, leading tokens first, grid
+  row-major, trailing tokens last.
 
 Each row (`Candidate`) has a name, the devices it serves, and one signature for both questions:
   can_run(q, k, v, attn_mask, params, layout, request) -> (ok, reason)
   run(q, k, v, attn_mask, params, layout, request) -> Tensor
-`layout` is a TokenLayout (GNA grid, leading global tokens, heads that run it) or None (dense);
+`layout` is a TokenLayout (GNA grid, leading / trailing global tokens, heads that run it) or None (dense);
 `request` says who asks and what they allow (`Request`). The first row whose can_run says yes runs;
 "reference" always can, so every call ends somewhere exact.
 
-  triton_block_sparse_gna  generated block-sparse GNA kernel (leading keys as one extra block)
+  triton_block_sparse_gna  generated block-sparse GNA kernel (leading / trailing keys as one extra
+                           block each)
   triton_sliding_window    generated FlashAttention-2 kernel, 1-D band
   triton_causal            the same, causal
   triton_sigmoid           the same, sigmoid normalizer
@@ -40,7 +42,7 @@ Caller policies (request.caller), kept exactly as each entry point behaved befor
   "attention"      (the op) takes a CPU window kernel only when its windows leave keys out (it
                    pays where they do: 63 ms vs 890 ms dense for a 4K causal window of 256, 8 heads,
                    2-core EPYC); when every run of queries sees (nearly) every key it keeps to SDPA.
-  "gna_attention"  (the op) builds the layout mask with its leading tokens and per-head selection,
+  "gna_attention"  (the op) builds the layout mask with its global tokens and per-head selection,
                    runs SDPA with a plainly cast mask (gna_exact.sdpa_gna), prefixes logged reasons
                    with "gna_attention: ". Its non-softmax / non-float calls arrive as
                    backend="reference".
@@ -179,10 +181,10 @@ def _triton_row(family: str, summary: str) -> Candidate:
 
     def run(q, k, v, attn_mask, params, layout, request):
         out = _launcher().launch(family, q, k, v, attn_mask, params, layout)
-        if layout is not None and layout.leading:
-            # the kernel writes the grid rows; the leading (global) queries are dense rows
-            out[:, :, :layout.leading] = gna_exact.leading_rows(q, k, v, attn_mask, params, layout.leading,
-                                                                layout.causal)
+        if layout is not None and (layout.leading or layout.trailing):
+            # the kernel writes the grid rows; the global (leading / trailing) queries are dense rows
+            gna_exact.fill_global_rows(out, q, k, v, attn_mask, params, layout.leading, layout.trailing,
+                                       layout.causal)
         return out
 
     return Candidate(f"triton_{family}", "triton", "cuda; cpu under the Triton interpreter", summary,
@@ -241,7 +243,8 @@ def _always(*_) -> tuple[bool, str]:
 def _layout_allowed(q: Tensor, layout: TokenLayout, request: Request) -> Tensor:
     """The layout's bool mask for the exact rows (see the caller policies in the header)."""
     if request.caller == "gna_attention":
-        return gna_exact.layout_mask(layout.grid, layout.leading, layout.heads, q.shape[1], q.device)
+        return gna_exact.layout_mask(layout.grid, layout.leading, layout.heads, q.shape[1], q.device,
+                                     layout.trailing)
     from attnopt.sparsity.gna import dense_mask
 
     return torch.from_numpy(dense_mask(layout.grid)).to(q.device)
@@ -251,7 +254,8 @@ def _sdpa_run(q, k, v, attn_mask, params, layout, request) -> Tensor:
     if layout is None:
         return exact.sdpa_attention(q, k, v, attn_mask, params)
     if request.caller == "gna_attention":
-        return gna_exact.sdpa_gna(q, k, v, attn_mask, params.scale, layout.grid, layout.leading)
+        return gna_exact.sdpa_gna(q, k, v, attn_mask, params.scale, layout.grid, layout.leading,
+                                  layout.trailing)
     return exact.sdpa_attention(q, k, v, gna_exact.and_mask(attn_mask, _layout_allowed(q, layout, request)), params)
 
 
@@ -262,7 +266,8 @@ def _reference_run(q, k, v, attn_mask, params, layout, request) -> Tensor:
 
 
 TABLE: tuple[Candidate, ...] = (
-    _triton_row("block_sparse_gna", "generated block-sparse GNA kernel; leading keys as one extra block per Q tile"),
+    _triton_row("block_sparse_gna", "generated block-sparse GNA kernel; leading / trailing keys as one "
+                                    "extra block each per Q tile"),
     _triton_row("sliding_window", "generated FlashAttention-2 forward, 1-D band (any alignment)"),
     _triton_row("causal", "generated FlashAttention-2 forward, causal"),
     _triton_row("sigmoid", "generated FlashAttention-2 forward, sigmoid normalizer"),
@@ -342,10 +347,11 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: 
 # ---- the Triton rows alone (tests, benchmarks: "the generated kernel for this case") ------------
 
 def triton_family(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-                  layout=None, leading: int = 0) -> tuple[str | None, dict[str, str]]:
+                  layout=None, leading: int = 0, trailing: int = 0) -> tuple[str | None, dict[str, str]]:
     """(family of the first Triton row whose check passes, {family: reason} of those before it),
-    whatever the device policy. `layout`: a TokenLayout, a GNALayout (plus `leading`) or None."""
-    layout = as_layout(layout, leading)
+    whatever the device policy. `layout`: a TokenLayout, a GNALayout (plus `leading` /
+    `trailing`) or None."""
+    layout = as_layout(layout, leading, trailing)
     reasons = {}
     for c in TABLE:
         if c.group != "triton":
@@ -358,18 +364,18 @@ def triton_family(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, par
 
 
 def can_run_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-                   layout=None, leading: int = 0) -> tuple[bool, str]:
+                   layout=None, leading: int = 0, trailing: int = 0) -> tuple[bool, str]:
     """(True, family) or (False, "family: reason; ...") over the Triton rows."""
-    family, reasons = triton_family(q, k, v, attn_mask, params, layout, leading)
+    family, reasons = triton_family(q, k, v, attn_mask, params, layout, leading, trailing)
     if family is not None:
         return True, family
     return False, "; ".join(f"{f}: {r}" for f, r in reasons.items())
 
 
 def launch_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
-                  layout=None, leading: int = 0) -> Tensor | None:
-    """The first fitting Triton row's result (leading rows filled), or None when none fits."""
-    layout = as_layout(layout, leading)
+                  layout=None, leading: int = 0, trailing: int = 0) -> Tensor | None:
+    """The first fitting Triton row's result (global rows filled), or None when none fits."""
+    layout = as_layout(layout, leading, trailing)
     family, _ = triton_family(q, k, v, attn_mask, params, layout)
     if family is None:
         return None

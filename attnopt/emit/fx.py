@@ -133,7 +133,8 @@ def _attend(graph: fx.Graph, a: Attend, q: fx.Node, k: fx.Node, v: fx.Node, mask
         return _call(graph, torch.ops.attnopt.gna_attention.default, q, k, v, mask,
                      float(a.scale), list(lay.shape), list(lay.window), list(lay.stride),
                      list(lay.dilation), [bool(c) for c in lay.causal], int(a.leading),
-                     a.normalizer, [int(h) for h in a.heads])
+                     a.normalizer, [int(h) for h in a.heads],
+                     *([int(a.trailing)] if a.trailing else []))
     wl, wr = (a.window or (None, None))
     return _call(graph, torch.ops.attnopt.attention.default, q, k, v, mask, float(a.scale),
                  bool(a.causal), a.causal_alignment, -1 if wl is None else int(wl),

@@ -4,8 +4,8 @@
 Canonical layouts (as attnopt::attention):
   q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], attn_mask broadcastable to
   [B, H, Sq, Skv] (bool: True = attend; float: added), out [B, H, Sq, Dv] in q.dtype.
-  For a GNA layout Sq = Skv = leading + prod(layout.shape): `leading` global tokens first, then the
-  grid's tokens flattened row-major.
+  For a GNA layout Sq = Skv = leading + prod(layout.shape) + trailing: `leading` global tokens
+  first, then the grid's tokens flattened row-major, then `trailing` global tokens.
 
 Here: the tile plans, their cost estimates and tuning, and the checks (`can_run_gna`,
 `can_run_window`: the kernel table's signature, codegen/select.py). The inner loops are the compiled
@@ -37,7 +37,7 @@ from torch import Tensor
 from attnopt.codegen import autotune
 from attnopt.codegen.cpu import native as cpu_native
 from attnopt.codegen.cpu.tile_sdpa import Tiles, needs_grad, run_tiles
-from attnopt.codegen.gna_exact import leading_rows
+from attnopt.codegen.gna_exact import fill_global_rows
 from attnopt.codegen.params import AttentionParams, TokenLayout, gna_call_fits
 from attnopt.codegen.reference import alignment_offset
 from attnopt.sparsity import gna
@@ -129,10 +129,12 @@ def _plan(q_acc, k_acc, m_acc, q_tile, extent, grid=None) -> CpuTilePlan:
 
 
 @functools.lru_cache(maxsize=64)
-def gna_plan(layout: GNALayout, q_tile: tuple[int, ...], leading: int = 0) -> CpuTilePlan:
+def gna_plan(layout: GNALayout, q_tile: tuple[int, ...], leading: int = 0, trailing: int = 0) -> CpuTilePlan:
     """Tiles of a GNA layout with Q boxes `q_tile` (in dilation-permuted grid coordinates). With
     `leading` global tokens before the grid, token indices are shifted past them and every Q tile's
-    KV box starts with all leading keys (a grid query attends every leading key)."""
+    KV box starts with all leading keys (a grid query attends every leading key); with `trailing`
+    global tokens after the grid every KV box ends with all of them (none under a causal layout:
+    they come after every grid query). Global queries are in no tile (their rows are dense)."""
     gna.validate(layout)
     shape = tuple(int(x) for x in layout.shape)
     if len(q_tile) != len(shape):
@@ -159,7 +161,12 @@ def gna_plan(layout: GNALayout, q_tile: tuple[int, ...], leading: int = 0) -> Cp
         q_acc = q_acc + leading
         k_acc = np.concatenate([np.broadcast_to(np.arange(leading), (nqt, leading)), k_acc + leading], axis=1)
         m_acc = np.concatenate([np.ones((nqt, tq, leading), dtype=bool), m_acc], axis=2)
-    boxes = len(shape) > 1 and not leading and all(int(d) == 1 for d in layout.dilation)
+    if trailing and not any(layout.causal):
+        nqt, tq = q_acc.shape
+        end = leading + math.prod(shape)
+        k_acc = np.concatenate([k_acc, np.broadcast_to(np.arange(end, end + trailing), (nqt, trailing))], axis=1)
+        m_acc = np.concatenate([m_acc, np.ones((nqt, tq, trailing), dtype=bool)], axis=2)
+    boxes = len(shape) > 1 and not leading and not trailing and all(int(d) == 1 for d in layout.dilation)
     return _plan(q_acc, k_acc, m_acc, tiles, extents, shape if boxes else None)
 
 
@@ -188,7 +195,8 @@ def window_plan(q_len: int, kv_len: int, left: int, upper: int, offset: int, q_t
     return _plan(i, j, m, (tq,), (E,))
 
 
-def tile_candidates(layout: GNALayout, leading: int = 0, native: bool | None = None) -> list[tuple[int, ...]]:
+def tile_candidates(layout: GNALayout, leading: int = 0, native: bool | None = None,
+                    trailing: int = 0) -> list[tuple[int, ...]]:
     """Q boxes worth trying, least estimated work first (for the compiled kernel, or SDPA per tile
     group; by default whichever this machine is expected to run): the CPU tile table, plus the
     stride box (each Q tile one stride group, perfectly block-sparse when strides tile the grid)
@@ -205,12 +213,12 @@ def tile_candidates(layout: GNALayout, leading: int = 0, native: bool | None = N
         cands.append(st)
     # clip to the grid: boxes that clip to the same tiles are one candidate
     cands = list(dict.fromkeys(tuple(min(t, L) for t, L in zip(c, layout.shape)) for c in cands))
-    return sorted(cands, key=lambda t: (gna_plan(layout, t, leading).cost(native), -math.prod(t)))
+    return sorted(cands, key=lambda t: (gna_plan(layout, t, leading, trailing).cost(native), -math.prod(t)))
 
 
-def choose_gna_tile(layout: GNALayout, leading: int = 0) -> tuple[int, ...]:
+def choose_gna_tile(layout: GNALayout, leading: int = 0, trailing: int = 0) -> tuple[int, ...]:
     """The Q box with the least estimated work (no measurement; see tuned_gna_tile)."""
-    return tile_candidates(layout, leading)[0]
+    return tile_candidates(layout, leading, trailing=trailing)[0]
 
 
 # Tuning: how many of the best-estimated Q boxes are timed, and the least work (score elements
@@ -231,7 +239,7 @@ def _bench_seconds(fn, repeats: int = 2) -> float:
 
 
 def tuned_gna_tile(layout: GNALayout, leading: int, q: Tensor, k: Tensor, v: Tensor,
-                   attn_mask: Tensor | None, params: AttentionParams) -> tuple[int, ...]:
+                   attn_mask: Tensor | None, params: AttentionParams, trailing: int = 0) -> tuple[int, ...]:
     """The Q box this kernel runs fastest with, for these inputs' shapes on this machine: the
     TUNE_TOP best-estimated boxes are timed once per (layout, shapes, dtype, mask kind, threads,
     CPU, torch) and the winner is remembered in memory and in $ATTNOPT_CACHE_DIR/cpu/. The estimate
@@ -239,8 +247,11 @@ def tuned_gna_tile(layout: GNALayout, leading: int, q: Tensor, k: Tensor, v: Ten
     boxes ran 13% (stride 1) and 27% (stride 8) faster than the 16x8 boxes the estimate chose).
     Every box gives the same result up to floating-point summation order."""
     native = native_runs(q, k, v, attn_mask, params)
-    return _tuned({"kernel": "cpu_gna", "layout": repr(layout), "leading": leading},
-                  tile_candidates(layout, leading, native), lambda t: gna_plan(layout, t, leading),
+    key = {"kernel": "cpu_gna", "layout": repr(layout), "leading": leading}
+    if trailing:
+        key["trailing"] = trailing  # keys without it stay those cached before it existed
+    return _tuned(key, tile_candidates(layout, leading, native, trailing),
+                  lambda t: gna_plan(layout, t, leading, trailing),
                   q, k, v, attn_mask, params, native)
 
 
@@ -347,7 +358,8 @@ def _common(q, k, v, attn_mask) -> tuple[bool, str]:
 
 
 def can_run_gna(q, k, v, attn_mask, params: AttentionParams, layout: TokenLayout | None) -> tuple[bool, str]:
-    """The GNA kernel: a grid (after `layout.leading` global tokens) over the whole sequence."""
+    """The GNA kernel: a grid (between `layout.leading` and `layout.trailing` global tokens) over
+    the whole sequence."""
     ok, why = gna_call_fits(q.shape[2], k.shape[2], params, layout)
     if not ok:
         return ok, why
@@ -378,25 +390,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params:
               layout: TokenLayout | None, native: bool = True) -> Tensor:
     """The kernel `can_run` accepted: gna_attention with a layout, else sliding_window_attention."""
     if layout is not None:
-        return gna_attention(q, k, v, layout.grid, params, attn_mask, leading=layout.leading, native=native)
+        return gna_attention(q, k, v, layout.grid, params, attn_mask, leading=layout.leading, native=native,
+                             trailing=layout.trailing)
     return sliding_window_attention(q, k, v, params, attn_mask, native=native)
 
 
 def gna_attention(q: Tensor, k: Tensor, v: Tensor, layout: GNALayout, params: AttentionParams,
                   attn_mask: Tensor | None = None, q_tile: tuple[int, ...] | None = None,
-                  leading: int = 0, native: bool = True) -> Tensor:
+                  leading: int = 0, native: bool = True, trailing: int = 0) -> Tensor:
     """Exact GNA attention on CPU (equals the dense reference with `gna.dense_mask(layout)`; with
-    `leading` global tokens before the grid, as attnopt::gna_attention defines them). Without
-    `q_tile` the Q box is tuned (tuned_gna_tile); `native=False` keeps to SDPA per tile group."""
-    ok, why = can_run_gna(q, k, v, attn_mask, params, TokenLayout(layout, leading))
+    `leading` / `trailing` global tokens before / after the grid, as attnopt::gna_attention
+    defines them). Without `q_tile` the Q box is tuned (tuned_gna_tile); `native=False` keeps to
+    SDPA per tile group."""
+    ok, why = can_run_gna(q, k, v, attn_mask, params, TokenLayout(layout, leading, trailing=trailing))
     if not ok:
         raise ValueError(f"cpu GNA kernel cannot run: {why}")
     if q_tile is None:
-        q_tile = tuned_gna_tile(layout, leading, q, k, v, attn_mask, params)
-    out = run_plan(q, k, v, attn_mask, params, gna_plan(layout, tuple(q_tile), leading), native)
-    if leading:
-        out[:, :, :leading] = leading_rows(q, k, v, attn_mask, params, leading, any(layout.causal))
-    return out
+        q_tile = tuned_gna_tile(layout, leading, q, k, v, attn_mask, params, trailing)
+    out = run_plan(q, k, v, attn_mask, params, gna_plan(layout, tuple(q_tile), leading, trailing), native)
+    return fill_global_rows(out, q, k, v, attn_mask, params, leading, trailing, any(layout.causal))
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
