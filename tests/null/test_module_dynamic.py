@@ -110,13 +110,22 @@ def test_decomposed_padding_mask_runs_at_other_sizes():
 
 # ---- transformers ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["bert_eager", "llama_eager"])
+@pytest.mark.parametrize("name", ["bert_eager", "llama_eager", "mistral_eager", "bart_eager"])
 def test_text_model_runs_at_other_sizes(name):
+    """Padding, causal, a sliding window (mistral, 8 wide: lengths 9 and 33 cross it) and
+    cross-attention between two lengths (bart: decoder length about half the encoder's)."""
     pytest.importorskip("transformers")
     zm = hf.build(name)
     res = attnopt.optimize(zm.model, zm.kwargs)
     assert res.sites_rewritten == len(zm.expected), res.to_json()
-    _check_sizes(zm.model, res.model, _text)
+
+    def inputs(b, s):
+        args, kw = _text(b, s)
+        if "decoder_input_ids" in zm.kwargs:
+            kw["decoder_input_ids"] = torch.randint(3, hf.VOCAB, (b, s // 2 + 1),
+                                                    generator=torch.Generator().manual_seed(s))
+        return args, kw
+    _check_sizes(zm.model, res.model, inputs)
 
 
 def test_vit_runs_at_other_batch_sizes_and_names_the_fixed_image_size():
