@@ -372,7 +372,6 @@ def prior():
     return m, kw
 
 
-CAUSAL = dict(mask="causal")
 PAD = dict(mask="padding", padding=True)
 
 WIDE: dict[str, Wide] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.hf import B, VOCAB, _text_inputs
+from zoo.hf import B, VOCAB
 from zoo.hf_wide import Wide, _first, text
 
 CAUSAL_PAD = dict(mask="causal", padding=True)
@@ -287,4 +287,3 @@ WIDE: dict[str, Wide] = {
     "helium": Wide(lambda: text("Helium", num_key_value_heads=2, head_dim=16), 2, _first(kv=2, **CAUSAL_PAD)),
 }
 NAMES = list(WIDE)
-_ = _text_inputs
