@@ -72,6 +72,10 @@ def term_view(g: Graph, view: ScoreView, term: str) -> ScoreView | str:
     shape = (1,) * (rank - len(shape)) + tuple(shape)
     expand: list = [None] * rank
     static = _static_inputs(g)
+    own = g.shape(term)
+    own = tuple(own) if own is not None and len(own) <= rank else tuple(shape)
+    declared = (None,) * (rank - len(own)) + own  # the term's own graph sizes, None where unknown
+    declared = tuple(d if isinstance(d, int) and d != 1 else None for d in declared)
     for oi, group in enumerate(view.groups):
         sizes = [shape[j] for j in group]
         full = [view.inner_probe[j] for j in group]
@@ -85,7 +89,9 @@ def term_view(g: Graph, view: ScoreView, term: str) -> ScoreView | str:
                 if isinstance(dim, int) or static:
                     expand[j] = f  # == dim; or every size is fixed where every input is
                     continue
-                rest = [view.inner[x] for x in group if x != j]
+                # the other axes of the group: static in the view, or sized by the term itself
+                # where it spans them with a static shape (Swin's mask buffer [nW, N, N])
+                rest = [view.inner[x] if isinstance(view.inner[x], int) else declared[x] for x in group if x != j]
                 if not all(isinstance(x, int) for x in rest):
                     return "a term broadcast over two symbolic axes of the viewed scores"
                 expand[j] = ("outer", oi, math.prod(rest))

@@ -23,7 +23,7 @@ log = logging.getLogger("attnopt")
 def _bound(value: Any) -> int | None:
     try:
         v = int(value)
-    except (TypeError, ValueError, OverflowError):
+    except Exception:  # noqa: BLE001 - sympy's infinities raise OverflowError or AttributeError
         return None
     return v if abs(v) < sys.maxsize - 1 else None
 
