@@ -37,6 +37,7 @@ class Candidate:
     """One way to run a site, with its predicted cost on the target.
 
     leading: tokens before the GNA grid that attend and are attended globally.
+    trailing: the same after the grid (joint text tokens: SD3, HunyuanVideo).
     window: (left, right) for the `sliding_window` family (the op's window arguments).
     heads: the query heads that run the layout (empty: every head); the others keep the exact
         kernel. Predicted time then interpolates between the two by the share of heads.
@@ -52,6 +53,7 @@ class Candidate:
     bytes: float = 0.0
     bound: str = ""
     heads: tuple[int, ...] = ()
+    trailing: int = 0
 
     @property
     def exact(self) -> bool:
@@ -66,7 +68,7 @@ class Candidate:
         return self.baseline_time_s - self.time_s
 
 
-def describe_layout(layout: GNALayout | None, leading: int = 0) -> str:
+def describe_layout(layout: GNALayout | None, leading: int = 0, trailing: int = 0) -> str:
     if layout is None:
         return ""
     x = lambda t: "x".join(str(int(v)) for v in t)  # noqa: E731
@@ -77,6 +79,8 @@ def describe_layout(layout: GNALayout | None, leading: int = 0) -> str:
         s += " causal"
     if leading:
         s += f" +{leading} global"
+    if trailing:
+        s += f" +{trailing} trailing global"
     return s
 
 
@@ -98,27 +102,31 @@ def _base_family(spec: AttentionSpec) -> str:
 
 
 def _make(name: str, spec: AttentionSpec, variant: Variant, hw: HardwareProfile, baseline: float,
-          leading: int = 0, window=None) -> Candidate:
-    t, flops, nbytes, bound = _cost(spec, variant, hw, leading)
-    return Candidate(name, variant, leading, window, t, baseline if baseline else t, flops, nbytes, bound)
+          leading: int = 0, window=None, trailing: int = 0) -> Candidate:
+    t, flops, nbytes, bound = _cost(spec, variant, hw, leading, trailing)
+    return Candidate(name, variant, leading, window, t, baseline if baseline else t, flops, nbytes, bound,
+                     trailing=trailing)
 
 
-def _cost(spec: AttentionSpec, variant: Variant, hw: HardwareProfile, leading: int):
-    """(time, flops, bytes, bound). A GNA variant with leading tokens runs them in the same
-    kernel: each Q tile visits ceil(leading / kv tile) more KV tiles (the leading keys), and the
-    leading queries add ceil(leading / q tile) rows of dense tiles; time grows with the visited
-    tiles."""
+def _cost(spec: AttentionSpec, variant: Variant, hw: HardwareProfile, leading: int, trailing: int = 0):
+    """(time, flops, bytes, bound). A GNA variant with global tokens runs them in the same
+    kernel: each Q tile visits ceil(leading / kv tile) + ceil(trailing / kv tile) more KV tiles
+    (the global keys; no trailing ones under a causal layout), and the global queries add
+    ceil(leading / q tile) + ceil(trailing / q tile) rows of dense tiles; time grows with the
+    visited tiles."""
     if variant.layout is None:
         e = estimate(spec, variant, hw)
         return e.time_s, e.flops, e.bytes, e.bound
     d = resolve_dims(spec)
     n = math.prod(variant.layout.shape)
     e = estimate(replace(spec, q_len=n, kv_len=n, mask=MaskSpec()), variant, hw)
-    if not leading:
+    if not leading and not trailing:
         return e.time_s, e.flops, e.bytes, e.bound
     tq, tk = math.prod(variant.q_tile), math.prod(variant.kv_tile)
     nq = -(-n // tq)
-    extra = nq * -(-leading // tk) + -(-leading // tq) * -(-d["kv_len"] // tk)
+    seen = 0 if any(variant.layout.causal) else trailing
+    extra = (nq * (-(-leading // tk) + -(-seen // tk))
+             + (-(-leading // tq) + -(-trailing // tq)) * -(-d["kv_len"] // tk))
     f = (e.visited_tiles + extra) / max(e.visited_tiles, 1e-9)
     t = hw.launch_overhead_s + (e.time_s - hw.launch_overhead_s) * f
     return t, e.flops * f, e.bytes, e.bound
@@ -182,20 +190,22 @@ def exact_candidates(spec: AttentionSpec, hw: HardwareProfile) -> list[Candidate
     return out
 
 
-def _grid_of(spec: AttentionSpec) -> tuple[tuple[int, ...], int, bool] | None:
-    """(grid shape, leading global tokens, causal) an approximation may use, or None."""
+def _grid_of(spec: AttentionSpec) -> tuple[tuple[int, ...], int, int, bool] | None:
+    """(grid shape, leading global tokens, trailing global tokens, causal) an approximation may
+    use, or None."""
     d = resolve_dims(spec)
     S = d["q_len"]
     if S != d["kv_len"] or S < MIN_APPROX_TOKENS:
         return None
     if spec.mask.kind == "causal":
-        return (S - SINKS,), SINKS, True
+        return (S - SINKS,), SINKS, 0, True
     if spec.mask.kind not in ("none", "padding"):
         return None
     g = spec.token_grid
-    if g is not None and math.prod(g.shape) + g.leading == S:
-        return tuple(g.shape), g.leading, False
-    return (S - 1,), 1, False
+    trailing = int(getattr(g, "trailing", 0)) if g is not None else 0
+    if g is not None and math.prod(g.shape) + g.leading + trailing == S:
+        return tuple(g.shape), g.leading, trailing, False
+    return (S - 1,), 1, 0, False
 
 
 def approx_refusal(spec: AttentionSpec) -> str:
@@ -228,7 +238,7 @@ def approx_candidates(spec: AttentionSpec, hw: HardwareProfile,
     g = _grid_of(spec)
     if g is None:
         return []
-    shape, leading, causal = g
+    shape, leading, trailing, causal = g
     n = len(shape)
     base = baseline(spec, hw)
     out: list[Candidate] = []
@@ -251,8 +261,8 @@ def approx_candidates(spec: AttentionSpec, hw: HardwareProfile,
             seen.add(layout)
             v = Variant(family="block_sparse_gna", q_tile=p.q_tile, kv_tile=p.kv_tile,
                         layout=layout, exact=False)
-            c = _make(f"approx:gna({describe_layout(layout, leading)})", spec, v, hw, base.time_s,
-                      leading=leading)
+            c = _make(f"approx:gna({describe_layout(layout, leading, trailing)})", spec, v, hw, base.time_s,
+                      leading=leading, trailing=trailing)
             if c.time_s < base.time_s:
                 out.append(c)
     return out
@@ -281,6 +291,7 @@ def candidate_to_json(c: Candidate) -> dict[str, Any]:
             "shape": list(lay.shape), "window": list(lay.window), "stride": list(lay.stride),
             "dilation": list(lay.dilation), "causal": list(lay.causal)},
         "leading": c.leading,
+        **({"trailing": c.trailing} if c.trailing else {}),
         "window": None if c.window is None else list(c.window),
         "heads": list(c.heads) or None,
         "predicted": {"time_s": c.time_s, "baseline_time_s": c.baseline_time_s,
@@ -300,4 +311,4 @@ def candidate_from_json(d: dict[str, Any]) -> Candidate:
     return Candidate(d["name"], v, int(d.get("leading", 0)), None if w is None else tuple(w),
                      float(p.get("time_s", 0.0)), float(p.get("baseline_time_s", 0.0)),
                      float(p.get("flops", 0.0)), float(p.get("bytes", 0.0)), str(p.get("bound", "")),
-                     tuple(int(h) for h in d.get("heads") or ()))
+                     tuple(int(h) for h in d.get("heads") or ()), int(d.get("trailing", 0)))

@@ -45,7 +45,7 @@ def recipe_for(graph: Graph, site: Site, base: Recipe, c: Candidate) -> Recipe |
         return "a causal site needs a causal layout"
     if c.heads and base.batch_rank != 2:
         return "per-head choices need a site with [B, H, S, D] operands"
-    return replace(base, layout=v.layout, leading=c.leading, causal=False, masks=masks,
+    return replace(base, layout=v.layout, leading=c.leading, trailing=c.trailing, causal=False, masks=masks,
                    heads=tuple(c.heads))
 
 

@@ -35,7 +35,7 @@ MAX_DEPTH = 16              # plans nest 4 levels deep (sites[i].choice.layout.w
 MAX_STRING = 10_000
 MAX_ITEMS = 1_000_000       # entries of any one list or object
 MAX_RANK = 3                # grid / tile dimensions
-MAX_EXTENT = 1 << 24        # tokens along one grid dimension, leading tokens, window sides
+MAX_EXTENT = 1 << 24        # tokens along one grid dimension, leading / trailing tokens, window sides
 MAX_TOKENS = 1 << 31        # tokens of a whole grid
 MAX_TILE = 1 << 16
 MAX_HEADS = 1 << 16
@@ -234,7 +234,7 @@ def int_list(x: Any, path: str, lo: int, hi: int, min_len: int = 1, max_len: int
 _TOP = ("format", "version", "policy", "max_error", "target", "hardware", "sites")
 _PREDICTED = ("attention_dense_s", "attention_s", "other_s", "attention_speedup", "end_to_end_speedup")
 _CHOICE = ("name", "family", "exact", "q_tile", "kv_tile")
-_CHOICE_OPT = ("layout", "leading", "window", "heads", "predicted")
+_CHOICE_OPT = ("layout", "leading", "trailing", "window", "heads", "predicted")
 _LAYOUT = ("shape", "window", "stride", "dilation", "causal")
 _CAND_PREDICTED = ("time_s", "baseline_time_s", "speedup", "flops", "bytes", "bound")
 _WALK = ("step", "site", "candidate", "saved_s", "alone_rel_l2", "rel_l2", "cosine",
@@ -342,6 +342,7 @@ def _check_choice(c: Any, p: str, policy: str) -> None:
     win = c.get("window")
     heads = c.get("heads")
     leading = integer(c.get("leading", 0), f"{p}.leading", 0, MAX_EXTENT)
+    trailing = integer(c.get("trailing", 0), f"{p}.trailing", 0, MAX_EXTENT)
     if not exact and lay is None:
         raise bad(f"{p}.exact", "false, but only GNA layouts are approximate (no layout given)")
     if lay is not None:
@@ -356,6 +357,8 @@ def _check_choice(c: Any, p: str, policy: str) -> None:
         raise bad(f"{p}.layout", "family 'block_sparse_gna' needs a layout")
     elif leading:
         raise bad(f"{p}.leading", "leading tokens need a layout")
+    elif trailing:
+        raise bad(f"{p}.trailing", "trailing tokens need a layout")
     if win is not None:
         if family != "sliding_window":
             raise bad(f"{p}.window", f"a window needs family 'sliding_window', not {family!r}")
@@ -435,11 +438,12 @@ def check_plan_fits(plan: Any, sites: Sequence[Any]) -> None:
         H, KVH, sq, skv = d["num_heads"], d["num_kv_heads"], d["q_len"], d["kv_len"]
         if v.layout is not None:
             lay = v.layout
-            n = math.prod(lay.shape) + c.leading
+            n = math.prod(lay.shape) + c.leading + c.trailing
             if n != sq or n != skv:
                 raise bad(f"{p}.choice.layout.shape",
                           f"grid {'x'.join(map(str, lay.shape))}"
                           + (f" + {c.leading} leading" if c.leading else "")
+                          + (f" + {c.trailing} trailing" if c.trailing else "")
                           + f" covers {n} tokens, but site {sp.site!r} has {sq} queries and "
                             f"{skv} keys")
             if v.exact and lay != implied_layout(site.spec):

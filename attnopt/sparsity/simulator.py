@@ -15,6 +15,13 @@ Conventions:
   * A visited tile is a (Q tile, KV tile) pair with at least one attending (q, k) pair; it is
     "full" when every pair of real tokens in it attends, else "masked" (needs an element mask).
     Padding of tiles clipped at the grid end is not counted as masking.
+  * Global tokens (`leading` before the grid, `trailing` after it: [CLS], joint text tokens) are
+    kept out of the grid's tiles (the permutation only moves grid tokens): each kind is its own
+    run of KV blocks, which every grid Q tile visits whole (full tiles; under a causal layout no
+    grid query sees a trailing key, so none are visited), and its queries are their own Q tiles
+    of dense rows (every key; causal: every key j <= i). The worst Q tile and the speedup bound
+    are over the grid's Q tiles (global rows are dense by definition); totals, FLOP bound and
+    density count everything.
 Everything for box tiling is separable per dimension (the mask is a product over dimensions),
 so a 256x256 layout is simulated in O(L) work; run tiling is exact via box decomposition.
 """
@@ -66,6 +73,9 @@ class SimResult:
     # per-Q-tile maps (box: grid of tile coords; run: 1-D), kept out of equality and JSON
     kv_tiles_per_q: np.ndarray = field(default=None, compare=False, repr=False)
     masked_per_q: np.ndarray = field(default=None, compare=False, repr=False)
+    leading: int = 0            # global tokens before the grid
+    trailing: int = 0           # global tokens after the grid
+    global_q_tiles: int = 0     # Q tiles of global queries (counted in num_q_tiles)
 
     @property
     def dense_visited_fraction(self) -> float:
@@ -77,6 +87,8 @@ class SimResult:
             "dynamic_kv", "num_q_tiles", "full_kv_tiles", "max_kv_tiles", "mean_kv_tiles",
             "total_kv_tiles", "masked_tiles", "fully_block_sparse", "speedup_upper_bound",
             "flop_speedup", "density", "worst_q_tile", "attn_share", "e2e_speedup")}
+        if self.leading or self.trailing:  # keys of layouts without globals stay as they were
+            d.update(leading=self.leading, trailing=self.trailing, global_q_tiles=self.global_q_tiles)
         out = json.loads(json.dumps(d, default=_jsonable))
         return out
 
@@ -289,9 +301,14 @@ def _q_tile_count(shape: Sequence[int], q_tile: Sequence[int], tiling: str) -> i
 
 
 def simulate(layout: GNALayout, q_tile: Sequence[int], kv_tile: Sequence[int], *,
-             dynamic: bool = False, attn_share: float | None = None) -> SimResult:
-    """Simulate a block-sparse GNA kernel: tile counts, masking, and speedup bounds."""
+             dynamic: bool = False, attn_share: float | None = None, leading: int = 0,
+             trailing: int = 0) -> SimResult:
+    """Simulate a block-sparse GNA kernel: tile counts, masking, and speedup bounds (with
+    `leading` / `trailing` global tokens around the grid: see the module header)."""
     gna.validate(layout)
+    leading, trailing = int(leading), int(trailing)
+    if leading < 0 or trailing < 0:
+        raise ValueError(f"leading {leading} / trailing {trailing} must be >= 0")
     tiling = _check_tiles(layout, q_tile, kv_tile)
     q_tile, kv_tile = tuple(int(x) for x in q_tile), tuple(int(x) for x in kv_tile)
     n_q = _q_tile_count(layout.shape, q_tile, tiling)
@@ -312,22 +329,50 @@ def simulate(layout: GNALayout, q_tile: Sequence[int], kv_tile: Sequence[int], *
         vis_map, masked_map, n_full = _simulate_runs(ranges, layout.shape, q_tile[0],
                                                      kv_tile[0], dynamic)
         worst = (int(np.argmax(vis_map)),)
+    flop_speedup = float(np.prod(layout.shape, dtype=np.float64) / np.prod(layout.window, dtype=np.float64))
+    density = gna.density(layout)
+    g_q = 0
+    total_extra = masked_extra = 0
+    if leading or trailing:
+        causal = any(layout.causal)
+        tq = int(np.prod(q_tile)) if tiling == "box" else q_tile[0]
+        tk = int(np.prod(kv_tile)) if tiling == "box" else kv_tile[0]
+        trail_seen = 0 if causal else trailing          # trailing keys a grid query attends
+        g_k = _cdiv(leading, tk) + _cdiv(trail_seen, tk)  # global KV blocks per grid Q tile
+        vis_map = vis_map + g_k
+        n_full += _cdiv(leading, tk) + _cdiv(trailing, tk)
+        g_q = _cdiv(leading, tq) + _cdiv(trailing, tq)
+        if causal:  # leading rows see the leading block(s); trailing rows everything up to them
+            total_extra = _cdiv(leading, tq) * _cdiv(leading, tk) + _cdiv(trailing, tq) * n_full
+            masked_extra = g_q  # one diagonal block per global Q tile
+        else:
+            total_extra = g_q * n_full
+        n = float(np.prod(layout.shape, dtype=np.float64))
+        S = leading + n + trailing
+        if causal:  # a global row at position p sees p + 1 keys
+            g_pairs = leading * (leading + 1) / 2 + trailing * (leading + n) + trailing * (trailing + 1) / 2
+        else:
+            g_pairs = (leading + trailing) * S
+        grid_pairs = density * n * n
+        pairs = grid_pairs + n * (leading + trail_seen) + g_pairs
+        density = float(pairs / (S * S))
+        lay_pairs = n * float(np.prod(layout.window, dtype=np.float64))  # the FLOP bound's own count
+        flop_speedup = float(S * S / (lay_pairs + n * (leading + trail_seen) + (leading + trailing) * S))
     max_kv = int(vis_map.max())
-    total = int(vis_map.sum())
-    masked = int(masked_map.sum())
+    total = int(vis_map.sum()) + total_extra
+    masked = int(masked_map.sum()) + masked_extra
     speedup = n_full / max_kv
     e2e = None if attn_share is None else amdahl(speedup, attn_share)
     return SimResult(
         shape=tuple(layout.shape), window=tuple(layout.window), stride=tuple(layout.stride),
         dilation=tuple(layout.dilation), causal=tuple(bool(c) for c in layout.causal),
         q_tile=q_tile, kv_tile=kv_tile, tiling=tiling, dynamic_kv=bool(dynamic),
-        num_q_tiles=int(vis_map.size), full_kv_tiles=n_full, max_kv_tiles=max_kv,
-        mean_kv_tiles=total / vis_map.size, total_kv_tiles=total, masked_tiles=masked,
+        num_q_tiles=int(vis_map.size) + g_q, full_kv_tiles=n_full, max_kv_tiles=max_kv,
+        mean_kv_tiles=total / (vis_map.size + g_q), total_kv_tiles=total, masked_tiles=masked,
         fully_block_sparse=masked == 0, speedup_upper_bound=speedup,
-        flop_speedup=float(np.prod(layout.shape, dtype=np.float64) /
-                           np.prod(layout.window, dtype=np.float64)),
-        density=gna.density(layout), worst_q_tile=worst, attn_share=attn_share,
-        e2e_speedup=e2e, kv_tiles_per_q=vis_map, masked_per_q=masked_map)
+        flop_speedup=flop_speedup, density=density, worst_q_tile=worst, attn_share=attn_share,
+        e2e_speedup=e2e, kv_tiles_per_q=vis_map, masked_per_q=masked_map,
+        leading=leading, trailing=trailing, global_q_tiles=g_q)
 
 
 @dataclass(frozen=True)

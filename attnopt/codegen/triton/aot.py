@@ -70,8 +70,8 @@ def resources(compiled) -> dict[str, Any]:
 # ---- every specialization, compiled for real targets (CI's proof that the kernels build) ----
 
 def specializations():
-    """(name, family, params, layout, q/k/v shapes, mask shape and dtype, dtype) of every kernel
-    specialization the tests exercise under the interpreter."""
+    """(name, family, params, q/k/v shapes, mask shape and dtype, dtype, layout, (leading, trailing)
+    global tokens) of every kernel specialization the tests exercise under the interpreter."""
     import torch
 
     from attnopt.codegen.params import AttentionParams
@@ -102,14 +102,17 @@ def specializations():
         ("gna_2d_dilated_mask", GNALayout((50, 44), (7, 9), (3, 4), (2, 1)), ((1, 1, 2200, 2200), f32), f16),
         ("gna_3d", GNALayout((8, 24, 24), (4, 8, 8), (1, 2, 4), (1, 1, 1), (True, False, False)), None, bf16),
     ]
-    out = [(*c, None, 0) if len(c) == 6 else (*c, 0) for c in dense]
+    out = [(*c, None, (0, 0)) if len(c) == 6 else (*c, (0, 0)) for c in dense]
     gna_cases.append(("gna_2d_leading_cls", GNALayout((48, 40), (13, 9)), None, bf16, 1))
-    for name, layout, mask, dt, *lead in gna_cases:
+    gna_cases.append(("gna_2d_trailing_text", GNALayout((48, 40), (13, 9)), None, bf16, 0, 77))
+    gna_cases.append(("gna_3d_leading_trailing", GNALayout((4, 16, 16), (3, 7, 7)), None, bf16, 1, 20))
+    for name, layout, mask, dt, *glob in gna_cases:
         import math
 
-        leading = lead[0] if lead else 0
-        n = leading + math.prod(layout.shape)
-        out.append((name, "block_sparse_gna", P(scale=0.1), (1, 4, 2, n, n, 64), mask, dt, layout, leading))
+        leading, trailing = (list(glob) + [0, 0])[:2]
+        n = leading + math.prod(layout.shape) + trailing
+        out.append((name, "block_sparse_gna", P(scale=0.1), (1, 4, 2, n, n, 64), mask, dt, layout,
+                    (leading, trailing)))
     return out
 
 
@@ -122,7 +125,8 @@ def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
     from attnopt.codegen.triton import generator, launcher
 
     rows = []
-    for name, family, params, (B, H, Hkv, Sq, Skv, D), mask_spec, dtype, layout, leading in specializations():
+    for name, family, params, (B, H, Hkv, Sq, Skv, D), mask_spec, dtype, layout, (leading, trailing) \
+            in specializations():
         q = torch.empty(B, H, Sq, D, dtype=dtype)
         k = torch.empty(B, Hkv, Skv, D, dtype=dtype)
         mask = None
@@ -134,7 +138,7 @@ def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
             row = {"name": name, "family": family, "table": table, "arch": arch, "config": cfg.to_json()}
             t = time.time()
             try:
-                call = launcher.kernel_call(family, cfg, q, k, k, mask, params, layout, leading)
+                call = launcher.kernel_call(family, cfg, q, k, k, mask, params, layout, leading, trailing)
                 row.update(resources(compile_call(call, arch)), ok=True)
             except Exception as e:  # noqa: BLE001  reported per row
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-400:]}")

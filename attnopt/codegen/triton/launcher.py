@@ -3,8 +3,8 @@
 Canonical layouts (as attnopt::attention):
   q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], attn_mask broadcastable to
   [B, H, Sq, Skv] (bool: True = attend; float: added), out [B, H, Sq, Dv] in q.dtype.
-  With a TokenLayout (params.py), Sq = Skv = leading + prod(grid.shape): `leading` global tokens
-  ([CLS], sinks) then the row-major flattened grid.
+  With a TokenLayout (params.py), Sq = Skv = leading + prod(grid.shape) + trailing: `leading` global
+  tokens ([CLS], sinks), the row-major flattened grid, then `trailing` global tokens (joint text).
 
 Each family has a check with the kernel table's signature,
 `can_run_<family>(q, k, v, attn_mask, params, layout) -> (ok, reason)`; the order in which they
@@ -14,6 +14,7 @@ of that family's kernel. `launch(family, ...)` runs one family, tuned per case.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -91,9 +92,11 @@ def can_run_block_sparse_gna(q, k, v, attn_mask, params: AttentionParams,
 
 
 def _no_layout(layout: TokenLayout | None) -> tuple[bool, str]:
-    """The dense families take no token layout (leading global tokens are a GNA kernel feature)."""
+    """The dense families take no token layout (global tokens are a GNA kernel feature)."""
     if layout is not None and layout.leading:
         return False, "leading global tokens need the block_sparse_gna kernel"
+    if layout is not None and layout.trailing:
+        return False, "trailing global tokens need the block_sparse_gna kernel"
     if layout is not None and layout.grid is not None:
         return False, "a GNA layout needs the block_sparse_gna kernel"
     return True, ""
@@ -152,13 +155,16 @@ def spec_of(q, k, v, mask, params: AttentionParams, layout: GNALayout | None) ->
     )
 
 
-def _tune_key(spec: AttentionSpec, variant: Variant, device, leading: int = 0) -> dict:
+def _tune_key(spec: AttentionSpec, variant: Variant, device, leading: int = 0, trailing: int = 0) -> dict:
     import triton
 
-    return {"spec": spec.to_json(), "family": variant.family,
-            "layout": None if variant.layout is None else repr(variant.layout), "leading": leading,
-            "device": generator.device_name(device), "triton": triton.__version__,
-            "template": generator.template.template_hash()}
+    key = {"spec": spec.to_json(), "family": variant.family,
+           "layout": None if variant.layout is None else repr(variant.layout), "leading": leading,
+           "device": generator.device_name(device), "triton": triton.__version__,
+           "template": generator.template.template_hash()}
+    if trailing:
+        key["trailing"] = trailing
+    return key
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -250,12 +256,14 @@ def _plan_tensors(plan, device):
 
 
 def gna_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams,
-             layout: GNALayout, leading: int = 0) -> KernelCall:
-    """With `leading` tokens before the grid the kernel writes the grid rows of out only; the
-    caller fills out[:, :, :leading]."""
+             layout: GNALayout, leading: int = 0, trailing: int = 0) -> KernelCall:
+    """With `leading` tokens before the grid (or `trailing` ones after it) the kernel writes the
+    grid rows of out only; the caller fills out[:, :, :leading] (and out[:, :, -trailing:]). Under
+    a causal layout grid queries see no trailing key (they all come later), so none is visited."""
     B, H, N, D = q.shape
     Dv = v.shape[3]
     plan = gna_tile_plan(layout, tuple(cfg.q_tile), tuple(cfg.kv_tile))
+    trail = 0 if any(layout.causal) else int(trailing)
     pt = _plan_tensors(plan, q.device)
     # q/k/v/out stay row-major; the kernel gathers each tile's rows through the slot maps.
     out = torch.empty((B, H, N, Dv), dtype=q.dtype, device=q.device)
@@ -265,15 +273,17 @@ def gna_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionPar
             H, plan.tiles.shape[1], float(params.scale), float(params.softcap or 0.0))
     constexprs = dict(BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, NDIM=len(layout.shape),
                       LEADING=int(leading), BLOCK_L=_pow2(max(1, leading)), ELEMENT_MASK=plan.element_mask,
+                      TRAIL0=int(leading) + math.prod(layout.shape), TRAILING=trail,
+                      BLOCK_T=_pow2(max(1, trail)),
                       **_flags(q, v, mask, params, H // k.shape[1]))
     return KernelCall(generator.kernel(family, "gna"), (plan.num_q_tiles, B * H), args, constexprs,
                       cfg.num_warps, cfg.num_stages, out)
 
 
 def kernel_call(family: str, cfg: KernelConfig, q, k, v, mask, params: AttentionParams,
-                layout: GNALayout | None = None, leading: int = 0) -> KernelCall:
+                layout: GNALayout | None = None, leading: int = 0, trailing: int = 0) -> KernelCall:
     if family == "block_sparse_gna":
-        return gna_call(family, cfg, q, k, v, mask, params, layout, leading)
+        return gna_call(family, cfg, q, k, v, mask, params, layout, leading, trailing)
     return dense_call(family, cfg, q, k, v, mask, params)
 
 
@@ -308,7 +318,8 @@ def _prepare(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     it Python, before this cache)."""
     grid = None if layout is None else layout.grid
     leading = 0 if layout is None else layout.leading
-    run = lambda c: kernel_call(family, c, q, k, v, attn_mask, params, grid, leading).run()  # noqa: E731
+    trailing = 0 if layout is None else layout.trailing
+    run = lambda c: kernel_call(family, c, q, k, v, attn_mask, params, grid, leading, trailing).run()  # noqa: E731
     key = _case_key(family, q, k, v, attn_mask, params, layout)
     cfg = _CHOSEN.get(key)
     if cfg is None:
@@ -316,7 +327,7 @@ def _prepare(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
         configs = generator.candidate_configs(generator.device_family(q.device), ndim)
         variant = Variant(family, configs[0].q_tile, configs[0].kv_tile, layout=grid)
         spec = spec_of(q, k, v, attn_mask, params, grid)
-        cfg = generator.tuned_config(_tune_key(spec, variant, q.device, leading), configs,
+        cfg = generator.tuned_config(_tune_key(spec, variant, q.device, leading, trailing), configs,
                                      lambda c: _bench(lambda: run(c)))
         _CHOSEN[key] = cfg
     return cfg, run
@@ -331,7 +342,8 @@ def chosen_config(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tenso
 def launch(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
            layout: TokenLayout | None = None) -> Tensor:
     """Run the generated kernel of `family` for this case (the caller checked can_run_<family>).
-    With leading tokens before a GNA grid, only the grid rows of the result are written: the caller
-    fills out[:, :, :leading] (the kernel table's Triton GNA row does)."""
+    With global tokens before / after a GNA grid, only the grid rows of the result are written: the
+    caller fills out[:, :, :leading] and out[:, :, S - trailing:] (the kernel table's Triton GNA
+    row does)."""
     cfg, run = _prepare(family, q, k, v, attn_mask, params, layout)
     return run(cfg)

@@ -289,16 +289,18 @@ def _gna_inner(
 
 
 @triton.jit
-def _leading_keys(
+def _global_keys(
     b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, offs_d, offs_dv, b_qidx,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, LEADING: tl.constexpr, BLOCK_L: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, KEY0: tl.constexpr, COUNT: tl.constexpr,
+    BLOCK_L: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     SIGMOID: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # Every grid query attends every leading key ([CLS], sinks: tokens 0..LEADING-1), causal or not.
-    offs_l = tl.arange(0, BLOCK_L)
-    m_l = offs_l < LEADING
+    # Every grid query attends the COUNT global keys KEY0.. (leading ones: [CLS], sinks, tokens
+    # 0..LEADING-1, causal or not; trailing ones after the grid: the host passes none when causal).
+    offs_l = KEY0 + tl.arange(0, BLOCK_L)
+    m_l = offs_l < KEY0 + COUNT
     p_k = p_k_base + offs_l[:, None] * stride_kn + offs_d[None, :] * stride_kd
     p_v = p_v_base + offs_l[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     b_k, b_v = _load_kv(p_k, p_v, m_l, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, True, UPCAST)
@@ -322,7 +324,7 @@ def @FAMILY@_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NDIM: tl.constexpr, LEADING: tl.constexpr, BLOCK_L: tl.constexpr, ELEMENT_MASK: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, TRAIL0: tl.constexpr, TRAILING: tl.constexpr, BLOCK_T: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SIGMOID: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -334,8 +336,9 @@ def @FAMILY@_fwd_kernel(
     memory). It visits the KV tiles TILES[pid_m, :COUNTS[pid_m, 1]]; the first COUNTS[pid_m, 0]
     are full (no element mask). With ELEMENT_MASK false the layout is perfectly block-sparse and
     no mask code is compiled. With LEADING > 0 the grid starts at token LEADING (q/k/v/out hold the
-    whole sequence) and each Q tile first visits one extra block holding the leading keys; the
-    leading queries' own rows are the host's to fill.
+    whole sequence) and each Q tile first visits one extra block holding the leading keys; with
+    TRAILING > 0 it visits one more holding the trailing keys TRAIL0.. (TRAIL0 = LEADING + grid
+    tokens). The global queries' own rows are the host's to fill.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -381,10 +384,16 @@ def @FAMILY@_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     if LEADING > 0:
-        b_acc, b_m, b_l = _leading_keys(
+        b_acc, b_m, b_l = _global_keys(
             b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, offs_d, offs_dv, b_qidx,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
-            HEAD_DIM, HEAD_DIM_V, LEADING, BLOCK_L, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
+            HEAD_DIM, HEAD_DIM_V, 0, LEADING, BLOCK_L, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
+            UPCAST, INPUT_PRECISION)
+    if TRAILING > 0:
+        b_acc, b_m, b_l = _global_keys(
+            b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, offs_d, offs_dv, b_qidx,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
+            HEAD_DIM, HEAD_DIM_V, TRAIL0, TRAILING, BLOCK_T, HAS_MASK, MASK_IS_BOOL, HAS_SOFTCAP, SIGMOID,
             UPCAST, INPUT_PRECISION)
     b_acc, b_m, b_l = _gna_inner(
         b_acc, b_m, b_l, b_q, p_k_base, p_v_base, p_mask_base, p_tiles,
