@@ -115,11 +115,13 @@ def test_op_uses_generated_kernel_and_falls_back():
     _check(out, reference_attention(big, big, big, scale=0.05), torch.float16)
 
 
-@pytest.mark.parametrize("leading,heads", [(0, ()), (0, (1, 2)), (1, ()), (4, (0, 3))])
+@pytest.mark.parametrize("leading,heads,trailing", [(0, (), 0), (0, (1, 2), 0), (1, (), 0), (4, (0, 3), 0),
+                                                    (0, (), 77), (1, (0, 3), 154)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_gna_op_on_cuda(monkeypatch, leading, heads, dtype):
+def test_gna_op_on_cuda(monkeypatch, leading, heads, trailing, dtype):
     """attnopt::gna_attention on CUDA (what approximate plans splice): the generated GNA kernel,
-    with leading global tokens ([CLS], sinks) as one extra KV block per Q tile, per-head splits."""
+    with leading global tokens ([CLS], sinks) and trailing ones (SD3's text after the image) as
+    one extra KV block each per Q tile, per-head splits."""
     from attnopt.codegen.gna_exact import reference_gna
     from attnopt.codegen.gna_op import gna_attention_op
     from attnopt.codegen.triton import launcher
@@ -128,9 +130,12 @@ def test_gna_op_on_cuda(monkeypatch, leading, heads, dtype):
     real = launcher.gna_call
     monkeypatch.setattr(launcher, "gna_call", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     layout = GNALayout((32, 48), (9, 13), (2, 3), (1, 1), (False, False))
-    q, k, v = _qkv(2, 4, 4, leading + 32 * 48, leading + 32 * 48, 64, dtype, seed=4)
-    out = gna_attention_op(q, k, v, None, scale=0.125, layout=layout, leading=leading, heads=heads)
-    ref = reference_gna(q.float(), k.float(), v.float(), None, 0.125, layout, leading, "softmax", heads)
+    S = leading + 32 * 48 + trailing
+    q, k, v = _qkv(2, 4, 4, S, S, 64, dtype, seed=4)
+    out = gna_attention_op(q, k, v, None, scale=0.125, layout=layout, leading=leading, heads=heads,
+                           trailing=trailing)
+    ref = reference_gna(q.float(), k.float(), v.float(), None, 0.125, layout, leading, "softmax", heads,
+                        trailing=trailing)
     err = (out.float() - ref).abs().max().item()
     assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), err
     assert calls

@@ -21,7 +21,7 @@ import torch
 from attnopt.codegen import gna_exact, select
 from attnopt.codegen.cpu import tiles as cpu
 from attnopt.codegen.gna_op import gna_attention_op
-from attnopt.codegen.params import AttentionParams, TokenLayout
+from attnopt.codegen.params import AttentionParams
 from attnopt.codegen.reference import reference_attention
 from attnopt.ir import GNALayout
 from attnopt.sparsity import gna
