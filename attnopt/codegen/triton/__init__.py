@@ -2,11 +2,11 @@
 
 Canonical layouts: q [B, H, Sq, D], k/v [B, Hkv, Skv, D/Dv], attn_mask broadcastable to
 [B, H, Sq, Skv], out [B, H, Sq, Dv]; with a TokenLayout (params.py) the sequence is `leading`
-global tokens then the row-major flattened grid.
+global tokens, the row-major flattened grid, then `trailing` global tokens.
 
   can_run_<family>(q, k, v, attn_mask, params, layout=None) -> (ok, reason)   (the kernel table's signature)
-  launch(family, q, k, v, attn_mask, params, layout=None) -> Tensor            (with leading > 0 only
-      the grid rows are written)
+  launch(family, q, k, v, attn_mask, params, layout=None) -> Tensor            (with leading or
+      trailing > 0 only the grid rows are written)
 
 Which family runs, and in which order they are tried, is the kernel table's business
 (codegen/select.py: one Triton row per family, then the CPU and exact rows). This package registers
