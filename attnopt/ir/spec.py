@@ -3,6 +3,7 @@ where it lives (`Site`, with its pattern family's typed details), why a near mis
 (`Rejection`), and how to run it (`Variant`). Canonical layout BHSD = [batch, heads, seq, head_dim]."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,15 +59,78 @@ class MaskSpec:
 
 
 @dataclass(frozen=True)
+class TokenSegment:
+    """One contiguous run of a site's sequence: a `grid` (row-major `shape`, 1-3 dims) or `global`
+    tokens (text, class, register tokens) that every layout keeps dense. `source` names the IR
+    node the segment was read from (for reports; not part of equality)."""
+
+    kind: str  # "grid" | "global"
+    length: int
+    shape: tuple[int, ...] = ()
+    source: str | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "length": self.length}
+        if self.kind == "grid":
+            d["shape"] = list(self.shape)
+        return d
+
+    def describe(self) -> str:
+        return "x".join(map(str, self.shape)) if self.kind == "grid" else f"{self.length}g"
+
+
+@dataclass(frozen=True)
 class TokenGrid:
-    """Tokens laid out on a grid: `shape` (e.g. (14, 14)) after `leading` non-grid tokens."""
+    """A site's token layout. `shape` (e.g. (14, 14)) is the main grid, after `leading` and before
+    `trailing` tokens that are not on it; `segments` is the whole sequence in order (global runs:
+    text, class or register tokens; grid runs), summing to the sequence length.
+
+    Readers that know only `shape` and `leading` keep working: for a layout whose tokens are
+    `leading` globals then the grid, `prod(shape) + leading` is the sequence length; any other
+    layout (text after the image, several grids) has `trailing > 0`, so that sum falls short and
+    such a reader sees no layout it can use. Built with only `shape`/`leading`/`trailing`,
+    `segments` is filled in (global, grid, global); `from_segments` builds the rest from them."""
 
     shape: tuple[int, ...]
     leading: int = 0
+    trailing: int = 0
+    segments: tuple[TokenSegment, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.segments:
+            segs = []
+            if self.leading:
+                segs.append(TokenSegment("global", self.leading))
+            segs.append(TokenSegment("grid", math.prod(self.shape), tuple(self.shape)))
+            if self.trailing:
+                segs.append(TokenSegment("global", self.trailing))
+            object.__setattr__(self, "segments", tuple(segs))
+
+    @classmethod
+    def from_segments(cls, segments: "tuple[TokenSegment, ...] | list[TokenSegment]") -> "TokenGrid":
+        """The main grid is the largest (the first of equals); every token before it is `leading`,
+        every token after it `trailing`."""
+        segs = tuple(segments)
+        grids = [i for i, s in enumerate(segs) if s.kind == "grid"]
+        if not grids:
+            raise ValueError("a token layout needs at least one grid segment")
+        main = max(grids, key=lambda i: (segs[i].length, -i))
+        return cls(shape=tuple(segs[main].shape), leading=sum(s.length for s in segs[:main]),
+                   trailing=sum(s.length for s in segs[main + 1:]), segments=segs)
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.segments)
 
     def describe(self) -> str:
         s = "x".join(str(d) for d in self.shape)
-        return f"{s}+{self.leading}" if self.leading else s
+        if not self.trailing and len(self.segments) <= 2:
+            return f"{s}+{self.leading}" if self.leading else s
+        return "|".join(seg.describe() for seg in self.segments)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "leading": self.leading, "trailing": self.trailing,
+                "segments": [seg.to_json() for seg in self.segments]}
 
 
 @dataclass(frozen=True)
@@ -87,6 +151,9 @@ class AttentionSpec:
     token_grid: TokenGrid | None = None
     dtype: str | None = None
     layout: str = "BHSD"
+    # why `token_grid` is None ("" when it is set, or nobody asked): not in to_json, since the
+    # node names it quotes differ between front ends
+    token_grid_reason: str = field(default="", compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,8 +168,7 @@ class AttentionSpec:
             "scale": self.scale,
             "mask": self.mask.to_json(),
             "score_mods": list(self.score_mods),
-            "token_grid": (None if self.token_grid is None else
-                           {"shape": list(self.token_grid.shape), "leading": self.token_grid.leading}),
+            "token_grid": None if self.token_grid is None else self.token_grid.to_json(),
             "dtype": self.dtype,
             "layout": self.layout,
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from attnopt.ir import AttentionSpec, Graph, Rejection, Site
-from attnopt.passes.grid import assign_grid
+from attnopt.passes.grid import infer_layout
 from attnopt.passes.masks import MaskAnalysis, analyze_masks
 from attnopt.patterns.match import Match
 from attnopt.patterns.registry import FAMILIES
@@ -39,11 +39,12 @@ def detect(graph: Graph) -> tuple[list[Site], list[Rejection]]:
                                       m.pattern))
             continue
         masks: MaskAnalysis = mask_cache[key]
+        grid, grid_reason = infer_layout(graph, m.q, m.q_len, grid_cache)
         spec = AttentionSpec(
             normalizer=m.normalizer, batch=m.batch, num_heads=m.num_heads,
             num_kv_heads=m.num_kv_heads, q_len=m.q_len, kv_len=m.kv_len, head_dim=m.head_dim,
             v_head_dim=m.v_head_dim, scale=m.scale, mask=masks.mask, score_mods=masks.score_mods,
-            token_grid=assign_grid(graph, m.q, m.q_len, grid_cache), dtype=m.dtype, layout=m.layout)
+            token_grid=grid, dtype=m.dtype, layout=m.layout, token_grid_reason=grid_reason)
         name = _unique(_site_name(graph, m, len(sites)), names)
         details = replace(m.details, mask_operands=m.mask_operands, mask_reason=masks.reason)
         sites.append(Site(
