@@ -5,13 +5,16 @@ mask / bias broadcastable to [B, H, S, S_kv], out [B, H, S, Dv] in q.dtype.
 
   attention(q, k, v, *, mask=None, bias=None, causal=False, scale=None, softcap=None,
             normalizer="softmax", grid=None, window=None, stride=None, dilation=None,
-            backend="auto")
+            backend="auto", leading=0, trailing=0)
 
 With `grid` (e.g. (64, 64); tokens flattened row-major into S) window / stride / dilation / causal
 (an int or bool for every dimension, or one per dimension) define a GNA layout (docs/ARCHITECTURE.md,
 "GNA semantics"); without a grid, `window=(left, right)` is a 1-D sliding window (None on a side =
 unbounded) and `causal` masks keys after the query (top-left aligned unless
 causal_alignment="bottom_right").
+With a grid, the sequence may hold global tokens around it: [leading][grid][trailing] (CLS or
+joint text tokens before the image, SD3 / HunyuanVideo's text after it): grid queries attend to
+their neighborhood and every global token, global queries to every token; the counts must add up.
 `mask` is bool (True = attend) or float (added); `bias` is float and added; both may be given.
 
 backend: "auto" (Triton on CUDA when a generated kernel fits, the exact CPU sparse kernels on CPU,
@@ -98,6 +101,8 @@ def attention(
     dilation: IntOrTuple = None,
     backend: str = "auto",
     causal_alignment: str = "top_left",
+    leading: int = 0,
+    trailing: int = 0,
 ) -> Tensor:
     """Attention of q [B, H, S, D] over k/v [B, H_kv, S_kv, D]; see the module docstring."""
     if backend not in BACKENDS:
@@ -114,8 +119,11 @@ def attention(
     layout = None
     if grid is not None:
         layout = gna_layout(grid, window, stride, dilation, causal)
+        _check_segments(q, k, layout, leading, trailing)
         params = AttentionParams(scale=scale, softcap=softcap, normalizer=normalizer)
     else:
+        if leading or trailing:
+            raise ValueError("leading / trailing global tokens frame a token grid: give grid=...")
         if stride is not None or dilation is not None:
             raise ValueError("stride and dilation need a token grid (grid=...)")
         if not isinstance(causal, bool):
@@ -132,4 +140,19 @@ def attention(
     # the generated kernels write a plain tensor: no autograd graph behind it
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, attn_mask))
     request = select.Request(caller="functional", backend=backend, needs_grad=needs_grad)
-    return select.dispatch(q, k, v, attn_mask, params, None if layout is None else TokenLayout(layout), request)
+    token_layout = None if layout is None else TokenLayout(layout, leading=int(leading), trailing=int(trailing))
+    return select.dispatch(q, k, v, attn_mask, params, token_layout, request)
+
+
+def _check_segments(q: Tensor, k: Tensor, layout: GNALayout, leading: int, trailing: int) -> None:
+    """The sequence must be exactly [leading globals][the grid][trailing globals]."""
+    for name, n in (("leading", leading), ("trailing", trailing)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    cells = math.prod(layout.shape)
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[2] != leading + cells + trailing:
+            raise ValueError(
+                f"{name} has {t.shape[2]} tokens but the layout holds {leading} leading + "
+                f"{cells} grid ({'x'.join(map(str, layout.shape))}) + {trailing} trailing = "
+                f"{leading + cells + trailing}")

@@ -245,6 +245,8 @@ def _layout_allowed(q: Tensor, layout: TokenLayout, request: Request) -> Tensor:
     if request.caller == "gna_attention":
         return gna_exact.layout_mask(layout.grid, layout.leading, layout.heads, q.shape[1], q.device,
                                      layout.trailing)
+    if layout.leading or layout.trailing:
+        return gna_exact.full_mask(layout.grid, layout.leading, layout.trailing).to(q.device)
     from attnopt.sparsity.gna import dense_mask
 
     return torch.from_numpy(dense_mask(layout.grid)).to(q.device)
