@@ -42,6 +42,8 @@ _SYM_CALLS = {
     "OpaqueUnaryFn_log", "OpaqueUnaryFn_log2", "OpaqueUnaryFn_cos", "OpaqueUnaryFn_sin",
     "OpaqueUnaryFn_tan", "OpaqueUnaryFn_cosh", "OpaqueUnaryFn_sinh", "OpaqueUnaryFn_tanh",
     "OpaqueUnaryFn_asin", "OpaqueUnaryFn_acos", "OpaqueUnaryFn_atan",
+    # relations by their class names (torch writes GreaterThan(u0, 0) for data-dependent sizes)
+    "GreaterThan", "StrictGreaterThan", "LessThan", "StrictLessThan", "Equality", "Unequality",
 }
 _SYM_CONSTANTS = {"oo", "zoo", "nan", "pi", "E", "true", "false", "True", "False", "S"}
 _SYMBOL_NAME = re.compile(r"^[a-z]{1,8}[0-9]+$")  # s0, s77, u3, zuf0, ...

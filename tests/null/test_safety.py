@@ -486,7 +486,8 @@ def test_size_expressions_outside_the_grammar(text):
 
 @pytest.mark.parametrize("text", [
     "Symbol('s77', positive=True, integer=True)", "2*s0 + 1", "FloorDiv(s0, 2)", "Max(1, s17)",
-    "Mod(s0, 8)", "Eq(s0, 4)", "ModularIndexing(s0, 1, 4)", "PythonMod(s3, 2) < s4"])
+    "Mod(s0, 8)", "Eq(s0, 4)", "ModularIndexing(s0, 1, 4)", "PythonMod(s3, 2) < s4",
+    "GreaterThan(Symbol('u0', integer=True), Integer(0))", "StrictLessThan(u1, s0)"])
 def test_size_expressions_torch_writes(text):
     from attnopt.frontends.pt2_checks import check_sym_expr
     check_sym_expr(text)
