@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from attnopt.errors import UnsupportedModel
+from attnopt.errors import AttnoptError, UnsupportedModel
 from attnopt.ir import Graph
 from attnopt.ir.vocab import SMALL_CONST_ELEMENTS as SMALL_CONST
 from attnopt.frontends.fx_dynamic import auto_dynamic_shapes
@@ -515,13 +515,23 @@ def export_module(module: torch.nn.Module, example_inputs: Any, *, dynamic: bool
     try:
         with torch.no_grad():
             if dynamic:
+                # on aliases: a failed dynamic export leaves dynamo's dimension marks on the tensors
+                # it saw, which would fail the static export too (and stay on the caller's inputs)
+                a_args, a_kwargs = _aliases(args), _aliases(kwargs)
                 try:
-                    return _export(module, args, kwargs, lambda: auto_dynamic_shapes(module, args, kwargs, static))
+                    return _export(module, a_args, a_kwargs,
+                                   lambda: auto_dynamic_shapes(module, args, kwargs, static))
                 except Exception as e:  # noqa: BLE001 - the static export below is the fallback
                     log.debug("attnopt: %s exported at the example input shapes only (the export "
                               "with dynamic dimensions failed: %s: %s)", type(module).__name__,
                               type(e).__name__, _first_line(e))
-            return _export(module, args, kwargs, lambda: None)
+            try:
+                return _export(module, args, kwargs, lambda: None)
+            except (AttnoptError, KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - one line naming what torch.export said
+                raise UnsupportedModel(f"torch.export cannot trace {type(module).__name__}: "
+                                       f"{type(e).__name__}: {_first_line(e)}") from e
     finally:
         for m, training in modes:
             m.training = training
@@ -537,6 +547,14 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, shapes: Callable
         if "Cache" not in str(e) or not _register_hf_cache_pytree():
             raise
     return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes())
+
+
+def _aliases(tree: Any) -> Any:
+    """The same values as new tensor objects (views sharing storage)."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.view_as(x) if isinstance(x, torch.Tensor) and not isinstance(
+        x, torch.nn.Parameter) else x, tree)
 
 
 def _first_line(e: Exception) -> str:

@@ -22,15 +22,10 @@ TOL = 1e-4
 
 # name -> why attnopt misses or keeps its sites (or cannot load the model), in attnopt's words.
 XFAIL: dict[str, str] = {
-    "lumina2": "torch.export (attnopt's module loader) raises 'TypeError: unhashable type: non-nested SymInt': "
+    "lumina2": "UnsupportedModel: torch.export cannot trace it ('TypeError: unhashable type: non-nested SymInt'): "
                "Lumina2 takes len(set(seq_lengths)) of the text mask's row sums (data-dependent)",
-    "hidream": "torch.export (attnopt's module loader) raises 'RuntimeError: .numpy() is not supported for "
-               "tensor subclasses': HiDream's MoE inference path calls .cpu().numpy() on expert counts",
-    "cosmos": "since 1fc40b8 (optimize(nn.Module) exports with Dim.AUTO first) optimize raises 'TypeError: loop "
-              "of ufunc does not support argument 0 of type SymFloat which has no callable sqrt method' "
-              "(Cosmos' learnable pos-embed takes np.sqrt(norm.numel() / emb.numel())); the static fallback in "
-              "frontends/fx.py export_module fails the same way because the failed dynamic export leaves "
-              "_dynamo_weak_dynamic_indices on the caller's example tensors (a fresh copy of the inputs exports)",
+    "hidream": "UnsupportedModel: torch.export cannot trace it ('RuntimeError: .numpy() is not supported for "
+               "tensor subclasses'): HiDream's MoE inference path calls .cpu().numpy() on expert counts",
 }
 
 # Models whose module-flavour check takes more than ~4 s on the 2-core VM.

@@ -269,3 +269,40 @@ def test_static_export_when_the_dynamic_one_fails(monkeypatch, caplog):
     _check_sizes(model, res.model, lambda b, s: ((_x(b, s, 6),), {}), [(2, 16)])
     with pytest.raises(Exception, match=r"x.size\(\)\[0\] == 2"):
         res.model(_x(3, 16))
+
+
+def test_failed_dynamic_export_leaves_the_inputs_unmarked():
+    """A model the dynamic export cannot trace (numpy on a symbolic size, as Cosmos' position
+    embedding does) is exported at the example shapes, and the caller's tensors carry no dynamo
+    marks afterwards (they made the static fallback fail too)."""
+    import numpy as np
+
+    import attnopt
+
+    class NumpySize(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.proj(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4).unbind(0)
+            norm = float(np.sqrt(x.numel() / x.shape[-1]))
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v) * norm
+
+    m = NumpySize().eval()
+    x = torch.randn(2, 6, 8)
+    r = attnopt.optimize(m, (x,))
+    assert [s.status for s in r.sites] == ["rewritten"]
+    assert not hasattr(x, "_dynamo_weak_dynamic_indices") and not hasattr(x, "_dynamo_dynamic_indices")
+
+
+def test_untraceable_module_is_one_attnopt_error():
+    import attnopt
+    from attnopt.errors import UnsupportedModel
+
+    class NumpyValues(torch.nn.Module):
+        def forward(self, x):
+            return x * float(x.sum().numpy())
+
+    with pytest.raises(UnsupportedModel, match="torch.export cannot trace NumpyValues"):
+        attnopt.optimize(NumpyValues(), (torch.randn(2, 3),))
