@@ -212,8 +212,9 @@ class TokenTrace:
 
     def _hits(self) -> dict[str, tuple[int, list[int]]]:
         """For every piece of a slice or split in the graph that is shorter than its source along
-        one axis: (that axis, the offsets where its probe values sit in the source's). All pieces
-        are evaluated in one probe run, the first time any offset is asked for."""
+        one axis other than the last: (that axis, the offsets where its probe values sit in the
+        source's). All pieces are evaluated in one probe run, the first time any offset is asked
+        for (a slice along the sequence is rare: joint attention splitting its streams)."""
         if self.hit_cache is not None:
             return self.hit_cache
         self.hit_cache = {}
@@ -233,7 +234,8 @@ class TokenTrace:
             if s is None or t is None or len(s) != len(t):
                 continue
             axes = [a for a in range(len(s)) if s[a] != t[a]]
-            if len(axes) == 1:
+            # a cut along the last axis is of channels or head dims (rope's halves), not tokens
+            if len(axes) == 1 and axes[0] != len(s) - 1:
                 pieces[n] = (src, axes[0])
         ev = self.g.evaluator
         if not pieces or ev is None:

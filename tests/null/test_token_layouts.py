@@ -193,6 +193,33 @@ def test_rope_ids_lay_packed_tokens_on_a_grid():
     assert layout.segments == (glob(TEXT), grid(2, 4))
 
 
+class Packed(nn.Module):
+    """Flux's `_pack_latents` inside the model: 2 x 2 patches of [B, C, H, W] latents packed by
+    view/permute/reshape into [B, (H/2)(W/2), 4C], then a Linear; text after the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.img = nn.Linear(16, C)
+        self.txt = nn.Linear(16, C)
+        self.qkv = nn.Linear(C, 3 * C)
+
+    def forward(self, latents, text):
+        b, c, h, w = latents.shape
+        x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        x = self.img(x.reshape(b, (h // 2) * (w // 2), c * 4))
+        x = torch.cat([x, self.txt(text)], dim=1)
+        q, k, v = self.qkv(x).unflatten(-1, (3, H, D)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_patches_packed_by_reshape_permute():
+    kw = dict(latents=torch.randn(B, 4, 8, 12), text=torch.randn(B, TEXT, 16))
+    layout, reason = _one(Packed(), kw)
+    assert layout is not None, reason
+    assert layout.segments == (grid(4, 6), glob(TEXT))
+    assert (layout.shape, layout.leading, layout.trailing) == ((4, 6), 0, TEXT)
+
+
 # ---- near misses: no layout, and the reason says why -------------------------------------------
 
 def test_near_miss_slice_keeps_part_of_the_grid():
