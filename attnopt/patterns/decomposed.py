@@ -344,7 +344,10 @@ class _Matcher(ScorePath):
                 if back is not None:
                     self.reject(back, f"{g.describe(back)} sits between the score matmul and the "
                                       f"{self.normalizer}: the scores are never viewed as its input")
-                if g.num_uses(cur) != 1:
+                # a shape query reads no value (TorchScript's reshape_as(scores) for SAM's bias):
+                # the splice keeps the matmul only while such a reader remains
+                values = [u for u in g.users(cur) if g.op(u) != "shape"]
+                if len(values) != 1 or sum(g.inputs_of(u).count(cur) for u in values) != 1:
                     self.single_user(cur, "the scores")
                 return cur, masks, scale, softcap
             self.single_user(cur, "the scores")
