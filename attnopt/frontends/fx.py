@@ -10,6 +10,8 @@ get_attr), which keeps the node metadata and lets the evaluator run any node dir
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import re
 from typing import Any, Callable, Collection, Mapping, Sequence
@@ -515,18 +517,17 @@ def export_module(module: torch.nn.Module, example_inputs: Any, *, dynamic: bool
     try:
         with torch.no_grad():
             if dynamic:
-                # on aliases: a failed dynamic export leaves dynamo's dimension marks on the tensors
-                # it saw, which would fail the static export too (and stay on the caller's inputs)
-                a_args, a_kwargs = _aliases(args), _aliases(kwargs)
                 try:
-                    return _export(module, a_args, a_kwargs,
-                                   lambda: auto_dynamic_shapes(module, args, kwargs, static))
+                    with _unmarked((args, kwargs)):
+                        return _export(module, args, kwargs,
+                                       lambda: auto_dynamic_shapes(module, args, kwargs, static))
                 except Exception as e:  # noqa: BLE001 - the static export below is the fallback
                     log.debug("attnopt: %s exported at the example input shapes only (the export "
                               "with dynamic dimensions failed: %s: %s)", type(module).__name__,
                               type(e).__name__, _first_line(e))
             try:
-                return _export(module, args, kwargs, lambda: None)
+                with _unmarked((args, kwargs)):
+                    return _export(module, args, kwargs, lambda: None)
             except (AttnoptError, KeyboardInterrupt, MemoryError):
                 raise
             except Exception as e:  # noqa: BLE001 - one line naming what torch.export said
@@ -549,12 +550,22 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, shapes: Callable
     return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes())
 
 
-def _aliases(tree: Any) -> Any:
-    """The same values as new tensor objects (views sharing storage)."""
-    from torch.utils._pytree import tree_map
+@contextlib.contextmanager
+def _unmarked(tree: Any):
+    """Take off the caller's tensors whatever dimension marks an export puts on them (a failed
+    dynamic export left `_dynamo_weak_dynamic_indices` behind, which failed the static fallback
+    too, and the caller's inputs stayed marked)."""
+    from torch.utils._pytree import tree_leaves
 
-    return tree_map(lambda x: x.view_as(x) if isinstance(x, torch.Tensor) and not isinstance(
-        x, torch.nn.Parameter) else x, tree)
+    tensors = [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    before = [set(t.__dict__) for t in tensors]
+    try:
+        yield
+    finally:
+        for t, keys in zip(tensors, before):
+            for key in set(t.__dict__) - keys:
+                if key.startswith(("_dynamo", "_has_dynamo")):
+                    delattr(t, key)
 
 
 def _first_line(e: Exception) -> str:

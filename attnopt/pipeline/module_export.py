@@ -26,6 +26,7 @@ import torch
 from attnopt.frontends import fx as fx_front
 from attnopt.passes.detect import detect
 from attnopt.passes.rewrite import plan_all
+from attnopt.patterns.recipe import is_constant
 from attnopt.pipeline.symbolic import HEAD_FIELDS  # what the compile backend pins, for the same reason
 
 log = logging.getLogger("attnopt")
@@ -79,6 +80,20 @@ def _probe(ep: "torch.export.ExportedProgram") -> _Probe:
                     for sym in re.findall(r"[A-Za-z_]\w*", value):
                         heads.setdefault(sym, f"{s.name} ({f} {value})")
         recipes, reasons = plan_all(graph, sites) if not heads else ([], {"": ""})
+        by_name = {s.name: s for s in sites}
+        for r in recipes:
+            # a constant mask (causal, sliding window, built from arange(S)) becomes the op's own
+            # flag only at static lengths: pin the lengths it was proven at (the batch stays free)
+            s = by_name.get(r.site)
+            if s is None or not r.masks or r.causal or r.window is not None \
+                    or not all(is_constant(graph, t.node) for t in r.masks):
+                continue
+            for f in ("q_len", "kv_len"):
+                value = getattr(s.spec, f, None)
+                if isinstance(value, str):
+                    for sym in re.findall(r"[A-Za-z_]\w*", value):
+                        heads.setdefault(sym, f"{s.name} ({f} {value}: its constant mask is proven "
+                                              "structural at this length)")
     except Exception as e:  # noqa: BLE001 - counts as nothing rewritable
         log.debug("attnopt: detection failed on the exported graph (%s: %s)", type(e).__name__, e)
         return _Probe()

@@ -113,19 +113,27 @@ def test_decomposed_padding_mask_runs_at_other_sizes():
 @pytest.mark.parametrize("name", ["bert_eager", "llama_eager", "mistral_eager", "bart_eager"])
 def test_text_model_runs_at_other_sizes(name):
     """Padding, causal, a sliding window (mistral, 8 wide: lengths 9 and 33 cross it) and
-    cross-attention between two lengths (bart: decoder length about half the encoder's)."""
+    cross-attention between two lengths (bart: encoder lengths vary, the decoder's stays: its
+    constant causal mask is the op's flag at that length)."""
     pytest.importorskip("transformers")
     zm = hf.build(name)
     res = attnopt.optimize(zm.model, zm.kwargs)
     assert res.sites_rewritten == len(zm.expected), res.to_json()
 
-    def inputs(b, s):
+    dec = zm.kwargs.get("decoder_input_ids")
+
+    def inputs(b, s, dec_len=None):
         args, kw = _text(b, s)
-        if "decoder_input_ids" in zm.kwargs:
-            kw["decoder_input_ids"] = torch.randint(3, hf.VOCAB, (b, s // 2 + 1),
+        if dec is not None:
+            kw["decoder_input_ids"] = torch.randint(3, hf.VOCAB, (b, dec_len or dec.shape[1]),
                                                     generator=torch.Generator().manual_seed(s))
         return args, kw
     _check_sizes(zm.model, res.model, inputs)
+    if dec is not None:
+        # BART's decoder self-attention mask is constant (no decoder mask given): it becomes the
+        # op's causal flag, proven at the example's decoder length, which the guard names
+        with pytest.raises(Exception, match=r"decoder_input_ids.size\(\)\[1\] == 10"):
+            res.model(*inputs(2, 16, dec_len=7)[0], **inputs(2, 16, dec_len=7)[1])
 
 
 def test_vit_runs_at_other_batch_sizes_and_names_the_fixed_image_size():
