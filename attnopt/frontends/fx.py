@@ -11,7 +11,6 @@ get_attr), which keeps the node metadata and lets the evaluator run any node dir
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import re
 from typing import Any, Callable, Collection, Mapping, Sequence

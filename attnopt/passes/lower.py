@@ -253,9 +253,12 @@ def mask_input(t: MaskTerm, r: Recipe | None = None) -> MaskInput:
     [B, H, Sq, Skv] (a literal scalar is made at the score rank by the emitter). A term added in
     a view of the scores is first broadcast to that view and merged back (`r` sizes the view's
     symbolic axes from q and k)."""
-    views = () if t.literal is not None else (ToRank(t.rank),)
-    if t.view is not None and t.literal is None:
+    if t.literal is not None:
+        views: tuple[View, ...] = ()
+    elif t.view is not None:
         views = _from_view(t, r)
+    else:
+        views = (ToRank(t.rank),)
     views += _permute(t.perm)
     return MaskInput(t, views + ((SplitLead(t.merged_heads, t.rank),) if t.merged_heads else ()))
 

@@ -165,10 +165,10 @@ class _Matcher(ScorePath):
                                          f"axis {key_pos}: softmax over a non-key axis")
 
         c1_node, masks, scale, softcap = self.walk_up()
-        for m in masks + [MaskOperand(f, "mul") for f in self.factors]:
-            if m.node in self.g and ({c1_node} | self.nodes) & self.g.ancestors(m.node):
-                self.reject(m.node, f"{g.describe(m.node)} added to the scores is computed from the "
-                                    "scores themselves")
+        for term in [m.node for m in masks] + self.factors:
+            if term in g and ({c1_node} | self.nodes) & g.ancestors(term):
+                self.reject(term, f"{g.describe(term)} applied to the scores is computed from the "
+                                  "scores themselves")
         if self.split is not None and self.split_node is None:
             self.reject(c1_node, "the probabilities are merged to [B*H, ...] but the scores were "
                                  "not split from such a product")

@@ -71,11 +71,6 @@ def term_view(g: Graph, view: ScoreView, term: str) -> ScoreView | str:
         return f"{g.describe(term)} has more axes than the viewed scores"
     shape = (1,) * (rank - len(shape)) + tuple(shape)
     expand: list = [None] * rank
-    static = _static_inputs(g)
-    own = g.shape(term)
-    own = tuple(own) if own is not None and len(own) <= rank else tuple(shape)
-    declared = (None,) * (rank - len(own)) + own  # the term's own graph sizes, None where unknown
-    declared = tuple(d if isinstance(d, int) and d != 1 else None for d in declared)
     for oi, group in enumerate(view.groups):
         sizes = [shape[j] for j in group]
         full = [view.inner_probe[j] for j in group]
@@ -86,16 +81,27 @@ def term_view(g: Graph, view: ScoreView, term: str) -> ScoreView | str:
         for j, s, f in zip(group, sizes, full):
             if s == 1 and f != 1:
                 dim = view.inner[j]
-                if isinstance(dim, int) or static:
+                if isinstance(dim, int) or _static_inputs(g):
                     expand[j] = f  # == dim; or every size is fixed where every input is
                     continue
                 # the other axes of the group: static in the view, or sized by the term itself
                 # where it spans them with a static shape (Swin's mask buffer [nW, N, N])
+                declared = _declared_sizes(g, term, shape)
                 rest = [view.inner[x] if isinstance(view.inner[x], int) else declared[x] for x in group if x != j]
                 if not all(isinstance(x, int) for x in rest):
                     return "a term broadcast over two symbolic axes of the viewed scores"
                 expand[j] = ("outer", oi, math.prod(rest))
     return dataclasses.replace(view, expand=tuple(expand))
+
+
+def _declared_sizes(g: Graph, term: str, probed: tuple[int, ...]) -> tuple[int | None, ...]:
+    """The term's own graph sizes at the view's rank (`probed` is its probe shape there): an
+    int where static and not a broadcast 1, None elsewhere."""
+    rank = len(probed)
+    own = g.shape(term)
+    own = tuple(own) if own is not None and len(own) <= rank else probed
+    own = (None,) * (rank - len(own)) + own
+    return tuple(d if isinstance(d, int) and d != 1 else None for d in own)
 
 
 def _term_shape(g: Graph, term: str) -> tuple[int, ...] | None:

@@ -17,6 +17,7 @@ import torch
 import attnopt
 from zoo import coverage_registry as reg
 from zoo.hf import first_tensor
+from zoo.testing import rel_l2, run_first
 
 TOL = 1e-4
 
@@ -49,16 +50,6 @@ def _headline(spec) -> dict:
             "padding": spec.mask.padding, "score_mods": tuple(str(m) for m in spec.score_mods)}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def _run(fn, kw) -> torch.Tensor:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return first_tensor(fn(**kw))
-
-
 def test_registry_is_wide():
     assert len(reg.ALL) >= 75
     assert set(reg.HEADLINE_GAPS) <= set(reg.NEW)
@@ -78,7 +69,7 @@ def test_module(name):
     want = reg.HEADLINE_GAPS[name][0] if name in reg.HEADLINE_GAPS else w.first
     want = {**want, "score_mods": tuple(want["score_mods"])}
     assert _headline(res.sites[0].spec) == want
-    assert _rel(_run(res.model, kw), _run(model, kw)) <= TOL
+    assert rel_l2(run_first(res.model, kw), run_first(model, kw)) <= TOL
 
 
 def test_compile_backend_diffusers_kwargs(monkeypatch):
@@ -94,7 +85,7 @@ def test_compile_backend_diffusers_kwargs(monkeypatch):
 
     seen = spy_optimize(monkeypatch)
     model, kw = reg.build("flux")
-    want = _run(model, kw)
+    want = run_first(model, kw)
     torch._dynamo.reset()
     try:
         compiled = torch.compile(model, backend=make_backend("eager"))
@@ -105,4 +96,4 @@ def test_compile_backend_diffusers_kwargs(monkeypatch):
         torch._dynamo.reset()
     assert type(out).__name__ == "Transformer2DModelOutput"
     assert sum(r.sites_rewritten for r in seen) == reg.ALL["flux"].sites
-    assert _rel(first_tensor(out), want) <= TOL
+    assert rel_l2(first_tensor(out), want) <= TOL

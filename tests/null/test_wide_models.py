@@ -10,7 +10,7 @@ import torch
 
 import attnopt
 from zoo import hf_wide as wide
-from zoo.hf import first_tensor
+from zoo.testing import rel_l2, run_first
 
 TOL = 1e-4
 OWN_PATTERNS = ("bloom", "mpt", "codegen", "deberta_v3", "funnel")
@@ -19,16 +19,6 @@ OWN_PATTERNS = ("bloom", "mpt", "codegen", "deberta_v3", "funnel")
 def _headline(spec) -> dict:
     return {"num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "mask": spec.mask.kind,
             "padding": spec.mask.padding, "score_mods": tuple(spec.score_mods)}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def _run(fn, kw) -> torch.Tensor:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return first_tensor(fn(**kw))
 
 
 def _check(res, w: wide.Wide) -> None:
@@ -45,7 +35,7 @@ def test_module(name):
     model, kw = wide.build(name)
     res = attnopt.optimize(model, kw)
     _check(res, w)
-    assert _rel(_run(res.model, kw), _run(model, kw)) <= TOL
+    assert rel_l2(run_first(res.model, kw), run_first(model, kw)) <= TOL
 
 
 @pytest.mark.parametrize("name", OWN_PATTERNS)
@@ -56,7 +46,7 @@ def test_exported_program(name):
         ep = torch.export.export(model, (), kw, strict=False)
     res = attnopt.optimize(ep)
     _check(res, w)
-    assert _rel(_run(res.model.module(), kw), _run(model, kw)) <= TOL
+    assert rel_l2(run_first(res.model.module(), kw), run_first(model, kw)) <= TOL
 
 
 class _GatedMLP(torch.nn.Module):
@@ -109,7 +99,7 @@ def test_onnx(name, flavour, op, tmp_path):
     fused = [n for n in onnx.load(str(out)).graph.node if n.op_type in ("MultiHeadAttention", "Attention")]
     assert len(fused) == w.sites
     got = torch.as_tensor(fl.run_onnx(out, zm.inputs)[0])
-    assert _rel(got, _run(model, kw)) <= 1e-3  # ORT's kernels vs torch's
+    assert rel_l2(got, run_first(model, kw)) <= 1e-3  # ORT's kernels vs torch's
 
 
 @pytest.mark.parametrize("name", OWN_PATTERNS + ("falcon", "mpnet"))
@@ -126,6 +116,6 @@ def test_compile_backend(name):
     assert sum(r.sites_found for r in results) == wide.WIDE[name].sites
     assert all(r.sites_rewritten == r.sites_found and r.rel_error <= TOL for r in results)
     torch._dynamo.reset()
-    got = _run(torch.compile(model, backend=attnopt.pipeline.backend.make_backend("eager")), kw)
+    got = run_first(torch.compile(model, backend=attnopt.pipeline.backend.make_backend("eager")), kw)
     torch._dynamo.reset()
-    assert _rel(got, _run(model, kw)) <= TOL
+    assert rel_l2(got, run_first(model, kw)) <= TOL

@@ -132,25 +132,26 @@ def auraflow():
     return m, kw
 
 
+def _cogview_inputs() -> dict:
+    """CogView 3 Plus and 4 take the same inputs: latents, text, timestep, SDXL-style size conditions."""
+    sizes = torch.tensor([[64.0, 64.0]] * B)
+    return dict(hidden_states=_rand(B, 4, 8, 8), encoder_hidden_states=_rand(B, 8, 32, seed=1), timestep=_t(),
+                original_size=sizes, target_size=sizes, crop_coords=torch.zeros(B, 2))
+
+
 def cogview3plus():
     m = _d("CogView3PlusTransformer2DModel")(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16,
                                              num_attention_heads=4, out_channels=4, text_embed_dim=32,
                                              time_embed_dim=16, condition_dim=4, pos_embed_max_size=8,
                                              sample_size=8)
-    sizes = torch.tensor([[64.0, 64.0]] * B)
-    kw = dict(hidden_states=_rand(B, 4, 8, 8), encoder_hidden_states=_rand(B, 8, 32, seed=1), timestep=_t(),
-              original_size=sizes, target_size=sizes, crop_coords=torch.zeros(B, 2))
-    return m, kw
+    return m, _cogview_inputs()
 
 
 def cogview4():
     m = _d("CogView4Transformer2DModel")(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16,
                                          num_attention_heads=4, out_channels=4, text_embed_dim=32,
                                          time_embed_dim=16, condition_dim=4, rope_axes_dim=(8, 8))
-    sizes = torch.tensor([[64.0, 64.0]] * B)
-    kw = dict(hidden_states=_rand(B, 4, 8, 8), encoder_hidden_states=_rand(B, 8, 32, seed=1), timestep=_t(),
-              original_size=sizes, target_size=sizes, crop_coords=torch.zeros(B, 2))
-    return m, kw
+    return m, _cogview_inputs()
 
 
 def qwenimage():

@@ -163,3 +163,18 @@ def spy_optimize(monkeypatch) -> list:
 
     monkeypatch.setattr(opt_torch, "optimize_graph_module", spy)
     return seen
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of `a` against the reference `b` (in float32)."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def run_first(fn, kwargs: dict) -> torch.Tensor:
+    """The first tensor `fn(**kwargs)` returns, under no_grad with a fixed seed (models that draw
+    random numbers in their forward draw the same ones each run)."""
+    from zoo.hf import first_tensor
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return first_tensor(fn(**kwargs))
