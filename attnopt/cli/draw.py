@@ -19,7 +19,8 @@ from attnopt.ir import GNALayout
 from attnopt.pipeline.outputs import write_bytes_atomically
 
 
-def draw_png(layout: GNALayout, result: SimResult, path: str | Path) -> Path:
+def draw_png(layout: GNALayout, result: SimResult, path: str | Path, leading: int = 0,
+             trailing: int = 0) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -49,7 +49,8 @@ def layout_png(choice, path: Path | None = None) -> bytes | None:
         return None
     res = simulate(lay, choice.variant.q_tile, choice.variant.kv_tile)
     with tempfile.TemporaryDirectory() as d:
-        p = draw_png(lay, res, Path(d) / "layout.png")
+        p = draw_png(lay, res, Path(d) / "layout.png", leading=choice.leading,
+                     trailing=choice.trailing)
         data = p.read_bytes()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
