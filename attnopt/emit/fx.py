@@ -2,7 +2,8 @@
 
 Each recipe is lowered into neutral steps (passes/lower.py); this module turns each step and view
 op into torch-level calls (permute, unsqueeze, flatten, where, add) around one
-`torch.ops.attnopt.attention` (or `gna_attention`) call; eager execution, inductor and a
+`torch.ops.attnopt.attention` (or `gna_attention`) call, and the linear layers of a site that
+projects its own operands (torch's multi_head_attention_forward); eager execution, inductor and a
 re-export with torch.export accept them at either level. The input GraphModule is never
 modified: a copy of its graph is rewritten and wrapped around the same parameters.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from attnopt.frontends.fx_nodes import ASSERT_OPS, arg, base_name, dead_nodes, is_sdpa, meta_val, sdpa_args
-from attnopt.passes.lower import (Attend, Broadcast, CombineMasks, Expand, Flatten, LoadOperand,
+from attnopt.passes.lower import (Attend, Broadcast, CombineMasks, Expand, Flatten, Linear, LoadOperand,
                                   MaskInput, MergeAxes, MeanVOnDeadRows, Permute, SizeOf, Squeeze,
                                   SplitLead, StoreOutput, ToRank, Unflatten, Unsqueeze, View,
                                   ZeroNaNRows, lower)
@@ -94,11 +95,14 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
     out_node = by[r.output]
     ops: dict[str, fx.Node] = {}
     mask = attn = result = None
+    loads = [s for s in low.steps if isinstance(s, LoadOperand)]
+    products: dict[tuple, fx.Node] = {}
     with graph.inserting_before(out_node):
         for step in low.steps:
             match step:
                 case LoadOperand():
-                    ops[step.role] = _scaled(graph, by, step, _views(graph, by[step.node], step.views))
+                    x = _projected(graph, by, step, loads, products)
+                    ops[step.role] = _scaled(graph, by, step, _views(graph, x, step.views))
                 case CombineMasks():
                     mask = _combined_mask(graph, by, step, ops["q"])
                 case Attend():
@@ -109,6 +113,8 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
                     attn = _mean_v_on_dead_rows(graph, by, step, attn, ops["v"])
                 case StoreOutput():
                     result = _views(graph, attn, step.views)
+                    if step.linear is not None:
+                        result = _linear(graph, by, step.linear, result, [], products)
     out_node.replace_all_uses_with(result)
     for name, path in low.bypass:
         by[name].replace_all_uses_with(by[path])
@@ -116,6 +122,51 @@ def _apply(graph: fx.Graph, by: dict, r: Recipe, touched: set) -> fx.Node:
     touched.update(by[n] for n in low.remove if n in by)
     touched.add(out_node)
     return result
+
+
+def _projected(graph: fx.Graph, by: dict, step: LoadOperand, loads: list[LoadOperand],
+               products: dict) -> fx.Node:
+    """The operand's input through its linear layer, with the extra key rows appended along the
+    sequence axis (a [1, 1, E] row broadcast over the batch, or zeros)."""
+    x = by[step.node]
+    if step.linear is None:
+        return x
+    peers = [s.linear for s in loads if s.node == step.node and s.linear is not None]
+    x = _linear(graph, by, step.linear, x, peers, products)
+    if not step.append:
+        return x
+    first = _call(graph, torch.narrow, x, 0, 0, 1)  # [1, B, E]: the shape of one appended row
+    rows = [_call(graph, torch.zeros_like, first) if r is None else _call(graph, torch.Tensor.expand_as, by[r], first)
+            for r in step.append]
+    return _call(graph, torch.cat, [x, *rows], 0)
+
+
+def _packed(lin: Linear) -> bool:
+    return lin.weight_rows is not None and (lin.bias is None or lin.bias_rows == lin.weight_rows)
+
+
+def _linear(graph: fx.Graph, by: dict, lin: Linear, x: fx.Node, peers: list[Linear], products: dict
+            ) -> fx.Node:
+    """x @ weight[rows]ᵀ + bias[rows]. Operands that read one input through rows of one packed
+    weight (self-attention's in_proj_weight) share one product over the rows they need, sliced
+    per operand: one matrix product, as torch's own in-projection computes it."""
+    group = [p for p in peers if _packed(p) and (p.weight, p.bias) == (lin.weight, lin.bias)]
+    if not _packed(lin) or len(group) < 2:
+        w = _rows(graph, by[lin.weight], lin.weight_rows)
+        b = None if lin.bias is None else _rows(graph, by[lin.bias], lin.bias_rows)
+        return _call(graph, torch.nn.functional.linear, x, w, b)
+    lo, hi = min(p.weight_rows[0] for p in group), max(p.weight_rows[1] for p in group)
+    key = (x.name, lin.weight, lin.bias, lo, hi)
+    if key not in products:
+        rows = (lo, hi)
+        b = None if lin.bias is None else _rows(graph, by[lin.bias], rows)
+        products[key] = _call(graph, torch.nn.functional.linear, x, _rows(graph, by[lin.weight], rows), b)
+    start, stop = lin.weight_rows
+    return _call(graph, torch.narrow, products[key], -1, start - lo, stop - start)
+
+
+def _rows(graph: fx.Graph, w: fx.Node, rows: tuple[int, int] | None) -> fx.Node:
+    return w if rows is None else _call(graph, torch.narrow, w, 0, rows[0], rows[1] - rows[0])
 
 
 def _scaled(graph: fx.Graph, by: dict, step: LoadOperand, x: fx.Node) -> fx.Node:
@@ -216,7 +267,11 @@ def _combined_mask(graph: fx.Graph, by: dict, step: CombineMasks, q: fx.Node) ->
             cond = x if t.how == "drop" else _call(graph, torch.logical_not, x)
             term = _call(graph, torch.where, _call(graph, torch.Tensor.bool, cond), float(t.fill), 0.0)
         acc = term if acc is None else _call(graph, operator.add, acc, term)
-    return _views(graph, acc, step.views)
+    acc = _views(graph, acc, step.views)
+    if step.pad:  # the extra keys (bias_k, add_zero_attn) attend from every query
+        acc = _call(graph, torch.nn.functional.pad, acc, (0, step.pad), "constant",
+                    True if step.boolean else 0.0)
+    return acc
 
 
 def _remove_dead(graph: fx.Graph, start: set) -> None:

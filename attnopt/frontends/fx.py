@@ -37,6 +37,7 @@ class _Translator:
         self.gm = gm
         self.g = graph
         self.skipped: set[str] = set()
+        self.dead: set[fx.Node] = set()
 
     def lit(self, node: fx.Node, i: int, value: Any) -> str:
         """IR id for an argument: an fx node, or a literal turned into a const node."""
@@ -66,7 +67,7 @@ class _Translator:
         self.add(node, "other", self.node_inputs(node), **attrs)
 
     def run(self) -> None:
-        dead = dead_nodes(self.gm.graph)  # not in the IR: their uses are not uses
+        dead = self.dead = dead_nodes(self.gm.graph)  # not in the IR: their uses are not uses
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self.outputs(node)
@@ -444,19 +445,38 @@ def _attnopt_op(t: _Translator, n: fx.Node) -> None:
           num_kv_heads=ks[1] if ks else None)
 
 
+# F.multi_head_attention_forward's tensor parameters (by name) beside q, k, v and the masks
+_MHA_TENSORS = ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v", "out_proj_weight", "out_proj_bias",
+                "q_proj_weight", "k_proj_weight", "v_proj_weight", "static_k", "static_v")
+
+
 @_handles("multi_head_attention_forward")
 def _mha_forward(t: _Translator, n: fx.Node) -> None:
-    """F.multi_head_attention_forward as dynamo keeps it: q/k/v are [S, B, E] (sequence first)."""
+    """F.multi_head_attention_forward as dynamo keeps it (nn.MultiheadAttention, WavLM): q/k/v are
+    its [S, B, E] inputs before the in-projection, which patterns/fused.py decomposes. The attrs
+    say what torch computes: is_causal only where torch honours it (no key_padding_mask and no
+    weights; the attn_mask is then ignored, so the slot is empty), dropout only in training, and
+    whether the weights (output 1) are read by anything that reaches an output."""
     q, k, v = sdpa_qkv(n)
     heads = arg(n, 4, "num_heads")
-    kpm, mask = arg(n, None, "key_padding_mask"), arg(n, None, "attn_mask")
+    kpm, mask = arg(n, 14, "key_padding_mask"), arg(n, 16, "attn_mask")
+    need_weights = bool(arg(n, 15, "need_weights", True))
+    causal = bool(arg(n, 24, "is_causal", False)) and kpm is None and not need_weights
     slots = {"q": q.name, "k": k.name, "v": v.name,
-             "mask": mask.name if isinstance(mask, fx.Node) else None,
+             "mask": mask.name if isinstance(mask, fx.Node) and not causal else None,
              "key_padding_mask": kpm.name if isinstance(kpm, fx.Node) else None}
+    for name in _MHA_TENSORS:
+        x = arg(n, None, name)
+        slots[name] = x.name if isinstance(x, fx.Node) else None
+    live = [u for u in n.users if u not in t.dead]
+    out0 = [u for u in live if base_name(u) == "getitem" and u.args[1:] == (0,)]
     t.add(n, "sdpa", t.node_inputs(n), flavor="torch_mha_forward", layout="SBD", slots=slots,
-          is_causal=bool(arg(n, None, "is_causal", False)), scale=None,
-          dropout_p=float(arg(n, 10, "dropout_p", 0.0)) if arg(n, None, "training", True) else 0.0,
-          enable_gqa=False, softcap=None, num_heads=heads, num_kv_heads=heads)
+          is_causal=causal, scale=None,
+          dropout_p=float(arg(n, 10, "dropout_p", 0.0)) if arg(n, 13, "training", True) else 0.0,
+          enable_gqa=False, softcap=None, num_heads=heads, num_kv_heads=heads,
+          embed_dim=arg(n, 3, "embed_dim_to_check"), add_zero_attn=bool(arg(n, 9, "add_zero_attn", False)),
+          separate_proj=bool(arg(n, 17, "use_separate_proj_weight", False)), need_weights=need_weights,
+          attn_output=out0[0].name if len(out0) == 1 else None, weights_used=len(live) > len(out0))
 
 
 @_handles("_native_multi_head_attention")

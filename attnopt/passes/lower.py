@@ -12,6 +12,12 @@ The batch axes map to the op's [B, H] as follows (the same views for q, k, v, ma
   rank 0  []                  unsqueeze both
   rank 3  [B, H1, H2]         flatten H1*H2 into H (k/v with H2 == 1 broadcast: squeeze it, GQA)
 
+A site that projects its own operands (patterns/recipe.Projections: torch's
+multi_head_attention_forward) loads each [S, B, E_in] input through its `Linear` (extra key rows
+appended along S) and splits [S, B, H*D] to [S, B, H, D] before the operand's permutation; the
+combined mask gains a column per extra key (attending), and the output [Sq, B, H, Dv] is merged
+to [Sq, B, H*Dv] and passed through the output `Linear`.
+
 A term the model added to a view of its scores (patterns/score_views.py) is first brought to the
 score rank: ToRank to the view's rank, Broadcast where a merged group is only partly broadcast,
 MergeAxes back to the score layout. q may carry per-head factors (LoadOperand.factors).
@@ -27,7 +33,7 @@ import math
 from dataclasses import dataclass
 
 from attnopt.ir import GNALayout
-from attnopt.patterns.recipe import MaskTerm, Recipe
+from attnopt.patterns.recipe import Linear, MaskTerm, Recipe
 
 # ---- view ops: layout changes that keep element order or broadcast --------------------------
 
@@ -120,6 +126,10 @@ class LoadOperand:
     # [batch..., 1, 1] order viewed by `factor_views` to [B|1, H|1, 1, 1]; q is multiplied by them.
     factors: tuple[MaskInput, ...] = ()
     factor_views: tuple[View, ...] = ()
+    # Before `views`, in the node's own [S, B, E_in] layout (Projections): the linear layer,
+    # then rows appended along axis 0 (a [1, 1, E] node broadcast over the batch, None: zeros).
+    linear: Linear | None = None
+    append: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ class CombineMasks:
     inputs: tuple[MaskInput, ...]
     boolean: bool
     views: tuple[View, ...]
+    pad: int = 0  # key columns appended after the views, every query attending (extra keys)
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,7 @@ class StoreOutput:
 
     node: str
     views: tuple[View, ...]
+    linear: Linear | None = None  # applied after `views` (Projections.out)
 
 
 Step = LoadOperand | CombineMasks | Attend | ZeroNaNRows | MeanVOnDeadRows | StoreOutput
@@ -281,15 +293,29 @@ def _view_size(e, t: MaskTerm, r: Recipe | None) -> int | SizeOf | None:
     return SizeOf(o.node, o.perm[min(c, rb)], divisor)
 
 
+def _load(r: Recipe, role: str, node: str, perm: tuple[int, ...], factors: tuple[MaskInput, ...]
+          ) -> LoadOperand:
+    p = r.projections
+    split: tuple[View, ...] = ()
+    linear, append = None, ()
+    if p is not None:  # [S, B, E_in] -> linear -> [S, B, H*D] (+ extra keys) -> [S, B, H, D]
+        linear = getattr(p, role)
+        append = tuple(e[0 if role == "k" else 1] for e in p.extra_keys) if role != "q" else ()
+        split = (Unflatten(2, (p.heads, -1)),)
+    return LoadOperand(role, node, split + _permute(perm) + to_heads(r, "q" if role == "q" else "kv"),
+                       factors if role == "q" else (), to_heads(r, "mask") if role == "q" else (),
+                       linear, append)
+
+
 def lower(r: Recipe) -> Lowered:
     """The neutral steps of one recipe (the same for every emitter)."""
     factors = tuple(mask_input(t, r) for t in r.q_factors)
-    loads = tuple(LoadOperand(role, o.node, _permute(o.perm) + to_heads(r, "q" if role == "q" else "kv"),
-                              factors if role == "q" else (), to_heads(r, "mask") if role == "q" else ())
-                  for role, o in (("q", r.q), ("k", r.k), ("v", r.v)))
+    loads = tuple(_load(r, role, o.node, o.perm, factors) for role, o in (("q", r.q), ("k", r.k), ("v", r.v)))
     inputs = tuple(mask_input(t, r) for t in r.masks)
     boolean = bool(r.masks) and all(t.how in ("keep", "drop") and t.fill == -math.inf for t in r.masks)
-    steps: list[Step] = [*loads, CombineMasks(inputs, boolean, to_heads(r, "mask")),
+    p = r.projections
+    extra = len(p.extra_keys) if p is not None and inputs else 0
+    steps: list[Step] = [*loads, CombineMasks(inputs, boolean, to_heads(r, "mask"), extra),
                          Attend(r.scale, r.causal, r.causal_alignment, r.window, r.softcap,
                                 r.normalizer, r.layout, r.leading, r.heads, r.q_heads, r.k_heads,
                                 tuple(r.head_dims), trailing=r.trailing)]
@@ -299,6 +325,7 @@ def lower(r: Recipe) -> Lowered:
         rep = r.q_heads // r.k_heads if r.q_heads and r.k_heads and r.q_heads != r.k_heads else 1
         selects = tuple(i for i in inputs if i.term.how in ("keep", "drop"))
         steps.append(MeanVOnDeadRows(selects, to_heads(r, "mask"), rep))
-    steps.append(StoreOutput(r.output, from_heads(r) + _permute(r.out_perm)))
+    merge = (Flatten(2, 3),) if p is not None else ()  # [Sq, B, H, Dv] -> [Sq, B, H*Dv]
+    steps.append(StoreOutput(r.output, from_heads(r) + _permute(r.out_perm) + merge, p.out if p else None))
     return Lowered(r.site, tuple(steps), tuple(r.bypass), frozenset(r.remove), r.batch_rank,
                    r.split_heads)

@@ -96,6 +96,8 @@ def _probe_lengths(graph: Graph, m: Match) -> tuple[int, int]:
     qs, ks = ev.probe_shape(m.q), ev.probe_shape(m.k)
     if m.layout == "BHSD":
         return int(qs[-2]), int(ks[-2])
+    if m.layout == "SBD":  # torch's multi_head_attention_forward: [S, B, E]
+        return int(qs[0]), int(ks[0])
     return int(qs[1]), int(ks[-2] if len(ks) == 4 else ks[1])
 
 

@@ -5,7 +5,9 @@ one it was (`flavor`), the layout of q ("BHSD", or "BSD" with heads folded into 
 dim), head counts, scale (None = 1/sqrt(head_dim)), is_causal and mask slots.
 
 Rewritten: torch SDPA with 4-D [B, H, S, D] inputs (into attnopt's own op, which runs the same
-math with the masks it can prove structural turned into flags), and ONNX's standard `Attention`
+math with the masks it can prove structural turned into flags); torch's
+multi_head_attention_forward (nn.MultiheadAttention as dynamo keeps it) decomposed into its
+projections around attnopt's op (`_mha_recipe`, which names what it keeps); and ONNX's standard `Attention`
 with 4-D inputs, no KV cache and no extra outputs: on ONNX Runtime's CPU provider
 com.microsoft.MultiHeadAttention is the faster node (bench/RESULTS.md: 48 vs 62 ms unmasked and 42
 vs 115 ms with a bool mask at 2048 tokens, 12 heads), so under `--onnx-op ort` the ONNX pipeline
@@ -20,10 +22,11 @@ from attnopt.ir import Graph, Rejection, Site
 from attnopt.patterns.details import FusedDetails
 from attnopt.patterns.heads import repeat_factor
 from attnopt.patterns.match import MaskOperand, Match
-from attnopt.patterns.recipe import MaskTerm, Operand, Recipe, simplify_constant_masks
+from attnopt.patterns.recipe import Linear, MaskTerm, Operand, Projections, Recipe, simplify_constant_masks
 
 _BOOL = {"bool"}
-REWRITTEN_FLAVORS = frozenset({"torch_sdpa", "onnx_attention"})  # the calls attnopt replaces (above)
+# the calls attnopt replaces (above)
+REWRITTEN_FLAVORS = frozenset({"torch_sdpa", "onnx_attention", "torch_mha_forward"})
 _CACHE_SLOTS = ("past_key", "past_value", "nonpad_kv_seqlen")
 
 
@@ -56,7 +59,8 @@ class FusedAttention:
         a = graph.attrs(anchor)
         slots = a.get("slots") or {}
         flavor = a.get("flavor", "")
-        if (a.get("dropout_p") or 0.0) > 0:
+        # (torch_mha_forward with dropout is a site its recipe keeps, with the reason)
+        if (a.get("dropout_p") or 0.0) > 0 and flavor != "torch_mha_forward":
             return Rejection(anchor, "fused attention with dropout_p > 0 (training)", self.name)
         q, k, v = slots.get("q"), slots.get("k"), slots.get("v")
         if q is None or k is None or v is None:
@@ -78,8 +82,9 @@ class FusedAttention:
                 kv_heads //= rep
         elif a.get("layout") == "SBD" and len(qs) == 3 and heads:
             q_len, batch, kv_len = qs[0], qs[1], ks[0]
+            # torch_mha_forward: q's width is the embedding E; v's (vdim) is projected to E too
             head_dim = qs[2] // heads if isinstance(qs[2], int) else qs[2]
-            v_dim = vs[2] // heads if isinstance(vs[2], int) else vs[2]
+            v_dim = head_dim
         elif len(qs) == 3 and heads:
             batch, q_len = qs[0], qs[1]
             head_dim = qs[2] // heads if isinstance(qs[2], int) else qs[2]
@@ -100,7 +105,9 @@ class FusedAttention:
         masks = []
         # com.microsoft MHA's "mask" slot is its key_padding_mask: padding, not a score mask.
         mask = slots.get("mask") if flavor != "ms_mha" else None
-        if mask is not None:
+        if mask is not None and flavor == "torch_mha_forward":
+            masks.append(_mha_mask_operand(graph, mask, heads))
+        elif mask is not None:
             how = "keep" if graph.dtype(mask) in _BOOL else "add"
             masks.append(MaskOperand(mask, how))
         bias = slots.get("attention_bias")
@@ -153,6 +160,8 @@ class FusedAttention:
         if site.details.flavor not in REWRITTEN_FLAVORS:
             return f"{site.pattern} sites are kept as they are (already fused)"
         a = graph.attrs(site.output)
+        if site.details.flavor == "torch_mha_forward":
+            return _mha_recipe(graph, site, a)
         qs = graph.shape(site.q)
         if qs is None or len(qs) != 4 or any(graph.rank(x) != 4 for x in (site.k, site.v)):
             return "SDPA with non-4-D inputs is kept as it is"
@@ -176,3 +185,101 @@ class FusedAttention:
             masks=tuple(masks), scale=float(site.spec.scale), causal=causal,
             causal_alignment=align, window=None, softcap=None, normalizer="softmax",
             out_perm=ident, output=site.output, remove=frozenset([site.output]))
+
+
+# ---- torch's multi_head_attention_forward ---------------------------------------------------
+
+_MHA_ROLES = ("q", "k", "v")
+
+
+def _mha_mask_operand(graph: Graph, mask: str, heads) -> MaskOperand:
+    """attn_mask of multi_head_attention_forward: bool True *masks* (torch fills -inf there), a
+    float one is added; 3-D is [B*H, Sq, Skv] (heads merged into the batch)."""
+    how, fill = ("drop", float("-inf")) if graph.dtype(mask) in _BOOL else ("add", None)
+    return MaskOperand(mask, how, fill, merged_heads=heads if graph.rank(mask) == 3 else 0)
+
+
+def _mha_kept(graph: Graph, site: Site, a: dict) -> str:
+    """Why a multi_head_attention_forward call stays as it is, or "" when its decomposition is
+    exactly what torch computes."""
+    slots = a.get("slots") or {}
+    if (a.get("dropout_p") or 0.0) > 0:
+        return "multi_head_attention_forward with dropout active (training, dropout_p > 0) is kept (random)"
+    if a.get("weights_used"):
+        return ("multi_head_attention_forward whose attention weights are used (need_weights=True) is kept "
+                "(attnopt's op returns no weights)")
+    if a.get("attn_output") is None:
+        return "multi_head_attention_forward whose output is not read exactly once is kept"
+    if slots.get("static_k") or slots.get("static_v"):
+        return "multi_head_attention_forward with static_k / static_v is kept"
+    if any(graph.rank(slots[r]) != 3 for r in _MHA_ROLES):
+        return "an unbatched multi_head_attention_forward call (2-D query) is kept"
+    heads, embed = a.get("num_heads"), a.get("embed_dim")
+    if not isinstance(heads, int) or not isinstance(embed, int) or heads <= 0 or embed % heads:
+        return "multi_head_attention_forward with a symbolic or indivisible num_heads / embed_dim is kept"
+    weights = ("q_proj_weight", "k_proj_weight", "v_proj_weight") if a.get("separate_proj") else ("in_proj_weight",)
+    if not all(slots.get(w) for w in weights + ("out_proj_weight",)):
+        return "multi_head_attention_forward without its projection weights is kept"
+    if bool(slots.get("bias_k")) != bool(slots.get("bias_v")):
+        return "multi_head_attention_forward with only one of bias_k / bias_v is kept"
+    mask, kpm = slots.get("mask"), slots.get("key_padding_mask")
+    for m, ranks in ((mask, (2, 3)), (kpm, (2,))):
+        if m is not None and (graph.rank(m) not in ranks or not (graph.dtype(m) in _BOOL or _is_float(graph, m))):
+            return f"multi_head_attention_forward with a mask {m} that is neither bool nor float of rank {ranks} is kept"
+    return ""
+
+
+def _is_float(graph: Graph, nid: str) -> bool:
+    return (graph.dtype(nid) or "").startswith(("float", "bfloat"))
+
+
+def _mha_recipe(graph: Graph, site: Site, a: dict) -> Recipe | str:
+    """F.multi_head_attention_forward as torch computes it, decomposed: q, k, v through the
+    in-projection (rows of the packed in_proj_weight / in_proj_bias, or the separate q/k/v
+    weights with in_proj_bias's thirds), bias_k / bias_v and add_zero_attn as extra keys every
+    query attends, attn_mask (bool True masks; 3-D is [B*H, Sq, Skv]) plus key_padding_mask
+    ([B, Skv]) as terms, scale 1/sqrt(E/H), attnopt's op on [B, H, S, D], and the out-projection.
+    With weights (need_weights) torch runs bmm/softmax instead of SDPA: the same math, which the
+    pipeline's validation checks like every rewrite; the weights themselves must be unused."""
+    why = _mha_kept(graph, site, a)
+    if why:
+        return why
+    slots = a["slots"]
+    heads, embed = a["num_heads"], a["embed_dim"]
+    bias = slots.get("in_proj_bias")
+    lins = {}
+    for i, role in enumerate(_MHA_ROLES):
+        rows = (i * embed, (i + 1) * embed)
+        if a.get("separate_proj"):
+            lins[role] = Linear(slots[f"{role}_proj_weight"], bias, None, rows if bias else None)
+        else:
+            lins[role] = Linear(slots["in_proj_weight"], bias, rows, rows if bias else None)
+    extra = ((slots["bias_k"], slots["bias_v"]),) if slots.get("bias_k") else ()
+    extra += ((None, None),) if a.get("add_zero_attn") else ()
+    proj = Projections(heads, lins["q"], lins["k"], lins["v"],
+                       Linear(slots["out_proj_weight"], slots.get("out_proj_bias")), extra)
+    ident = (0, 1, 2, 3)
+    masks = []
+    mask, kpm = slots.get("mask"), slots.get("key_padding_mask")
+    if mask is not None:
+        op = _mha_mask_operand(graph, mask, heads)
+        rank = graph.rank(mask)
+        masks.append(MaskTerm(mask, op.how, op.fill, 1.0, 4 if rank == 2 else 3, ident[:4 if rank == 2 else 3],
+                              merged_heads=op.merged_heads))
+    causal = bool(a.get("is_causal"))
+    if masks and not extra and kpm is None:  # a constant all-pass or causal attn_mask: flags
+        masks, causal, align = simplify_constant_masks(graph, site.spec, masks)
+    else:
+        align = "top_left"
+    if kpm is not None:  # [B, Skv] -> [1, 1, B, Skv] -> [B, 1, 1, Skv]; bool True masks
+        how, fill = ("drop", float("-inf")) if graph.dtype(kpm) in _BOOL else ("add", None)
+        masks.append(MaskTerm(kpm, how, fill, 1.0, 4, (2, 0, 1, 3)))
+    head_dim = embed // heads
+    seq_first = (1, 2, 0, 3)  # [S, B, H, D] -> [B, H, S, D]
+    return Recipe(
+        site=site.name, q=Operand(site.q, seq_first), k=Operand(site.k, seq_first),
+        v=Operand(site.v, seq_first), batch_rank=2, batch_sizes=(graph.shape(site.q)[1], heads),
+        k_group_broadcast=False, masks=tuple(masks), scale=1.0 / math.sqrt(head_dim), causal=causal,
+        causal_alignment=align, window=None, softcap=None, normalizer="softmax", out_perm=(2, 0, 1, 3),
+        output=a["attn_output"], remove=frozenset([site.output, a["attn_output"]]), q_heads=heads,
+        k_heads=heads, head_dims=(head_dim, head_dim), projections=proj)

@@ -50,6 +50,34 @@ class MaskTerm:
 
 
 @dataclass(frozen=True)
+class Linear:
+    """x @ weight[rows]ᵀ + bias[rows]: weight [N, K] and bias [N] are graph nodes; `*_rows` a
+    (start, stop) slice of a packed weight or bias (None: all of it)."""
+
+    weight: str
+    bias: str | None = None
+    weight_rows: tuple[int, int] | None = None
+    bias_rows: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Projections:
+    """The linear layers a fused call applies itself (torch's multi_head_attention_forward): the
+    recipe's q, k, v nodes are its [S, B, E_in] inputs, each first passed through its `Linear`
+    to [S, B, H*D] and split to [S, B, H, D] (the operand's `perm` starts there); `extra_keys`
+    (k row, v row) pairs are appended to k and v along S before the split (a bias_k / bias_v
+    node [1, 1, H*D] broadcast over the batch, None: zeros) and every query attends them; the
+    output, after `out_perm` [Sq, B, H, Dv], is merged to [Sq, B, H*Dv] and passed through `out`."""
+
+    heads: int
+    q: Linear
+    k: Linear
+    v: Linear
+    out: Linear
+    extra_keys: tuple[tuple[str | None, str | None], ...] = ()
+
+
+@dataclass(frozen=True)
 class Recipe:
     site: str
     q: Operand
@@ -97,6 +125,9 @@ class Recipe:
     # Terms (at the score rank, constant along queries and keys) the model multiplied its scores
     # by: q is multiplied by them instead (how "mul").
     q_factors: tuple[MaskTerm, ...] = ()
+    # The site projects q, k, v and its output itself (Projections); None: the operands are
+    # the values the op reads.
+    projections: Projections | None = None
 
 
 def simplify_constant_masks(graph: Graph, spec, masks: list) -> tuple[list, bool, str]:
