@@ -30,17 +30,20 @@ Implementations (the kernel table, select.py, as caller "gna_attention"):
          per shape). ATTNOPT_FORCE_TRITON=1 runs the CUDA choice on CPU under the Triton interpreter.
   anything else (other normalizers, dtypes, devices): backend "reference", the dense reference
          with the layout's full mask (exact, not faster).
-No autograd formula: backward through the op raises (torch's "no autograd formula was registered")
-rather than return a wrong gradient; attnopt.attention is the differentiable entry point.
+Autograd (codegen/autograd.py): gradients of q, k, v and a float attn_mask by exact recomputation
+per head group through the table's differentiable rows (on CPU SDPA per tile group: autograd keeps
+O(tiles) scores, not S x S; elsewhere SDPA with the layout mask, or the reference math); the backward
+is the op attnopt::gna_attention_backward.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import Tensor
 
-from attnopt.codegen import select
+from attnopt.codegen import autograd, select
 from attnopt.codegen.gna_exact import every_head, exact_rest, split_heads
 from attnopt.codegen.params import AttentionParams, TokenLayout
 from attnopt.ir import GNALayout
@@ -72,6 +75,13 @@ def gna_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, sca
                   causal: list[bool], leading: int, normalizer: str, heads: list[int] = (),
                   trailing: int = 0) -> Tensor:
     """Every device: the kernel table, per head group (see the module header)."""
+    return gna_math(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer,
+                    heads, trailing)
+
+
+def gna_math(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal, leading, normalizer,
+             heads=(), trailing=0, needs_grad: bool = False) -> Tensor:
+    """The op's body; `needs_grad`: only the differentiable rows (its backward's recomputation)."""
     grid = make_layout(shape, window, stride, dilation, causal)
     leading, trailing = int(leading), int(trailing)
     if leading < 0 or trailing < 0:
@@ -86,6 +96,8 @@ def gna_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, sca
         layout = TokenLayout(grid, leading, tuple(int(h) for h in heads), trailing)
         return select.dispatch(q, k, v, attn_mask, params, layout, request).contiguous()
     request = select.Request.for_op("gna_attention")
+    if needs_grad:
+        request = dataclasses.replace(request, needs_grad=True)
     layout = TokenLayout(grid, leading, trailing=trailing)
 
     def run_layout(q_, k_, v_, m_):
@@ -102,6 +114,9 @@ def _gna_fake(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal
               heads=(), trailing=0):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D [B, H, S, D]")
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+autograd.register(gna_attention, "gna_attention", gna_math)
 
 
 def gna_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, scale: float,

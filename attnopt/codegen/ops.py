@@ -18,7 +18,9 @@ Implementations:
              or the reference math (on CPU, trailing keys that a padding mask hides from every query
              are skipped: exactly 0). ATTNOPT_FORCE_TRITON=1 makes CPU calls try the Triton kernels
              under the interpreter first. Triton refusals are logged once per distinct reason.
-No autograd formula: backward raises (attnopt.attention is the differentiable entry point).
+Autograd (codegen/autograd.py): gradients of q, k, v and a float attn_mask (a learned bias), by
+exact recomputation through the table's differentiable rows (SDPA per tile group for windows on
+CPU, SDPA, the reference math); the backward is the op attnopt::attention_backward.
 
 The op must be registered before a saved .pt2 that contains it is loaded: importing `attnopt` does it.
 """
@@ -29,7 +31,9 @@ import os
 import torch
 from torch import Tensor
 
-from attnopt.codegen import select
+import dataclasses
+
+from attnopt.codegen import autograd, select
 from attnopt.codegen.params import NO_SOFTCAP, NO_WINDOW_LIMIT, AttentionParams
 from attnopt.ir.vocab import CAUSAL_ALIGNMENTS, NORMALIZERS
 
@@ -69,11 +73,21 @@ def attention(
     normalizer: str,
 ) -> Tensor:
     """Every device: the first kernel of the table that takes the call."""
+    return attention_math(q, k, v, attn_mask, scale, causal, causal_alignment, window_left, window_right,
+                          softcap, normalizer)
+
+
+def attention_math(q, k, v, attn_mask, scale, causal, causal_alignment, window_left, window_right, softcap,
+                   normalizer, needs_grad: bool = False) -> Tensor:
+    """The op's body; `needs_grad`: only the differentiable rows (its backward's recomputation)."""
     p = AttentionParams.from_schema(scale, causal, causal_alignment, window_left, window_right, softcap, normalizer)
     _validate(q, k, v, p)
+    request = select.Request.for_op("attention")
+    if needs_grad:
+        request = dataclasses.replace(request, needs_grad=True)
     # The fake impl promises a contiguous [B, H, Sq, Dv] result (inductor asserts strides);
     # SDPA's CPU kernel returns a transposed view.
-    return select.dispatch(q, k, v, attn_mask, p, None, select.Request.for_op("attention")).contiguous()
+    return select.dispatch(q, k, v, attn_mask, p, None, request).contiguous()
 
 
 @attention.register_fake
@@ -81,6 +95,9 @@ def _attention_fake(q, k, v, attn_mask, scale, causal, causal_alignment, window_
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D [B, H, S, D]")
     torch._check(q.shape[-1] == k.shape[-1], lambda: "q and k head dims differ")
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+autograd.register(attention, "attention", attention_math)
 
 
 def attention_op(
