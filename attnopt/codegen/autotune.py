@@ -3,6 +3,8 @@
 Used by the generated Triton kernels (tile config per spec/variant/device) and by the exact CPU GNA
 kernel (Q tile per layout/shape/thread count). A choice is keyed by a JSON-able dict; the first
 process that needs it times every candidate and writes the winner, later processes read it.
+Sequence lengths enter keys bucketed (`bucket`: next power of two), so a growing KV cache does not
+retune every step.
 
 Cache layout ($ATTNOPT_CACHE_DIR or ~/.cache/attnopt, then <subdir>/):
   tune-<key hash>.json   {"key": ..., "config": <encoded winner>, "timings_ms": [[ms, <encoded>], ...]}
@@ -26,6 +28,15 @@ T = TypeVar("T")
 def enabled() -> bool:
     """Whether kernels may time their candidates (ATTNOPT_AUTOTUNE=0 takes the first one)."""
     return os.environ.get("ATTNOPT_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
+
+
+def bucket(n: int) -> int:
+    """A sequence length as tuning keys see it: the next power of two, at least 16 (0 stays 0).
+    A KV cache growing one token per decode step then maps to one key per doubling, so a model
+    tunes a handful of times instead of every step; within a bucket the best tile config barely
+    moves (configs differ by how they cut the work, not by the exact length)."""
+    n = int(n)
+    return 0 if n <= 0 else max(16, 1 << (n - 1).bit_length())
 
 
 def key_hash(key: dict) -> str:

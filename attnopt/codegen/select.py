@@ -16,6 +16,8 @@ Each row (`Candidate`) has a name, the devices it serves, and one signature for 
 
   triton_block_sparse_gna  generated block-sparse GNA kernel (leading / trailing keys as one extra
                            block each)
+  triton_decode            split-KV flash-decoding (q_len <= 16, no layout): GQA rows packed per KV
+                           head, KV splits sized to fill the SMs, combined by LSE (triton/decode.py)
   triton_sliding_window    generated FlashAttention-2 kernel, 1-D band
   triton_causal            the same, causal
   triton_sigmoid           the same, sigmoid normalizer
@@ -270,6 +272,7 @@ def _reference_run(q, k, v, attn_mask, params, layout, request) -> Tensor:
 TABLE: tuple[Candidate, ...] = (
     _triton_row("block_sparse_gna", "generated block-sparse GNA kernel; leading / trailing keys as one "
                                     "extra block each per Q tile"),
+    _triton_row("decode", "split-KV flash-decoding for q_len <= 16 (causal, window, masks, softcap, GQA)"),
     _triton_row("sliding_window", "generated FlashAttention-2 forward, 1-D band (any alignment)"),
     _triton_row("causal", "generated FlashAttention-2 forward, causal"),
     _triton_row("sigmoid", "generated FlashAttention-2 forward, sigmoid normalizer"),

@@ -24,7 +24,7 @@ from attnopt.codegen.params import AttentionParams, TokenLayout
 from attnopt.ir import GNALayout
 
 ORDER = [
-    "triton_block_sparse_gna", "triton_sliding_window", "triton_causal", "triton_sigmoid", "triton_dense",
+    "triton_block_sparse_gna", "triton_decode", "triton_sliding_window", "triton_causal", "triton_sigmoid", "triton_dense",
     "cpu_native", "cpu_tiles", "sdpa", "reference",
 ]
 LAYOUT = GNALayout((6, 7), (3, 5), (1, 2), (1, 1), (False, False))
@@ -60,9 +60,9 @@ def forced(monkeypatch, tmp_path):
 
 def test_table_order():
     assert [c.name for c in select.TABLE] == ORDER
-    assert [c.group for c in select.TABLE] == ["triton"] * 5 + ["cpu"] * 2 + ["exact"] * 2
-    assert [c.family for c in select.TABLE[:5]] == [
-        "block_sparse_gna", "sliding_window", "causal", "sigmoid", "dense"]
+    assert [c.group for c in select.TABLE] == ["triton"] * 6 + ["cpu"] * 2 + ["exact"] * 2
+    assert [c.family for c in select.TABLE[:6]] == [
+        "block_sparse_gna", "decode", "sliding_window", "causal", "sigmoid", "dense"]
 
 
 CASES = {

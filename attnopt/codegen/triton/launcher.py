@@ -10,10 +10,16 @@ Each family has a check with the kernel table's signature,
 `can_run_<family>(q, k, v, attn_mask, params, layout) -> (ok, reason)`; the order in which they
 are tried is the kernel table's (codegen/select.py), not this module's. Everything a family does not
 decide (head dim, GQA, mask kind, softcap, sigmoid, causal alignment) is a constexpr specialization
-of that family's kernel. `launch(family, ...)` runs one family, tuned per case.
+of that family's kernel. `launch(family, ...)` runs one family, tuned per case; the `decode` family
+(split-KV flash-decoding, decode.py) also has `launch_decode`, which takes per-batch KV lengths.
+
+Tuning keys see sequence lengths bucketed (autotune.bucket, next power of two), and so does the
+per-case memo: a KV cache growing one token per step tunes once per doubling, and the memo gains
+one entry per bucket, not per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -22,9 +28,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from attnopt.codegen import autotune
 from attnopt.codegen.params import AttentionParams, TokenLayout, gna_call_fits
 from attnopt.codegen.reference import alignment_offset
-from attnopt.codegen.triton import generator
+from attnopt.codegen.triton import decode, generator
 from attnopt.codegen.triton.generator import KernelConfig
 from attnopt.codegen.triton.gna_tiles import gna_tile_plan
 from attnopt.ir import AttentionSpec, GNALayout, MaskSpec, Variant
@@ -128,6 +135,16 @@ def can_run_dense(q, k, v, attn_mask, params: AttentionParams, layout=None) -> t
     return _common(q, k, v, attn_mask, params) if ok else (ok, why)
 
 
+def can_run_decode(q, k, v, attn_mask, params: AttentionParams, layout=None, kv_lens: Tensor | None = None,
+                   padding_side: str = "right", sinks: int = 0) -> tuple[bool, str]:
+    """A decode step (q_len <= decode.MAX_Q_LEN) without a token layout; kv_lens / padding_side /
+    sinks as `launch_decode` takes them."""
+    ok, why = _no_layout(layout)
+    if ok:
+        ok, why = decode.can_run(q, k, v, attn_mask, params, kv_lens, padding_side, sinks)
+    return _common(q, k, v, attn_mask, params) if ok else (ok, why)
+
+
 # ---- spec / variant ------------------------------------------------------------------------
 
 def spec_of(q, k, v, mask, params: AttentionParams, layout: GNALayout | None) -> AttentionSpec:
@@ -156,8 +173,11 @@ def spec_of(q, k, v, mask, params: AttentionParams, layout: GNALayout | None) ->
 
 
 def _tune_key(spec: AttentionSpec, variant: Variant, device, leading: int = 0, trailing: int = 0) -> dict:
+    """The tuning key: the spec with its lengths bucketed (a GNA layout, in the key, pins them
+    anyway), the variant, device, triton and template versions."""
     import triton
 
+    spec = dataclasses.replace(spec, q_len=autotune.bucket(spec.q_len), kv_len=autotune.bucket(spec.kv_len))
     key = {"spec": spec.to_json(), "family": variant.family,
            "layout": None if variant.layout is None else repr(variant.layout), "leading": leading,
            "device": generator.device_name(device), "triton": triton.__version__,
@@ -298,15 +318,19 @@ def _bench(fn: Callable[[], object]) -> float:
 
 
 _CHOSEN: dict[tuple, KernelConfig] = {}
+MAX_CHOSEN = 4096  # distinct cases remembered before the memo starts over (a bound, not a cache policy)
 
 
 def _case_key(family: str, q, k, v, mask, params: AttentionParams, layout: TokenLayout | None) -> tuple:
-    """Everything the tuner looks at, as a cheap hashable key."""
+    """Everything the tuning key is built from, as a cheap hashable key: shapes with the sequence
+    axis bucketed as in _tune_key, and the mask's dtype only (spec_of reads no more of it);
+    strides never reach the tuning key, so they are not here either."""
     def desc(t):
-        return None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+        shape = tuple(t.shape)
+        return (*shape[:2], autotune.bucket(shape[2]), *shape[3:], t.dtype, t.device)
 
-    return (family, desc(q), desc(k), desc(v), desc(mask), params, layout, generator.interpreter_active(),
-            os.environ.get("ATTNOPT_AUTOTUNE", "1"))
+    return (family, desc(q), desc(k), desc(v), None if mask is None else mask.dtype, params, layout,
+            generator.interpreter_active(), os.environ.get("ATTNOPT_AUTOTUNE", "1"))
 
 
 def _prepare(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
@@ -329,14 +353,27 @@ def _prepare(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
         spec = spec_of(q, k, v, attn_mask, params, grid)
         cfg = generator.tuned_config(_tune_key(spec, variant, q.device, leading, trailing), configs,
                                      lambda c: _bench(lambda: run(c)))
+        if len(_CHOSEN) >= MAX_CHOSEN:
+            _CHOSEN.clear()
         _CHOSEN[key] = cfg
     return cfg, run
 
 
 def chosen_config(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
-                  params: AttentionParams, layout: TokenLayout | None = None) -> KernelConfig:
-    """The tile config `launch(family, ...)` runs for this case (autotuning it if needed)."""
+                  params: AttentionParams, layout: TokenLayout | None = None):
+    """The tile config `launch(family, ...)` runs for this case (autotuning it if needed): a
+    KernelConfig, or a decode.DecodeConfig for the decode family."""
+    if family == "decode":
+        return decode.chosen_config(q, k, v, attn_mask, params)
     return _prepare(family, q, k, v, attn_mask, params, layout)[0]
+
+
+def launch_decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams, *,
+                  kv_lens: Tensor | None = None, padding_side: str = "right", sinks: int = 0) -> Tensor:
+    """One decode step (the caller checked can_run_decode with the same arguments): `kv_lens`
+    int32 [B] valid keys per batch, at the end of the cache (padding_side "left") or its start
+    ("right"); `sinks`: the first keys of each cache stay visible past the window's left limit."""
+    return decode.launch(q, k, v, attn_mask, params, kv_lens=kv_lens, padding_side=padding_side, sinks=sinks)
 
 
 def launch(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
@@ -345,5 +382,7 @@ def launch(family: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | Non
     With global tokens before / after a GNA grid, only the grid rows of the result are written: the
     caller fills out[:, :, :leading] and out[:, :, S - trailing:] (the kernel table's Triton GNA
     row does)."""
+    if family == "decode":
+        return launch_decode(q, k, v, attn_mask, params)
     cfg, run = _prepare(family, q, k, v, attn_mask, params, layout)
     return run(cfg)
