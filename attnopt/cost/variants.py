@@ -11,9 +11,10 @@ Exact candidates (change nothing numerically):
     is the `sliding_window` family (the op's window arguments).
 Approximate candidates (policy "approx" only; the planner measures their error):
   * images / video: GNA neighborhood (stride 1) and the best-bound strided layout of the
-    simulator's search over the site's token grid, leading non-grid tokens (class token) global;
+    simulator's search over the site's token grid (inferred, or given: planner/layout.py), the
+    tokens before and after it (class, register, text tokens) global;
   * text encoders: a 1-D GNA layout over the tokens after the first one ([CLS] global);
-  * causal LMs: `SINKS` attention-sink tokens global plus a causal local window.
+  * causal LMs: `SINKS` attention-sink tokens global (or a given layout's) plus a causal local window.
 Windows are fractions `WINDOW_FRACTIONS` of each grid dimension.
 """
 from __future__ import annotations
@@ -190,22 +191,35 @@ def exact_candidates(spec: AttentionSpec, hw: HardwareProfile) -> list[Candidate
     return out
 
 
-def _grid_of(spec: AttentionSpec) -> tuple[tuple[int, ...], int, int, bool] | None:
+def approx_grid(spec: AttentionSpec, given: bool = False
+                ) -> tuple[tuple[int, ...], int, int, bool] | None:
     """(grid shape, leading global tokens, trailing global tokens, causal) an approximation may
-    use, or None."""
+    use, or None. `given`: the site's token grid is a user's (planner/layout.py); on a causal site
+    only a given 1-D grid after the sinks replaces the `SINKS` default."""
     d = resolve_dims(spec)
     S = d["q_len"]
     if S != d["kv_len"] or S < MIN_APPROX_TOKENS:
         return None
+    g = spec.token_grid
+    trailing = int(getattr(g, "trailing", 0)) if g is not None else 0
+    fits = g is not None and math.prod(g.shape) + g.leading + trailing == S
     if spec.mask.kind == "causal":
+        if given and fits and len(g.shape) == 1 and not trailing:
+            return tuple(g.shape), g.leading, 0, True
         return (S - SINKS,), SINKS, 0, True
     if spec.mask.kind not in ("none", "padding"):
         return None
-    g = spec.token_grid
-    trailing = int(getattr(g, "trailing", 0)) if g is not None else 0
-    if g is not None and math.prod(g.shape) + g.leading + trailing == S:
+    if fits:
         return tuple(g.shape), g.leading, trailing, False
     return (S - 1,), 1, 0, False
+
+
+_MOD_WHY = {
+    "bias": "a bias added to the scores (computed from the inputs, or a learned table) cannot yet "
+            "be kept inside a window",
+    "alibi": "an ALiBi bias cannot yet be kept inside a window",
+    "softcap": "the GNA kernels have no softcap",
+}
 
 
 def approx_refusal(spec: AttentionSpec) -> str:
@@ -215,27 +229,43 @@ def approx_refusal(spec: AttentionSpec) -> str:
     if spec.normalizer != "softmax":
         return f"no approximate candidates: {spec.normalizer} normalizer (GNA layouts are softmax)"
     if spec.score_mods:
-        return ("no approximate candidates: the scores carry " + ", ".join(spec.score_mods)
-                + " (a bias that depends on the inputs cannot be kept inside a window yet)")
+        why = "; ".join(dict.fromkeys(_MOD_WHY.get(str(m).split(":")[0], f"the GNA kernels do not "
+                                                   f"apply {m}") for m in spec.score_mods))
+        return f"no approximate candidates: the scores carry {', '.join(spec.score_mods)} ({why})"
     d = resolve_dims(spec)
     if d["q_len"] != d["kv_len"]:
         return "no approximate candidates: cross-attention (q and kv lengths differ)"
     if d["q_len"] < MIN_APPROX_TOKENS:
         return f"no approximate candidates: {d['q_len']} tokens (fewer than {MIN_APPROX_TOKENS})"
     if spec.mask.kind == "tensor":
-        return ("no approximate candidates: a mask or bias tensor computed from the inputs (keeping "
-                "it inside a window is not built yet)")
+        return ("no approximate candidates: a mask tensor with no structure attnopt recognizes (not "
+                "causal, a window, blocks or key padding; computed from the inputs, or arbitrary): "
+                "keeping it inside a window is not built yet")
     if spec.mask.kind not in ("none", "padding", "causal"):
-        return f"no approximate candidates: a {spec.mask.kind} mask"
+        return (f"no approximate candidates: a {spec.mask.describe()} mask (approximations start "
+                "from dense or causal attention; its exact sparse kernel, where one fits, is chosen)")
     return ""
 
 
+def describe_grid(spec: AttentionSpec, given: bool = False) -> str:
+    """The tokens an approximation would lay out, for reasons: "grid 16x16 +1 global"."""
+    g = approx_grid(spec, given) if static(spec) else None
+    if g is None:
+        return "no grid"
+    shape, leading, trailing, causal = g
+    s = "grid " + "x".join(map(str, shape))
+    s += f" +{leading} {'sink' if causal else 'global'}" if leading else ""
+    return s + (f" +{trailing} trailing global" if trailing else "")
+
+
 def approx_candidates(spec: AttentionSpec, hw: HardwareProfile,
-                      fractions: tuple[float, ...] = WINDOW_FRACTIONS) -> list[Candidate]:
-    """Approximate GNA candidates cheaper than the site's exact kernel, most context first."""
+                      fractions: tuple[float, ...] = WINDOW_FRACTIONS, given: bool = False
+                      ) -> list[Candidate]:
+    """Approximate GNA candidates cheaper than the site's exact kernel, most context first.
+    `given`: the spec's token grid is a user's (approx_grid)."""
     if not static(spec) or spec.normalizer != "softmax" or spec.score_mods:
         return []
-    g = _grid_of(spec)
+    g = approx_grid(spec, given)
     if g is None:
         return []
     shape, leading, trailing, causal = g

@@ -8,7 +8,11 @@ Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
   {"format", "version", "policy", "max_error", "target", "hardware",
    "predicted": {"attention_dense_s", "attention_s", "other_s", "attention_speedup", "end_to_end_speedup"},
    "measured": {"rel_l2", "cosine", "calibration_batches", "holdout_rel_l2", "holdout_batches"},
-   "sites": [{"site", "status" (planned|kept), "reason", "spec": {...},
+   "sites": [{"site", "status" (planned|kept), "reason" (why kept, or why no approximation), "spec": {...},
+              "token_layout": {"source": "inferred" | "given", "segments": [{"kind": "global", "name",
+                               "tokens"} | {"kind": "grid", "shape"}, ...]} | null (planner/layout.py;
+                               an approximate choice's grid, leading and trailing agree with it, and
+                               are taken from it where the choice leaves them out),
               "choice": {"name", "family", "exact", "q_tile", "kv_tile", "layout": {"shape", "window",
                          "stride", "dilation", "causal"} | null, "leading", "trailing" (optional,
                          global tokens after the grid; 0 when absent), "window": [l, r] | null,
@@ -39,8 +43,9 @@ from attnopt.ir import Graph, Site
 from attnopt.passes.rewrite import Recipe
 from attnopt.pipeline.outputs import write_bytes_atomically
 from attnopt.planner.apply import add_approximate, split_recipes
-from attnopt.planner.schema import (FORMAT, INF, VERSION, BadPlan, check_plan_json, parse_plan_text,
-                                    read_plan_file)
+from attnopt.planner.layout import TokenLayout
+from attnopt.planner.schema import (FORMAT, INF, VERSION, BadPlan, check_plan_json, layout_applies,
+                                    layout_parts, parse_plan_text, read_plan_file)
 
 
 def _enc(x: Any) -> Any:
@@ -76,17 +81,25 @@ class SitePlan:
     reason: str = ""
     spec: dict = field(default_factory=dict, compare=True)
     measured: Measured | None = None
+    token_layout: TokenLayout | None = None  # the site's tokens: inferred, given, or unknown (None)
 
     def to_json(self) -> dict[str, Any]:
         return {"site": self.site, "status": self.status, "reason": self.reason, "spec": self.spec,
+                "token_layout": None if self.token_layout is None else self.token_layout.to_json(),
                 "choice": None if self.choice is None else candidate_to_json(self.choice),
                 "measured": None if self.measured is None else self.measured.to_json()}
 
     @classmethod
     def from_json(cls, d: dict) -> "SitePlan":
-        c = d.get("choice")
+        """From checked JSON (schema.py). An approximate choice's global tokens not written in it
+        are the site's token layout's (a hand-edited layout is applied with its own segments)."""
+        c, tl = d.get("choice"), d.get("token_layout")
+        if c is not None and layout_applies(c, tl):
+            _, before, after = layout_parts(tl)
+            c = {"leading": before, "trailing": after, **c}
         return cls(d["site"], d["status"], None if c is None else candidate_from_json(c),
-                   d.get("reason", ""), d.get("spec") or {}, Measured.from_json(d.get("measured")))
+                   d.get("reason", ""), d.get("spec") or {}, Measured.from_json(d.get("measured")),
+                   None if tl is None else TokenLayout.from_json(tl))
 
 
 @dataclass(frozen=True)

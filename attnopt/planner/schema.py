@@ -268,7 +268,7 @@ def check_plan_json(d: Any) -> None:
     seen: dict[str, int] = {}
     for i, s in enumerate(sites):
         p = f"sites[{i}]"
-        obj(s, p, ("site", "status", "choice"), ("reason", "spec", "measured"))
+        obj(s, p, ("site", "status", "choice"), ("reason", "spec", "measured", "token_layout"))
         name = string(s["site"], f"{p}.site", 1000, nonempty=True)
         if name in seen:
             raise bad(f"{p}.site", f"site {name!r} is already planned by sites[{seen[name]}]")
@@ -288,8 +288,11 @@ def check_plan_json(d: Any) -> None:
         if (c is None) != (status == "kept"):
             raise bad(f"{p}.choice", f"a {status} site must have "
                                      f"{'no choice (null)' if status == 'kept' else 'a choice'}")
+        if s.get("token_layout") is not None:
+            check_token_layout(s["token_layout"], f"{p}.token_layout")
         if c is not None:
             _check_choice(c, f"{p}.choice", policy)
+            _check_choice_on_layout(c, s.get("token_layout"), f"{p}.choice")
     walk = d.get("walk")
     if walk is not None:
         if not isinstance(walk, (list, tuple)):
@@ -384,6 +387,109 @@ def _check_choice(c: Any, p: str, policy: str) -> None:
                 number(v, f"{p}.predicted.{k}", 0.0)
 
 
+# ---- a site's token layout (planner/layout.py) -------------------------------------------------
+
+MAX_SEGMENTS = 64
+LAYOUT_SOURCES = ("inferred", "given")
+
+
+def check_one_grid(kinds: Sequence[str], shown: Sequence[str], fail) -> None:
+    """A given layout holds exactly one grid; raise fail(why) otherwise (a global between two
+    grids is named as such)."""
+    grids = [i for i, k in enumerate(kinds) if k == "grid"]
+    if not grids:
+        raise fail("no grid segment (e.g. text:512,grid:64x64 or cls:1,grid:32x32,reg:4)")
+    if len(grids) > 1:
+        middle = [shown[i] for i in range(grids[0] + 1, grids[-1]) if kinds[i] != "grid"]
+        why = (f"global segment {middle[0]} sits between two grids" if middle
+               else f"{len(grids)} grid segments")
+        raise fail(f"{why}: a layout holds one grid, with global segments before and after it only "
+                   "(the kernels keep global tokens at the ends; permuting tokens is not built)")
+
+
+def _segment_text(s: dict) -> str:
+    if s["kind"] == "grid":
+        return "grid:" + "x".join(map(str, s["shape"]))
+    return f"{s.get('name', 'global')}:{s['tokens']}"
+
+
+def check_token_layout(d: Any, path: str) -> int:
+    """A site's token layout {"source", "segments"}: kinds, sizes in range, at least one grid (one
+    when given); returns its token count. BadPlan naming the bad field otherwise."""
+    obj(d, path, ("source", "segments"))
+    source = choice_of(d["source"], f"{path}.source", LAYOUT_SOURCES)
+    segs = d["segments"]
+    if not isinstance(segs, (list, tuple)):
+        raise bad(f"{path}.segments", f"must be a list, got {_tname(segs)}")
+    if not 1 <= len(segs) <= MAX_SEGMENTS:
+        raise bad(f"{path}.segments", f"{len(segs)} segments, must have 1 to {MAX_SEGMENTS}")
+    total = 0
+    for i, s in enumerate(segs):
+        p = f"{path}.segments[{i}]"
+        if not isinstance(s, dict):
+            raise bad(p, f"must be an object, got {_tname(s)}")
+        kind = choice_of(s.get("kind"), f"{p}.kind", ("grid", "global"))
+        if kind == "grid":
+            obj(s, p, ("kind", "shape"), ("name", "tokens"))
+            shape = int_list(s["shape"], f"{p}.shape", 1, MAX_EXTENT)
+            n = math.prod(shape)
+            if "tokens" in s and integer(s["tokens"], f"{p}.tokens", 1, MAX_TOKENS) != n:
+                raise bad(f"{p}.tokens", f"{s['tokens']}, but grid {'x'.join(map(str, shape))} "
+                                         f"holds {n} tokens")
+        else:
+            obj(s, p, ("kind", "tokens"), ("name",))
+            n = integer(s["tokens"], f"{p}.tokens", 1, MAX_EXTENT)
+        if "name" in s:
+            string(s["name"], f"{p}.name", 64, nonempty=True, plain=True)
+        total += n
+    if total > MAX_TOKENS:
+        raise bad(f"{path}.segments", f"{total} tokens (at most {MAX_TOKENS})")
+    kinds = [s["kind"] for s in segs]
+    if source == "given":
+        def fail(why: str) -> BadPlan:
+            return bad(f"{path}.segments", why)
+        check_one_grid(kinds, [_segment_text(s) for s in segs], fail)
+    elif "grid" not in kinds:
+        raise bad(f"{path}.segments", "no grid segment (a layout needs one)")
+    return total
+
+
+def layout_parts(d: dict) -> tuple[list[int], int, int]:
+    """(main grid shape, tokens before it, tokens after it) of a checked token layout's JSON: the
+    main grid is the largest, the first of equals (TokenGrid.from_segments's rule)."""
+    segs = d["segments"]
+    sizes = [math.prod(s["shape"]) if s["kind"] == "grid" else s["tokens"] for s in segs]
+    grids = [i for i, s in enumerate(segs) if s["kind"] == "grid"]
+    m = max(grids, key=lambda i: (sizes[i], -i))
+    return list(segs[m]["shape"]), sum(sizes[:m]), sum(sizes[m + 1:])
+
+
+def layout_applies(choice: dict, token_layout: Any) -> bool:
+    """Whether an approximate GNA choice takes its grid and global tokens from the site's token
+    layout: non-causal choices always; causal ones (sinks, then a 1-D window) only from a given
+    layout (an inferred grid does not describe a causal LM's sequence)."""
+    lay = choice.get("layout")
+    return (token_layout is not None and lay is not None and not choice.get("exact", True)
+            and (not any(lay.get("causal", ())) or token_layout.get("source") == "given"))
+
+
+def _check_choice_on_layout(c: dict, tl: Any, p: str) -> None:
+    """An approximate choice agrees with its site's token layout: the same grid, and leading /
+    trailing (when written) the tokens before / after it."""
+    if not layout_applies(c, tl):
+        return
+    shape, before, after = layout_parts(tl)
+    shown = ",".join(_segment_text(s) for s in tl["segments"])
+    if list(c["layout"]["shape"]) != shape:
+        raise bad(f"{p}.layout.shape", f"{'x'.join(map(str, c['layout']['shape']))}, but the site's "
+                                       f"token_layout ({shown}) has grid {'x'.join(map(str, shape))}")
+    for key, want, where in (("leading", before, "before"), ("trailing", after, "after")):
+        if key in c and c[key] != want:
+            raise bad(f"{p}.{key}", f"{c[key]}, but the site's token_layout ({shown}) has {want} "
+                                    f"global tokens {where} its grid: make them agree, or delete "
+                                    "the choice's leading and trailing to take the layout's")
+
+
 def _check_layout(lay: Any, p: str) -> None:
     obj(lay, p, _LAYOUT)
     shape = int_list(lay["shape"], f"{p}.shape", 1, MAX_EXTENT)
@@ -424,6 +530,10 @@ def check_plan_fits(plan: Any, sites: Sequence[Any]) -> None:
             known = ", ".join(list(by)[:8]) + (", ..." if len(by) > 8 else "")
             raise bad(f"{p}.site", f"the model has no attention site {sp.site!r} "
                                    f"(its sites: {known or 'none'})")
+        tl = getattr(sp, "token_layout", None)
+        if tl is not None and isinstance(site.spec.q_len, int) and tl.tokens != site.spec.q_len:
+            raise bad(f"{p}.token_layout.segments", f"{tl.describe()} adds up to {tl.tokens} tokens, "
+                                                    f"but site {sp.site!r} has {site.spec.q_len}")
         c = sp.choice
         if c is None:
             continue

@@ -17,6 +17,7 @@ target's peak * mma efficiency (a roofline guess: the planner times attention on
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,14 +27,15 @@ import torch.fx as fx
 from attnopt.codegen.device import local_target
 from attnopt.cost.hardware import HardwareProfile, get_profile
 from attnopt.cost.roofline import resolve_dims
-from attnopt.cost.variants import (Candidate, approx_candidates, approx_refusal, baseline, exact_candidates,
-                                   on_heads, static)
+from attnopt.cost.variants import (Candidate, approx_candidates, approx_refusal, baseline, describe_grid,
+                                   exact_candidates, on_heads, static)
 from attnopt.ir import Graph, Site
 from attnopt.passes.rewrite import Recipe
 from attnopt.pipeline.validate import padding_positions
 from attnopt.planner.apply import recipe_for
 from attnopt.planner.calibration import calibration_batches, check_runs
 from attnopt.planner.heads import head_subsets
+from attnopt.planner.layout import TokenLayout, assign_layouts, parse_layouts
 from attnopt.planner.measure import Measure
 from attnopt.planner.plan import Plan, SitePlan
 from attnopt.planner.schema import POLICIES, TARGETS, BadPlan
@@ -89,18 +91,18 @@ def other_time(gm: fx.GraphModule, sites: Sequence[Site], hw: HardwareProfile) -
 def _approx_trials(graph: Graph, site_by: dict[str, Site], by_recipe: dict[str, Recipe],
                    chosen: dict[str, Candidate], chosen_recipe: dict[str, Recipe],
                    hw: HardwareProfile, measure: Measure, max_error: float,
-                   no_trial: dict[str, str]) -> list[Trial]:
+                   no_trial: dict[str, str], given: dict[str, TokenLayout]) -> list[Trial]:
     """Steps 2 and per-head: every approximate candidate worth its error, measured alone.
-    `no_trial` receives, for each site that got no trial, the reason."""
+    `no_trial` receives, for each site that got no trial, the reason; `given`: the sites whose
+    token layout is the user's."""
     trials = []
     for name in chosen_recipe:
         s = site_by[name]
         worth = (1.0 - MIN_APPROX_SAVING) * chosen[name].time_s
         base = baseline(s.spec, hw)
-        cands = approx_candidates(s.spec, hw)
-        no_trial[name] = approx_refusal(s.spec) or (
-            "no approximate candidate: none is cheaper than the exact kernel" if cands else
-            "no approximate candidate: no GNA layout is cheaper than the exact kernel here")
+        cands = approx_candidates(s.spec, hw, given=name in given)
+        no_trial[name] = approx_refusal(s.spec) or _nothing_cheaper(s, cands, chosen[name], hw,
+                                                                    name in given)
         for c in cands:
             if c.time_s > worth:
                 continue
@@ -122,19 +124,46 @@ def _approx_trials(graph: Graph, site_by: dict[str, Site], by_recipe: dict[str, 
     return trials
 
 
+def _nothing_cheaper(s: Site, cands: list[Candidate], exact: Candidate, hw: HardwareProfile,
+                     given: bool) -> str:
+    """Why a site that may be approximated got no candidate worth trying."""
+    grid = describe_grid(s.spec, given)
+    if not cands:
+        return (f"no approximate candidate: no GNA layout over {grid} is predicted faster than "
+                f"the exact kernel on {hw.name}")
+    saved = 1.0 - min(c.time_s for c in cands) / exact.time_s if exact.time_s else 0.0
+    return (f"no approximate candidate: over {grid} the best GNA layout is predicted to save "
+            f"{max(saved, 0.0):.0%} of the exact kernel's time on {hw.name} (an approximation "
+            f"must save at least {MIN_APPROX_SAVING:.0%})")
+
+
+def _with_layouts(sites: list[Site], given: dict[str, TokenLayout]) -> list[Site]:
+    """The sites, each given layout replacing the inferred token grid."""
+    return [replace(s, spec=replace(s.spec, token_grid=given[s.name].token_grid(), token_grid_reason=""))
+            if s.name in given else s for s in sites]
+
+
 def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
-              max_error: float = 1e-2, target: str | None = None, calibration: Any = None) -> Plan:
+              max_error: float = 1e-2, target: str | None = None, calibration: Any = None,
+              layout: Any = None) -> Plan:
     """Plan every attention site of a torch model (see the module header). target None: this
-    machine's accelerator if it has a profile, else the CPU (codegen.device.local_target)."""
+    machine's accelerator if it has a profile, else the CPU (codegen.device.local_target).
+    layout: token layouts that override the inferred ones (planner/layout.py: a SPEC string such
+    as "text:512,grid:64x64" or "blocks.0=cls:1,grid:16x16", a list of them, or a dict {site name
+    | sequence length | None (every site): segments}); BadArgument (exit 2) when malformed or
+    when they do not fit the model's sites."""
     from attnopt.frontends import fx as fx_front
     from attnopt.passes.detect import detect
     from attnopt.passes.rewrite import plan_all
 
     target = _checked_target(policy, max_error, target)
+    request = parse_layouts(layout)  # malformed layouts fail before the model is exported
     hw = get_profile(target)
     _ep, gm, inputs = _program(model, example_inputs)
     graph = fx_front.from_graph_module(gm, list(inputs), source="aten")
     sites, _rejected = detect(graph)
+    given = assign_layouts(request, sites)
+    sites = _with_layouts(sites, given)
     recipes, reasons = plan_all(graph, sites)
     by_recipe = {r.site: r for r in recipes}
     site_by = {s.name: s for s in sites}
@@ -181,7 +210,7 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     holdout_l2: float | None = None  # the final plan's error on the held-out batch
     if policy == "approx" and chosen_recipe:
         trials = _approx_trials(graph, site_by, by_recipe, chosen, chosen_recipe, hw, measure,
-                                max_error, no_trial)
+                                max_error, no_trial, given)
         walked = greedy_walk(trials, chosen, chosen_recipe, measure, e2e_speedup, max_error)
         measured_site, walk, holdout_l2 = walked.measured, walked.steps, walked.holdout_l2
         chosen_recipe.update(walked.recipes)
@@ -198,13 +227,20 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
     for s in sites:
         c = chosen.get(s.name)
         spec = s.spec.to_json()
+        tl = given.get(s.name) or (None if s.spec.token_grid is None else TokenLayout.inferred(s.spec.token_grid))
         if c is None:
-            site_plans.append(SitePlan(s.name, "kept", None, why.get(s.name, "no candidate"), spec))
+            site_plans.append(SitePlan(s.name, "kept", None, why.get(s.name, "no candidate"), spec,
+                                       token_layout=tl))
+            continue
+        # a site left exact says why: it cannot be approximated, approximations were not asked
+        # for, no candidate was worth trying, or none held within the budget
+        if not c.exact:
+            why_exact = ""
+        elif policy != "approx":
+            why_exact = approx_refusal(s.spec) or "policy exact: approximations were not considered"
         else:
-            # approx policy: a site left exact says why (no candidate, or none within the budget)
-            why_exact = "" if policy != "approx" or not c.exact else no_trial.get(
-                s.name, f"no approximation held within max_error {max_error:g}")
-            site_plans.append(SitePlan(s.name, "planned", c, why_exact, spec, measured_site.get(s.name)))
+            why_exact = no_trial.get(s.name, f"no approximation held within max_error {max_error:g}")
+        site_plans.append(SitePlan(s.name, "planned", c, why_exact, spec, measured_site.get(s.name), tl))
     att = sum(chosen[n].time_s if n in chosen else base_time[n] for n in base_time)
     predicted = {"attention_dense_s": dense_total, "attention_s": att, "other_s": other,
                  "attention_speedup": dense_total / att if att else 1.0,
@@ -216,7 +252,8 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
 
 
 def plan_model(model: Any, example_inputs: Any = None, *, policy: str = "exact",
-               max_error: float = 1e-2, target: str | None = None, calibration: Any = None) -> Plan:
+               max_error: float = 1e-2, target: str | None = None, calibration: Any = None,
+               layout: Any = None) -> Plan:
     """`attnopt.plan(...)`: see make_plan."""
     return make_plan(model, example_inputs, policy=policy, max_error=max_error, target=target,
-                     calibration=calibration)
+                     calibration=calibration, layout=layout)
