@@ -13,8 +13,14 @@ Model (each term is stated so it can be checked against measurements):
     tiles; at spec bandwidth * mem_efficiency.
   * Waves: CTAs = batch*heads*q_tiles run in ceil(CTAs/SMs) waves; the last partial wave and,
     for block-sparse layouts, the slowest Q tile of a wave stretch the compute time.
-  * Sparse kernels (block-sparse GNA, sliding window) realize `sparse_efficiency` of the dense
-    rate on their visited tiles (1.0 unless measured; the CPU's SDPA-on-tiles kernels: 0.55).
+  * Sparse kernels (block-sparse GNA, sliding window) realize `sparse_efficiency_for(class)` of
+    the dense rate on their visited tiles, per layout class (hardware.SPARSE_CLASSES: measured on
+    H100; 1.0 where unmeasured; the CPU's SDPA-on-tiles kernels: 0.55); a visited tile that needs
+    an element mask costs 1 + `masked_tile_cost` tile steps.
+  * Every program (CTA: one Q tile, or one decode split) pays `q_tile_overhead_s` on its SM
+    besides its KV tiles (Q load, pipeline fill, normalizing and storing O): many small Q tiles
+    cost more than their tiles' work, which is why a block-sparse kernel visiting 4-16 KV tiles
+    per Q tile realizes less of its tile bound than the dense kernel amortizing it over 128.
   * time = max(compute, memory) + launch overhead.
 """
 from __future__ import annotations
@@ -23,7 +29,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from attnopt.cost.hardware import HardwareProfile
+from attnopt.cost.hardware import HardwareProfile, sparse_class
 from attnopt.sparsity.simulator import simulate
 from attnopt.ir import AttentionSpec, Variant
 
@@ -185,20 +191,25 @@ def estimate(spec: AttentionSpec, variant: Variant, hw: HardwareProfile, *,
     if ctas is None:
         ctas = B * H * nq
     return _finish(spec, variant, hw, dims, dt, gemm, sfu, alu, io_bytes, ctas, imbalance,
-                   float(visited), fam, _baseline)
+                   float(visited), fam, _baseline, masked_frac=min(1.0, masked / visited))
 
 
 def _finish(spec, variant, hw, dims, dt, gemm, sfu, alu, nbytes, ctas, imbalance, visited,
-            fam, baseline) -> Estimate:
+            fam, baseline, masked_frac: float = 0.0) -> Estimate:
     t_mma = gemm / (hw.peak_flops[dt] * hw.mma_efficiency)
     t_soft = sfu / hw.sfu_exp_per_s + alu / hw.alu_flops
     compute = max(t_mma, t_soft) + (1.0 - hw.sfu_overlap) * min(t_mma, t_soft)
+    if fam in ("block_sparse_gna", "sliding_window"):
+        if masked_frac:  # element-masked tiles cost more than the ALU term counts
+            compute *= 1.0 + masked_frac * hw.masked_tile_cost
+        ndim = len(variant.layout.shape) if variant.layout is not None else 1
+        compute /= hw.sparse_efficiency_for(sparse_class(fam, ndim))
+    # every program pays its fixed cost on one SM, whatever its KV tiles
+    compute += ctas * hw.q_tile_overhead_s / hw.num_sms
     waves = _cdiv(int(ctas), hw.num_sms)
     compute *= waves * hw.num_sms / ctas  # the last wave leaves SMs idle
     # in a wave, the slowest CTA decides; more waves average the imbalance out
     compute *= 1.0 + (imbalance - 1.0) / waves
-    if fam in ("block_sparse_gna", "sliding_window"):
-        compute /= hw.sparse_efficiency
     memory = nbytes / (hw.mem_bw * hw.mem_efficiency)
     time_s = max(compute, memory) + hw.launch_overhead_s
     est = Estimate(time_s=time_s, flops=gemm, bytes=nbytes,

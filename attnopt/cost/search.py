@@ -5,6 +5,8 @@ tile table, `hardware.TILE_TABLES`); for a 1-D grid those are the 1-D tiles. Bec
 mask and box tiles are products over dimensions, the worst Q tile's KV tile count is the
 product of per-dimension maxima and a layout is perfectly block-sparse iff every dimension is,
 so each (dimension, window, stride, tile) is simulated once and combined by outer products.
+With a hardware profile, the bound counts its per-Q-tile fixed cost (`q_tile_cost_steps`: a
+tile pair of few KV tiles per Q tile gains less than its tile count says), per tile pair.
 Pareto set: maximize speedup, maximize window volume prod(w) (more context), minimize stride
 volume prod(s) (closer to sliding-window attention).
 """
@@ -18,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from attnopt.sparsity import gna
-from attnopt.cost.hardware import HardwareProfile, allowed_tiles
+from attnopt.cost.hardware import HardwareProfile, allowed_tiles, q_tile_cost_steps
 from attnopt.sparsity.simulator import dim_tiles
 from attnopt.ir import GNALayout
 
@@ -67,12 +69,13 @@ def search(shape: Sequence[int], window: Sequence[int] | Iterable[Sequence[int]]
            tiles: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]] | None = None,
            dilation: Sequence[int] | None = None, causal: Sequence[bool] | None = None,
            strides: Sequence[Sequence[int]] | None = None, require_block_sparse: bool = False,
-           dynamic: bool = False) -> SearchResult:
+           dynamic: bool = False, head_dim: int = 128) -> SearchResult:
     """Find stride and (q, kv) tile shapes maximizing the simulated bound.
 
     window: one window tuple, or several (the Pareto set then spans windows too).
     tiles: explicit (q tiles, kv tiles); else the hardware's table for this dimensionality.
     strides: per-dimension candidate strides; default every 1..w.
+    head_dim: for hw's per-Q-tile fixed cost in tile steps (none without hw).
     """
     shape = tuple(int(x) for x in shape)
     n = len(shape)
@@ -110,7 +113,8 @@ def search(shape: Sequence[int], window: Sequence[int] | Iterable[Sequence[int]]
                                    dynamic, cache) for s in cand_s[d]] for d in range(n)]
             mx = _outer_prod([np.array([p[0] for p in pd], float) for pd in per_dim])
             ntk = float(np.prod([pd[0][1] for pd in per_dim]))
-            speeds.append(ntk / mx)
+            c = 0.0 if hw is None else q_tile_cost_steps(hw, math.prod(qt), math.prod(kt), head_dim)
+            speeds.append((ntk + c) / (mx + c))
             perfects.append(_outer_all([np.array([p[2] for p in pd]) for pd in per_dim]))
             masked.append(_outer_prod([np.array([p[3] for p in pd], float) for pd in per_dim]) -
                           _outer_prod([np.array([p[4] for p in pd], float) for pd in per_dim]))

@@ -22,6 +22,10 @@ Conventions:
     of dense rows (every key; causal: every key j <= i). The worst Q tile and the speedup bound
     are over the grid's Q tiles (global rows are dense by definition); totals, FLOP bound and
     density count everything.
+  * Per-Q-tile fixed cost (`q_tile_cost`, in steps of one KV tile of the same tiles; the cost
+    model converts a device's seconds: `cost.hardware.q_tile_cost_steps`): every Q tile's program
+    pays it once (Q load, pipeline fill, normalizing and storing O), so the bound is
+    (full_kv_tiles + c) / (max_kv_tiles + c); c = 0 is the tile-count bound.
 Everything for box tiling is separable per dimension (the mask is a product over dimensions),
 so a 256x256 layout is simulated in O(L) work; run tiling is exact via box decomposition.
 """
@@ -64,7 +68,7 @@ class SimResult:
     total_kv_tiles: int         # visited (Q tile, KV tile) pairs, summed over Q tiles
     masked_tiles: int           # visited pairs that need an element mask
     fully_block_sparse: bool    # no visited tile is masked
-    speedup_upper_bound: float  # full_kv_tiles / max_kv_tiles
+    speedup_upper_bound: float  # (full_kv_tiles + q_tile_cost) / (max_kv_tiles + q_tile_cost)
     flop_speedup: float         # prod(L) / prod(w)
     density: float              # exact fraction of attending pairs
     worst_q_tile: tuple[int, ...]  # tile coordinates (box) or (run index,)
@@ -76,6 +80,7 @@ class SimResult:
     leading: int = 0            # global tokens before the grid
     trailing: int = 0           # global tokens after the grid
     global_q_tiles: int = 0     # Q tiles of global queries (counted in num_q_tiles)
+    q_tile_cost: float = 0.0    # fixed cost per Q tile, in KV tile steps (module header)
 
     @property
     def dense_visited_fraction(self) -> float:
@@ -89,6 +94,8 @@ class SimResult:
             "flop_speedup", "density", "worst_q_tile", "attn_share", "e2e_speedup")}
         if self.leading or self.trailing:  # keys of layouts without globals stay as they were
             d.update(leading=self.leading, trailing=self.trailing, global_q_tiles=self.global_q_tiles)
+        if self.q_tile_cost:
+            d["q_tile_cost"] = self.q_tile_cost
         out = json.loads(json.dumps(d, default=_jsonable))
         return out
 
@@ -302,10 +309,14 @@ def _q_tile_count(shape: Sequence[int], q_tile: Sequence[int], tiling: str) -> i
 
 def simulate(layout: GNALayout, q_tile: Sequence[int], kv_tile: Sequence[int], *,
              dynamic: bool = False, attn_share: float | None = None, leading: int = 0,
-             trailing: int = 0) -> SimResult:
+             trailing: int = 0, q_tile_cost: float = 0.0) -> SimResult:
     """Simulate a block-sparse GNA kernel: tile counts, masking, and speedup bounds (with
-    `leading` / `trailing` global tokens around the grid: see the module header)."""
+    `leading` / `trailing` global tokens around the grid and a per-Q-tile fixed cost
+    `q_tile_cost`: see the module header)."""
     gna.validate(layout)
+    q_tile_cost = float(q_tile_cost)
+    if not 0.0 <= q_tile_cost < float("inf"):
+        raise ValueError(f"q_tile_cost must be a finite number >= 0, got {q_tile_cost}")
     leading, trailing = int(leading), int(trailing)
     if leading < 0 or trailing < 0:
         raise ValueError(f"leading {leading} / trailing {trailing} must be >= 0")
@@ -361,7 +372,7 @@ def simulate(layout: GNALayout, q_tile: Sequence[int], kv_tile: Sequence[int], *
     max_kv = int(vis_map.max())
     total = int(vis_map.sum()) + total_extra
     masked = int(masked_map.sum()) + masked_extra
-    speedup = n_full / max_kv
+    speedup = (n_full + q_tile_cost) / (max_kv + q_tile_cost)
     e2e = None if attn_share is None else amdahl(speedup, attn_share)
     return SimResult(
         shape=tuple(layout.shape), window=tuple(layout.window), stride=tuple(layout.stride),
@@ -372,7 +383,7 @@ def simulate(layout: GNALayout, q_tile: Sequence[int], kv_tile: Sequence[int], *
         fully_block_sparse=masked == 0, speedup_upper_bound=speedup,
         flop_speedup=flop_speedup, density=density, worst_q_tile=worst, attn_share=attn_share,
         e2e_speedup=e2e, kv_tiles_per_q=vis_map, masked_per_q=masked_map,
-        leading=leading, trailing=trailing, global_q_tiles=g_q)
+        leading=leading, trailing=trailing, global_q_tiles=g_q, q_tile_cost=q_tile_cost)
 
 
 @dataclass(frozen=True)
