@@ -33,6 +33,7 @@ _UNARY = {"Sigmoid": "sigmoid", "Tanh": "tanh", "Exp": "exp", "Sqrt": "sqrt", "I
           "Not": "logical_not"}
 _RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 _CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}
+_NOT_TENSORS = ("Sequence", "SplitToSequence", "Optional")  # ops that may output no tensor
 _MS = "com.microsoft"
 
 
@@ -69,6 +70,11 @@ def _gadd(graph: Graph, nid: str, op: str, inputs: Sequence[str], ref: Any,
     a.update(more)
     a["native"] = native_name
     return graph.add(nid, op, inputs, shape=shape, dtype=dtype, value=value, ref=ref, **a)
+
+
+def _lost_dim(d: int | str) -> bool:
+    """A dim shape inference could not name ('?', or its own 'unk__N': equal to nothing)."""
+    return isinstance(d, str) and (d == "?" or d.startswith("unk__"))
 
 
 # ---- translation -------------------------------------------------------------------------
@@ -110,9 +116,47 @@ class _Translator:
         s = self.shape(name)
         return None if s is None else len(s)
 
+    def _lost_shapes(self) -> list[str]:
+        """Values (not integer ones: those are shape arithmetic) whose rank or some of whose
+        dims shape inference lost; symbols the graph's inputs declare are not lost."""
+        lost = []
+        for node in self.model.graph.node:
+            if (node.op_type in _CONTROL_FLOW or node.op_type.startswith(_NOT_TENSORS)
+                    or domain(node.domain) not in ("ai.onnx", _MS)):
+                continue  # may be sequences, or ops ORT does not know
+            for o in node.output:
+                shape, dt = self.types.get(o, (None, None))
+                if not o or (dt is not None and not dt.startswith(("float", "bfloat", "bool"))):
+                    continue
+                if shape is None or any(_lost_dim(d) for d in shape):
+                    lost.append(o)
+        return lost
+
     # main --------------------------------------------------------------------------------
     def run(self, name: str, path: str | None) -> Graph:
         self._collect_types()
+        graph = self._build(name, path)
+        lost = self._lost_shapes()
+        if not lost:
+            return graph
+        # Shapes ONNX inference lost, read off probe runs (onnx_eval.recover_shapes). Then the
+        # graph is translated again: rank-dependent readings (a Transpose's default perm, a
+        # Softmax axis, layouts) are made once every rank is known.
+        found = graph.evaluator.recover_shapes(lost)
+        if not found:
+            return graph
+        for n, shape in found.items():
+            old = self.shape(n)
+            if old is not None and len(old) == len(shape):  # what inference knew stays
+                shape = tuple(o if isinstance(o, int) or not _lost_dim(o) else d
+                              for o, d in zip(old, shape))
+            self.types[n] = (shape, self.dtype(n))
+        probed = graph.evaluator.probed_shapes()
+        graph = self._build(name, path)
+        graph.evaluator.seed_shapes(probed)
+        return graph
+
+    def _build(self, name: str, path: str | None) -> Graph:
         graph = Graph(name=name, source="onnx")
         self.graph = graph
         gp = self.model.graph

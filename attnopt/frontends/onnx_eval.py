@@ -14,6 +14,7 @@ from attnopt.frontends.onnx_proto import OnnxEvaluationError, eval_dim, loaded_t
 PROBE_BATCH = 2
 PROBE_DIM = 48
 PROBE_SEED = 0
+ALT_SIZES = {False: (32, 2 * PROBE_DIM), True: (3, 2 * PROBE_BATCH)}  # recover_shapes: (dim, batch)
 MAX_PROBE_SESSIONS = 4  # probe sessions kept (see OnnxEvaluator._sessions)
 
 # ---- evaluation --------------------------------------------------------------------------
@@ -67,6 +68,7 @@ class OnnxEvaluator(Evaluator):
         self._default_feeds: dict[str, np.ndarray] | None = None
         self._shape_cache: dict[str, tuple[int, ...]] = {}
         self._bulk_tried = False
+        self._fresh = 0  # fresh symbolic dims named by recover_shapes
 
     # probes ------------------------------------------------------------------------------
     def probe_sizes(self) -> dict[str, int]:
@@ -76,32 +78,36 @@ class OnnxEvaluator(Evaluator):
 
     def default_feeds(self) -> dict[str, np.ndarray]:
         if self._default_feeds is None:
-            rng = np.random.default_rng(PROBE_SEED)
-            feeds: dict[str, np.ndarray] = {}
-            for name in self.graph.inputs:
-                shape, dt = self._types.get(name, (None, None))
-                if shape is None:
-                    continue  # unknown rank: only usable with an explicit feed
-                conc = tuple(_probe_dim(d, self._probe_sizes) for d in shape)
-                dt = dt or "float32"
-                if dt in ("float32", "float16", "float64", "bfloat16"):
-                    arr = rng.standard_normal(conc).astype(np.float32)
-                    if dt == "bfloat16":
-                        import ml_dtypes  # onnx depends on it
-
-                        arr = arr.astype(ml_dtypes.bfloat16)
-                    else:
-                        arr = arr.astype(dt)
-                elif dt == "bool":
-                    arr = np.full(conc, "mask" in name.lower(), dtype=bool)
-                elif dt == "string":
-                    arr = np.full(conc, "", dtype=object)
-                else:
-                    fill = 1 if "mask" in name.lower() else 0
-                    arr = np.full(conc, fill, dtype=np.dtype(dt))
-                feeds[name] = arr
-            self._default_feeds = feeds
+            self._default_feeds = self._feeds(lambda d: _probe_dim(d, self._probe_sizes))
         return self._default_feeds
+
+    def _feeds(self, size_of) -> dict[str, np.ndarray]:
+        """Random probe inputs, each symbolic dim sized by `size_of`."""
+        rng = np.random.default_rng(PROBE_SEED)
+        feeds: dict[str, np.ndarray] = {}
+        for name in self.graph.inputs:
+            shape, dt = self._types.get(name, (None, None))
+            if shape is None:
+                continue  # unknown rank: only usable with an explicit feed
+            conc = tuple(size_of(d) for d in shape)
+            dt = dt or "float32"
+            if dt in ("float32", "float16", "float64", "bfloat16"):
+                arr = rng.standard_normal(conc).astype(np.float32)
+                if dt == "bfloat16":
+                    import ml_dtypes  # onnx depends on it
+
+                    arr = arr.astype(ml_dtypes.bfloat16)
+                else:
+                    arr = arr.astype(dt)
+            elif dt == "bool":
+                arr = np.full(conc, "mask" in name.lower(), dtype=bool)
+            elif dt == "string":
+                arr = np.full(conc, "", dtype=object)
+            else:
+                fill = 1 if "mask" in name.lower() else 0
+                arr = np.full(conc, fill, dtype=np.dtype(dt))
+            feeds[name] = arr
+        return feeds
 
     def _resolve(self, nid: str) -> str:
         if nid in self.graph and self.graph.op(nid) == "output":
@@ -144,6 +150,78 @@ class OnnxEvaluator(Evaluator):
             return
         for name, shape in zip(names, outs):
             self._shape_cache[name] = tuple(int(d) for d in np.asarray(shape).reshape(-1))
+
+    def recover_shapes(self, names: Sequence[str]) -> dict[str, Shape]:
+        """Shapes ONNX shape inference lost, read off runs of the graph on probe inputs.
+
+        Inference loses the rank at ops it cannot follow (a Reshape whose target is computed
+        through Mod, as torch's unflatten exports; ops without inference) and with it every
+        reading downstream. Each value's Shape is read on the default probes, then once more
+        per symbolic input dim moved to another size (ALT_SIZES: smaller first, for position
+        tables; then a multiple, for divisibility): an axis that moves with no symbol is
+        static, one that moves with exactly one symbol and equals it on both runs is that
+        symbol, any other stays symbolic under a fresh name (equal to nothing). A symbol the
+        graph will not run at any other size is pinned at its probe size, as the model is.
+        Where the default run fails (a part of the graph needs real data) nothing is
+        recovered and per-value probes serve as before."""
+        if not names:
+            return {}
+        try:
+            sess, inputs = self._session(names, shapes=True)
+            first = self._shape_run(sess, inputs, self.default_feeds())
+        except Exception:  # noqa: BLE001 (OnnxEvaluationError, ORT errors): nothing recovered
+            self._bulk_tried = True  # the bulk probe's values include these: it would fail too
+            return {}
+        self._shape_cache.update(zip(names, first))  # the default probe's, exactly
+        sizes = dict(self._probe_sizes)
+        symbols = list(dict.fromkeys(d for n in inputs for d in self._types[n][0]
+                                     if not isinstance(d, int)))
+        moved: list[tuple[str, int, list[tuple[int, ...]]]] = []  # (symbol, its size, shapes)
+        for sym in symbols:
+            for alt in ALT_SIZES[sym != "?" and "batch" in sym.lower()]:
+                try:
+                    feeds = self._feeds(lambda d: alt if d == sym else _probe_dim(d, sizes))
+                    moved.append((sym, alt, self._shape_run(sess, inputs, feeds)))
+                    break
+                except Exception:  # noqa: BLE001 - not at this size
+                    continue
+        out: dict[str, Shape] = {}
+        for k, name in enumerate(names):
+            a = first[k]
+            if any(len(shapes[k]) != len(a) for _, _, shapes in moved):
+                continue  # the rank itself moves with the input sizes
+            dims: list[int | str] = []
+            for axis, da in enumerate(a):
+                deps = [(sym, alt, shapes[k][axis]) for sym, alt, shapes in moved
+                        if shapes[k][axis] != da]
+                if not deps:
+                    dims.append(da)
+                    continue
+                sym, alt, db = deps[0]
+                if len(deps) == 1 and sym != "?" and (da, db) == (sizes[sym], alt):
+                    dims.append(sym)
+                else:
+                    self._fresh += 1
+                    dims.append(f"unk_probe_{self._fresh}")
+            out[name] = tuple(dims)
+        return out
+
+    @staticmethod
+    def _shape_run(sess, inputs: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[tuple[int, ...]]:
+        import onnxruntime as ort
+
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a failed run is an answer here, not an error to print
+        outs = sess.run(None, {n: feeds[n] for n in inputs}, quiet)
+        return [tuple(int(d) for d in np.asarray(x).reshape(-1)) for x in outs]
+
+    def probed_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every shape read on the default probes so far (to seed a successor evaluator)."""
+        return dict(self._shape_cache)
+
+    def seed_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Default-probe shapes already read (by an earlier evaluator of the same model)."""
+        self._shape_cache.update(shapes)
 
     def _static_probe_shape(self, name: str) -> tuple[int, ...] | None:
         self.default_feeds()
