@@ -270,10 +270,92 @@ def profile_for_device(device_name: str | None) -> str:
     return "cpu"
 
 
+# ---- an unknown CUDA GPU: a profile from its device properties --------------------------------
+
+# Per compute capability: dense FP16/BF16 tensor-core FLOPs per clock per SM with FP32
+# accumulation (what attention kernels use), FP32 CUDA-core FLOPs per clock per SM, whether BF16
+# runs on the tensor cores, the tile family, and the GEMM efficiency / softmax overlap assumed
+# (unmeasured: the datacenter profiles' figures for their generation, 0.6 for the others, an
+# assumption). Tensor rates from NVIDIA's whitepapers, checked against datasheets at boost clock:
+# V100 125 TF (80 SMs x 1.53 GHz x 1024), T4 65 TF (40 x 1.59 x 1024), A100 312 TF (108 x 1.41
+# x 2048), A40 150 TF (84 x 1.74 x 1024), L40S 362 TF (142 x 2.52 x 1024), H100 SXM 989 TF
+# (132 x 1.83 x 4096), B200 2.25 PF (148 x 1.86 x 8192), RTX PRO 6000 Blackwell (188 SMs x 1024).
+# GeForce boards (Turing, Ampere GA10x, Ada, Blackwell sm_120) run FP32-accumulate MMA at half
+# rate (RTX 4090 whitepaper: 165 TF with FP32 accumulate = 128 x 2.52 x 512).
+_CC_RATES: dict[tuple[int, int], dict[str, Any]] = {
+    (7, 0): dict(tc=1024, fp32=128, bf16=False, family="ampere", eff=0.5, overlap=0.3),
+    (7, 5): dict(tc=1024, fp32=128, bf16=False, family="ampere", eff=0.6, overlap=0.3),
+    (8, 0): dict(tc=2048, fp32=128, bf16=True, family="ampere", eff=0.72, overlap=0.3),
+    (8, 6): dict(tc=1024, fp32=256, bf16=True, family="ampere", eff=0.6, overlap=0.3),
+    (8, 9): dict(tc=1024, fp32=256, bf16=True, family="ampere", eff=0.6, overlap=0.3),
+    (9, 0): dict(tc=4096, fp32=256, bf16=True, family="hopper", eff=0.75, overlap=0.5),
+    (10, 0): dict(tc=8192, fp32=256, bf16=True, family="blackwell", eff=0.70, overlap=0.5),
+    (12, 0): dict(tc=1024, fp32=256, bf16=True, family="ampere", eff=0.6, overlap=0.3),
+}
+_MUFU_PER_CLOCK_SM = 16      # exp results per clock per SM, cc 7.0-10.x (CUDA C Programming Guide)
+_FALLBACK_CLOCK_HZ = 1.5e9   # when the driver reports no clock (CUDA 13 dropped clockRate)
+_FALLBACK_BW_PER_SM = 10e9   # B/s per SM when it reports no memory clock / bus width (a guess)
+CUDA_TARGET = "cuda"         # the profile name of this machine's GPU derived from its properties
+
+
+def _cc_rates(major: int, minor: int) -> dict[str, Any] | None:
+    """The table row for a compute capability: its own, else the newest one of the same major at
+    or below it, else the newest of an older major; None before Volta (no tensor cores)."""
+    if major < 7:
+        return None
+    known = sorted(k for k in _CC_RATES if k <= (major, minor))
+    return _CC_RATES[known[-1]] if known else None
+
+
+def profile_from_properties(props: Mapping[str, Any]) -> HardwareProfile | None:
+    """A profile for a CUDA GPU from its device properties, a plain dict with the fields of
+    torch.cuda.get_device_properties (codegen.device.device_properties): name, major, minor,
+    multi_processor_count, clock_rate (kHz), memory_clock_rate (kHz), memory_bus_width (bits).
+    Peak rates are per-SM rates of its compute capability x SMs x clock; bandwidth is the memory
+    clock x 2 (double data rate) x bus width. None when it has no tensor cores (before sm_70).
+    Hopper parts get the figures measured on the H100 (the fixed cost in cycles, at this clock);
+    the others' sparse figures are unmeasured."""
+    def num(key: str) -> float:
+        try:
+            v = float(props.get(key) or 0)
+        except (TypeError, ValueError):
+            return 0.0
+        return v if 0 < v < math.inf else 0.0
+
+    major, minor, sms = int(num("major")), int(num("minor")), int(num("multi_processor_count"))
+    rates = _cc_rates(major, minor)
+    if rates is None or sms < 1:
+        return None
+    name = str(props.get("name") or "CUDA GPU")
+    clock = num("clock_rate") * 1e3 or _FALLBACK_CLOCK_HZ
+    bw = 2 * num("memory_clock_rate") * 1e3 * num("memory_bus_width") / 8 or _FALLBACK_BW_PER_SM * sms
+    geforce = "GEFORCE" in name.upper()  # half-rate FP32-accumulate MMA (table comment)
+    tensor = rates["tc"] / (2 if geforce else 1) * sms * clock
+    fp32 = rates["fp32"] * sms * clock
+    hopper = rates["family"] == "hopper"
+    return HardwareProfile(
+        name=f"{name} (sm_{major}{minor}, from device properties)", family=rates["family"],
+        peak_flops={"bf16": tensor if rates["bf16"] else fp32, "fp16": tensor, "fp32": fp32},
+        alu_flops=fp32, mem_bw=bw, num_sms=sms, sfu_exp_per_s=_MUFU_PER_CLOCK_SM * sms * clock,
+        mma_efficiency=rates["eff"], sfu_overlap=rates["overlap"],
+        source="device properties x per-SM rates of its compute capability",
+        sparse_efficiency=HOPPER_SPARSE_EFFICIENCY if hopper else {},
+        q_tile_overhead_s=HOPPER_Q_TILE_OVERHEAD_S * HOPPER_MEASURED_CLOCK_HZ / clock if hopper else 0.0,
+        masked_tile_cost=HOPPER_MASKED_TILE_COST if hopper else 0.0)
+
+
+def register_profile(key: str, profile: HardwareProfile) -> str:
+    """Make `profile` known to get_profile under `key` (this process only); returns the key."""
+    PROFILES[key] = profile
+    return key
+
+
 def get_profile(name: str) -> HardwareProfile:
     key = name.lower().replace("-", "_").replace(" ", "_")
     if key == "cpu":
         return cpu_profile()
     if key not in PROFILES:
-        raise ValueError(f"unknown hardware {name!r}; known: {sorted(set(PROFILES) | {'cpu'})}")
+        hint = (" (this machine's CUDA device, derived from its properties by "
+                "codegen.device.local_target(); there is none here)" if key == CUDA_TARGET else "")
+        raise ValueError(f"unknown hardware {name!r}{hint}; known: {sorted(set(PROFILES) | {'cpu'})}")
     return PROFILES[key]
