@@ -30,7 +30,9 @@ demo: $(STAMP)
 	$(VENV)/bin/attnopt simulate --shape 64x64 --window 16x16 --stride 16x16 --q-tile 16x16 --kv-tile 16x8 --png $(DEMO)/gna_layout.png
 	$(VENV)/bin/attnopt plan $(DEMO)/tiny_transformer.pt2 -o $(DEMO)/plan.json --report $(DEMO)/report.html
 	$(VENV)/bin/attnopt optimize $(DEMO)/tiny_transformer.pt2 --plan $(DEMO)/plan.json -o $(DEMO)/tiny_transformer.planned.pt2
-	@echo "demo outputs in $(DEMO)/: optimized models, gna_layout.png, plan.json, report.html"
+	# planted-local DiT-style model: plan at 5e-2, apply, measured CPU speedup and held-out error
+	$(VPY) examples/dit_local.py $(DEMO)
+	@echo "demo outputs in $(DEMO)/: optimized models, gna_layout.png, plan.json, report.html, dit_local_report.html"
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports  # imports run one way (docs/ARCHITECTURE.md); a cycle or upward import fails here

@@ -15,7 +15,7 @@ global both ways. The q features are multiplied by sqrt(D) to cancel SDPA's 1/sq
 `a` per axis is `sharpness / (w/2)^2` with w a quarter of the axis: keys half a quarter-grid away
 lose `sharpness` logits.
 
-Run: `python examples/dit_local.py OUT_DIR` plans at max_error 5e-2 (target cpu), applies the plan,
+Run: `python examples/dit_local.py OUT_DIR [--threads N]` plans at max_error 5e-2 (target cpu), applies the plan,
 prints the chosen layouts, the measured CPU speedup and the held-out error (rich table), and
 writes OUT_DIR/dit_local_plan.json and OUT_DIR/dit_local_report.html (attnopt.cli.plan.write_report).
 """
@@ -247,13 +247,21 @@ def plan_and_measure(model, make, max_error: float = 5e-2, reps: int = 5, target
             "sites_rewritten": res.sites_rewritten, "plan_s": plan_s, "_plan": plan}
 
 
-def main(out_dir: str) -> None:
+def main(argv: list[str]) -> None:
+    import argparse
+
     from rich.console import Console
     from rich.table import Table
 
     from attnopt.cli.plan import write_report
 
-    out = Path(out_dir)
+    ap = argparse.ArgumentParser(description="plan, apply and measure the planted-local DiT-style model")
+    ap.add_argument("out_dir", nargs="?", default="out/demo")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model, make = dit_local()
@@ -266,7 +274,7 @@ def main(out_dir: str) -> None:
         t.add_column(col)
     for s in r["sites"]:
         t.add_row(s["site"], s["choice"], f"{s['predicted_speedup']:.2f}x")
-    c = Console()
+    c = Console(width=max(Console().width, 110))
     c.print(t)
     s = Table(show_header=False)
     s.add_row("predicted CPU end-to-end speedup", f"{r['predicted_end_to_end_speedup']:.2f}x")
@@ -278,4 +286,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "out/demo")
+    main(sys.argv[1:])
