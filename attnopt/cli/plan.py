@@ -2,7 +2,12 @@
 and optionally a self-contained HTML report and PNG pictures of the chosen layouts.
 
   attnopt plan MODEL.pt2 -o plan.json [--policy exact|approx] [--max-error 1e-2] [--target cpu]
-               [--calibration inputs.npz] [--report report.html] [--png DIR]
+               [--calibration inputs.npz] [--layout [SITE=|LENGTH=]SEGMENTS ...]
+               [--report report.html] [--png DIR]
+
+--layout gives sites their token layout instead of the inferred one (planner/layout.py). It prints
+a table of the sites (layout and where it came from, variant, predicted speedup, measured error,
+why a site has no approximation) after the one-line summary.
 
 The report is ONE file: inline CSS, every picture a base64 PNG, no scripts, no network: summary
 (sites, predicted end-to-end speedup on the target, measured error), a per-site table, each
@@ -138,6 +143,9 @@ def render_report(plan, model_name: str = "") -> str:
             ("sites", f"{len(plan.sites)} found, {n_planned} planned, {n_approx} approximate"),
             ("predicted attention speedup", f"{pr.get('attention_speedup', 1.0):.3f}x"),
             ("predicted end-to-end speedup", f"{pr.get('end_to_end_speedup', 1.0):.3f}x"),
+            ("measured attention speedup", "-" if me.get("attention_speedup") is None else
+             f"{me['attention_speedup']:.3f}x over {me.get('timed_sites', 0)} timed sites on this "
+             f"machine (predicted {pr.get('attention_speedup', 1.0):.3f}x)"),
             ("measured end-to-end relative L2", f"{me.get('rel_l2', 0.0):.3g}"),
             ("measured cosine similarity", f"{me.get('cosine', 1.0):.6f}"),
             ("calibration batches", str(me.get("calibration_batches", "-"))),
@@ -145,31 +153,31 @@ def render_report(plan, model_name: str = "") -> str:
              f"{me['holdout_rel_l2']:.3g} ({me.get('holdout_batches', 1)} batch, never used to choose)")]
     parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows]
     parts.append("</table><h2>Sites</h2><table><tr><th>site</th><th>q x kv</th><th>mask</th>"
-                 "<th>grid</th><th>variant</th><th>tiles (q / kv)</th><th>predicted time</th>"
-                 "<th>speedup</th><th>bound</th><th>site rel L2</th><th>e2e rel L2</th><th>note</th></tr>")
+                 "<th>token layout</th><th>variant</th><th>tiles (q / kv)</th><th>predicted time</th>"
+                 "<th>bound</th><th>speedup: predicted / measured</th><th>site rel L2</th>"
+                 "<th>e2e rel L2</th><th>note</th></tr>")
     for s in plan.sites:
         sp = s.spec
-        grid = sp.get("token_grid")
-        gtxt = "-" if not grid else "x".join(map(str, grid["shape"])) + (
-            f"+{grid['leading']}" if grid.get("leading") else "")
+        head = (f"<tr><td>{e(s.site)}</td><td>{sp.get('q_len')} x {sp.get('kv_len')}</td>"
+                f"<td>{e(str(sp.get('mask', {}).get('kind')))}</td><td>{e(layout_text(s))}</td>")
         c = s.choice
         if c is None:
-            parts.append(f"<tr><td>{e(s.site)}</td><td>{sp.get('q_len')} x {sp.get('kv_len')}</td>"
-                         f"<td>{e(str(sp.get('mask', {}).get('kind')))}</td><td>{e(gtxt)}</td>"
-                         f"<td>kept</td><td>-</td><td>-</td><td>-</td><td>-</td><td>-</td><td>-</td>"
-                         f"<td>{e(s.reason)}</td></tr>")
+            parts.append(head + "<td>kept</td>" + "<td>-</td>" * 6 + f"<td>{e(s.reason)}</td></tr>")
             continue
         m = s.measured
         cls = "exact" if c.exact else "approx"
         parts.append(
-            f"<tr><td>{e(s.site)}</td><td>{sp.get('q_len')} x {sp.get('kv_len')}</td>"
-            f"<td>{e(str(sp.get('mask', {}).get('kind')))}</td><td>{e(gtxt)}</td>"
-            f"<td class='{cls}'>{e(c.name)}</td>"
+            head + f"<td class='{cls}'>{e(c.name)}</td>"
             f"<td class='kv'>{e(str(list(c.variant.q_tile)))} / {e(str(list(c.variant.kv_tile)))}</td>"
-            f"<td>{c.time_s * 1e6:.2f} us</td><td>{c.speedup:.2f}x</td><td>{e(c.bound)}</td>"
+            f"<td>{c.time_s * 1e6:.2f} us</td><td>{e(c.bound)}</td><td>{e(speedups(s))}</td>"
             f"<td>{'-' if m is None or m.site_rel_l2 is None else f'{m.site_rel_l2:.3g}'}</td>"
             f"<td>{'-' if m is None else f'{m.e2e_rel_l2:.3g}'}</td><td>{e(s.reason)}</td></tr>")
-    parts.append("</table><h2>Chosen sparsity layouts and tile occupancy</h2>")
+    timed_note = ("Measured speedups: each site's chosen kernel against its exact kernel, timed on "
+                  "this machine (attnopt plan --time)." if any(getattr(s, "timed", None) for s in plan.sites)
+                  else "No site was timed: plan with --time (target this machine) to measure "
+                       "speedups beside the predicted ones.")
+    parts.append(f"</table><p>{e(timed_note)}</p>")
+    parts.append("<h2>Chosen sparsity layouts and tile occupancy</h2>")
     drawn = {}
     for s in plan.sites:
         if s.choice is None or s.choice.variant.layout is None:
@@ -204,6 +212,42 @@ def render_report(plan, model_name: str = "") -> str:
     return "\n".join(parts)
 
 
+def layout_text(sp) -> str:
+    """A site's token layout for tables: its segments and whether they were given or inferred."""
+    tl = getattr(sp, "token_layout", None)
+    return "-" if tl is None else f"{tl.describe()} ({tl.source})"
+
+
+def speedups(sp) -> str:
+    """A planned site's predicted speedup beside its measured one, when timed."""
+    c, t = sp.choice, getattr(sp, "timed", None)
+    if c is None:
+        return "-"
+    if t is None:
+        return f"{c.speedup:.2f}x / -"
+    return (f"{c.speedup:.2f}x / {t.speedup:.2f}x ({c.time_s * 1e6:.3g} / {t.time_s * 1e6:.3g} us "
+            f"on {t.device})")
+
+
+def sites_table(plan):
+    """The sites as a rich table for the terminal: layout, variant, predicted speedup, measured
+    error, and why a site has no approximation."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(box=None, pad_edge=False, show_edge=False)
+    for col in ("site", "q x kv", "layout", "variant", "speedup predicted / measured",
+                "measured e2e rel L2", "reason"):
+        t.add_column(col, overflow="fold")
+    for s in plan.sites:
+        c, m = s.choice, s.measured
+        cells = (s.site, f"{s.spec.get('q_len')} x {s.spec.get('kv_len')}", layout_text(s),
+                 "kept" if c is None else c.name, speedups(s),
+                 "-" if m is None else f"{m.e2e_rel_l2:.3g}", s.reason or "-")
+        t.add_row(*(Text(x) for x in cells))  # Text: brackets in names are not console markup
+    return t
+
+
 def write_report(plan, path: str | os.PathLike, model_name: str = "") -> Path:
     path = Path(path)
     text = render_report(plan, model_name)
@@ -225,6 +269,19 @@ def register(app: typer.Typer) -> None:
                                                    help=".npz of calibration inputs"),
         report: Optional[Path] = typer.Option(None, "--report", help="write an HTML report"),
         png: Optional[Path] = typer.Option(None, "--png", help="directory for layout PNGs"),
+        time_kernels: bool = typer.Option(
+            False, "--time", help="time each site's chosen kernel and its exact kernel on this "
+                                  "machine, so the report shows measured speedups beside the "
+                                  "predicted ones (the target must be this machine)"),
+        layout: Optional[list[str]] = typer.Option(
+            None, "--layout", metavar="[SITE=|LENGTH=]SEGMENTS",
+            help="a token layout replacing the inferred one (repeatable): for one site "
+                 "(SITE=..., the name the plan lists), for every site of one sequence length "
+                 "(4096=...) or for every site (no prefix). SEGMENTS in token order, comma-separated: "
+                 "grid:AxB[xC] (one grid, row-major) and NAME:N global tokens (text, cls, reg, "
+                 "sink, any name) before or after it, e.g. text:512,grid:64x64 or "
+                 "grid:8x32x32,text:226 or cls:1,grid:32x32,reg:4; a site's own SPEC wins over its "
+                 "length's, which wins over the one for every site"),
         allow_unsafe_pickle: bool = UNSAFE_PICKLE_OPTION,
         debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
     ) -> None:
@@ -244,6 +301,9 @@ def register(app: typer.Typer) -> None:
             if not 0.0 < max_error <= 1.0:  # NaN fails too
                 raise BadArgument(f"--max-error must be in (0, 1] (an end-to-end relative L2 "
                                   f"budget), got {max_error:g}")
+            from attnopt.planner.layout import parse_layouts
+
+            layouts = parse_layouts(layout or None, "--layout")
             if not model.exists():
                 raise InputNotFound(f"no such file: {model}")
             from attnopt.frontends import check_input
@@ -256,7 +316,7 @@ def register(app: typer.Typer) -> None:
                 check_output(report, reads + [("plan output", output)])
             plan = make_plan(model, policy=policy, max_error=max_error,
                              target=None if target is None else target.lower(),
-                             calibration=calibration)
+                             calibration=calibration, layout=layouts, time_kernels=time_kernels)
             plan.save(output)
             if report is not None:
                 write_report(plan, report, model.name)
@@ -271,3 +331,4 @@ def register(app: typer.Typer) -> None:
                       f"relative L2 {me.get('rel_l2', 0.0):.3g}"
                       + ("" if me.get("holdout_rel_l2") is None else f" (held out: {me['holdout_rel_l2']:.3g})")
                       + f"; wrote {output}")
+            out.print(sites_table(plan))

@@ -161,8 +161,8 @@ class LayoutRequest:
 def parse_layouts(layout: Any, option: str = "layout") -> LayoutRequest | None:
     """The request of `layout`: None, a SPEC string, a list of them, or a dict {site name | length
     | None: SEGMENTS string or segment JSON list}. BadArgument (exit 2, one line) when malformed."""
-    if layout is None:
-        return None
+    if layout is None or isinstance(layout, LayoutRequest):
+        return layout
     items: list[tuple[Any, Any, str]] = []  # (target, segments, the spec as written)
     if isinstance(layout, str):
         layout = [layout]

@@ -7,7 +7,8 @@ apply.py). search.make_plan makes plans.
 Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
   {"format", "version", "policy", "max_error", "target", "hardware",
    "predicted": {"attention_dense_s", "attention_s", "other_s", "attention_speedup", "end_to_end_speedup"},
-   "measured": {"rel_l2", "cosine", "calibration_batches", "holdout_rel_l2", "holdout_batches"},
+   "measured": {"rel_l2", "cosine", "calibration_batches", "holdout_rel_l2", "holdout_batches",
+                "attention_speedup", "timed_sites" (with timing: over the timed sites)},
    "sites": [{"site", "status" (planned|kept), "reason" (why kept, or why no approximation), "spec": {...},
               "token_layout": {"source": "inferred" | "given", "segments": [{"kind": "global", "name",
                                "tokens"} | {"kind": "grid", "shape"}, ...]} | null (planner/layout.py;
@@ -18,7 +19,8 @@ Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
                          global tokens after the grid; 0 when absent), "window": [l, r] | null,
                          "heads": [query heads that run the layout] | null (null: all),
                          "predicted": {"time_s", "baseline_time_s", "speedup", "flops", "bytes", "bound"}} | null,
-              "measured": {"site_rel_l2", "e2e_rel_l2", "e2e_cosine"} | null}],
+              "measured": {"site_rel_l2", "e2e_rel_l2", "e2e_cosine"} | null,
+              "timed": {"time_s", "baseline_time_s", "device"} | null (planner/timing.py)}],
    "walk": [{"step", "site", "candidate", "saved_s", "alone_rel_l2", "rel_l2", "cosine",
              "predicted_speedup", "accepted", "reason"}]}
 `Plan.from_json(plan.to_json()) == plan`; `Plan.load(path)` / `plan.save(path)` (atomic).
@@ -44,6 +46,7 @@ from attnopt.passes.rewrite import Recipe
 from attnopt.pipeline.outputs import write_bytes_atomically
 from attnopt.planner.apply import add_approximate, split_recipes
 from attnopt.planner.layout import TokenLayout
+from attnopt.planner.timing import Timed
 from attnopt.planner.schema import (FORMAT, INF, VERSION, BadPlan, check_plan_json, layout_applies,
                                     layout_parts, parse_plan_text, read_plan_file)
 
@@ -82,12 +85,14 @@ class SitePlan:
     spec: dict = field(default_factory=dict, compare=True)
     measured: Measured | None = None
     token_layout: TokenLayout | None = None  # the site's tokens: inferred, given, or unknown (None)
+    timed: Timed | None = None  # its kernels timed on this machine (planner/timing.py), if asked
 
     def to_json(self) -> dict[str, Any]:
         return {"site": self.site, "status": self.status, "reason": self.reason, "spec": self.spec,
                 "token_layout": None if self.token_layout is None else self.token_layout.to_json(),
                 "choice": None if self.choice is None else candidate_to_json(self.choice),
-                "measured": None if self.measured is None else self.measured.to_json()}
+                "measured": None if self.measured is None else self.measured.to_json(),
+                "timed": None if self.timed is None else self.timed.to_json()}
 
     @classmethod
     def from_json(cls, d: dict) -> "SitePlan":
@@ -99,7 +104,7 @@ class SitePlan:
             c = {"leading": before, "trailing": after, **c}
         return cls(d["site"], d["status"], None if c is None else candidate_from_json(c),
                    d.get("reason", ""), d.get("spec") or {}, Measured.from_json(d.get("measured")),
-                   None if tl is None else TokenLayout.from_json(tl))
+                   None if tl is None else TokenLayout.from_json(tl), Timed.from_json(d.get("timed")))
 
 
 @dataclass(frozen=True)

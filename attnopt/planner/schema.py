@@ -268,7 +268,7 @@ def check_plan_json(d: Any) -> None:
     seen: dict[str, int] = {}
     for i, s in enumerate(sites):
         p = f"sites[{i}]"
-        obj(s, p, ("site", "status", "choice"), ("reason", "spec", "measured", "token_layout"))
+        obj(s, p, ("site", "status", "choice"), ("reason", "spec", "measured", "token_layout", "timed"))
         name = string(s["site"], f"{p}.site", 1000, nonempty=True)
         if name in seen:
             raise bad(f"{p}.site", f"site {name!r} is already planned by sites[{seen[name]}]")
@@ -284,6 +284,11 @@ def check_plan_json(d: Any) -> None:
                 error_value(m["site_rel_l2"], f"{p}.measured.site_rel_l2")
             error_value(m["e2e_rel_l2"], f"{p}.measured.e2e_rel_l2")
             number(m["e2e_cosine"], f"{p}.measured.e2e_cosine", -1.001, 1.001)
+        if s.get("timed") is not None:
+            t = obj(s["timed"], f"{p}.timed", ("time_s", "baseline_time_s", "device"))
+            number(t["time_s"], f"{p}.timed.time_s", 0.0)
+            number(t["baseline_time_s"], f"{p}.timed.baseline_time_s", 0.0)
+            string(t["device"], f"{p}.timed.device", 100, plain=True)
         c = s["choice"]
         if (c is None) != (status == "kept"):
             raise bad(f"{p}.choice", f"a {status} site must have "
@@ -317,13 +322,15 @@ def check_plan_json(d: Any) -> None:
 
 def _check_plan_measured(m: Any) -> None:
     obj(m, "measured", (), ("rel_l2", "cosine", "calibration_batches", "holdout_rel_l2",
-                            "holdout_batches"))
+                            "holdout_batches", "attention_speedup", "timed_sites"))
+    if m.get("attention_speedup") is not None:
+        number(m["attention_speedup"], "measured.attention_speedup", 0.0)
     for k in ("rel_l2", "holdout_rel_l2"):
         if m.get(k) is not None:
             error_value(m[k], f"measured.{k}")
     if m.get("cosine") is not None:
         number(m["cosine"], "measured.cosine", -1.001, 1.001)
-    for k in ("calibration_batches", "holdout_batches"):
+    for k in ("calibration_batches", "holdout_batches", "timed_sites"):
         if m.get(k) is not None:
             integer(m[k], f"measured.{k}", 0, MAX_ITEMS)
 

@@ -9,6 +9,10 @@ For each site of a torch model (nn.Module, ExportedProgram, .pt2):
      measure.py). One whose error alone is over budget is also tried on subsets of the site's
      heads (heads.py).
   3. the greedy walk over them, then the hold-out check (walk.py).
+A site's token layout (the grid approximate candidates lay out) is the inferred one unless the
+caller gives one (`layout=`, planner/layout.py); every site left exact says why. With
+`time_kernels` each site's chosen kernel is timed on this machine beside its exact kernel
+(timing.py), so that the report shows measured speedups beside the predicted ones.
 
 Predicted end-to-end speedup = (other + attention dense) / (other + attention planned), where
 "other" is the non-attention time estimated as 2 * (matrix parameters) * tokens FLOPs at the
@@ -39,6 +43,7 @@ from attnopt.planner.layout import TokenLayout, assign_layouts, parse_layouts
 from attnopt.planner.measure import Measure
 from attnopt.planner.plan import Plan, SitePlan
 from attnopt.planner.schema import POLICIES, TARGETS, BadPlan
+from attnopt.planner.timing import time_sites
 from attnopt.planner.walk import SAFETY, Trial, greedy_walk
 
 # An approximation must save at least this share of its site's predicted exact time: error for a
@@ -145,19 +150,23 @@ def _with_layouts(sites: list[Site], given: dict[str, TokenLayout]) -> list[Site
 
 def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
               max_error: float = 1e-2, target: str | None = None, calibration: Any = None,
-              layout: Any = None) -> Plan:
+              layout: Any = None, time_kernels: bool = False) -> Plan:
     """Plan every attention site of a torch model (see the module header). target None: this
     machine's accelerator if it has a profile, else the CPU (codegen.device.local_target).
     layout: token layouts that override the inferred ones (planner/layout.py: a SPEC string such
     as "text:512,grid:64x64" or "blocks.0=cls:1,grid:16x16", a list of them, or a dict {site name
     | sequence length | None (every site): segments}); BadArgument (exit 2) when malformed or
-    when they do not fit the model's sites."""
+    when they do not fit the model's sites. time_kernels: time each site's chosen kernel and
+    its exact kernel on this machine (planner/timing.py; the target must be this machine)."""
     from attnopt.frontends import fx as fx_front
     from attnopt.passes.detect import detect
     from attnopt.passes.rewrite import plan_all
 
     target = _checked_target(policy, max_error, target)
     request = parse_layouts(layout)  # malformed layouts fail before the model is exported
+    if time_kernels and target != local_target():
+        raise BadPlan(f"time_kernels (--time) times kernels on this machine ({local_target()}), "
+                      f"but the target is {target}: plan for {local_target()} to time")
     hw = get_profile(target)
     _ep, gm, inputs = _program(model, example_inputs)
     graph = fx_front.from_graph_module(gm, list(inputs), source="aten")
@@ -223,6 +232,8 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
             holdout_l2 = measure(chosen_recipe, on_holdout=True)[0]
     if holdout and holdout_l2 is None:
         holdout_l2 = 0.0  # nothing spliced: the model itself
+    timed = time_sites({s.name: s.spec for s in sites}, chosen, "cpu" if target == "cpu" else "cuda") \
+        if time_kernels else {}
     site_plans = []
     for s in sites:
         c = chosen.get(s.name)
@@ -240,20 +251,25 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
             why_exact = approx_refusal(s.spec) or "policy exact: approximations were not considered"
         else:
             why_exact = no_trial.get(s.name, f"no approximation held within max_error {max_error:g}")
-        site_plans.append(SitePlan(s.name, "planned", c, why_exact, spec, measured_site.get(s.name), tl))
+        site_plans.append(SitePlan(s.name, "planned", c, why_exact, spec, measured_site.get(s.name), tl,
+                                   timed.get(s.name)))
     att = sum(chosen[n].time_s if n in chosen else base_time[n] for n in base_time)
     predicted = {"attention_dense_s": dense_total, "attention_s": att, "other_s": other,
                  "attention_speedup": dense_total / att if att else 1.0,
                  "end_to_end_speedup": e2e_speedup(chosen)}
     measured = {"rel_l2": final_l2, "cosine": final_cos, "calibration_batches": len(batches),
                 "holdout_rel_l2": holdout_l2, "holdout_batches": len(holdout)}
+    if timed:  # measured beside predicted: the timed sites' exact kernels over their chosen ones
+        measured["attention_speedup"] = (sum(t.baseline_time_s for t in timed.values())
+                                         / max(sum(t.time_s for t in timed.values()), 1e-12))
+        measured["timed_sites"] = len(timed)
     return Plan(policy, float(max_error), target, hw.name, tuple(site_plans), tuple(walk),
                 predicted, measured)
 
 
 def plan_model(model: Any, example_inputs: Any = None, *, policy: str = "exact",
                max_error: float = 1e-2, target: str | None = None, calibration: Any = None,
-               layout: Any = None) -> Plan:
+               layout: Any = None, time_kernels: bool = False) -> Plan:
     """`attnopt.plan(...)`: see make_plan."""
     return make_plan(model, example_inputs, policy=policy, max_error=max_error, target=target,
-                     calibration=calibration, layout=layout)
+                     calibration=calibration, layout=layout, time_kernels=time_kernels)
