@@ -163,11 +163,14 @@ def optimize(
         if as_json:
             data = result.to_json()
             sys.stdout.write(json.dumps({k: data[k] for k in (
-                "sites_found", "sites_rewritten", "max_abs_error", "output")}, indent=2) + "\n")
+                "sites_found", "sites_rewritten", "max_abs_error", "rel_error", "error_metric",
+                "output")}, indent=2) + "\n")
             return
         out.print(results_table(result))
+        rel = (f"end-to-end relative L2 {result.rel_error:.3g}, the plan's metric"
+               if result.error_metric == "rel_l2" else f"relative {result.rel_error:.3g}")
         out.print(f"{result.sites_rewritten}/{result.sites_found} sites rewritten, max abs error "
-                  f"{result.max_abs_error:.3g} (relative {result.rel_error:.3g}); wrote {shown(output)}")
+                  f"{result.max_abs_error:.3g} ({rel}); wrote {shown(output)}")
 
 
 def write_model(result, output: Path) -> None:

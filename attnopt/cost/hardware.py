@@ -115,7 +115,8 @@ class HardwareProfile:
     # windows; its fallback, SDPA on gathered tiles, 46-65%.
     sparse_efficiency: Mapping[str, float] = field(default_factory=dict)
     # Fixed time one program (one Q tile's CTA) spends on one SM besides its KV tiles: loading Q,
-    # the pipeline's fill, normalizing and storing O. 0.0 where unmeasured.
+    # the pipeline's fill, normalizing and storing O, at head dims D = Dv = 128 (the cost model
+    # scales it by (D + Dv) / 256: all of it moves D-sized rows). 0.0 where unmeasured.
     q_tile_overhead_s: float = 0.0
     # Extra cost of a visited tile that needs an element mask, in tile steps (the GNA kernel
     # recomputes per-dimension coordinates and compares them for every score).
@@ -138,11 +139,13 @@ class HardwareProfile:
 def q_tile_cost_steps(hw: HardwareProfile, q_tokens: int, kv_tokens: int, head_dim: int = 128,
                       dtype: str = "bf16") -> float:
     """hw's per-program fixed cost in steps of one (q_tokens x kv_tokens) tile at head_dim (the
-    simulator's `q_tile_cost`): the step is the tile's two GEMMs on one SM at the attention rate."""
+    simulator's `q_tile_cost`): the step is the tile's two GEMMs on one SM at the attention rate
+    (both scale with the head dim, so the count does not depend on it)."""
     if not hw.q_tile_overhead_s:
         return 0.0
     rate = hw.peak_flops.get(dtype, hw.peak_flops["bf16"]) * hw.mma_efficiency / hw.num_sms
-    return hw.q_tile_overhead_s * rate / (2.0 * q_tokens * kv_tokens * 2 * head_dim)
+    overhead = hw.q_tile_overhead_s * 2 * head_dim / 256
+    return overhead * rate / (2.0 * q_tokens * kv_tokens * 2 * head_dim)
 
 
 def allowed_tiles(hw: HardwareProfile, ndim: int) -> tuple[tuple[tuple[int, ...], ...],

@@ -17,8 +17,9 @@ Model (each term is stated so it can be checked against measurements):
     the dense rate on their visited tiles, per layout class (hardware.SPARSE_CLASSES: measured on
     H100; 1.0 where unmeasured; the CPU's SDPA-on-tiles kernels: 0.55); a visited tile that needs
     an element mask costs 1 + `masked_tile_cost` tile steps.
-  * Every program (CTA: one Q tile, or one decode split) pays `q_tile_overhead_s` on its SM
-    besides its KV tiles (Q load, pipeline fill, normalizing and storing O): many small Q tiles
+  * Every program (CTA: one Q tile, or one decode split) pays `q_tile_overhead_s` x (D + Dv)/256
+    on its SM besides its KV tiles (Q load, pipeline fill, normalizing and storing O, all moving
+    D-sized rows; measured at D = Dv = 128): many small Q tiles
     cost more than their tiles' work, which is why a block-sparse kernel visiting 4-16 KV tiles
     per Q tile realizes less of its tile bound than the dense kernel amortizing it over 128.
   * time = max(compute, memory) + launch overhead.
@@ -204,8 +205,10 @@ def _finish(spec, variant, hw, dims, dt, gemm, sfu, alu, nbytes, ctas, imbalance
             compute *= 1.0 + masked_frac * hw.masked_tile_cost
         ndim = len(variant.layout.shape) if variant.layout is not None else 1
         compute /= hw.sparse_efficiency_for(sparse_class(fam, ndim))
-    # every program pays its fixed cost on one SM, whatever its KV tiles
-    compute += ctas * hw.q_tile_overhead_s / hw.num_sms
+    # every program pays its fixed cost on one SM, whatever its KV tiles; it moves Q, O and the
+    # first K/V tiles, so it scales with the head dims (measured at D = Dv = 128)
+    d = resolve_dims(spec, dims)
+    compute += ctas * hw.q_tile_overhead_s * (d["head_dim"] + d["v_head_dim"]) / 256 / hw.num_sms
     waves = _cdiv(int(ctas), hw.num_sms)
     compute *= waves * hw.num_sms / ctas  # the last wave leaves SMs idle
     # in a wave, the slowest CTA decides; more waves average the imbalance out

@@ -121,6 +121,7 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
         results[r.site] = SiteResult(r.site, _pattern(sites, r.site), "rewritten",
                                      e.rel if e else None, "", _spec(sites, r.site),
                                      variant=_label(labels.get(r.site), r))
+    plan_l2 = None
     if approx:
         new_gm, kept_approx, l2, reverted = plan.add_approximate(gm, kept, approx,
                                                                  variants or [list(inputs)], positions)
@@ -136,9 +137,13 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
         if kept_approx:
             total = Error.worst([outputs_error(_run(gm, b), _run(new_gm, b))
                                  for b in (variants or [list(inputs)])])
+            plan_l2 = l2  # the plan's own metric, as it was checked against max_error
     ordered = [results[s.name] for s in sites if s.name in results]
     return new_gm, OptimizeResult(model=new_gm, sites=ordered, rejected=rejected,
-                                  max_abs_error=total.max_abs, rel_error=total.rel)
+                                  max_abs_error=total.max_abs,
+                                  rel_error=total.rel if plan_l2 is None else plan_l2,
+                                  max_abs_rel_error=total.rel,
+                                  error_metric="max_abs/max_ref" if plan_l2 is None else "rel_l2")
 
 
 def _left_alone(gm: fx.GraphModule, stage: str, e: Exception) -> OptimizeResult:
