@@ -258,14 +258,12 @@ def _mha_recipe(graph: Graph, site: Site, a: dict) -> Recipe | str:
     extra += ((None, None),) if a.get("add_zero_attn") else ()
     proj = Projections(heads, lins["q"], lins["k"], lins["v"],
                        Linear(slots["out_proj_weight"], slots.get("out_proj_bias")), extra)
-    ident = (0, 1, 2, 3)
     masks = []
     mask, kpm = slots.get("mask"), slots.get("key_padding_mask")
-    if mask is not None:
+    if mask is not None:  # [Sq, Skv] broadcast to [1, 1, Sq, Skv], or [B*H, Sq, Skv] split to [B, H, ...]
         op = _mha_mask_operand(graph, mask, heads)
-        rank = graph.rank(mask)
-        masks.append(MaskTerm(mask, op.how, op.fill, 1.0, 4 if rank == 2 else 3, ident[:4 if rank == 2 else 3],
-                              merged_heads=op.merged_heads))
+        rank = 3 if op.merged_heads else 4
+        masks.append(MaskTerm(mask, op.how, op.fill, 1.0, rank, tuple(range(rank)), merged_heads=op.merged_heads))
     causal = bool(a.get("is_causal"))
     if masks and not extra and kpm is None:  # a constant all-pass or causal attn_mask: flags
         masks, causal, align = simplify_constant_masks(graph, site.spec, masks)

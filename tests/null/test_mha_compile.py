@@ -16,21 +16,24 @@ E, H, B, SQ, SKV = 16, 4, 2, 5, 7
 
 class Wrapped(torch.nn.Module):
     """One nn.MultiheadAttention called the way `call` says; returns the attention output only
-    (weights, when computed, are dropped inside the compiled frame) unless `use_weights`."""
+    (weights, when computed, are dropped inside the compiled frame) unless `use_weights`;
+    `own_causal`: the model builds a causal attn_mask itself (a constant of the graph)."""
 
-    def __init__(self, call: dict, use_weights: bool = False, **mha):
+    def __init__(self, call: dict, use_weights: bool = False, own_causal: bool = False, **mha):
         super().__init__()
         self.mha = torch.nn.MultiheadAttention(E, H, **mha)
-        self.call, self.use_weights = call, use_weights
+        self.call, self.use_weights, self.own_causal = call, use_weights, own_causal
 
     def forward(self, q, k, v, key_padding_mask=None, attn_mask=None):
+        if self.own_causal:
+            attn_mask = torch.nn.Transformer.generate_square_subsequent_mask(SQ)
         out, w = self.mha(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, **self.call)
         return out + w.sum() if self.use_weights else out
 
 
-def _build(mha: dict, call: dict, use_weights: bool = False) -> Wrapped:
+def _build(mha: dict, call: dict, use_weights: bool = False, own_causal: bool = False) -> Wrapped:
     torch.manual_seed(0)
-    m = sharpen_(Wrapped(call, use_weights, **mha))
+    m = sharpen_(Wrapped(call, use_weights, own_causal, **mha))
     with torch.no_grad():  # biases start at zero: random ones catch a wrong slice of in_proj_bias
         for p in m.parameters():
             if p.ndim == 1:
@@ -110,11 +113,14 @@ def test_mha_is_rewritten_and_matches_eager(monkeypatch, name, mha, call, masks,
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_causal_hint_becomes_the_ops_flag(monkeypatch):
+@pytest.mark.parametrize("hint", [True, False])
+def test_causal_becomes_the_ops_flag(monkeypatch, hint):
     """is_causal with no key padding and no weights: torch ignores attn_mask and runs SDPA's causal
-    path; the rewrite uses the op's causal flag (no mask tensor)."""
-    model = _build(dict(batch_first=True), dict(need_weights=False, is_causal=True))
-    ref, got, seen = _compile_and_run(monkeypatch, model, _inputs(dict(batch_first=True), "causal", True))
+    path; without the hint the model's own (constant) mask is proven causal. Either way the
+    rewrite uses the op's causal flag (no mask tensor)."""
+    model = _build(dict(batch_first=True), dict(need_weights=False, is_causal=hint), own_causal=not hint)
+    inputs = _inputs(dict(batch_first=True), "causal" if hint else "", True)
+    ref, got, seen = _compile_and_run(monkeypatch, model, inputs)
     (site,) = _sites(seen)
     assert site.status == "rewritten" and site.variant == "exact:causal", (site.status, site.variant)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
