@@ -4,6 +4,8 @@ model plus ours for attention.
 
     torch.compile(model, backend="attnopt")
     torch.compile(model, backend=attnopt.pipeline.backend.make_backend(inner="eager"))
+    make_backend(inner="aot_eager"): AOTAutograd without inductor (a training step's joint graph,
+    partitioned into forward and backward, run eagerly: fast to compile, for tests and debugging)
 
 A graph the front end cannot read or splice (optimize_graph_module), or whose rewritten form the
 inner compiler refuses, runs as it came, with one warning giving the reason.
@@ -12,8 +14,12 @@ Symbolic graphs (dynamic=True, automatic dynamic's recompile) are rewritten once
 compile with batch and sequence lengths left symbolic; what a rewrite must fix (head sizes, a
 float it folds) is pinned by a dynamo guard, logged with its reason (pipeline/symbolic.py).
 
-Training graphs (grad enabled and an input requiring grad) go to the inner compiler untouched
-until backward kernels exist; one log line says so.
+Training graphs (grad enabled and an input requiring grad) are rewritten the same way, before
+AOTAutograd: the ops carry their autograd formulas (codegen/autograd.py), so inductor's joint
+graph holds attnopt::attention (or gna_attention) and its backward op. Validation runs the
+forward only (under no_grad); the gradients are the ops' exact ones. A site whose attention
+probabilities pass through an active dropout is not matched (the ops have no dropout), so it
+stays as the model wrote it.
 """
 from __future__ import annotations
 
@@ -25,20 +31,17 @@ import torch
 import torch.fx as fx
 
 log = logging.getLogger("attnopt")
-_warned_training = False
+INNER = ("inductor", "eager", "aot_eager")
 
 
 def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     if inner == "eager":
         return gm.forward
+    if inner == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, list(example_inputs))
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, list(example_inputs))
-
-
-def _is_training(example_inputs: Sequence[Any]) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
 def _rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], validate: bool):
@@ -74,20 +77,13 @@ def _rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], validate: bool):
 
 
 def make_backend(inner: str = "inductor", validate: bool = True) -> Callable:
-    if inner not in ("inductor", "eager"):
-        raise ValueError(f"inner must be 'inductor' or 'eager', got {inner!r}")
+    if inner not in INNER:
+        raise ValueError(f"inner must be one of {INNER}, got {inner!r}")
 
     def attnopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
-        global _warned_training
-        if _is_training(example_inputs):
-            if not _warned_training:
-                log.warning("attnopt: training graph left to %s untouched (no backward kernels yet)",
-                            inner)
-                _warned_training = True
-            return _inner_compile(inner, gm, example_inputs)
         new_gm, result = _rewrite(gm, example_inputs, validate)
-        log.info("attnopt: %d/%d attention sites rewritten (error %.2g, %s)",
-                 result.sites_rewritten, result.sites_found, result.rel_error, result.error_metric)
+        log.info("attnopt: %d/%d attention sites rewritten (max rel error %.2g)",
+                 result.sites_rewritten, result.sites_found, result.rel_error)
         if new_gm is gm:
             return _inner_compile(inner, gm, example_inputs)
         try:

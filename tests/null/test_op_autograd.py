@@ -295,3 +295,67 @@ def test_vit_with_approximate_gna_plan_trains():
     ref_out, want = _param_grads(ref, {k: v.double() for k, v in zm.kwargs.items()}, grad_out, names)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
     _assert_param_grads(got, want, names)
+
+
+# ---- torch.compile(backend="attnopt") on training steps ---------------------------------------
+
+def _tiny_bert(probs_dropout: float):
+    from transformers import BertConfig, BertModel
+
+    from zoo.sharpen import sharpen_
+
+    cfg = BertConfig(vocab_size=hf.VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32, return_dict=False,
+                     attn_implementation="eager", use_cache=False, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=probs_dropout)
+    torch.manual_seed(0)
+    return sharpen_(BertModel(cfg, add_pooling_layer=False)).train()
+
+
+def test_compiled_training_steps_match_eager(monkeypatch):
+    """5 SGD steps of a tiny BERT (train mode, no dropout): eager vs torch.compile with the attnopt
+    backend (AOTAutograd, so the joint graph holds the op and its backward op): the losses agree
+    within 1e-4 relative at every step, and the backward op really ran."""
+    from zoo.testing import spy_optimize
+
+    from attnopt.codegen import autograd
+    from attnopt.pipeline.backend import make_backend
+
+    seen = spy_optimize(monkeypatch)
+    recomputed = []
+    real = autograd._FORWARDS["attention"]
+    monkeypatch.setitem(autograd._FORWARDS, "attention", lambda *a, **kw: recomputed.append(1) or real(*a, **kw))
+    eager = _tiny_bert(0.0)
+    compiled_model = copy.deepcopy(eager)
+    kwargs = hf._text_inputs(12)
+    target = torch.randn(hf.B, 12, 32, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend=make_backend("aot_eager"))
+    runs = [(eager, eager, torch.optim.SGD(eager.parameters(), lr=0.1)),
+            (compiled_model, compiled, torch.optim.SGD(compiled_model.parameters(), lr=0.1))]
+    for step in range(5):
+        losses = []
+        for _, fwd, opt in runs:
+            opt.zero_grad()
+            loss = ((fwd(**kwargs)[0] - target) ** 2).mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[1] - losses[0]) <= 1e-4 * abs(losses[0]), (step, losses)
+    assert sum(r.sites_rewritten for r in seen) == 2
+    assert len(recomputed) == 2 * 5  # two sites' backward ops, every step
+
+
+def test_compiled_training_keeps_sites_with_probability_dropout(monkeypatch):
+    # near miss: an active dropout on the attention probabilities has no counterpart in the ops
+    from zoo.testing import spy_optimize
+
+    from attnopt.pipeline.backend import make_backend
+
+    seen = spy_optimize(monkeypatch)
+    torch._dynamo.reset()
+    model = _tiny_bert(0.3)
+    out = torch.compile(model, backend=make_backend("eager"))(**hf._text_inputs(12))[0]
+    out.sum().backward()
+    assert sum(r.sites_rewritten for r in seen) == 0
+    assert any("dropout" in r.reason for res in seen for r in res.rejected)
