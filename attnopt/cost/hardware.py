@@ -156,10 +156,11 @@ def allowed_tiles(hw: HardwareProfile, ndim: int) -> tuple[tuple[tuple[int, ...]
 
 
 # Our Triton kernels on Hopper, fitted to the recorded H100 run (bench/results/
-# gpu_kernels_h100_2026-11-23.json; `bench/predictions.py` prints every row's prediction, all
-# within 12% of the measured speedup with these figures, 0.5-2.5x off without them):
-#  * per-program fixed cost 2.75 us: the 18 dense / causal rows (S 1K-16K: at S=1K, 16 KV tiles
-#    per program, the kernel ran at 60% of its S=16K rate per tile) and the 3 sliding-window rows;
+# gpu_kernels_h100_2026-11-23.json; `bench/predictions.py` prints every row's prediction: the 9
+# GNA / window rows at 0.88-1.12x of the measured speedup with these figures, 1.07-2.55x without):
+#  * per-program fixed cost 2.75 us at D = 128: the 18 dense / causal rows (S 1K-16K: at S=1K,
+#    16 KV tiles per program, the kernel ran at 60% of its S=16K rate per tile; the D=64 rows fit
+#    it scaled by D) and the 3 sliding-window rows;
 #  * masked tile +0.4 tile steps: the stride-1 rows (79%, 53%, 64% of their tiles masked) against
 #    their strided, perfectly block-sparse twins of the same layout;
 #  * window_1d 1.0: the 3 causal sliding-window rows (S 4K/16K, windows 1K/4K) run at the causal
