@@ -91,6 +91,8 @@ def _strips(ax, layout: GNALayout, leading: int, trailing: int, color: str = GRE
         lo, hi = (x, hi) if side == "leading" else (lo, x + width)
     if leading or trailing:
         ax.set_xlim(lo - 0.2, hi + 0.2)
+        # grid positions only: a tick under a strip would read as a grid column
+        ax.set_xticks([t for t in ax.get_xticks() if 0 <= t <= cols - 1])
 
 
 def _tiles_panel(ax0, layout: GNALayout, result: SimResult, leading: int, trailing: int) -> None:
