@@ -24,6 +24,7 @@ Each row (`Candidate`) has a name, the devices it serves, and one signature for 
   triton_dense             the same, dense (any mask, softcap)
   cpu_native               exact CPU tile kernel (GNA or 1-D window) in compiled C (cpu/native.py)
   cpu_tiles                the same tile plans run as SDPA per tile group (cpu/tile_sdpa.py)
+  cpu_decode               a decode step with grouped KV heads as one matmul per KV head (below)
   sdpa                     F.scaled_dot_product_attention, the layout as a bool mask (exact.py)
   reference                float32 reference math (reference.py), any normalizer / dtype
 
@@ -39,6 +40,19 @@ Who may use which row (`Candidate.applies`, from the Request and the device; not
   CPU rows     CPU tensors, backend "auto" / "cpu". Under ATTNOPT_FORCE_TRITON=1 a GNA layout skips
                them: the GNA op's CPU path is then its CUDA path (Triton, then SDPA).
   sdpa         backend "auto" / "cpu".   reference  always.
+
+The CPU decode path (`cpu_decode`, `grouped_decode`): a decode step's G = H / Hkv query heads that
+share a KV head become G x Sq rows of one [B, Hkv, G*Sq, Skv] score matmul (the reference math on a
+grouped view: exact, differentiable), so each K/V row is read once per KV head. SDPA's CPU kernel
+with enable_gqa reads it once per query head. Measured (fp32, D=128, causal bottom-right, process CPU
+time of one thread, min of 7: the 2-core host ran at load ~10, so wall clocks measured neighbours;
+the issue #20 report), grouped matmul / SDPA time over B 1-4, H 8-32, Hkv 1-32, Skv 512-8192:
+  Sq=1: G=2 0.51-0.73, G=4 0.45-0.60, G=8 0.32-0.54, G=32 0.16-0.52; Sq 2-4 with G >= 4: 0.45-0.93;
+  G=1 (no grouping): 0.97-1.07; Sq=8: 0.58-1.21 and Sq=16: 0.66-1.57 (mixed); Sq 2-8, G=2: 0.80-1.13.
+This function itself (/tmp/h6/cpu_decode_row.py): Sq=1 0.39-0.61 (G 2-8, Skv 2K-8K); Sq=4 (G 8-32) 0.74-0.97.
+So it takes Sq == 1 with G >= 2, and Sq <= 4 with G >= 4; every other decode shape stays SDPA (which
+already handles GQA without repeating K/V: exact.sdpa_attention passes enable_gqa). Not measured:
+several threads (the host was too loaded for wall clocks to mean anything).
 
 Caller policies (request.caller), kept exactly as each entry point behaved before the table:
   "attention"      (the op) takes a CPU window kernel only when its windows leave keys out (it
@@ -68,7 +82,7 @@ from torch import Tensor
 from attnopt.codegen import exact, gna_exact
 from attnopt.codegen.cpu import tiles as cpu_tiles
 from attnopt.codegen.params import AttentionParams, TokenLayout, as_layout
-from attnopt.codegen.reference import reference_attention
+from attnopt.codegen.reference import reference_attention, structural_mask
 
 FORCE_TRITON_ENV = "ATTNOPT_FORCE_TRITON"
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -230,6 +244,74 @@ def _cpu_tiles_run(q, k, v, attn_mask, params, layout, request) -> Tensor:
     return cpu_tiles.attention(q, k, v, attn_mask, params, layout, native=False)
 
 
+def grouped_decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams) -> Tensor:
+    """Attention with q's G = H / Hkv heads per KV head folded into rows: q viewed as
+    [B, Hkv, G*Sq, D] (row g*Sq + i is head hkv*G + g, query i), the reference's order of operations
+    in float32 (float64 for float64), causal / window as a mask repeated per head after slicing off
+    the keys no row sees. Rows that see no key are 0 (SDPA's and the reference's safe softmax)."""
+    B, H, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    compute = torch.promote_types(q.dtype, torch.float32)
+    allowed = structural_mask(Sq, Skv, causal=params.causal, causal_alignment=params.causal_alignment,
+                              window=params.window, device=q.device)
+    lo, hi = 0, Skv
+    if allowed is not None:
+        if bool(allowed.all()):
+            allowed = None
+        else:
+            cols = allowed.any(0).nonzero()
+            lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
+            allowed = allowed[:, lo:hi].repeat(G, 1)
+    k, v = k[:, :, lo:hi].to(compute), v[:, :, lo:hi].to(compute)
+    s = torch.matmul(q.reshape(B, Hkv, G * Sq, D).to(compute), k.transpose(-1, -2)).mul_(params.scale)
+    if params.softcap is not None:
+        s = torch.tanh(s / params.softcap) * params.softcap  # out of place: tanh's backward reads it
+    if attn_mask is not None:
+        m = attn_mask
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        m = m.expand(B, H, Sq, Skv).reshape(B, Hkv, G * Sq, Skv)[..., lo:hi]
+        s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m.to(compute))
+    if allowed is not None:
+        s = s.masked_fill_(~allowed, float("-inf"))
+    if params.normalizer == "sigmoid":
+        p = torch.sigmoid(s)  # sigmoid(-inf) == 0: masked keys add nothing
+    else:
+        p = torch.softmax(s, -1)
+        bad = p[..., 0].isnan() if p.shape[-1] else None
+        if bad is not None and bool(bad.any()):  # rows with every key masked: 0, not NaN
+            dead = bad & torch.isneginf(s).all(-1)
+            p = p.masked_fill(dead[..., None], 0.0)
+    out = torch.matmul(p, v) if p.shape[-1] else s.new_zeros(B, Hkv, G * Sq, v.shape[3])
+    return out.reshape(B, H, Sq, v.shape[3]).to(q.dtype)
+
+
+def _cpu_decode_check(q, k, v, attn_mask, params, layout, request) -> tuple[bool, str]:
+    if layout is not None:
+        return False, "a token layout"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        return False, "q, k, v are not [B, H, S, D] with grouped heads"
+    if k.shape[2] == 0 or k.shape[3] != q.shape[3] or v.shape[:3] != k.shape[:3]:
+        return False, "k / v shapes"
+    group, q_len = q.shape[1] // k.shape[1], q.shape[2]
+    if not (group >= 2 and (q_len == 1 or (group >= 4 and q_len <= 4))):
+        return False, f"q_len {q_len}, group {group}: SDPA is as fast (measured, see the header)"
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype}"
+    if attn_mask is not None and not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        return False, f"mask dtype {attn_mask.dtype}"
+    return True, ""
+
+
+def _cpu_decode_applies(request: Request, device: str, layout: TokenLayout | None) -> tuple[bool, str]:
+    if request.backend not in ("auto", "cpu"):
+        return False, f"backend={request.backend!r}"
+    if device != "cpu":
+        return False, f"tensors on {device}"
+    return True, ""
+
+
 # ---- exact rows ----------------------------------------------------------------------------------
 
 def _sdpa_applies(request: Request, device: str, layout: TokenLayout | None) -> tuple[bool, str]:
@@ -281,6 +363,9 @@ TABLE: tuple[Candidate, ...] = (
               _cpu_applies, _cpu_native_check, _cpu_native_run),
     Candidate("cpu_tiles", "cpu", "cpu", "exact tile kernel (GNA or 1-D window) as SDPA per tile group",
               _cpu_applies, _cpu_check, _cpu_tiles_run),
+    Candidate("cpu_decode", "cpu", "cpu", "decode step with grouped KV heads as one matmul per KV head",
+              _cpu_decode_applies, _cpu_decode_check,
+              lambda q, k, v, m, p, layout, request: grouped_decode(q, k, v, m, p)),
     Candidate("sdpa", "exact", "any", "F.scaled_dot_product_attention, a layout as a bool mask",
               _sdpa_applies, lambda q, k, v, m, p, layout, request: exact.sdpa_can_run(q, k, v, m, p, layout),
               _sdpa_run),

@@ -209,3 +209,56 @@ def test_dense_families_bucket_their_keys():
         tune_keys.add(autotune.key_hash(launcher._tune_key(spec, Variant("causal", (64,), (64,)), q.device)))
     assert len(case_keys) == 3 and len(tune_keys) == 3
     assert [autotune.bucket(n) for n in (0, 1, 16, 17, 100, 128, 129)] == [0, 16, 16, 32, 128, 128, 256]
+
+
+# ---- the CPU decode path (select.grouped_decode, row cpu_decode) --------------------------------
+
+CPU_CASES = {
+    "q1_gqa4_causal_br": ((2, 8, 2, 1, 300), dict(BR), None, torch.float32),
+    "q4_gqa8_window_bool_mask": ((1, 8, 1, 4, 200), dict(BR, window=(30, None)), "bool", torch.float32),
+    "q1_mqa_softcap_float_mask": ((2, 4, 1, 1, 150), dict(softcap=2.0), "float", torch.float32),
+    "q3_gqa4_top_left_dead_rows": ((1, 4, 1, 3, 2), dict(causal=True, window=(0, 0)), "dead", torch.float32),
+    "q1_gqa2_sigmoid_fp16": ((1, 4, 2, 1, 100), dict(normalizer="sigmoid"), None, torch.float16),
+}
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_cpu_grouped_decode(name):
+    (B, H, Hkv, Sq, Skv), kw, mask_kind, dtype = CPU_CASES[name]
+    q, k, v = _sharp(B, H, Hkv, Sq, Skv, 16, dtype, seed=len(name))
+    p = AttentionParams(scale=0.25, **kw)
+    g = torch.Generator().manual_seed(2)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, 1, Sq, Skv, generator=g) > 0.3
+    elif mask_kind == "float":
+        mask = torch.randn(B, H, Sq, Skv, generator=g)
+    elif mask_kind == "dead":  # query 1 sees no key at all: the row is 0
+        mask = torch.ones(Sq, Skv, dtype=torch.bool)
+        mask[1] = False
+    ref = reference_attention(q.double(), k.double(), v.double(), None if mask is None else
+                              (mask if mask.dtype == torch.bool else mask.double()), **p.kwargs())
+    out = select.grouped_decode(q, k, v, mask, p)
+    _check(out, ref, dtype)
+    if mask_kind == "dead":
+        assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+
+
+def test_cpu_decode_row_choice_and_gradients():
+    request = select.Request.for_op("attention")
+    p = AttentionParams(scale=0.25, **BR)
+    picks = {}
+    for H, Hkv, Sq in ((8, 2, 1), (8, 4, 1), (8, 2, 4), (8, 4, 4), (8, 8, 1), (8, 2, 16)):
+        q, k, v = _sharp(1, H, Hkv, Sq, 64, 16, torch.float32)
+        picks[(H // Hkv, Sq)] = select.choose(q, k, v, None, p, None, request).name
+    assert picks == {(4, 1): "cpu_decode", (2, 1): "cpu_decode", (4, 4): "cpu_decode", (2, 4): "sdpa",
+                     (1, 1): "sdpa", (4, 16): "sdpa"}
+    q, k, v = (t.double().requires_grad_() for t in _sharp(1, 8, 2, 1, 40, 16, torch.float32))
+    out = select.dispatch(q, k, v, None, p, None, select.Request(needs_grad=True))
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference_attention(q, k, v, None, **p.kwargs()).square().sum().backward()
+    for g_ours, t in zip(grads, (q, k, v)):
+        assert torch.allclose(g_ours, t.grad, atol=1e-10)

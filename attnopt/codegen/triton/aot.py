@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from attnopt.codegen.triton import decode
 from attnopt.codegen.triton.launcher import KernelCall
 
 
-def signature(call: KernelCall) -> tuple[dict[str, str], dict[str, Any]]:
+def signature(call: KernelCall | decode.Launch) -> tuple[dict[str, str], dict[str, Any]]:
     """(argument name -> triton type, constexpr name -> value) of a built call."""
     from triton.runtime.jit import mangle_type
 
@@ -31,7 +32,7 @@ def signature(call: KernelCall) -> tuple[dict[str, str], dict[str, Any]]:
     return sig, dict(call.constexprs)
 
 
-def compile_call(call: KernelCall, arch: int = 90):
+def compile_call(call: KernelCall | decode.Launch, arch: int = 90):
     """Compile `call`'s kernel for sm_<arch> (raises triton's CompilationError on failure)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -116,8 +117,72 @@ def specializations():
     return out
 
 
+def decode_specializations():
+    """(name, params, (B, H, Hkv, Sq, Skv, D), mask shape and dtype, dtype, kv_lens shape, padding
+    side, sinks, splits) of the decode family's specializations: GQA / MQA row packing (1 to 64
+    rows per tile, and two tiles), ragged caches, a window with sinks, masks, softcap, sigmoid, one
+    split (no combine) and many. `splits` None: the heuristic's for a 132-SM GPU (H100/H200)."""
+    import torch
+
+    from attnopt.codegen.params import AttentionParams
+
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    br = dict(causal=True, causal_alignment="bottom_right")
+    P = AttentionParams
+    return [
+        ("decode_q1_gqa8_bf16_d128", P(scale=0.09, **br), (1, 32, 4, 1, 8192, 128), None, bf16, None, "right", 0,
+         None),
+        ("decode_q1_mqa_fp16", P(scale=0.125, **br), (1, 16, 1, 1, 4096, 64), None, f16, None, "right", 0, None),
+        ("decode_q16_gqa4_bf16", P(scale=0.09, **br), (2, 16, 4, 16, 4096, 128), None, bf16, None, "right", 0,
+         None),
+        ("decode_q4_gqa32_fp16", P(scale=0.125, **br), (1, 32, 1, 4, 2048, 64), None, f16, None, "right", 0, None),
+        ("decode_window_sinks_left", P(scale=0.125, window=(1024, None), **br), (4, 8, 2, 1, 8192, 64), None,
+         f16, (4,), "left", 4, None),
+        ("decode_ragged_right_bf16", P(scale=0.09, **br), (4, 8, 8, 1, 2048, 128), None, bf16, (4,), "right", 0,
+         None),
+        ("decode_softcap_bias_bf16", P(scale=0.09, softcap=50.0, **br), (2, 8, 2, 1, 4096, 128),
+         ((2, 1, 1, 4096), f32), bf16, None, "right", 0, None),
+        ("decode_bool_mask_fp32", P(scale=0.125), (2, 8, 2, 3, 1024, 64), ((2, 1, 3, 1024), torch.bool), f32,
+         None, "right", 0, None),
+        ("decode_sigmoid_fp16", P(scale=0.125, normalizer="sigmoid"), (1, 8, 8, 1, 4096, 64), None, f16, None,
+         "right", 0, None),
+        ("decode_direct_d80_fp16", P(scale=0.11, **br), (8, 32, 8, 1, 512, 80), None, f16, None, "right", 0, 1),
+    ]
+
+
+def _decode_rows(arch: int, table: str) -> list[dict]:
+    """One row per decode launch: the split kernel, and the combine (":combine") when it splits."""
+    import time
+
+    import torch
+
+    rows = []
+    for name, params, (B, H, Hkv, Sq, Skv, D), mask_spec, dtype, lens, side, sinks, splits \
+            in decode_specializations():
+        q = torch.empty(B, H, Sq, D, dtype=dtype)
+        k = torch.empty(B, Hkv, Skv, D, dtype=dtype)
+        mask = None if mask_spec is None else torch.zeros(mask_spec[0], dtype=mask_spec[1])
+        kv_lens = None if lens is None else torch.zeros(lens, dtype=torch.int32)
+        cfg = decode.candidate_configs(table, B, Hkv, decode.row_tiles(q, k)[1], Skv, 132)[0]
+        if splits is not None:
+            cfg = decode.DecodeConfig(cfg.block_n, splits, cfg.num_warps, cfg.num_stages)
+        call = decode.decode_call(cfg, q, k, k, mask, params, kv_lens, side, sinks)
+        for part, launch in zip(("", ":combine"), call.calls):
+            row = {"name": name + part, "family": "decode", "table": table, "arch": arch,
+                   "config": cfg.to_json()}
+            t = time.time()
+            try:
+                row.update(resources(compile_call(launch, arch)), ok=True)
+            except Exception as e:  # noqa: BLE001  reported per row
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-400:]}")
+            row["compile_s"] = round(time.time() - t, 2)
+            rows.append(row)
+    return rows
+
+
 def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
-    """Compile every specialization with the first config of each tile table; one row each."""
+    """Compile every specialization with the first config of each tile table; one row each (the
+    decode family: one per launch, its split count the heuristic's)."""
     import time
 
     import torch
@@ -144,6 +209,8 @@ def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-400:]}")
             row["compile_s"] = round(time.time() - t, 2)
             rows.append(row)
+    for table in families:
+        rows.extend(_decode_rows(arch, table))
     return rows
 
 
@@ -168,7 +235,7 @@ def main(argv=None) -> int:
             status = "ok " if r["ok"] else "FAIL"
             extra = (f"regs {r.get('registers')} stack {r.get('stack_bytes')} smem {r.get('shared_bytes')}"
                      f" wgmma {r.get('wgmma')}") if r["ok"] else r["error"]
-            print(f"{status} {r['name']:<22} {r['table']:<8} sm_{r['arch']} {r['compile_s']:>5}s  {extra}")
+            print(f"{status} {r['name']:<34} {r['table']:<8} sm_{r['arch']} {r['compile_s']:>5}s  {extra}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

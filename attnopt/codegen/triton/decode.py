@@ -322,6 +322,12 @@ def heuristic_splits(batch: int, kv_heads: int, tiles: int, kv_len: int, sms: in
     return max(1, min(want, -(-int(kv_len) // MIN_SPLIT_KEYS), MAX_SPLITS))
 
 
+# (KV block, warps) pairs tuned. Compiled for sm_90 (aot.py, bf16, D=128, 16-row tile, 2 stages):
+# 64 keys / 4 warps took 255 registers and spilled 56 bytes; 64 / 8 took 255 without spilling;
+# 32 / 4 took 202. The first pair is the untuned default.
+BLOCKS_WARPS = ((64, 8), (32, 4), (128, 8))
+
+
 def candidate_configs(table: str, batch: int, kv_heads: int, tiles: int, kv_len: int, sms: int
                       ) -> list[DecodeConfig]:
     """The tuning space for one (bucketed) case: the heuristic split count, half and double it,
@@ -332,9 +338,9 @@ def candidate_configs(table: str, batch: int, kv_heads: int, tiles: int, kv_len:
     splits = [h] + [s for s in (max(1, h // 2), min(2 * h, MAX_SPLITS)) if s != h]
     out = []
     for s in dict.fromkeys(splits):
-        for bn in (64, 128):
+        for bn, warps in BLOCKS_WARPS:
             for stages in (2, 3):
-                out.append(DecodeConfig(bn, s, 4, stages))
+                out.append(DecodeConfig(bn, s, warps, stages))
     return out
 
 
