@@ -225,8 +225,11 @@ def speedups(sp) -> str:
         return "-"
     if t is None:
         return f"{c.speedup:.2f}x / -"
-    return (f"{c.speedup:.2f}x / {t.speedup:.2f}x ({c.time_s * 1e6:.3g} / {t.time_s * 1e6:.3g} us "
-            f"on {t.device})")
+    return f"{c.speedup:.2f}x / {t.speedup:.2f}x ({_dur(c.time_s)} / {_dur(t.time_s)} on {t.device})"
+
+
+def _dur(s: float) -> str:
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1.0 else f"{s:.2f} s"
 
 
 def sites_table(plan):
