@@ -130,7 +130,10 @@ def render_report(plan, model_name: str = "") -> str:
     """The plan as one self-contained HTML document."""
     from attnopt.cost.hardware import get_profile
 
-    hw = get_profile(plan.target)
+    try:
+        hw = get_profile(plan.target)
+    except ValueError:  # "cuda": another machine's GPU, described by its properties there
+        hw = None
     e = html.escape
     pr, me = plan.predicted, plan.measured
     n_planned = sum(1 for s in plan.sites if s.choice is not None)
@@ -188,7 +191,10 @@ def render_report(plan, model_name: str = "") -> str:
         parts.append(f"<h3>{e(s.site)}: {e(s.choice.name)}</h3>{_img(drawn[key], s.site)}")
     if not drawn:
         parts.append("<p>No site uses a sparsity layout.</p>")
-    parts.append(f"<h2>Roofline ({e(hw.name)})</h2>{_img(_roofline_png(plan, hw), 'roofline')}")
+    if hw is None:
+        parts.append(f"<h2>Roofline</h2><p>No profile of target {e(plan.target)} on this machine.</p>")
+    else:
+        parts.append(f"<h2>Roofline ({e(hw.name)})</h2>{_img(_roofline_png(plan, hw), 'roofline')}")
     parts.append("<h2>Speedup vs error</h2>")
     if plan.walk:
         parts.append(_img(_curve_png(plan), "speedup vs error"))

@@ -24,7 +24,9 @@ from attnopt.errors import BadArgument, InputNotFound
 
 FORMAT, VERSION = "attnopt.plan", 1
 POLICIES = ("exact", "approx")
-TARGETS = ("cpu", "h100", "h200", "b200", "a100")
+# "cuda": this machine's GPU of a kind without a profile of its own, described by its properties
+# (codegen.device.local_target); a plan can target it only on such a machine.
+TARGETS = ("cpu", "h100", "h200", "b200", "a100", "cuda")
 # The kernel families a plan may name: the site's own exact kernel (dense, causal, gqa_decode),
 # the exact sparse kernels a mask implies (block_sparse_gna, sliding_window), and approximate
 # GNA layouts (block_sparse_gna).

@@ -80,6 +80,9 @@ def _checked_target(policy: str, max_error: Any, target: str | None) -> str:
     key = {"h100_sxm": "h100", "a100_sxm": "a100"}.get(key, key)  # get_profile's aliases
     if key not in TARGETS:
         raise BadPlan(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if key == "cuda" and local_target() != "cuda":
+        raise BadPlan(f"target 'cuda' is this machine's GPU described by its properties, but this "
+                      f"machine's target is {local_target()!r}")
     return key
 
 

@@ -404,3 +404,14 @@ def test_timed_plan_shows_measured_beside_predicted(model, tmp_path):
         make_plan(m, x, target="h100", time_kernels=True)
     untimed = make_plan(m, x, policy="exact", target="cpu")
     assert "No site was timed" in render_report(untimed, "joint")
+
+
+def test_plans_for_this_machines_unprofiled_gpu(approx_plan, monkeypatch):
+    """Target "cuda" (a GPU described by its properties, codegen.device) is a plan target only on
+    such a machine; a plan made there loads, and its report renders without that profile."""
+    with pytest.raises(BadArgument, match="target 'cuda' is this machine's GPU"):
+        make_plan(nn.Linear(2, 2), (torch.randn(1, 2),), target="cuda")
+    d = {**json.loads(approx_plan.dumps()), "target": "cuda"}
+    from attnopt.cli.plan import render_report
+
+    assert "No profile of target cuda" in render_report(Plan.from_json(d), "gpu")
