@@ -359,3 +359,31 @@ def test_compiled_training_keeps_sites_with_probability_dropout(monkeypatch):
     out.sum().backward()
     assert sum(r.sites_rewritten for r in seen) == 0
     assert any("dropout" in r.reason for res in seen for r in res.rejected)
+
+
+def test_export_and_joint_graph_hold_the_ops():
+    """torch.export keeps both ops in a training-mode program; AOTAutograd's joint graph holds
+    them and their backward ops (the fake implementations trace)."""
+    from torch._functorch.aot_autograd import aot_export_module
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 24)
+            self.bias = torch.nn.Parameter(torch.zeros(2, 14, 14))  # a learned bias: its gradient too
+
+        def forward(self, x):
+            q, k, v = self.proj(x).view(1, 14, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            a = gna_attention_op(q, k, v, self.bias, scale=0.5, layout=GNALayout((3, 4), (3, 3)), leading=1,
+                                 trailing=1)
+            b = attention_op(q, k, v, self.bias, scale=0.5, causal=True, window=(3, None))
+            return ((a + b).sum(),)
+
+    x = torch.randn(1, 14, 8)
+    ep = torch.export.export(M(), (x,))
+    assert {str(n.target) for n in ep.graph.nodes if "attnopt" in str(n.target)} == {
+        "attnopt.gna_attention.default", "attnopt.attention.default"}
+    joint, _ = aot_export_module(M(), (x,), trace_joint=True, output_loss_index=0)
+    assert {str(n.target) for n in joint.graph.nodes if "attnopt" in str(n.target)} == {
+        "attnopt.gna_attention.default", "attnopt.attention.default",
+        "attnopt.gna_attention_backward.default", "attnopt.attention_backward.default"}
