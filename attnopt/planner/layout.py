@@ -169,7 +169,7 @@ def parse_layouts(layout: Any, option: str = "layout") -> LayoutRequest | None:
     if isinstance(layout, Mapping):
         for k, v in layout.items():
             shown = f"{option} {{{k!r}: {v!r}}}"
-            if k is not None and not isinstance(k, (str, int)) or isinstance(k, bool):
+            if isinstance(k, bool) or (k is not None and not isinstance(k, (str, int))):
                 raise BadArgument(f"{shown}: a key is a site name, a sequence length or None "
                                   "(every site)")
             items.append((k, v, shown))
@@ -216,7 +216,7 @@ def _segments_of(raw: Any, shown: str) -> tuple[Segment, ...]:
         from attnopt.planner.schema import BadPlan
 
         try:
-            lay = TokenLayout.from_json({"source": "given", "segments": list(raw)}, "segments")
+            lay = TokenLayout.from_json({"source": "given", "segments": list(raw)}, "")
         except BadPlan as e:
             raise BadArgument(f"{shown}: {e}") from None
         return lay.segments

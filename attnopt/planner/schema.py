@@ -426,15 +426,15 @@ def check_token_layout(d: Any, path: str) -> int:
     """A site's token layout {"source", "segments"}: kinds, sizes in range, at least one grid (one
     when given); returns its token count. BadPlan naming the bad field otherwise."""
     obj(d, path, ("source", "segments"))
-    source = choice_of(d["source"], f"{path}.source", LAYOUT_SOURCES)
+    source = choice_of(d["source"], _join(path, "source"), LAYOUT_SOURCES)
     segs = d["segments"]
     if not isinstance(segs, (list, tuple)):
-        raise bad(f"{path}.segments", f"must be a list, got {_tname(segs)}")
+        raise bad(_join(path, "segments"), f"must be a list, got {_tname(segs)}")
     if not 1 <= len(segs) <= MAX_SEGMENTS:
-        raise bad(f"{path}.segments", f"{len(segs)} segments, must have 1 to {MAX_SEGMENTS}")
+        raise bad(_join(path, "segments"), f"{len(segs)} segments, must have 1 to {MAX_SEGMENTS}")
     total = 0
     for i, s in enumerate(segs):
-        p = f"{path}.segments[{i}]"
+        p = f"{_join(path, 'segments')}[{i}]"
         if not isinstance(s, dict):
             raise bad(p, f"must be an object, got {_tname(s)}")
         kind = choice_of(s.get("kind"), f"{p}.kind", ("grid", "global"))
@@ -452,14 +452,14 @@ def check_token_layout(d: Any, path: str) -> int:
             string(s["name"], f"{p}.name", 64, nonempty=True, plain=True)
         total += n
     if total > MAX_TOKENS:
-        raise bad(f"{path}.segments", f"{total} tokens (at most {MAX_TOKENS})")
+        raise bad(_join(path, "segments"), f"{total} tokens (at most {MAX_TOKENS})")
     kinds = [s["kind"] for s in segs]
     if source == "given":
         def fail(why: str) -> BadPlan:
-            return bad(f"{path}.segments", why)
+            return bad(_join(path, "segments"), why)
         check_one_grid(kinds, [_segment_text(s) for s in segs], fail)
     elif "grid" not in kinds:
-        raise bad(f"{path}.segments", "no grid segment (a layout needs one)")
+        raise bad(_join(path, "segments"), "no grid segment (a layout needs one)")
     return total
 
 
