@@ -262,3 +262,17 @@ def test_cpu_decode_row_choice_and_gradients():
     reference_attention(q, k, v, None, **p.kwargs()).square().sum().backward()
     for g_ours, t in zip(grads, (q, k, v)):
         assert torch.allclose(g_ours, t.grad, atol=1e-10)
+
+
+def test_near_misses_are_told_apart():
+    """The checks above would catch a kernel that ignored sinks, read the wrong padding side or
+    aligned the causal diagonal top-left: each near-miss expectation differs from the output."""
+    q, k, v = _sharp(2, 4, 1, 2, 120, 16, torch.float32, seed=11)
+    p = AttentionParams(scale=0.25, window=(20, None), **BR)
+    lens = torch.tensor([120, 70], dtype=torch.int32)
+    out = decode.launch(q, k, v, None, p, kv_lens=lens, padding_side="left", sinks=2)
+    _check(out, expected(q, k, v, None, p, lens, "left", 2), torch.float32)
+    for near in (expected(q, k, v, None, p, lens, "left", 0), expected(q, k, v, None, p, lens, "right", 2),
+                 expected(q, k, v, None, AttentionParams(scale=0.25, window=(20, None), causal=True),
+                          lens, "left", 2)):
+        assert (out.double() - near).abs().max().item() > 1e-2

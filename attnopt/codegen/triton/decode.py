@@ -114,8 +114,9 @@ def decode_split_kernel(
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_t = tl.program_id(2)
-    off_b = pid_bh // HKV
-    off_hkv = pid_bh % HKV
+    # 64-bit batch / head offsets: B x Hkv x Skv x D of a long cache passes 2**31 elements.
+    off_b = (pid_bh // HKV).to(tl.int64)
+    off_hkv = (pid_bh % HKV).to(tl.int64)
     rows = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
     m_rows = rows < GROUP * Q_LEN
     rows = tl.minimum(rows, GROUP * Q_LEN - 1)
