@@ -73,6 +73,9 @@ ATTENTION_CASES = {
     "float_mask_grad": (2, 4, 2, 12, 12, 8, "bias", dict(causal=True)),
     "softcap": (1, 4, 2, 12, 12, 8, "bias", dict(softcap=3.0)),
     "sigmoid": (1, 2, 2, 12, 12, 8, "bool", dict(normalizer="sigmoid")),
+    # decode steps (CPU: the grouped decode row, query heads of a KV head as rows of one matmul)
+    "decode_gqa_bias": (2, 4, 2, 1, 20, 8, "bias", dict(causal=True, causal_alignment="bottom_right")),
+    "decode_mqa_bool": (2, 8, 1, 3, 20, 8, "bool", {}),
     # long enough that the CPU window kernel takes it (tiles: what autograd keeps is O(tiles))
     "sliding_window": (1, 2, 1, 160, 160, 8, None, dict(window=(8, 3))),
     "sliding_window_causal_bias": (1, 2, 2, 150, 150, 8, "bias", dict(causal=True, window=(16, None))),
