@@ -207,6 +207,9 @@ def test_given_layout_gets_gna_candidates_with_its_globals(smooth, approx_plan):
     c = joint.choice
     assert not c.exact and c.variant.layout.shape == G and (c.leading, c.trailing) == (0, 8), c
     assert joint.spec["token_grid"]["trailing"] == 8  # the spec the plan records is the given one
+    res = attnopt.optimize(smooth[0], smooth[1], plan=approx_plan)  # applied with 8 trailing tokens
+    gna = [n for n in res.model.graph.nodes if "gna_attention" in str(n.target)]
+    assert any(n.args[10] == 0 and len(n.args) > 13 and n.args[13] == 8 for n in gna), [n.args[10:] for n in gna]
     # and the candidates themselves: leading, trailing or both, as given
     site_spec = next(s for s in attnopt.inspect(*smooth).sites if s.name == "joint").spec
     from attnopt.planner.layout import TokenLayout
