@@ -172,7 +172,7 @@ def render_report(plan, model_name: str = "") -> str:
         parts.append(
             head + f"<td class='{cls}'>{e(c.name)}</td>"
             f"<td class='kv'>{e(str(list(c.variant.q_tile)))} / {e(str(list(c.variant.kv_tile)))}</td>"
-            f"<td>{c.time_s * 1e6:.2f} us</td><td>{e(c.bound)}</td><td>{e(speedups(s))}</td>"
+            f"<td>{_dur(c.time_s)}</td><td>{e(c.bound)}</td><td>{e(speedups(s))}</td>"
             f"<td>{'-' if m is None or m.site_rel_l2 is None else f'{m.site_rel_l2:.3g}'}</td>"
             f"<td>{'-' if m is None else f'{m.e2e_rel_l2:.3g}'}</td><td>{e(s.reason)}</td></tr>")
     timed_note = ("Measured speedups: each site's chosen kernel against its exact kernel, timed on "
