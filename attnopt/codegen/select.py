@@ -22,6 +22,8 @@ Each row (`Candidate`) has a name, the devices it serves, and one signature for 
   triton_causal            the same, causal
   triton_sigmoid           the same, sigmoid normalizer
   triton_dense             the same, dense (any mask, softcap)
+  cpu_padded               causal attention over a left/right padded batch (causal flag + key mask),
+                           SDPA per batch row on its run of real keys (cpu/padded.py)
   cpu_native               exact CPU tile kernel (GNA or 1-D window) in compiled C (cpu/native.py)
   cpu_tiles                the same tile plans run as SDPA per tile group (cpu/tile_sdpa.py)
   cpu_decode               a decode step with grouped KV heads as one matmul per KV head (below)
@@ -80,6 +82,7 @@ import torch
 from torch import Tensor
 
 from attnopt.codegen import exact, gna_exact
+from attnopt.codegen.cpu import padded as cpu_padded
 from attnopt.codegen.cpu import tiles as cpu_tiles
 from attnopt.codegen.params import AttentionParams, TokenLayout, as_layout
 from attnopt.codegen.reference import reference_attention, structural_mask
@@ -359,6 +362,9 @@ TABLE: tuple[Candidate, ...] = (
     _triton_row("causal", "generated FlashAttention-2 forward, causal"),
     _triton_row("sigmoid", "generated FlashAttention-2 forward, sigmoid normalizer"),
     _triton_row("dense", "generated FlashAttention-2 forward, dense (masks, softcap, GQA)"),
+    Candidate("cpu_padded", "cpu", "cpu", "causal over a padded batch: SDPA per row on its run of real keys",
+              _cpu_applies, lambda q, k, v, m, p, layout, request: cpu_padded.can_run(q, k, v, m, p, layout),
+              lambda q, k, v, m, p, layout, request: cpu_padded.attention(q, k, v, m, p)),
     Candidate("cpu_native", "cpu", "cpu", "exact tile kernel (GNA or 1-D window) in compiled C",
               _cpu_applies, _cpu_native_check, _cpu_native_run),
     Candidate("cpu_tiles", "cpu", "cpu", "exact tile kernel (GNA or 1-D window) as SDPA per tile group",

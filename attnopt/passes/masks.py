@@ -256,3 +256,76 @@ def _bias_kind(bias: np.ndarray, allowed: np.ndarray) -> ScoreMod:
         if abs(float(vals.mean())) < 1e-12:
             return Bias()
     return Alibi()
+
+
+# ---- key padding as its own operand (the lengths form) ----------------------------------------
+
+def exact_key_padding(graph: Graph, spec: MaskSpec, terms, sq: int, skv: int) -> str | None:
+    """The user input [B, Skv] whose nonzero entries are exactly the keys each batch row attends,
+    when the site's mask terms (recipe MaskTerms, canonical [batch..., Sq, Skv] after rank and perm)
+    are exactly `spec`'s structural pattern AND that input, *every row included*: the analysis
+    skips rows with no key left (HF may unmask them), so a rewrite that passes the structure as
+    flags and the input as a [B, 1, 1, Skv] mask is only the same function when such rows are
+    fully masked in the model too. Pure masks only: selects with a -inf fill, adds of 0 / -inf;
+    None otherwise."""
+    if spec.kind not in ("causal", "sliding_window") or not spec.padding or not terms:
+        return None
+    deps = sorted({d for t in terms if t.literal is None for d in user_inputs_reached(graph, t.node)})
+    if len(deps) != 1 or any(t.literal is not None or t.view is not None or t.merged_heads for t in terms):
+        return None
+    if any(t.how != "add" and t.fill != -np.inf for t in terms):
+        return None
+    ones, padded, key_ok = _padding_probes(graph, deps, skv)
+    if not ones:
+        return None
+    structural = _pattern(spec, sq, skv)
+    for feeds, keys in ((ones, np.ones_like(key_ok)), (padded, key_ok)):
+        allowed = _allowed(graph, terms, feeds)
+        if allowed is None:
+            return None
+        b = keys.shape[0]
+        expected = structural[None, None] & keys[:, None, None, :]
+        lead = allowed.shape[:-2]
+        if len(lead) != 2 or lead[0] not in (1, b):
+            return None
+        if not np.array_equal(np.broadcast_to(allowed, np.broadcast_shapes(allowed.shape, expected.shape)),
+                              np.broadcast_to(expected, np.broadcast_shapes(allowed.shape, expected.shape))):
+            return None
+    return deps[0]
+
+
+def _pattern(spec: MaskSpec, sq: int, skv: int) -> np.ndarray:
+    """spec's causal / sliding-window pairs as a bool [Sq, Skv] array (MaskSpec's definition)."""
+    offset = skv - sq if spec.alignment == "bottom_right" else 0
+    d = np.arange(skv)[None, :] - np.arange(sq)[:, None] - offset
+    allowed = np.ones((sq, skv), dtype=bool)
+    if spec.right is not None:
+        allowed &= d <= spec.right
+    if spec.left is not None:
+        allowed &= d >= -spec.left
+    return allowed
+
+
+def _allowed(graph: Graph, terms, feeds) -> np.ndarray | None:
+    """The pairs the terms leave attending, as a 4-D [B|1, H|1, Sq, Skv] array (rank-3 terms get a
+    head axis), or None when a term is not a pure mask (an add with values other than 0 / -inf)."""
+    values = graph.evaluator.evaluate([t.node for t in terms], feeds)
+    allowed = None
+    for t in terms:
+        arr = np.asarray(values[t.node])
+        if arr.ndim > t.rank:
+            return None
+        arr = np.transpose(arr.reshape((1,) * (t.rank - arr.ndim) + arr.shape), t.perm)
+        if t.how == "add":
+            v = arr.astype(np.float64) * t.factor
+            if not np.all((v == 0) | (v == -np.inf)):
+                return None
+            ok = v == 0
+        else:
+            ok = arr.astype(bool) if t.how == "keep" else ~arr.astype(bool)
+        if ok.ndim == 3:
+            ok = ok[:, None]
+        elif ok.ndim != 4:
+            return None
+        allowed = ok if allowed is None else allowed & ok
+    return allowed

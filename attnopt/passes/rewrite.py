@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import math
+
 from attnopt.ir import Graph, Site
+from attnopt.passes.masks import exact_key_padding
 from attnopt.patterns.recipe import MaskTerm, Operand, Recipe, structural_masks
 from attnopt.patterns.registry import family_of
 
-__all__ = ["MaskTerm", "Operand", "Recipe", "plan", "plan_all", "structural_windows"]
+__all__ = ["MaskTerm", "Operand", "Recipe", "key_padding_flags", "plan", "plan_all", "structural_windows"]
 
 
 def plan_all(graph: Graph, sites: list[Site]) -> tuple[list[Recipe], dict[str, str]]:
@@ -50,9 +53,46 @@ def structural_windows(graph: Graph, sites: list[Site], recipes: list[Recipe]) -
                 or not structural_masks(graph, site.spec, list(r.masks))):
             out.append(r)
             continue
-        if m.right == 0:  # causal band: j - i - offset in [-left, 0] with the mask's own alignment
-            out.append(replace(r, masks=(), causal=True, causal_alignment=m.alignment, window=(m.left, 0)))
-        else:  # masks.py measures the band from the bottom-right diagonal (offset Skv - Sq)
-            out.append(replace(r, masks=(), causal=False, causal_alignment="bottom_right",
-                               window=(m.left, m.right)))
+        out.append(replace(r, masks=(), **_flags(m)))
+    return out
+
+
+def _flags(m) -> dict:
+    """The op's causal / window arguments for a causal or sliding-window MaskSpec (the same pairs)."""
+    if m.kind == "causal":
+        return dict(causal=True, causal_alignment=m.alignment, window=None)
+    if m.right == 0:  # causal band: j - i - offset in [-left, 0] with the mask's own alignment
+        return dict(causal=True, causal_alignment=m.alignment, window=(m.left, 0))
+    # masks.py measures the band from the bottom-right diagonal (offset Skv - Sq)
+    return dict(causal=False, causal_alignment="bottom_right", window=(m.left, m.right))
+
+
+def key_padding_flags(graph: Graph, sites: list[Site], recipes: list[Recipe]) -> list[Recipe]:
+    """Recipes whose masks are exactly a causal / sliding-window pattern AND a key-padding input
+    (HF's attention_mask on a padded batch; passes/masks.exact_key_padding proves it on every row)
+    get the pattern as the op's flags and the input, viewed [B, 1, 1, Skv] (nonzero attends), as the
+    only mask: the same pairs attend, but the kernels see the structure, so tiles above the diagonal
+    or outside the window are skipped and no [B, 1, Sq, Skv] mask is built or read (it cost a padded
+    causal batch twice the work of the unpadded one). Sites with a layout, projections, merged heads
+    or symbolic lengths keep their masks."""
+    by_name = {s.name: s for s in sites}
+    out = []
+    for r in recipes:
+        site = by_name.get(r.site)
+        spec = site.spec if site is not None else None
+        rank = r.masks[0].rank if r.masks else 0
+        if (spec is None or r.causal or r.window is not None or r.layout is not None or r.split_heads
+                or r.projections is not None or r.dead_rows_mean_v or not isinstance(spec.q_len, int)
+                or not isinstance(spec.kv_len, int) or not 1 <= r.batch_rank <= 2
+                or any(t.rank != rank for t in r.masks) or rank != r.batch_rank + 2):
+            out.append(r)
+            continue
+        key = exact_key_padding(graph, spec.mask, list(r.masks), spec.q_len, spec.kv_len)
+        if key is None:
+            out.append(r)
+            continue
+        # [B, Skv] at the score rank is [1, ..., B, Skv]: move B to the front
+        perm = (rank - 2,) + tuple(range(rank - 2)) + (rank - 1,)
+        term = MaskTerm(node=key, how="keep", fill=-math.inf, factor=1.0, rank=rank, perm=perm)
+        out.append(replace(r, masks=(term,), **_flags(spec.mask)))
     return out

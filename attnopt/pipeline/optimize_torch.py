@@ -17,7 +17,7 @@ from attnopt.frontends import fx as fx_front
 from attnopt.emit.fx import splice
 from attnopt.ir import Site
 from attnopt.passes.detect import detect
-from attnopt.passes.rewrite import plan_all, structural_windows
+from attnopt.passes.rewrite import key_padding_flags, plan_all, structural_windows
 from attnopt.pipeline.validate import (Error, outputs_error, padded_variants, padding_positions, run_captured,
                                      tensor_error, tolerance_for, low_precision_tolerance)
 from attnopt.pipeline.result import OptimizeResult, SiteResult
@@ -83,7 +83,7 @@ def optimize_graph_module(gm: fx.GraphModule, inputs: Sequence[Any], *, source: 
     if plan is not None:
         recipes, approx, labels = plan.split(graph, sites, recipes)
     # after the plan's choices: a site the plan gave a layout or window keeps it
-    recipes = structural_windows(graph, sites, recipes)
+    recipes = key_padding_flags(graph, sites, structural_windows(graph, sites, recipes))
     results: dict[str, SiteResult] = {
         s.name: SiteResult(s.name, s.pattern, "kept", None, reasons[s.name], s.spec)
         for s in sites if s.name in reasons}
