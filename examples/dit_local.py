@@ -243,6 +243,7 @@ def plan_and_measure(model, make, max_error: float = 5e-2, reps: int = 5, target
     pred = plan.predicted.get("end_to_end_speedup")
     return {"max_error": max_error, "target": target, "sites": sites,
             "predicted_attention_speedup": plan.predicted.get("attention_speedup"),
+            "predicted_times_s": dict(plan.predicted),
             "predicted_end_to_end_speedup": pred,
             "calibration_rel_l2": plan.measured.get("rel_l2"), "held_out_rel_l2": rel_l2(got, ref),
             "original_ms": orig_ms, "optimized_ms": opt_ms, "measured_end_to_end_speedup": ratio,
