@@ -140,7 +140,8 @@ def parse_segments(text: str, where: str) -> tuple[Segment, ...]:
             raise fail(f"segment {part!r}: a global segment's name is letters, digits, '_' or '-' "
                        "(text, cls, reg, sink, global)")
         if not size.isdigit() or not 1 <= int(size) <= MAX_EXTENT:
-            raise fail(f"segment {part!r}: the token count must be an integer in [1, {MAX_EXTENT}]")
+            raise fail(f"segment {part!r}: the token count must be an integer in [1, {MAX_EXTENT}]"
+                       + ("" if size.isdigit() else " (segments are separated by ',')"))
         segs.append(Segment("global", int(size), name))
     check_one_grid([s.kind for s in segs], [s.describe() for s in segs], fail)
     if sum(s.tokens for s in segs) > MAX_TOKENS:
