@@ -395,7 +395,8 @@ def test_timed_plan_shows_measured_beside_predicted(model, tmp_path):
     m, x = model
     plan = make_plan(m, x, policy="exact", target="cpu", time_kernels=True)
     assert all(s.timed is not None and s.timed.time_s > 0 and s.timed.device == "cpu" for s in plan.sites)
-    assert plan.measured["timed_sites"] == 2 and plan.measured["attention_speedup"] > 0
+    assert plan.measured["timed_sites"] == 2 and plan.measured["attention_speedup"] == 1.0
+    assert all(s.timed.speedup == 1.0 for s in plan.sites)  # exact choices: the baseline itself
     assert Plan.from_json(plan.dumps()) == plan
     from attnopt.cli.plan import render_report
 
@@ -418,3 +419,13 @@ def test_plans_for_this_machines_unprofiled_gpu(approx_plan, monkeypatch):
     from attnopt.cli.plan import render_report
 
     assert "No profile of target cuda" in render_report(Plan.from_json(d), "gpu")
+
+
+def test_gna_choice_is_timed_with_its_globals(smooth, approx_plan):
+    """The GNA op with 8 trailing globals, timed beside the site's dense kernel."""
+    from attnopt.planner.timing import time_sites
+
+    spec = next(s for s in attnopt.inspect(*smooth).sites if s.name == "joint").spec
+    c = approx_plan.site("joint").choice
+    t = time_sites({"joint": spec}, {"joint": c}, "cpu", rounds=2)["joint"]
+    assert t.time_s > 0 and t.baseline_time_s > 0 and t.speedup != 1.0 and t.device == "cpu"
