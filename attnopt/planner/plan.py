@@ -20,7 +20,7 @@ Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
                          "heads": [query heads that run the layout] | null (null: all),
                          "predicted": {"time_s", "baseline_time_s", "speedup", "flops", "bytes", "bound"}} | null,
               "measured": {"site_rel_l2", "e2e_rel_l2", "e2e_cosine"} | null,
-              "timed": {"time_s", "baseline_time_s", "device"} | null (planner/timing.py)}],
+              "timed": {"time_s", "baseline_time_s", "speedup", "device"} | null (planner/timing.py)}],
    "walk": [{"step", "site", "candidate", "saved_s", "alone_rel_l2", "rel_l2", "cosine",
              "predicted_speedup", "accepted", "reason"}]}
 `Plan.from_json(plan.to_json()) == plan`; `Plan.load(path)` / `plan.save(path)` (atomic).

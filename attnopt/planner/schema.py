@@ -287,9 +287,9 @@ def check_plan_json(d: Any) -> None:
             error_value(m["e2e_rel_l2"], f"{p}.measured.e2e_rel_l2")
             number(m["e2e_cosine"], f"{p}.measured.e2e_cosine", -1.001, 1.001)
         if s.get("timed") is not None:
-            t = obj(s["timed"], f"{p}.timed", ("time_s", "baseline_time_s", "device"))
-            number(t["time_s"], f"{p}.timed.time_s", 0.0)
-            number(t["baseline_time_s"], f"{p}.timed.baseline_time_s", 0.0)
+            t = obj(s["timed"], f"{p}.timed", ("time_s", "baseline_time_s", "speedup", "device"))
+            for k in ("time_s", "baseline_time_s", "speedup"):
+                number(t[k], f"{p}.timed.{k}", 0.0)
             string(t["device"], f"{p}.timed.device", 100, plain=True)
         c = s["choice"]
         if (c is None) != (status == "kept"):

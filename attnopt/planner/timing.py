@@ -6,9 +6,10 @@ Each site's chosen kernel and its own exact kernel (dense, causal or gqa_decode:
 baseline, `Candidate.baseline_time_s`) run through the ops a spliced model calls (codegen/ops.py
 `attention_op`, codegen/gna_op.py `gna_attention_op`, per-head choices included) on random
 q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] of the site's sizes, alternately for
-`ROUNDS` rounds after one warm-up call each. Each time is the fastest of its rounds: other work on
-the machine only ever adds time (on the shared 2-core machine the medians of one op timed twice,
-alternating, came out 1.7x apart), and alternating keeps a machine's drift out of the ratio. A
+`ROUNDS` rounds after one warm-up call each. The speedup is the median of the per-round ratios:
+the two calls of a round see about the same load, where the times alone do not (on the shared
+2-core machine, at load 8, one op's median time moved 1.7x between runs and its fastest 7x); the
+times shown are the medians. A
 choice that is the site's exact kernel itself is timed once (its measured speedup is 1 by
 construction); sites with the same sizes and choice are timed once. The site's mask tensor, bias
 and padding are not reproduced: the kernels' work is their structure (causal, window, layout),
@@ -16,6 +17,7 @@ which the choice carries.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,27 +28,26 @@ from attnopt.cost.roofline import resolve_dims
 from attnopt.cost.variants import Candidate
 from attnopt.ir import AttentionSpec
 
-ROUNDS = 7
+ROUNDS = 9
 
 
 @dataclass(frozen=True)
 class Timed:
     """A site's kernels timed on this machine: the chosen one and the site's exact kernel."""
 
-    time_s: float
-    baseline_time_s: float
+    time_s: float           # median over the rounds
+    baseline_time_s: float  # the same for the site's exact kernel
+    speedup: float          # median over the rounds of exact time / chosen time
     device: str
 
-    @property
-    def speedup(self) -> float:
-        return self.baseline_time_s / self.time_s if self.time_s > 0 else 1.0
-
     def to_json(self) -> dict[str, Any]:
-        return {"time_s": self.time_s, "baseline_time_s": self.baseline_time_s, "device": self.device}
+        return {"time_s": self.time_s, "baseline_time_s": self.baseline_time_s,
+                "speedup": self.speedup, "device": self.device}
 
     @classmethod
     def from_json(cls, d: dict | None) -> "Timed | None":
-        return None if d is None else cls(float(d["time_s"]), float(d["baseline_time_s"]), str(d["device"]))
+        return None if d is None else cls(float(d["time_s"]), float(d["baseline_time_s"]),
+                                          float(d["speedup"]), str(d["device"]))
 
 
 def _scale(spec: AttentionSpec) -> float:
@@ -114,7 +115,9 @@ def time_choice(spec: AttentionSpec, c: Candidate, device: str, rounds: int = RO
                     times[key].append(time.perf_counter() - t0)
     except (ValueError, RuntimeError, NotImplementedError):
         return None  # a kernel that refuses these sizes: no measurement rather than a wrong one
-    return Timed(min(times["b"] if same else times["c"]), min(times["b"]), device)
+    b, ch = times["b"], times["b"] if same else times["c"]
+    ratio = statistics.median(x / max(y, 1e-12) for x, y in zip(b, ch))
+    return Timed(statistics.median(ch), statistics.median(b), ratio, device)
 
 
 def time_sites(specs: dict[str, AttentionSpec], chosen: dict[str, Candidate], device: str,
