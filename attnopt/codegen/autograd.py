@@ -29,6 +29,14 @@ order: the forward may have run the compiled kernel or Triton, the recomputation
 cost of one extra forward. A backward from the forward's log-sum-exp needs kernels that return it
 (and a schema that carries it): not done yet.
 
+Triton backward (attnopt::attention only): on CUDA tensors, or CPU tensors under
+ATTNOPT_FORCE_TRITON=1 (the interpreter), where triton/backward.py's `can_run` takes the call
+(the dense family: dense, causal, windows, GQA, masks, softcap, sigmoid; fp16/bf16/fp32, head dims
+<= 128) the backward op runs its FlashAttention-2 kernels instead: no S^2 autograd graph. The
+forward schema carries no log-sum-exp, so those kernels recompute it with one LSE-writing forward.
+Anything else (GNA, mixed dtypes, larger head dims) keeps the recomputation; CPU tensors without
+the variable never reach Triton.
+
 Why a dispatch-key guard: a custom op's implementation runs below autograd (torch's custom_op
 wrapper excludes the autograd dispatch keys while it runs), so grad mode alone records nothing there.
 `_recording()` lifts that exclusion for the recomputation only. The backward op has no autograd
@@ -114,8 +122,28 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
                        scale: float, causal: bool, causal_alignment: str, window_left: int, window_right: int,
                        softcap: float, normalizer: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """attnopt::attention's gradients (module header)."""
-    return _vjp("attention", grad_out, q, k, v, attn_mask,
-                (scale, causal, causal_alignment, window_left, window_right, softcap, normalizer), needs)
+    scalars = (scale, causal, causal_alignment, window_left, window_right, softcap, normalizer)
+    grads = _triton_vjp(grad_out, q, k, v, attn_mask, scalars, needs)
+    return grads if grads is not None else _vjp("attention", grad_out, q, k, v, attn_mask, scalars, needs)
+
+
+def _triton_vjp(grad_out, q, k, v, attn_mask, scalars, needs):
+    """The Triton backward (triton/backward.py) where it takes the call: CUDA tensors, or CPU ones
+    under ATTNOPT_FORCE_TRITON=1 (the interpreter); None otherwise (the recomputation then runs).
+    CPU calls without the variable never import triton here."""
+    from attnopt.codegen import select
+
+    if not (q.is_cuda or select.force_triton()):
+        return None
+    from attnopt.codegen.params import AttentionParams
+    from attnopt.codegen.triton import backward
+
+    params = AttentionParams.from_schema(*scalars)
+    ok, why = backward.can_run(q, k, v, attn_mask, params)
+    if not ok:
+        select.log_refusal_once(f"backward: {why}")
+        return None
+    return backward.attention_backward(grad_out, q, k, v, attn_mask, params, needs)
 
 
 @attention_backward.register_fake

@@ -440,9 +440,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
     with generator.interpreter_stdlib():
         for _, c in calls:
             c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
-    empty = q.new_empty(0)
-    dmask = empty
     if needs[3] and attn_mask is not None and attn_mask.is_floating_point():
-        dmask = _reduce_to(bufs["ds"], attn_mask)
-    return (bufs["dq"] if needs[0] else empty, bufs["dk"] if needs[1] else empty,
-            bufs["dv"] if needs[2] else empty, dmask)
+        bufs["dmask"] = _reduce_to(bufs["ds"], attn_mask)
+    # A custom op's outputs may not alias each other: one fresh empty tensor per gradient not needed.
+    return tuple(bufs[name] if name in bufs and n else q.new_empty(0)
+                 for name, n in zip(("dq", "dk", "dv", "dmask"), needs))
