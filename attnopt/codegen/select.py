@@ -51,7 +51,7 @@ time of one thread, min of 7: the 2-core host ran at load ~10, so wall clocks me
 the issue #20 report), grouped matmul / SDPA time over B 1-4, H 8-32, Hkv 1-32, Skv 512-8192:
   Sq=1: G=2 0.51-0.73, G=4 0.45-0.60, G=8 0.32-0.54, G=32 0.16-0.52; Sq 2-4 with G >= 4: 0.45-0.93;
   G=1 (no grouping): 0.97-1.07; Sq=8: 0.58-1.21 and Sq=16: 0.66-1.57 (mixed); Sq 2-8, G=2: 0.80-1.13.
-This function itself (/tmp/h6/cpu_decode_row.py): Sq=1 0.39-0.61 (G 2-8, Skv 2K-8K); Sq=4 (G 8-32) 0.74-0.97.
+This function itself: Sq=1 0.39-0.61 (G 2-8, Skv 2K-8K); Sq=4 (G 8-32) 0.74-0.97.
 So it takes Sq == 1 with G >= 2, and Sq <= 4 with G >= 4; every other decode shape stays SDPA (which
 already handles GQA without repeating K/V: exact.sdpa_attention passes enable_gqa). Not measured:
 several threads (the host was too loaded for wall clocks to mean anything).
