@@ -46,7 +46,8 @@ Who may use which row (`Candidate.applies`, from the Request and the device; not
 The CPU decode path (`cpu_decode`, `grouped_decode`): a decode step's G = H / Hkv query heads that
 share a KV head become G x Sq rows of one [B, Hkv, G*Sq, Skv] score matmul (the reference math on a
 grouped view: exact, differentiable), so each K/V row is read once per KV head. SDPA's CPU kernel
-with enable_gqa reads it once per query head. Measured (fp32, D=128, causal bottom-right, process CPU
+with enable_gqa loses by more the larger G is, as if it read K/V once per query head (inferred from
+the timings, not from its source). Measured (fp32, D=128, causal bottom-right, process CPU
 time of one thread, min of 7: the 2-core host ran at load ~10, so wall clocks measured neighbours;
 the issue #20 report), grouped matmul / SDPA time over B 1-4, H 8-32, Hkv 1-32, Skv 512-8192:
   Sq=1: G=2 0.51-0.73, G=4 0.45-0.60, G=8 0.32-0.54, G=32 0.16-0.52; Sq 2-4 with G >= 4: 0.45-0.93;
