@@ -95,9 +95,11 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p:
     is_causal = False
     mask = attn_mask
     top_left_only = p.causal and p.window is None and (p.causal_alignment == "top_left" or q_len == kv_len)
+    # one bottom-right query (a decode step) sees every key: no structure to build
+    sees_all = p.causal and p.window is None and p.causal_alignment == "bottom_right" and q_len == 1
     if top_left_only and attn_mask is None:
         is_causal = True
-    else:
+    elif not sees_all:
         allowed = structural_mask(
             q_len, kv_len, causal=p.causal, causal_alignment=p.causal_alignment, window=p.window, device=q.device
         )
