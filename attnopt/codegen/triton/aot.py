@@ -180,6 +180,62 @@ def _decode_rows(arch: int, table: str) -> list[dict]:
     return rows
 
 
+def backward_specializations():
+    """(name, params, (B, H, Hkv, Sq, Skv, D), mask shape and dtype, mask needs grad, dtype) of the
+    dense-family backward kernels (triton/backward.py): every case the interpreter tests cover, at
+    GPU sizes (fixed 64x64 tiles, no tuning yet)."""
+    import torch
+
+    from attnopt.codegen.params import AttentionParams
+
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    P = AttentionParams
+    br = dict(causal=True, causal_alignment="bottom_right")
+    return [
+        ("bwd_dense_fp16_d64", P(scale=0.125), (2, 8, 8, 1024, 1024, 64), None, False, f16),
+        ("bwd_dense_fp32_d80", P(scale=0.11), (1, 4, 4, 197, 197, 80), None, False, f32),
+        ("bwd_causal_bf16_d128", P(scale=0.09, causal=True), (1, 8, 8, 2048, 2048, 128), None, False, bf16),
+        ("bwd_causal_bottom_right_gqa", P(scale=0.1, **br), (1, 8, 2, 500, 1024, 64), None, False, bf16),
+        ("bwd_mqa_fp16", P(scale=0.1), (1, 8, 1, 257, 257, 64), None, False, f16),
+        ("bwd_window_bf16", P(scale=0.1, window=(255, 0)), (1, 4, 4, 2000, 2000, 128), None, False, bf16),
+        ("bwd_window_both_fp32", P(scale=0.1, window=(100, 37)), (1, 4, 2, 1000, 1000, 64), None, False, f32),
+        ("bwd_padding_mask", P(scale=0.1), (2, 4, 4, 197, 197, 64), ((2, 1, 1, 197), torch.bool), False, f16),
+        ("bwd_bias_grad", P(scale=0.1), (2, 4, 4, 197, 197, 64), ((1, 4, 197, 197), f32), True, f16),
+        ("bwd_softcap_bf16", P(scale=0.1, softcap=30.0), (1, 4, 2, 513, 513, 128), None, False, bf16),
+        ("bwd_sigmoid_fp16", P(scale=0.1, normalizer="sigmoid"), (1, 4, 4, 513, 513, 64), None, False, f16),
+    ]
+
+
+def _backward_rows(arch: int) -> list[dict]:
+    """One row per launch of each backward specialization (LSE forward, preprocess, dK/dV, dQ)."""
+    import time
+
+    import torch
+
+    from attnopt.codegen.triton import backward
+
+    rows = []
+    for name, params, (B, H, Hkv, Sq, Skv, D), mask_spec, mask_grad, dtype in backward_specializations():
+        q = torch.empty(B, H, Sq, D, dtype=dtype)
+        k = torch.empty(B, Hkv, Skv, D, dtype=dtype)
+        mask = None if mask_spec is None else torch.zeros(mask_spec[0], dtype=mask_spec[1])
+        cfg = backward.tiles(q)
+        calls, _ = backward.backward_calls(q, q, k, k, mask, params, (True, True, True, mask_grad), cfg)
+        for kname, launch in calls:
+            row = {"name": f"{name}:{kname.replace('attn_', '').replace('_kernel', '')}", "family": "backward",
+                   "table": "fixed", "arch": arch,
+                   "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
+                              "num_stages": cfg.num_stages}}
+            t = time.time()
+            try:
+                row.update(resources(compile_call(launch, arch)), ok=True)
+            except Exception as e:  # noqa: BLE001  reported per row
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-400:]}")
+            row["compile_s"] = round(time.time() - t, 2)
+            rows.append(row)
+    return rows
+
+
 def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
     """Compile every specialization with the first config of each tile table; one row each (the
     decode family: one per launch, its split count the heuristic's)."""
@@ -211,6 +267,7 @@ def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
             rows.append(row)
     for table in families:
         rows.extend(_decode_rows(arch, table))
+    rows.extend(_backward_rows(arch))
     return rows
 
 
