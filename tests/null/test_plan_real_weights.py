@@ -42,7 +42,11 @@ def test_approx_plan_holds_on_held_out_real_text(setup, max_error):
     5 (2e-1) of 6 sites approximated (windows 191 of 255 text tokens, [CLS] global); held-out L2
     0.076 / 0.172."""
     model, calib, held = setup
-    plan = attnopt.plan(model, calib[0], policy="approx", max_error=max_error, target="h100",
+    # target a100: on the H100 profile, measured per-program cost included (issue 19), no window
+    # saves 5% of this launch-bound kernel (2 x 12 heads x 256 tokens: one wave of programs), so
+    # the plan rightly stays exact there; A100's sparse figures are unmeasured (tile counts only),
+    # which leaves windows worth trying: what this accuracy check needs
+    plan = attnopt.plan(model, calib[0], policy="approx", max_error=max_error, target="a100",
                         calibration=[[b["input_ids"], b["attention_mask"]] for b in calib])
     assert plan.measured["rel_l2"] <= max_error and plan.measured["holdout_rel_l2"] <= max_error
     res = attnopt.optimize(model, calib[0], plan=plan)
