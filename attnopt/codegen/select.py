@@ -115,8 +115,8 @@ class Request:
     caller        "attention" | "gna_attention" (the custom ops) | "functional" (attnopt.attention)
     backend       "auto" | "triton" | "cpu" | "reference" (attnopt.attention's argument; the ops
                   use "auto", and "reference" where their kernels do not apply)
-    needs_grad    some input needs a gradient (only attnopt.attention can say so: the ops have no
-                  autograd formula)
+    needs_grad    some input needs a gradient: attnopt.attention, and the ops' backward (codegen/
+                  autograd.py recomputes the forward with it set, so only differentiable rows run)
     force_triton  ATTNOPT_FORCE_TRITON=1 (read by the ops per call)"""
 
     caller: str = "functional"

@@ -245,7 +245,7 @@ def test_trailing_key_padding_is_skipped_exactly(kind, full_rows):
 
 
 def test_trailing_key_padding_gradients_match():
-    """Through the functional API (the op has no autograd formula), which shares the exact path."""
+    """Through the functional API, which shares the exact path with the op."""
     from attnopt.functional import attention
 
     q, k, v = (x.requires_grad_() for x in make(2, 4, 4, 40, 160, 8))
