@@ -177,7 +177,10 @@ def _planned_with_holdout(scale: float):
     x = torch.randn(2, 512, 32)
     g = torch.Generator().manual_seed(1)
     tiny = [[0.02 * torch.randn(2, 512, 32, generator=g)] for _ in range(2)]
-    plan = make_plan(model, (x,), policy="approx", max_error=2e-2, target="h100",
+    # a100 (tile-count figures, unmeasured): the walk this scenario needs (a window replaced by a
+    # more aggressive one at the same site) follows that model's savings; the H100's measured
+    # per-program cost (issue 19) ranks this 512-token layer's windows differently
+    plan = make_plan(model, (x,), policy="approx", max_error=2e-2, target="a100",
                      calibration=tiny + [[scale * torch.randn(2, 512, 32, generator=g)]])
     return plan, (model, x, tiny)
 
