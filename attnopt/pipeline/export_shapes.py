@@ -28,10 +28,11 @@ def _bound(value: Any) -> int | None:
     return v if abs(v) < sys.maxsize - 1 else None
 
 
-def dynamic_shapes_of(ep: "torch.export.ExportedProgram", module: Any, args: tuple, kwargs: dict
-                      ) -> Any:
+def dynamic_shapes_of(ep: "torch.export.ExportedProgram", module: Any, args: tuple, kwargs: dict,
+                      lenient: bool = False) -> Any:
     """`dynamic_shapes` for exporting `module` on (args, kwargs) with ep's dynamic dimensions, or
-    None when ep has none (or its inputs cannot be matched to the example inputs)."""
+    None when ep has none (or its inputs cannot be matched to the example inputs). `lenient`:
+    `Dim.DYNAMIC` for every symbolic dimension instead of named Dims with their ranges."""
     from torch.export import Dim
 
     if not ep.range_constraints:
@@ -54,7 +55,9 @@ def dynamic_shapes_of(ep: "torch.export.ExportedProgram", module: Any, args: tup
             if not isinstance(size, torch.SymInt):
                 continue
             expr = size.node.expr
-            if getattr(expr, "is_Symbol", False):
+            if lenient:
+                shape[i] = Dim.DYNAMIC
+            elif getattr(expr, "is_Symbol", False):
                 if expr not in dims:
                     vr = ep.range_constraints.get(expr)
                     lo = _bound(vr.lower) if vr is not None else None
@@ -77,15 +80,24 @@ def dynamic_shapes_of(ep: "torch.export.ExportedProgram", module: Any, args: tup
 
 def reexport(ep: "torch.export.ExportedProgram", module: Any) -> "torch.export.ExportedProgram":
     """`module` (ep's rewritten module) exported on ep's example inputs, keeping ep's dynamic
-    dimensions; specialized to the example shape, with a warning, if they cannot be kept."""
+    dimensions; specialized to the example shape, with a warning, if they cannot be kept.
+
+    Named Dims first (symbols shared, ranges kept); if export's solver cannot prove a guard over
+    such a range (a decoder step exported with `Dim.DYNAMIC` past length: `min(8 + 8*s, 16 + 16*s)
+    == 8 + 8*s` is refused for a named Dim although it holds on the range), `Dim.DYNAMIC` for each
+    symbolic dimension, as the original program was likely exported."""
     args, kwargs = ep.example_inputs
     args, kwargs = tuple(args), dict(kwargs)
-    dynamic = dynamic_shapes_of(ep, module, args, kwargs)
     with torch.no_grad():
-        if dynamic is not None:
+        for lenient in (False, True):
+            dynamic = dynamic_shapes_of(ep, module, args, kwargs, lenient=lenient)
+            if dynamic is None:
+                break
             try:
                 return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic)
             except Exception as e:  # noqa: BLE001 - fall back on the example shape, said below
+                if not lenient:
+                    continue
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 log.warning("attnopt: the optimized program keeps only the example input shapes "
                             "(re-exporting with the original dynamic dimensions failed: %s)", first)
