@@ -31,8 +31,9 @@ def test_every_specialization_compiles_for_sm90():
             "gqa_4to1", "mqa", "gna_1d", "gna_2d", "gna_2d_blocksparse", "gna_3d", "gna_2d_leading_cls"} <= names
     assert {"decode_q1_gqa8_bf16_d128", "decode_q1_gqa8_bf16_d128:combine", "decode_window_sinks_left",
             "decode_direct_d80_fp16"} <= names
+    assert {f"bwd_causal_bf16_d128:{k}" for k in ("fwd_lse", "bwd_pre", "bwd_dkdv", "bwd_dq")} <= names
     # Half-precision dots must reach Hopper's tensor-core instruction (wgmma), not a scalar path
     # (decode tiles of 16 query rows are below wgmma's 64: they use mma.sync, as flash-decoding does).
     half = [r for r in rows if not r["name"].endswith("fp32") and r["name"] != "window_both"
-            and r["family"] != "decode"]
+            and r["family"] != "decode" and r.get("dtype") != "float32" and r.get("dots", True)]
     assert all(r["wgmma"] for r in half), [r["name"] for r in half if not r["wgmma"]]

@@ -223,7 +223,8 @@ def _backward_rows(arch: int) -> list[dict]:
         calls, _ = backward.backward_calls(q, q, k, k, mask, params, (True, True, True, mask_grad), cfg)
         for kname, launch in calls:
             row = {"name": f"{name}:{kname.replace('attn_', '').replace('_kernel', '')}", "family": "backward",
-                   "table": "fixed", "arch": arch,
+                   "table": "fixed", "arch": arch, "dtype": str(dtype).replace("torch.", ""),
+                   "dots": kname != "attn_bwd_pre_kernel",  # delta is a row sum: no tensor-core work
                    "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
                               "num_stages": cfg.num_stages}}
             t = time.time()

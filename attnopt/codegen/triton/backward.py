@@ -337,18 +337,28 @@ def can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: A
 
 @dataclass(frozen=True)
 class Tiles:
+    """block_m x block_n: the Q tile and KV step of the LSE forward and dQ; block_n x dkdv_block_m:
+    the KV tile and Q step of dK/dV (it holds k, v, dk, dv for the whole loop, so its Q step is
+    smaller)."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    dkdv_block_m: int
 
 
 def tiles(q: Tensor) -> Tiles:
-    """Fixed tiles (no tuning yet): 32 under the interpreter (few numpy steps at test sizes), 64 on
-    a GPU (FlashAttention-2's backward tiles at head dims up to 128)."""
+    """Fixed tiles (no tuning yet), chosen by compiling for sm_90 (aot.py's resource rows):
+    32 under the interpreter (few numpy steps at test sizes). fp16/bf16: 64 x 64 (wgmma) and a dK/dV
+    Q step of 32, no spills at head dim 128 (64 x 64 dK/dV spilled 328 bytes). fp32 (ieee FMA dots,
+    no tensor cores): 16 x 32 and 16, no spills at head dim 80 (64 x 64 spilled kilobytes, 32 x 32
+    dQ 288 bytes)."""
     if generator.interpreter_active():
-        return Tiles(32, 32, 4, 1)
-    return Tiles(64, 64, 4 if q.shape[-1] <= 64 else 8, 2)
+        return Tiles(32, 32, 4, 1, 32)
+    if q.dtype == torch.float32:
+        return Tiles(16, 32, 4, 1, 16)
+    return Tiles(64, 64, 4 if q.shape[-1] <= 64 else 8, 2, 32)
 
 
 def _pow2(x: int) -> int:
@@ -409,7 +419,7 @@ def backward_calls(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask:
         bufs["ds"] = torch.zeros((B, H, Sq, Skv), **f32) if write_ds else lse
         call("attn_bwd_dkdv_kernel", (-(-Skv // cfg.block_n), B * Hkv),
              (q, k, v, m, grad_out, lse, delta, bufs["dk"], bufs["dv"], bufs["ds"], *ms, *scalars),
-             dict(per_group, WRITE_DS=write_ds), bufs["dk"])
+             dict(per_group, WRITE_DS=write_ds, BLOCK_M=cfg.dkdv_block_m), bufs["dk"])
         if not write_ds:
             del bufs["ds"]
     if needs[0]:
