@@ -6,7 +6,8 @@ apply.py). search.make_plan makes plans.
 
 Plan JSON (format "attnopt.plan", version 1), stable and editable by hand:
   {"format", "version", "policy", "max_error", "target", "hardware",
-   "predicted": {"attention_dense_s", "attention_s", "other_s", "attention_speedup", "end_to_end_speedup"},
+   "predicted": {"attention_dense_s", "attention_s", "other_s", "attention_speedup", "end_to_end_speedup",
+                 "other_share_measured" (cpu target: forward_time.py)},
    "measured": {"rel_l2", "cosine", "calibration_batches", "holdout_rel_l2", "holdout_batches",
                 "attention_speedup", "timed_sites" (with timing: over the timed sites)},
    "sites": [{"site", "status" (planned|kept), "reason" (why kept, or why no approximation), "spec": {...},

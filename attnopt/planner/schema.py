@@ -234,7 +234,8 @@ def int_list(x: Any, path: str, lo: int, hi: int, min_len: int = 1, max_len: int
 # ---- the plan ------------------------------------------------------------------------------------
 
 _TOP = ("format", "version", "policy", "max_error", "target", "hardware", "sites")
-_PREDICTED = ("attention_dense_s", "attention_s", "other_s", "attention_speedup", "end_to_end_speedup")
+_PREDICTED = ("attention_dense_s", "attention_s", "other_s", "attention_speedup", "end_to_end_speedup",
+              "other_share_measured")
 _CHOICE = ("name", "family", "exact", "q_tile", "kv_tile")
 _CHOICE_OPT = ("layout", "leading", "trailing", "window", "heads", "predicted")
 _LAYOUT = ("shape", "window", "stride", "dilation", "causal")
