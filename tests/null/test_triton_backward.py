@@ -237,3 +237,15 @@ def test_op_autograd_falls_back_where_triton_backward_refuses(monkeypatch, spy):
     want = _reference_grads(q, k, v, None, AttentionParams(scale=0.1, causal=True), torch.ones_like(out), False)
     assert max(_errors(got, want)) <= TOL[torch.float32]
     assert autograd.ATTENTION_BACKWARD == "attnopt::attention_backward"
+
+
+def test_backward_op_contract_on_the_triton_path(monkeypatch, spy):
+    """The backward op's schema, fake impl and AOT dispatch hold when the Triton path answers
+    (fresh outputs, empties where not needed)."""
+    monkeypatch.setenv("ATTNOPT_FORCE_TRITON", "1")
+    q, k, v, grad_out = _inputs(1, 2, 1, 17, 17, 16, torch.float32)
+    args = (grad_out, q, k, v, _bias((1, 1, 17, 17)), 0.25, True, "top_left", -1, -1, 0.0, "softmax",
+            [True, False, True, True])
+    torch.library.opcheck(torch.ops.attnopt.attention_backward.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    assert spy
