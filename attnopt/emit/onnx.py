@@ -247,7 +247,9 @@ class _Splicer:
         if standard:
             out, fused, to_bhsd = self._standard(b, f, att, m4, causal_flag)
         else:
-            out, fused, to_bhsd = ort.attend(b, f, att, m4, causal_flag, bias)
+            # boolean -inf masks: a row with no key is 0 for the op (a mean-of-V model has its step)
+            zero_dead = masks is not None and masks.boolean and low.step(MeanVOnDeadRows) is None
+            out, fused, to_bhsd = ort.attend(b, f, att, m4, causal_flag, bias, zero_dead)
         for step in low.steps:
             if isinstance(step, ZeroNaNRows):  # elementwise: in whatever layout the output is
                 out = zero_nan_rows(b, out, f)

@@ -129,11 +129,24 @@ def expand_heads(b: Block, x: str, h, kh, last, which: str) -> str:
     return b.reshape(e, [0, h, -1, last], f"{which}_heads")
 
 
+def zero_dead_rows(b: Block, out: str, key_bias: str, scale: float) -> str:
+    """Causal (Sq = Skv) with a folded key mask: query i keeps no key when no key j <= i is live
+    (left padding). The op gives such rows 0 (SDPA's result for a fully masked row); MHA gives
+    the mean over its causal keys, since the fold is a finite bias. out: BSHD [B, Sq, H, Dv]."""
+    below = np.asarray(EXACT_FILL / 10 / scale, np.float32)
+    live = b.node("Cast", [b.node("Greater", [key_bias, b.const(below, "dead_live_below")], "dead_live")],
+                  "dead_live_int", to=TensorProto.INT64)
+    seen = b.node("CumSum", [live, b.const(np.asarray(1, np.int64), "dead_axis")], "dead_seen")
+    dead = b.node("Equal", [seen, b.const(np.asarray(0, np.int64), "dead_zero")], "dead_rows")
+    zero = b.const(np.asarray(0.0, np.float32), "dead_fill")
+    return b.node("Where", [b.unsqueeze(dead, [2, 3], "dead_rows_4d"), zero, out], "out_dead_zeroed")
+
+
 def attend(b: Block, f: SiteFacts, att: Attend, mask4: Callable[[], str] | None, causal_flag: bool,
-           bias: str | None) -> tuple[str, str, tuple[int, ...]]:
+           bias: str | None, zero_dead: bool = False) -> tuple[str, str, tuple[int, ...]]:
     """The MultiHeadAttention node on the operands: (its output [B, Sq, H, Dv] viewed as BSHD,
     the node's name, the permutation that brings that output to BHSD). `mask4` makes the
-    [B|1, H|1, Sq, Skv] attention_bias."""
+    [B|1, H|1, Sq, Skv] attention_bias. `zero_dead`: rows with no key give 0 (zero_dead_rows)."""
     h, kh = f.heads
     if not isinstance(h, int):
         raise Skip("MultiHeadAttention needs a static number of heads")
@@ -167,5 +180,8 @@ def attend(b: Block, f: SiteFacts, att: Attend, mask4: Callable[[], str] | None,
         attrs["unidirectional"] = 1
     out = b.node("MultiHeadAttention", ins, "mha", domain=MS_DOMAIN, **attrs)
     fused_name = b.nodes[-1].name
-    return b.reshape(out, [0, 0, h, f.dv], "out_bshd"), fused_name, BSHD
+    out = b.reshape(out, [0, 0, h, f.dv], "out_bshd")
+    if zero_dead and bias is not None and causal_flag:
+        out = zero_dead_rows(b, out, bias, att.scale)
+    return out, fused_name, BSHD
 

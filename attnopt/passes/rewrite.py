@@ -67,21 +67,23 @@ def _flags(m) -> dict:
     return dict(causal=False, causal_alignment="bottom_right", window=(m.left, m.right))
 
 
-def key_padding_flags(graph: Graph, sites: list[Site], recipes: list[Recipe]) -> list[Recipe]:
+def key_padding_flags(graph: Graph, sites: list[Site], recipes: list[Recipe], windows: bool = True
+                      ) -> list[Recipe]:
     """Recipes whose masks are exactly a causal / sliding-window pattern AND a key-padding input
     (HF's attention_mask on a padded batch; passes/masks.exact_key_padding proves it on every row)
     get the pattern as the op's flags and the input, viewed [B, 1, 1, Skv] (nonzero attends), as the
     only mask: the same pairs attend, but the kernels see the structure, so tiles above the diagonal
     or outside the window are skipped and no [B, 1, Sq, Skv] mask is built or read (it cost a padded
     causal batch twice the work of the unpadded one). Sites with a layout, projections, merged heads
-    or symbolic lengths keep their masks."""
+    or symbolic lengths keep their masks; so do windowed ones unless `windows` (the ONNX splice has
+    no window form)."""
     by_name = {s.name: s for s in sites}
     out = []
     for r in recipes:
         site = by_name.get(r.site)
         spec = site.spec if site is not None else None
         rank = r.masks[0].rank if r.masks else 0
-        if (spec is None or r.causal or r.window is not None or r.layout is not None or r.split_heads
+        if (spec is None or (not windows and spec.mask.kind != "causal") or r.causal or r.window is not None or r.layout is not None or r.split_heads
                 or r.projections is not None or r.dead_rows_mean_v or not isinstance(spec.q_len, int)
                 or not isinstance(spec.kv_len, int) or not 1 <= r.batch_rank <= 2
                 or any(t.rank != rank for t in r.masks) or rank != r.batch_rank + 2):

@@ -6,7 +6,7 @@ from typing import Any
 
 from attnopt.frontends.onnx import load_onnx
 from attnopt.passes.detect import detect
-from attnopt.passes.rewrite import Recipe, plan_all
+from attnopt.passes.rewrite import Recipe, key_padding_flags, plan_all
 from attnopt.pipeline.result import OptimizeResult, SiteResult
 from attnopt.ir.vocab import TOLERANCE_FP32 as TOLERANCE  # relative to the output's scale
 from attnopt.ir.vocab import TOLERANCE_HALF as HALF_TOLERANCE  # fp16/bf16 outputs round differently
@@ -30,6 +30,8 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
     graph = load_onnx(model)
     sites, rejected = detect(graph)
     recipes, reasons = plan_all(graph, sites)
+    if op == "ort":  # causal + key mask: MHA's unidirectional flag, the mask folded into q and k (emit/ort.py)
+        recipes = key_padding_flags(graph, sites, recipes, windows=False)
     results: dict[str, SiteResult] = {
         s.name: SiteResult(s.name, s.pattern, "kept", None, reasons[s.name], s.spec)
         for s in sites if s.name in reasons}

@@ -2,7 +2,8 @@
 
 A mask proven to be causal (or a causal window) AND a key-padding input on every row, fully masked
 rows included, is passed to the op as its causal flag plus the input viewed [B, 1, 1, Skv]; the CPU
-kernel then runs SDPA per batch row on the row's run of real keys. Near misses keep the dense mask:
+kernel then runs SDPA per batch row on the row's run of real keys; ONNX gets MultiHeadAttention's
+unidirectional flag with the key mask folded into q and k. Near misses keep the dense mask:
 a model that unmasks fully masked rows, an eager model's finite fill, keys with holes.
 """
 from __future__ import annotations
@@ -184,10 +185,12 @@ def test_llama_padded_batch_pt2_and_onnx(tmp_path):
 
 
 
-def test_onnx_padded_causal_keeps_its_mask(tmp_path):
-    """ONNX keeps the dense mask: ORT's MultiHeadAttention gives a row with no key the mean of the
-    keys its own causal flag leaves (the key mask is folded into q and k as a finite bias), while
-    the exported model gives 0 there; until the splice zeroes such rows the form is torch-only."""
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_onnx_padded_causal_becomes_unidirectional(tmp_path, dynamo):
+    """TorchScript: ORT's MultiHeadAttention with unidirectional=1 and the key mask folded into q
+    and k; rows with no key (left padding) are zeroed after it, as the exported model gives them.
+    The dynamo exporter writes the bool mask as a float one filled with finfo.min, whose rows with no
+    key are a mean over every key: a near miss, it keeps the dense mask."""
     import onnx
 
     from attnopt.pipeline.validate_onnx import session
@@ -195,11 +198,15 @@ def test_onnx_padded_causal_keeps_its_mask(tmp_path):
     model = sharpen_(PaddedCausal()).eval()
     x, am = _pad_inputs()
     path = tmp_path / "padded.onnx"
-    torch.onnx.export(model, (x, am), str(path), dynamo=False, opset_version=17,
+    torch.onnx.export(model, (x, am), str(path), dynamo=dynamo, opset_version=18 if dynamo else 17,
                       input_names=["x", "attention_mask"])
     r = attnopt.optimize(onnx.load(str(path)))
     assert r.sites_rewritten == 1
+    (mha,) = [n for n in r.model.graph.node if n.op_type == "MultiHeadAttention"]
+    assert any(a.name == "unidirectional" and a.i == 1 for a in mha.attribute) is not dynamo
     am2 = am.clone()
     am2[2, :11] = 0
-    got = session(r.model).run(None, {"x": x.numpy(), "attention_mask": am2.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), model(x, am2), atol=1e-5, rtol=1e-4)
+    feeds = {"x": x.numpy(), "attention_mask": am2.numpy()}
+    got = session(r.model).run(None, feeds)[0]
+    want = session(str(path)).run(None, feeds)[0]  # the exported model (dynamo's rows with no key differ from torch's)
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), atol=1e-5, rtol=1e-4)
