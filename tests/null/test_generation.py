@@ -46,6 +46,7 @@ def _hf(name: str, layers: int = 1, positions: int = 64) -> torch.nn.Module:
     elif name == "mistral":
         m = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=4))
     elif name == "gemma2":
+        common["attn_implementation"] = "eager"  # transformers has no SDPA path for Gemma-2 (softcap)
         m = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=8, sliding_window=4))
     else:
         m = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4,

@@ -1,0 +1,253 @@
+"""Generation on CPU (issue 20, part 5): greedy decode tokens/s of eager SDPA, torch.compile
+(inductor) and torch.compile (attnopt backend: the rewrite, then inductor), in one run; and the
+prefill of a ragged batch alone, left- and right-padded, against the same-shape unpadded causal
+prefill, in the torch op (attnopt backend) and in ONNX Runtime (dynamo export fused by attnopt).
+
+Model: a Llama-shaped decoder with random (sharpened) weights, hidden 512, 4 layers, 8 query heads
+over 2 KV heads (GQA), head dim 64. Batches: 1, and 4 with ragged prompt lengths (S, 3S/4, S/2,
+S/4 real tokens, left padded as generate needs). Decode tokens/s counts the new tokens of every
+row over the time of the decode forwards only (each forward call is timed; the first is the
+prefill); every mode runs one warm-up generate at the same shapes first (compilation).
+
+    .venv/bin/python bench/generate.py                       # the issue's settings (long)
+    .venv/bin/python bench/generate.py --prompts 512 --new-tokens 32 --skip-onnx
+
+Writes bench/results/generate_<date>.json (--out to change) with the settings and every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def llama(max_len: int, vocab: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from zoo.sharpen import sharpen_
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=max_len,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return sharpen_(LlamaForCausalLM(cfg)).eval()
+
+
+def prompts(batch: int, length: int, vocab: int, side: str = "left"):
+    """ids [batch, length] and attention_mask: row b has length * (4 - b) / 4 real tokens (batch 4),
+    or all `length` (batch 1); pads on `side`."""
+    ids = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    if batch > 1:
+        for b in range(batch):
+            pad = length - max(1, length * (batch - b) // batch)
+            if pad and side == "left":
+                am[b, :pad] = 0
+            elif pad:
+                am[b, length - pad:] = 0
+    return ids.masked_fill(am == 0, 0), am
+
+
+class Timed:
+    """Wraps a forward; records each call's wall time (prefill first, then decode steps)."""
+
+    def __init__(self, fn):
+        self.fn, self.times = fn, []
+
+    def __call__(self, *a, **kw):
+        t = time.perf_counter()
+        out = self.fn(*a, **kw)
+        self.times.append(time.perf_counter() - t)
+        return out
+
+
+def compiled_forward(model, mode: str):
+    if mode == "eager":
+        return model.forward
+    torch._dynamo.reset()
+    if mode == "inductor":
+        return torch.compile(model.forward, backend="inductor")
+    from attnopt.pipeline.backend import make_backend
+
+    return torch.compile(model.forward, backend=make_backend(inner="inductor"))
+
+
+def run_generate(model, fwd, ids, am, new: int, cache: str):
+    orig = model.forward
+    timed = Timed(fwd)
+    model.forward = timed
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=am, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, **kw)
+    finally:
+        model.forward = orig
+    return out, timed.times
+
+
+def bench_decode(model, args, report):
+    rows = []
+    for length in args.prompts:
+        for batch in args.batches:
+            ids, am = prompts(batch, length, args.vocab)
+            ref = None
+            for mode in args.modes:
+                fwd = compiled_forward(model, mode)
+                t0 = time.perf_counter()
+                run_generate(model, fwd, ids, am, min(args.new_tokens, 3), args.cache)  # compile / warm
+                warm = time.perf_counter() - t0
+                out, times = run_generate(model, fwd, ids, am, args.new_tokens, args.cache)
+                decode = sum(times[1:])
+                row = dict(prompt=length, batch=batch, mode=mode, cache=args.cache,
+                           new_tokens=args.new_tokens, warmup_s=round(warm, 2),
+                           prefill_s=round(times[0], 4), decode_s=round(decode, 4),
+                           decode_tokens_per_s=round(batch * (len(times) - 1) / decode, 2),
+                           ms_per_step=round(1e3 * decode / max(1, len(times) - 1), 2))
+                if ref is None:
+                    ref = out
+                row["tokens_equal_first_mode"] = bool(torch.equal(out, ref))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                report["decode"] = rows
+
+
+def best_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_prefill_torch(model, args, report):
+    """Prefill alone (use_cache=False), batch 4 ragged left / right padded vs all-real tokens,
+    under the attnopt backend (inductor after the rewrite) and under eager SDPA."""
+    rows = []
+    for length in args.prefill_prompts:
+        for mode in ("eager", "attnopt"):
+            fwd = compiled_forward(model, mode)
+            res = {}
+            for case in ("unpadded", "left", "right"):
+                ids, am = prompts(4, length, args.vocab, "left" if case == "unpadded" else case)
+                if case == "unpadded":
+                    am = torch.ones_like(am)
+                with torch.no_grad():
+                    res[case] = best_time(lambda: fwd(input_ids=ids, attention_mask=am, use_cache=False),
+                                          args.reps)
+            row = dict(prompt=length, batch=4, mode=mode, **{f"{k}_s": round(v, 4) for k, v in res.items()},
+                       left_over_unpadded=round(res["left"] / res["unpadded"], 3),
+                       right_over_unpadded=round(res["right"] / res["unpadded"], 3))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            report["prefill_torch"] = rows
+
+
+def bench_prefill_onnx(model, args, report, tmp: Path):
+    import onnxruntime as ort
+
+    import attnopt
+
+    class Prefill(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids, am = prompts(4, 64, args.vocab, "left")
+    dyn = torch.export.Dim.DYNAMIC
+    t = time.perf_counter()
+    prog = torch.onnx.export(Prefill(model), (ids, am), dynamo=True, verbose=False,
+                             dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}),
+                             input_names=["input_ids", "attention_mask"], output_names=["logits"])
+    res = attnopt.optimize(prog.model_proto)
+    report["onnx_export_and_optimize_s"] = round(time.perf_counter() - t, 1)
+    report["onnx_sites_rewritten"] = res.sites_rewritten
+    opts = ort.SessionOptions()
+    sessions = {}
+    for kind, proto in (("original", prog.model_proto), ("attnopt", res.model)):
+        path = tmp / f"prefill_{kind}.onnx"
+        path.write_bytes(proto.SerializeToString())
+        sessions[kind] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    rows = []
+    for length in args.prefill_prompts:
+        for kind, s in sessions.items():
+            res_t = {}
+            for case in ("unpadded", "left", "right"):
+                ids, am = prompts(4, length, args.vocab, "left" if case == "unpadded" else case)
+                if case == "unpadded":
+                    am = torch.ones_like(am)
+                feeds = {"input_ids": ids.numpy(), "attention_mask": am.numpy()}
+                res_t[case] = best_time(lambda: s.run(None, feeds), args.reps)
+            row = dict(prompt=length, batch=4, runtime=f"ort/{kind}",
+                       **{f"{k}_s": round(v, 4) for k, v in res_t.items()},
+                       left_over_unpadded=round(res_t["left"] / res_t["unpadded"], 3),
+                       right_over_unpadded=round(res_t["right"] / res_t["unpadded"], 3))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            report["prefill_onnx"] = rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--prefill-prompts", type=int, nargs="+", default=None,
+                    help="prompt lengths of the prefill comparison (default: --prompts)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--modes", nargs="+", default=["eager", "inductor", "attnopt"])
+    ap.add_argument("--cache", choices=["static", "dynamic"], default="static")
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    args.prefill_prompts = args.prefill_prompts or args.prompts
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    date = datetime.date.today().isoformat()
+    out = args.out or ROOT / "bench" / "results" / f"generate_{date}.json"
+    report = dict(command=" ".join(["bench/generate.py"] + (argv if argv is not None else sys.argv[1:])),
+                  date=date, torch=torch.__version__, threads=torch.get_num_threads(),
+                  machine=platform.machine(), settings={k: (str(v) if isinstance(v, Path) else v)
+                                                        for k, v in vars(args).items()})
+    model = llama(max(args.prompts + args.prefill_prompts) + args.new_tokens + 8, args.vocab)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    try:
+        if not args.skip_decode:
+            bench_decode(model, args, report)
+            save()
+        if not args.skip_prefill:
+            bench_prefill_torch(model, args, report)
+            save()
+        if not args.skip_onnx:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                bench_prefill_onnx(model, args, report, Path(tmp))
+    finally:
+        save()
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
