@@ -21,9 +21,9 @@ On the local CPU (profile family "cpu", the compiled tile kernel expected) a GNA
 with that kernel's own work model (codegen/cpu/tiles.py `CpuTilePlan.cost(native=True)`), not with
 static KV tiles: each Q box gathers one KV box covering its queries' keys (the simulator's bound for
 dynamic KV tiling with 1-token KV tiles) plus the global keys, queries are padded to panels of 16,
-each tile-head costs `CPU_TILE_OVERHEAD_ELEMS` more, global queries run dense rows; the Q box is the
-one of least work among the kernel's candidates. Time = the dense baseline's time per score element
-x (that work over batch and heads / `CPU_TILE_EFFICIENCY` + `CPU_CALL_OVERHEAD_ELEMS`).
+each tile-head costs `CPU_TILE_OVERHEAD_ELEMS` more; the Q box is the one of least work among the
+kernel's candidates. Time = the dense baseline's time per score element x (that work over batch and
+heads / `CPU_TILE_EFFICIENCY` + the global queries' dense rows + `CPU_CALL_OVERHEAD_ELEMS`).
 """
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from attnopt.cost.hardware import TILE_TABLES, HardwareProfile
 from attnopt.cost.roofline import dense_baseline, estimate, resolve_dims
 from attnopt.cost.search import search
 from attnopt.ir import AttentionSpec, GNALayout, MaskSpec, Variant
-from attnopt.sparsity.simulator import simulate
+from attnopt.sparsity import gna
 from attnopt.util import toolchain
 
 WINDOW_FRACTIONS = (0.75, 0.5, 0.25)
@@ -47,14 +49,15 @@ MIN_APPROX_TOKENS = 32  # shorter sequences are not worth approximating
 # about 1200 score elements more.
 CPU_Q_PAD = 16
 CPU_TILE_OVERHEAD_ELEMS = 1200
-# Score elements per second the compiled kernel reaches relative to dense SDPA, both on one thread
-# (measured 2026-12-02 on the shared 2-core EPYC, fp32, this thread's CPU time, medians of 7
-# interleaved rounds of its work above over SDPA's B*H*S^2: DiT-style 32x32 grid + 16 text, D 32,
-# windows 8x8 / 16x16 / 24x24: 0.39 / 0.51 / 0.55; Flux-style 64x64 + 256, D 64, 16x16: 0.49;
-# Wan-style 8x32x32, D 64, 2x8x8 / 4x16x16: 0.64 / 0.53. No trend with the token count that the
-# noise does not cover; what falls off at ~1K tokens with small windows is the per-call cost below.
-# Wall-clock runs on the loaded machine gave 0.34-0.74.)
-CPU_TILE_EFFICIENCY = 0.5
+# Score elements per second the compiled kernel's tiles reach relative to dense SDPA, both on one
+# thread (measured 2026-12-02 on the shared 2-core EPYC, fp32, this thread's CPU time, medians of
+# 7 interleaved rounds; the op's time less its global rows and call cost below, over SDPA's B*H*S^2):
+# DiT-style 32x32 grid + 16 text, D 32, windows 8x8 / 16x16 / 24x24: 0.50 / 0.58 / 0.60;
+# Flux-style 64x64 + 256 text, D 64, 16x16: 0.61; Wan-style 8x32x32, D 64, 2x8x8 / 4x16x16:
+# 0.64 / 0.53. No trend with the token count (1K-8K) that the noise does not cover: the 16-query
+# tiles' shortfall at ~1K tokens is the per-call cost. Wall-clock runs on the loaded machine
+# scattered (0.34-0.74 before those corrections).
+CPU_TILE_EFFICIENCY = 0.58
 # Per call of the GNA op on CPU besides its tiles (plan lookup, gathers, the global rows), in dense
 # SDPA score elements (all batches and heads): an 8x8 grid + 16 text tokens, 2 heads, D 32 takes
 # 360-560 us of CPU time a call where SDPA takes 60 us, ~2 ns a score element at 1K tokens.
@@ -169,11 +172,11 @@ def cpu_native_model(hw: HardwareProfile) -> bool:
 
 
 def cpu_gna_work(layout: GNALayout, leading: int = 0, trailing: int = 0) -> tuple[int, tuple[int, ...]]:
-    """(score elements per batch and head, Q box) of the compiled CPU kernel on `layout` with
-    global tokens: the least-work Q box among the kernel's candidates (the CPU tile table, a
-    small box, the stride box), each Q box gathering the union of its queries' keys plus the
-    globals, padded to CPU_Q_PAD queries, CPU_TILE_OVERHEAD_ELEMS per tile; the global queries
-    attend every key (dense rows)."""
+    """(score elements per batch and head, Q box) of the compiled CPU kernel's tiles on `layout`
+    with global tokens (the global queries' dense rows not included): the least-work Q box among the kernel's candidates (the CPU tile table, a
+    small box, the stride box; codegen/cpu/tiles.py `tile_candidates`), each Q box gathering the
+    widest box of its queries' keys plus the globals (`gna_plan`), queries padded to CPU_Q_PAD,
+    CPU_TILE_OVERHEAD_ELEMS more per tile."""
     n = len(layout.shape)
     table = TILE_TABLES["cpu"][f"q_{n}d"] if n <= 3 else ()
     cands = [tuple(t) for t in table] + [(16,) if n == 1 else (4,) * n]
@@ -181,20 +184,21 @@ def cpu_gna_work(layout: GNALayout, leading: int = 0, trailing: int = 0) -> tupl
     if 16 <= math.prod(st) <= 1024:
         cands.append(st)
     cands = list(dict.fromkeys(tuple(min(t, L) for t, L in zip(c, layout.shape)) for c in cands))
-    tokens = math.prod(layout.shape) + leading + trailing
+    ranges = gna.permuted_key_ranges(layout)
+    globals_ = leading + (0 if any(layout.causal) else trailing)  # no trailing keys under causal
     best = None
     for qt in cands:
-        try:
-            sim = simulate(layout, qt, (1,) * n, dynamic=True)
-        except ValueError:
-            continue
-        box = sim.max_kv_tiles + leading + trailing  # one common box size per layout
+        box, n_tiles = 1, 1
+        for (ws, we), L, t in zip(ranges, layout.shape, qt):
+            # the kernel's tiles: starts every t, the last shifted inward (no padding); its KV
+            # extent: the widest span of one tile's keys, common to every tile
+            starts = np.minimum(np.arange(0, L, t), L - t)
+            box *= int((we[starts + t - 1] - ws[starts]).max())
+            n_tiles *= len(starts)
         pad = -(-math.prod(qt) // CPU_Q_PAD) * CPU_Q_PAD
-        work = sim.num_q_tiles * (pad * box + CPU_TILE_OVERHEAD_ELEMS) + (leading + trailing) * tokens
+        work = n_tiles * (pad * (box + globals_) + CPU_TILE_OVERHEAD_ELEMS)
         if best is None or (work, -math.prod(qt)) < (best[0], -math.prod(best[1])):
             best = (work, qt)
-    if best is None:
-        return tokens * tokens, (tokens,)
     return best
 
 
@@ -203,10 +207,11 @@ def _cpu_cost(spec: AttentionSpec, layout: GNALayout, hw: HardwareProfile, leadi
     d = resolve_dims(spec)
     base = estimate(spec, dense_baseline(spec, hw), hw)
     work, _ = cpu_gna_work(layout, leading, trailing)
+    rows = (leading + trailing) * d["kv_len"]  # the global queries: dense rows at SDPA's rate
     bh = d["batch"] * d["num_heads"]
     per_elem = (base.time_s - hw.launch_overhead_s) / (bh * d["q_len"] * d["kv_len"])
-    t = hw.launch_overhead_s + per_elem * (bh * work / CPU_TILE_EFFICIENCY + CPU_CALL_OVERHEAD_ELEMS)
-    f = work / (d["q_len"] * d["kv_len"])
+    t = hw.launch_overhead_s + per_elem * (bh * (work / CPU_TILE_EFFICIENCY + rows) + CPU_CALL_OVERHEAD_ELEMS)
+    f = (work + rows) / (d["q_len"] * d["kv_len"])
     return t, base.flops * f, base.bytes, base.bound
 
 

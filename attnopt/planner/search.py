@@ -16,12 +16,12 @@ caller gives one (`layout=`, planner/layout.py); every site left exact says why.
 
 Predicted end-to-end speedup = (other + attention dense) / (other + attention planned), where
 "other" is the non-attention time. For the cpu target (this machine) it is measured
-(forward_time.py: the share s of one forward outside the sites' exact kernels, timed in alternating
-rounds) and expressed in the cost model's units, other = s / (1 - s) x the predicted dense attention
+(forward_time.py: the share s of one forward left when every site's output is replaced by an
+uninitialized tensor, timed in alternating rounds) and expressed in the cost model's units, other = s / (1 - s) x the predicted dense attention
 time, so that the prediction is this machine's attention share with the cost model's attention
 speedup; elsewhere (and where the measurement fails) it is 2 * (matrix parameters) * tokens FLOPs
 at the target's peak * mma efficiency (a roofline guess that leaves out elementwise ops: it
-predicted 0.077 of a Wan-style forward on CPU where 0.17 was measured), and never less than that.
+predicted 0.077 of a Wan-style forward on CPU where 0.15 is measured), and never less than that.
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def make_plan(model: Any, example_inputs: Any = None, *, policy: str = "exact",
 
     other = other_time(gm, sites, hw)
     dense_total = sum(base_time.values())
-    share = other_share(gm, inputs, [site_by[n].spec for n in base_time]) \
+    share = other_share(gm, inputs, sites) \
         if target == "cpu" and base_time else None
     if share is not None and share < 1.0:
         other = max(other, dense_total * share / (1.0 - share))
