@@ -103,7 +103,9 @@ def bench_decode(model, args, report):
             for mode in args.modes:
                 fwd = compiled_forward(model, mode)
                 t0 = time.perf_counter()
-                run_generate(model, fwd, ids, am, min(args.new_tokens, 3), args.cache)  # compile / warm
+                # warm-up at the same shapes: a static cache is sized prompt + new tokens, so fewer
+                # new tokens would mean other shapes and a recompile inside the timed run
+                run_generate(model, fwd, ids, am, args.new_tokens, args.cache)
                 warm = time.perf_counter() - t0
                 out, times = run_generate(model, fwd, ids, am, args.new_tokens, args.cache)
                 decode = sum(times[1:])
