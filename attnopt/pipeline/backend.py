@@ -82,8 +82,8 @@ def make_backend(inner: str = "inductor", validate: bool = True) -> Callable:
 
     def attnopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
         new_gm, result = _rewrite(gm, example_inputs, validate)
-        log.info("attnopt: %d/%d attention sites rewritten (max rel error %.2g)",
-                 result.sites_rewritten, result.sites_found, result.rel_error)
+        log.info("attnopt: %d/%d attention sites rewritten (error %.2g, %s)",
+                 result.sites_rewritten, result.sites_found, result.rel_error, result.error_metric)
         if new_gm is gm:
             return _inner_compile(inner, gm, example_inputs)
         try:

@@ -297,9 +297,19 @@ def test_default_target_is_the_local_device(monkeypatch):
     assert local_target() == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, want in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
-                       ("NVIDIA A100-SXM4-40GB", "a100"), ("NVIDIA GeForce RTX 4090", "cpu")):
+                       ("NVIDIA A100-SXM4-40GB", "a100")):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0, n=name: n)
         assert local_target() == want, name
+    # another CUDA GPU: a profile from its properties ("cuda"); none readable: the CPU's
+    import attnopt.codegen.device as device
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA GeForce RTX 4090")
+    monkeypatch.setattr(device, "device_properties", lambda index=0: None)
+    assert local_target() == "cpu"
+    props = dict(name="NVIDIA GeForce RTX 4090", major=8, minor=9, multi_processor_count=128,
+                 clock_rate=2_520_000, memory_clock_rate=10_501_000, memory_bus_width=384)
+    monkeypatch.setattr(device, "device_properties", lambda index=0: props)
+    assert local_target() == "cuda"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 PCIe")
     torch.manual_seed(0)
     model, x = _sharpen(Net(layers=1)), (torch.randn(1, 16, 32),)
