@@ -101,15 +101,25 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(wide.NAMES))
     ap.add_argument("--json", default=None)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per row (0: none)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: merge earlier --json files (a later file's rows replace an earlier "
+                         "one's for the same model and flavour), write --json and print the table")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
-    tmp = tempfile.mkdtemp(prefix="attnopt_coverage_")
     rows = []
-    for name in a.models.split(","):
-        for flavour in a.flavours.split(","):
-            r = one(name, flavour, tmp, a.timeout)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+    if a.merge:
+        merged = {}
+        for path in a.merge:
+            for r in json.loads(Path(path).read_text()):
+                merged[(r["model"], r["flavour"])] = r
+        rows = [merged[(n, f)] for n in a.models.split(",") for f in a.flavours.split(",") if (n, f) in merged]
+    else:
+        tmp = tempfile.mkdtemp(prefix="attnopt_coverage_")
+        for name in a.models.split(","):
+            for flavour in a.flavours.split(","):
+                r = one(name, flavour, tmp, a.timeout)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     flavours = a.flavours.split(",")
