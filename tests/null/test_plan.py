@@ -302,7 +302,9 @@ def test_default_target_is_the_local_device(monkeypatch):
         assert local_target() == want, name
     # another CUDA GPU: a profile from its properties ("cuda"); none readable: the CPU's
     import attnopt.codegen.device as device
+    from attnopt.cost import hardware
 
+    monkeypatch.setattr(hardware, "PROFILES", dict(hardware.PROFILES))  # "cuda" is registered below
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA GeForce RTX 4090")
     monkeypatch.setattr(device, "device_properties", lambda index=0: None)
     assert local_target() == "cpu"
