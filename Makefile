@@ -36,7 +36,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports  # imports run one way (docs/ARCHITECTURE.md); a cycle or upward import fails here
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n 2 tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n 2 --durations=25 tests
 
 # The detection and rewrite tests against a second, newer torch in a venv of its own (not part
 # of `make test` / CI). TORCH_COMPAT defaults to the newest torch this machine's package
