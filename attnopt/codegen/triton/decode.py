@@ -373,16 +373,7 @@ class DecodeCall:
         return self.out
 
 
-def _mask_args(mask: Tensor | None, q: Tensor, shape4) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """The mask expanded to [B, H, Sq, Skv] with stride 0 on broadcast dims (q as a dummy when
-    there is none)."""
-    if mask is None:
-        return q, (0, 0, 0, 0)
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    m = m.expand(*shape4)
-    return m, tuple(int(s) if sz > 1 else 0 for s, sz in zip(m.stride(), m.shape))
+_mask_args = generator.mask_args  # one definition for every kernel family
 
 
 def decode_call(cfg: DecodeConfig, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,

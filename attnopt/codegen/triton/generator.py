@@ -192,3 +192,15 @@ def tuned_config(key: dict, configs: Sequence[KernelConfig],
         return configs[0]
     return fastest(key, configs, bench, subdir="triton", encode=KernelConfig.to_json,
                    decode=KernelConfig.from_json, memo=_TUNED)
+
+
+def mask_args(mask, q, shape4):
+    """(mask expanded to [B, H, Sq, Skv], its strides with 0 on broadcast dims) for a kernel's
+    mask pointer; q stands in as a dummy pointer when there is no mask (strides all 0)."""
+    if mask is None:
+        return q, (0, 0, 0, 0)
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(*shape4)
+    return m, tuple(int(s) if sz > 1 else 0 for s, sz in zip(m.stride(), m.shape))

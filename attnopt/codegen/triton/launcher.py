@@ -193,15 +193,7 @@ def _pow2(x: int) -> int:
     return max(16, 1 << (int(x) - 1).bit_length())
 
 
-def _mask_args(mask: Tensor | None, q: Tensor, shape4) -> tuple[Tensor, tuple[int, int, int, int]]:
-    if mask is None:
-        return q, (0, 0, 0, 0)
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    m = m.expand(*shape4)
-    strides = tuple(int(s) if sz > 1 else 0 for s, sz in zip(m.stride(), m.shape))
-    return m, strides
+_mask_args = generator.mask_args  # one definition for every kernel family
 
 
 def _flags(q: Tensor, v: Tensor, mask: Tensor | None, params: AttentionParams, group: int) -> dict:
