@@ -11,6 +11,7 @@ spill and shared-memory counts before spending GPU time.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from attnopt.codegen.triton import decode
@@ -42,6 +43,18 @@ def compile_call(call: KernelCall | decode.Launch, arch: int = 90):
     src = ASTSource(call.fn, sig, constexprs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": call.num_warps, "num_stages": call.num_stages})
+
+
+def _compiled(row: dict, make_call, arch: int) -> dict:
+    """`row` with the sm_<arch> compile of make_call()'s kernel: its resources and ok=True, or
+    ok=False and the error (a failure is reported per row, never raised), and compile_s."""
+    t = time.time()
+    try:
+        row.update(resources(compile_call(make_call(), arch)), ok=True)
+    except Exception as e:  # noqa: BLE001  reported per row
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-400:]}")
+    row["compile_s"] = round(time.time() - t, 2)
+    return row
 
 
 def resources(compiled) -> dict[str, Any]:
@@ -152,8 +165,6 @@ def decode_specializations():
 
 def _decode_rows(arch: int, table: str) -> list[dict]:
     """One row per decode launch: the split kernel, and the combine (":combine") when it splits."""
-    import time
-
     import torch
 
     rows = []
@@ -170,13 +181,7 @@ def _decode_rows(arch: int, table: str) -> list[dict]:
         for part, launch in zip(("", ":combine"), call.calls):
             row = {"name": name + part, "family": "decode", "table": table, "arch": arch,
                    "config": cfg.to_json()}
-            t = time.time()
-            try:
-                row.update(resources(compile_call(launch, arch)), ok=True)
-            except Exception as e:  # noqa: BLE001  reported per row
-                row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-400:]}")
-            row["compile_s"] = round(time.time() - t, 2)
-            rows.append(row)
+            rows.append(_compiled(row, lambda launch=launch: launch, arch))
     return rows
 
 
@@ -208,8 +213,6 @@ def backward_specializations():
 
 def _backward_rows(arch: int) -> list[dict]:
     """One row per launch of each backward specialization (LSE forward, preprocess, dK/dV, dQ)."""
-    import time
-
     import torch
 
     from attnopt.codegen.triton import backward
@@ -227,21 +230,13 @@ def _backward_rows(arch: int) -> list[dict]:
                    "dots": kname != "attn_bwd_pre_kernel",  # delta is a row sum: no tensor-core work
                    "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
                               "num_stages": cfg.num_stages}}
-            t = time.time()
-            try:
-                row.update(resources(compile_call(launch, arch)), ok=True)
-            except Exception as e:  # noqa: BLE001  reported per row
-                row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-400:]}")
-            row["compile_s"] = round(time.time() - t, 2)
-            rows.append(row)
+            rows.append(_compiled(row, lambda launch=launch: launch, arch))
     return rows
 
 
 def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
     """Compile every specialization with the first config of each tile table; one row each (the
     decode family: one per launch, its split count the heuristic's)."""
-    import time
-
     import torch
 
     from attnopt.codegen.triton import generator, launcher
@@ -258,14 +253,8 @@ def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
         for table in families:
             cfg = generator.candidate_configs(table, ndim)[0]
             row = {"name": name, "family": family, "table": table, "arch": arch, "config": cfg.to_json()}
-            t = time.time()
-            try:
-                call = launcher.kernel_call(family, cfg, q, k, k, mask, params, layout, leading, trailing)
-                row.update(resources(compile_call(call, arch)), ok=True)
-            except Exception as e:  # noqa: BLE001  reported per row
-                row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[-400:]}")
-            row["compile_s"] = round(time.time() - t, 2)
-            rows.append(row)
+            rows.append(_compiled(row, lambda: launcher.kernel_call(family, cfg, q, k, k, mask, params, layout,
+                                                                  leading, trailing), arch))
     for table in families:
         rows.extend(_decode_rows(arch, table))
     rows.extend(_backward_rows(arch))
