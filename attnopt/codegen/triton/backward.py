@@ -72,6 +72,22 @@ def _load_rows(ptr, offs_r, n_rows, offs_c, n_cols: tl.constexpr, UPCAST: tl.con
 
 
 @triton.jit
+def _kv_blocks(m0, offset, win_left, win_right, Q_LEN, KV_LEN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_UPPER: tl.constexpr):
+    """[lo, hi): the KV blocks the Q tile starting at m0 can see (causal / window limits), aligned to
+    BLOCK_N; the LSE forward and the dQ kernel walk the same range."""
+    lo_key = 0
+    hi_key = KV_LEN
+    if HAS_LEFT:
+        lo_key = tl.maximum(m0 + offset - win_left, 0)
+    if HAS_UPPER:
+        hi_key = tl.minimum(tl.maximum(tl.minimum(m0 + BLOCK_M, Q_LEN) - 1 + offset + win_right + 1, 0), KV_LEN)
+    lo = (lo_key // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(((hi_key + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
+    return lo, hi
+
+
+@triton.jit
 def _scores(b_q, b_k, p_mask_base, offs_m, offs_n, Q_LEN, KV_LEN, stride_mm, stride_mn,
             scale, softcap, offset, win_left, win_right,
             HAS_UPPER: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -154,14 +170,7 @@ def attn_fwd_lse_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    lo_key = 0
-    hi_key = KV_LEN
-    if HAS_LEFT:
-        lo_key = tl.maximum(m0 + offset - win_left, 0)
-    if HAS_UPPER:
-        hi_key = tl.minimum(tl.maximum(tl.minimum(m0 + BLOCK_M, Q_LEN) - 1 + offset + win_right + 1, 0), KV_LEN)
-    lo = (lo_key // BLOCK_N) * BLOCK_N
-    hi = tl.maximum(((hi_key + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
+    lo, hi = _kv_blocks(m0, offset, win_left, win_right, Q_LEN, KV_LEN, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_UPPER)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         b_k = _load_rows(K + kv_bh * KV_LEN * HEAD_DIM, offs_n, KV_LEN, offs_d, HEAD_DIM, UPCAST)
@@ -280,14 +289,7 @@ def attn_bwd_dq_kernel(
     b_lse, b_delta = _row_stats(LSE, DELTA, pid_bh * Q_LEN, offs_m, Q_LEN, BLOCK_M, SIGMOID)
     p_mask_base = MASK + off_b * stride_mb + off_h * stride_mh
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo_key = 0
-    hi_key = KV_LEN
-    if HAS_LEFT:
-        lo_key = tl.maximum(m0 + offset - win_left, 0)
-    if HAS_UPPER:
-        hi_key = tl.minimum(tl.maximum(tl.minimum(m0 + BLOCK_M, Q_LEN) - 1 + offset + win_right + 1, 0), KV_LEN)
-    lo = (lo_key // BLOCK_N) * BLOCK_N
-    hi = tl.maximum(((hi_key + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
+    lo, hi = _kv_blocks(m0, offset, win_left, win_right, Q_LEN, KV_LEN, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_UPPER)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         b_k = _load_rows(K + kv_bh * KV_LEN * HEAD_DIM, offs_n, KV_LEN, offs_d, HEAD_DIM, UPCAST)
