@@ -111,8 +111,15 @@ def _share(extra: int) -> float:
 def test_measured_share_sees_elementwise_work():
     """Elementwise passes (GELU, adds) count as non-attention time; without them the share is
     small (the qkv Linear and copies). The attention-free copy drops the SDPA, keeps q, k, v."""
-    lean, heavy = _share(0), _share(40)
-    assert heavy > lean + 0.2 and heavy > 0.5
+    # A timing measurement on a shared machine: one quiet pair of runs is the claim, so up to
+    # three tries (CI once saw the lean share at 0.75 under load).
+    seen = []
+    for _ in range(3):
+        lean, heavy = _share(0), _share(40)
+        seen.append((round(lean, 3), round(heavy, 3)))
+        if heavy > lean + 0.2 and heavy > 0.5:
+            return
+    pytest.fail(f"no try showed the elementwise work (lean, heavy) = {seen}")
 
 
 def test_cpu_plan_uses_the_measured_share():
