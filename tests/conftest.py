@@ -12,3 +12,13 @@ if "ATTNOPT_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["ATTNOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnopt-test-cache-")
+
+# `ATTNOPT_TEST_TIMES=<file>`: append "<seconds> <phase> <test id>" per test phase as it ends, so a
+# run cut short still says where the time went (make test's --durations prints only at the end).
+_TIMES = os.environ.get("ATTNOPT_TEST_TIMES")
+
+
+def pytest_runtest_logreport(report):
+    if _TIMES and report.duration > 0.5:
+        with open(_TIMES, "a") as f:
+            f.write(f"{report.duration:.2f} {report.when} {report.nodeid}\n")
