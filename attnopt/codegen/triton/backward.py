@@ -431,7 +431,7 @@ def backward_calls(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask:
     return calls, bufs
 
 
-def _reduce_to(ds: Tensor, mask: Tensor) -> Tensor:
+def reduce_to(ds: Tensor, mask: Tensor) -> Tensor:
     """dS [B, H, Sq, Skv] summed over the dims `mask` broadcasts over, in mask's shape and dtype."""
     lead = ds.dim() - mask.dim()
     g = ds.sum(dim=tuple(range(lead))) if lead else ds
@@ -453,7 +453,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
         for _, c in calls:
             c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
     if needs[3] and attn_mask is not None and attn_mask.is_floating_point():
-        bufs["dmask"] = _reduce_to(bufs["ds"], attn_mask)
+        bufs["dmask"] = reduce_to(bufs["ds"], attn_mask)
     # A custom op's outputs may not alias each other: one fresh empty tensor per gradient not needed.
     return tuple(bufs[name] if name in bufs and n else q.new_empty(0)
                  for name, n in zip(("dq", "dk", "dv", "dmask"), needs))

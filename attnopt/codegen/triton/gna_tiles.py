@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from attnopt.ir import GNALayout
 from attnopt.sparsity import gna
 from attnopt.sparsity.simulator import dim_tiles
-from attnopt.ir import GNALayout
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,43 @@ def gna_tile_plan(layout: GNALayout, q_tile: tuple[int, ...], kv_tile: tuple[int
         num_kv_tiles=nk, q_index=q_index, kv_index=kv_index, q_range=q_range, kv_coord=kv_coord,
         tiles=tiles, counts=counts, element_mask=bool((counts[:, 0] < counts[:, 1]).any()),
     )
+
+
+@dataclass(frozen=True)
+class GNATransposedPlan:
+    """The plan seen from the keys (the GNA backward's dK/dV kernel): per KV tile u, the Q tiles
+    whose forward list visits u, those that visit it as a full tile (no element mask) first, each
+    list ascending. Every (Q tile, KV tile) pair of `plan` appears exactly once, so one program per
+    KV tile accumulates its dK / dV without atomics."""
+
+    plan: GNATilePlan
+    q_tiles: np.ndarray = field(repr=False)    # int32 [nk, max_q]: Q tiles visiting the tile, full first
+    counts: np.ndarray = field(repr=False)     # int32 [nk, 2]: (full visits, all visits)
+
+
+def transpose_plan(plan: GNATilePlan) -> GNATransposedPlan:
+    """`plan`'s tile lists inverted: KV tile -> the Q tiles that visit it (host side, numpy)."""
+    nq, nk = plan.num_q_tiles, plan.num_kv_tiles
+    n_all = plan.counts[:, 1].astype(np.int64)
+    cols = np.arange(plan.tiles.shape[1])[None, :]
+    used = cols < n_all[:, None]
+    q = np.broadcast_to(np.arange(nq)[:, None], plan.tiles.shape)[used]
+    kv = plan.tiles[used].astype(np.int64)
+    partial = np.broadcast_to(cols >= plan.counts[:, :1], plan.tiles.shape)[used]
+    order = np.lexsort((q, partial, kv))  # by KV tile, full visits first, then Q tile
+    q, kv, partial = q[order], kv[order], partial[order]
+    per_all = np.bincount(kv, minlength=nk)
+    per_full = np.bincount(kv[~partial], minlength=nk)
+    max_q = max(1, int(per_all.max(initial=0)))
+    q_tiles = np.zeros((nk, max_q), dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(per_all)[:-1]])
+    q_tiles[kv, np.arange(len(kv)) - starts[kv]] = q
+    counts = np.stack([per_full, per_all], axis=1).astype(np.int32)
+    return GNATransposedPlan(plan=plan, q_tiles=q_tiles, counts=counts)
+
+
+@functools.lru_cache(maxsize=64)
+def gna_transposed_plan(layout: GNALayout, q_tile: tuple[int, ...], kv_tile: tuple[int, ...]
+                        ) -> GNATransposedPlan:
+    """`transpose_plan(gna_tile_plan(layout, q_tile, kv_tile))`, cached like the plan."""
+    return transpose_plan(gna_tile_plan(layout, q_tile, kv_tile))

@@ -1,0 +1,669 @@
+"""Triton backward of attnopt::gna_attention (the block-sparse GNA family): dQ, dK, dV and a
+learned additive mask's gradient, walking the forward's tile plan, without S x S probabilities.
+
+Canonical layouts (BHSD, as the forward op; the host makes q, k, v, grad_out contiguous):
+  q [B, H, S, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], grad_out [B, H, S, Dv],
+  S = leading + N + trailing, N = prod(grid): leading global tokens, the grid row-major, trailing
+  global tokens; attn_mask broadcastable to [B, H, S, S] (bool: True = attend; float: added),
+  passed expanded (stride 0 on broadcast dims).
+  lse, delta [B, H, S] fp32 (grid rows only; lse natural log, -inf on a row that sees no key);
+  dq, dk, dv accumulate in fp32 [B, H(kv), S, D] and come back in the inputs' dtypes; dmask in
+  attn_mask's shape (dS written densely [B, H, S, S] fp32, then summed over its broadcast dims).
+  Slots and tiles: gna_tiles.py (a Q / KV tile is a box of the dilation-permuted grid; QIDX / KIDX
+  map a slot to its grid token, -1 = padding).
+
+Which pairs attend: gna_exact.py's header (the forward kernel plus fill_global_rows): grid queries
+see the leading keys always, the trailing keys unless the layout is causal, and the grid keys
+their layout allows; global queries see every key (causal layout: keys j <= i).
+
+Kernels (one source, run from its text as backward.py's):
+  gna_bwd_lse_kernel  per (Q tile, b*h): the forward again over the global key blocks and the
+                      plan's KV tiles, writing lse and delta = rowsum(dO * o) of its grid rows.
+  gna_bwd_dq_kernel   per (Q tile, b*h): dQ over the same KV tile list as the forward (full
+                      tiles first, without the element mask).
+  gna_bwd_dkdv_kernel per (KV tile, b*hkv): dK, dV over the TRANSPOSED plan (the Q tiles that
+                      visit the tile, gna_tiles.transpose_plan), looping over the KV head's query
+                      group: every (b, h, query, key) pair once, no atomics.
+The global parts are small and dense, done in torch fp32 math from the kernels' lse / delta:
+the global queries' rows ([G, S] scores) and the grid queries against the global keys ([N, G]).
+Math (natural units, s = x * scale + mask, -inf where not attended, x = q . k):
+  p = exp(s - lse); dP = dO v^T; dS = p * (dP - delta); dV = p^T dO, dK = scale dS^T q,
+  dQ = scale dS k, dmask = dS. A row with no visible key (lse -inf, read as +inf) gets 0.
+Takes what the forward Triton GNA kernel takes (1-/2-/3-D, strides, causal dims, dilation, leading
+and trailing tokens, masks, GQA, fp16/bf16/fp32) with the softmax normalizer (the op runs no
+other through its kernels) and head dims <= MAX_HEAD_DIM. A per-head selection (`heads`) splits:
+the layout's heads here, the other heads (exact attention) through backward.py's dense kernels
+when that is plain dense or causal attention; anything else is the caller's to recompute.
+"""
+from __future__ import annotations
+
+import linecache
+import math
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnopt.codegen.gna_exact import every_head
+from attnopt.codegen.params import AttentionParams, TokenLayout
+from attnopt.codegen.triton import backward, generator, launcher
+from attnopt.codegen.triton.gna_tiles import gna_tile_plan, gna_transposed_plan
+from attnopt.codegen.triton.launcher import KernelCall
+
+MAX_HEAD_DIM = backward.MAX_HEAD_DIM
+
+SOURCE = r'''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows(ptr, tok, m_rows, offs_c, N_COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows `tok` of a contiguous [S, N_COLS] matrix; rows where m_rows is false read 0."""
+    b_x = tl.load(ptr + tok[:, None] * N_COLS + offs_c[None, :],
+                  mask=m_rows[:, None] & (offs_c[None, :] < N_COLS), other=0.0)
+    if UPCAST:
+        b_x = b_x.to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _slots(IDX, offs, LEADING: tl.constexpr):
+    """(token, valid) of slots `offs`: padding slots (-1) read token LEADING and are invalid."""
+    b_slot = tl.load(IDX + offs)
+    return tl.maximum(b_slot, 0) + LEADING, b_slot >= 0
+
+
+@triton.jit
+def _keep(QRANGE, KCOORD, offs_m, offs_n, NDIM: tl.constexpr):
+    """The exact GNA mask [M, N] in permuted coordinates: per dimension lo <= key < hi (padding
+    keys carry coordinate -1, padding queries the range [0, 0): never)."""
+    b_kc = tl.load(KCOORD + offs_n * 4 + 0)
+    m = (b_kc[None, :] >= tl.load(QRANGE + offs_m * 6 + 0)[:, None]) & \
+        (b_kc[None, :] < tl.load(QRANGE + offs_m * 6 + 1)[:, None])
+    if NDIM > 1:
+        b_kc = tl.load(KCOORD + offs_n * 4 + 1)
+        m = m & (b_kc[None, :] >= tl.load(QRANGE + offs_m * 6 + 2)[:, None]) & \
+            (b_kc[None, :] < tl.load(QRANGE + offs_m * 6 + 3)[:, None])
+    if NDIM > 2:
+        b_kc = tl.load(KCOORD + offs_n * 4 + 2)
+        m = m & (b_kc[None, :] >= tl.load(QRANGE + offs_m * 6 + 4)[:, None]) & \
+            (b_kc[None, :] < tl.load(QRANGE + offs_m * 6 + 5)[:, None])
+    return m
+
+
+@triton.jit
+def _scores(b_q, b_k, p_mask_base, b_qtok, b_ktok, m_pair, stride_mm, stride_mn, scale,
+            HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Scores in natural units with the user's mask, -inf outside m_pair."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=INPUT_PRECISION) * scale
+    if HAS_MASK:
+        b_mk = tl.load(p_mask_base + b_qtok[:, None] * stride_mm + b_ktok[None, :] * stride_mn,
+                       mask=m_pair, other=0)
+        if MASK_IS_BOOL:
+            b_s = tl.where(b_mk != 0, b_s, float("-inf"))
+        else:
+            b_s = b_s + b_mk.to(tl.float32)
+    return tl.where(m_pair, b_s, float("-inf"))
+
+
+@triton.jit
+def _online(b_acc, b_m, b_l, b_s, b_v, INPUT_PRECISION: tl.constexpr):
+    """One online-softmax step in natural units (fp32 state)."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    # A fully masked row keeps max -inf; subtract 0 instead so exp gives 0, not NaN.
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_p = tl.exp(b_s - b_m_safe[:, None])
+    b_alpha = tl.exp(b_m - b_m_safe)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=INPUT_PRECISION)
+    return b_acc, b_m_new, b_l
+
+
+@triton.jit
+def _lse_globals(b_acc, b_m, b_l, b_q, p_k, p_v, p_mask_base, b_qtok, m_q, offs_d, offs_dv,
+                 stride_mm, stride_mn, scale, KEY0: tl.constexpr, COUNT: tl.constexpr, BLOCK_L: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HAS_MASK: tl.constexpr,
+                 MASK_IS_BOOL: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The COUNT global keys KEY0.. as one block (every grid query sees them)."""
+    offs_l = KEY0 + tl.arange(0, BLOCK_L)
+    m_l = offs_l < KEY0 + COUNT
+    b_k = _rows(p_k, offs_l, m_l, offs_d, HEAD_DIM, UPCAST)
+    b_v = _rows(p_v, offs_l, m_l, offs_dv, HEAD_DIM_V, UPCAST)
+    b_s = _scores(b_q, b_k, p_mask_base, b_qtok, offs_l, m_q[:, None] & m_l[None, :], stride_mm, stride_mn,
+                  scale, HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
+    return _online(b_acc, b_m, b_l, b_s, b_v, INPUT_PRECISION)
+
+
+@triton.jit
+def _lse_tiles(b_acc, b_m, b_l, b_q, p_k, p_v, p_mask_base, p_tiles, QRANGE, KCOORD, KIDX, offs_m, b_qtok, m_q,
+               offs_d, offs_dv, lo, hi, stride_mm, stride_mn, scale,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, NDIM: tl.constexpr,
+               LEADING: tl.constexpr, ELEMENT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+               UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for i in range(lo, hi):
+        offs_n = tl.load(p_tiles + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_ktok, m_k = _slots(KIDX, offs_n, LEADING)
+        b_k = _rows(p_k, b_ktok, m_k, offs_d, HEAD_DIM, UPCAST)
+        b_v = _rows(p_v, b_ktok, m_k, offs_dv, HEAD_DIM_V, UPCAST)
+        m_pair = m_q[:, None] & m_k[None, :]
+        if ELEMENT:
+            m_pair = m_pair & _keep(QRANGE, KCOORD, offs_m, offs_n, NDIM)
+        b_s = _scores(b_q, b_k, p_mask_base, b_qtok, b_ktok, m_pair, stride_mm, stride_mn, scale,
+                      HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
+        b_acc, b_m, b_l = _online(b_acc, b_m, b_l, b_s, b_v, INPUT_PRECISION)
+    return b_acc, b_m, b_l
+
+
+@triton.jit
+def gna_bwd_lse_kernel(
+    Q, K, V, MASK, DO, LSE, DELTA, TILES, COUNTS, QRANGE, KCOORD, QIDX, KIDX,
+    stride_mb, stride_mh, stride_mm, stride_mn, H, S, MAX_TILES, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NDIM: tl.constexpr,
+    LEADING: tl.constexpr, BLOCK_L: tl.constexpr, TRAIL0: tl.constexpr, TRAILING: tl.constexpr,
+    BLOCK_T: tl.constexpr, ELEMENT_MASK: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """lse and delta of one Q tile's grid rows (the forward's visit order and masks)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    kv_bh = off_b * (H // GROUP) + off_h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b_qtok, m_q = _slots(QIDX, offs_m, LEADING)
+    b_q = _rows(Q + pid_bh * S * HEAD_DIM, b_qtok, m_q, offs_d, HEAD_DIM, UPCAST)
+    p_k = K + kv_bh * S * HEAD_DIM
+    p_v = V + kv_bh * S * HEAD_DIM_V
+    p_mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if LEADING > 0:
+        b_acc, b_m, b_l = _lse_globals(b_acc, b_m, b_l, b_q, p_k, p_v, p_mask_base, b_qtok, m_q, offs_d, offs_dv,
+                                       stride_mm, stride_mn, scale, 0, LEADING, BLOCK_L, HEAD_DIM, HEAD_DIM_V,
+                                       HAS_MASK, MASK_IS_BOOL, UPCAST, INPUT_PRECISION)
+    if TRAILING > 0:
+        b_acc, b_m, b_l = _lse_globals(b_acc, b_m, b_l, b_q, p_k, p_v, p_mask_base, b_qtok, m_q, offs_d, offs_dv,
+                                       stride_mm, stride_mn, scale, TRAIL0, TRAILING, BLOCK_T, HEAD_DIM,
+                                       HEAD_DIM_V, HAS_MASK, MASK_IS_BOOL, UPCAST, INPUT_PRECISION)
+    p_tiles = TILES + pid_m * MAX_TILES
+    n_full = tl.load(COUNTS + pid_m * 2)
+    n_all = tl.load(COUNTS + pid_m * 2 + 1)
+    b_acc, b_m, b_l = _lse_tiles(b_acc, b_m, b_l, b_q, p_k, p_v, p_mask_base, p_tiles, QRANGE, KCOORD, KIDX,
+                                 offs_m, b_qtok, m_q, offs_d, offs_dv, 0, n_full, stride_mm, stride_mn, scale,
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, LEADING, False, HAS_MASK, MASK_IS_BOOL,
+                                 UPCAST, INPUT_PRECISION)
+    if ELEMENT_MASK:
+        b_acc, b_m, b_l = _lse_tiles(b_acc, b_m, b_l, b_q, p_k, p_v, p_mask_base, p_tiles, QRANGE, KCOORD, KIDX,
+                                     offs_m, b_qtok, m_q, offs_d, offs_dv, n_full, n_all, stride_mm, stride_mn,
+                                     scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, LEADING, True, HAS_MASK,
+                                     MASK_IS_BOOL, UPCAST, INPUT_PRECISION)
+    b_o = b_acc / tl.maximum(b_l, 1.17549435e-38)[:, None]
+    b_lse = tl.where(b_l > 0.0, b_m + tl.log(tl.maximum(b_l, 1.17549435e-38)), float("-inf"))
+    b_do = _rows(DO + pid_bh * S * HEAD_DIM_V, b_qtok, m_q, offs_dv, HEAD_DIM_V, True)
+    tl.store(LSE + pid_bh * S + b_qtok, b_lse, mask=m_q)
+    tl.store(DELTA + pid_bh * S + b_qtok, tl.sum(b_o * b_do, 1), mask=m_q)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, row0, b_qtok, m_q):
+    """lse (a dead row's -inf and padding rows read as +inf: p = 0 there) and delta."""
+    b_lse = tl.load(LSE + row0 + b_qtok, mask=m_q, other=float("inf"))
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    return b_lse, tl.load(DELTA + row0 + b_qtok, mask=m_q, other=0.0)
+
+
+@triton.jit
+def _dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_mask_base, p_tiles, QRANGE, KCOORD, KIDX, offs_m,
+              b_qtok, m_q, offs_d, offs_dv, lo, hi, stride_mm, stride_mn, scale,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, NDIM: tl.constexpr,
+              LEADING: tl.constexpr, ELEMENT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+              UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for i in range(lo, hi):
+        offs_n = tl.load(p_tiles + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_ktok, m_k = _slots(KIDX, offs_n, LEADING)
+        b_k = _rows(p_k, b_ktok, m_k, offs_d, HEAD_DIM, UPCAST)
+        b_v = _rows(p_v, b_ktok, m_k, offs_dv, HEAD_DIM_V, UPCAST)
+        m_pair = m_q[:, None] & m_k[None, :]
+        if ELEMENT:
+            m_pair = m_pair & _keep(QRANGE, KCOORD, offs_m, offs_n, NDIM)
+        b_s = _scores(b_q, b_k, p_mask_base, b_qtok, b_ktok, m_pair, stride_mm, stride_mn, scale,
+                      HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
+        b_p = tl.exp(b_s - b_lse[:, None])
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=INPUT_PRECISION)
+        b_dx = b_p * (b_dp - b_delta[:, None]) * scale
+        b_dq += tl.dot(b_dx.to(b_k.dtype), b_k, input_precision=INPUT_PRECISION)
+    return b_dq
+
+
+@triton.jit
+def gna_bwd_dq_kernel(
+    Q, K, V, MASK, DO, LSE, DELTA, DQ, TILES, COUNTS, QRANGE, KCOORD, QIDX, KIDX,
+    stride_mb, stride_mh, stride_mm, stride_mn, H, S, MAX_TILES, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NDIM: tl.constexpr,
+    LEADING: tl.constexpr, ELEMENT_MASK: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dQ (fp32) of one Q tile's grid rows from the grid keys of the forward's KV tile list."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    kv_bh = off_b * (H // GROUP) + off_h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b_qtok, m_q = _slots(QIDX, offs_m, LEADING)
+    b_q = _rows(Q + pid_bh * S * HEAD_DIM, b_qtok, m_q, offs_d, HEAD_DIM, UPCAST)
+    b_do = _rows(DO + pid_bh * S * HEAD_DIM_V, b_qtok, m_q, offs_dv, HEAD_DIM_V, UPCAST)
+    b_lse, b_delta = _row_stats(LSE, DELTA, pid_bh * S, b_qtok, m_q)
+    p_k = K + kv_bh * S * HEAD_DIM
+    p_v = V + kv_bh * S * HEAD_DIM_V
+    p_mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+    p_tiles = TILES + pid_m * MAX_TILES
+    n_full = tl.load(COUNTS + pid_m * 2)
+    n_all = tl.load(COUNTS + pid_m * 2 + 1)
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_mask_base, p_tiles, QRANGE, KCOORD, KIDX,
+                     offs_m, b_qtok, m_q, offs_d, offs_dv, 0, n_full, stride_mm, stride_mn, scale,
+                     HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, LEADING, False, HAS_MASK, MASK_IS_BOOL, UPCAST,
+                     INPUT_PRECISION)
+    if ELEMENT_MASK:
+        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_mask_base, p_tiles, QRANGE, KCOORD,
+                         KIDX, offs_m, b_qtok, m_q, offs_d, offs_dv, n_full, n_all, stride_mm, stride_mn, scale,
+                         HEAD_DIM, HEAD_DIM_V, BLOCK_N, NDIM, LEADING, True, HAS_MASK, MASK_IS_BOOL, UPCAST,
+                         INPUT_PRECISION)
+    tl.store(DQ + pid_bh * S * HEAD_DIM + b_qtok[:, None] * HEAD_DIM + offs_d[None, :], b_dq,
+             mask=m_q[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _dkdv_tiles(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, DS, p_mask_base, p_qtiles, QRANGE, KCOORD, QIDX,
+                offs_n, b_ktok, m_k, offs_d, offs_dv, bh, S, lo, hi, stride_mm, stride_mn, scale,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, NDIM: tl.constexpr,
+                LEADING: tl.constexpr, ELEMENT: tl.constexpr, HAS_MASK: tl.constexpr,
+                MASK_IS_BOOL: tl.constexpr, WRITE_DS: tl.constexpr, UPCAST: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    for i in range(lo, hi):
+        offs_m = tl.load(p_qtiles + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        b_qtok, m_q = _slots(QIDX, offs_m, LEADING)
+        b_q = _rows(Q + bh * S * HEAD_DIM, b_qtok, m_q, offs_d, HEAD_DIM, UPCAST)
+        b_do = _rows(DO + bh * S * HEAD_DIM_V, b_qtok, m_q, offs_dv, HEAD_DIM_V, UPCAST)
+        b_lse, b_delta = _row_stats(LSE, DELTA, bh * S, b_qtok, m_q)
+        m_pair = m_q[:, None] & m_k[None, :]
+        m_valid = m_pair
+        if ELEMENT:
+            m_pair = m_pair & _keep(QRANGE, KCOORD, offs_m, offs_n, NDIM)
+        b_s = _scores(b_q, b_k, p_mask_base, b_qtok, b_ktok, m_pair, stride_mm, stride_mn, scale,
+                      HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
+        b_p = tl.exp(b_s - b_lse[:, None])
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=INPUT_PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=INPUT_PRECISION)
+        b_dk += tl.dot(tl.trans((b_ds * scale).to(b_q.dtype)), b_q, input_precision=INPUT_PRECISION)
+        if WRITE_DS:
+            # real (query, key) pairs only: padding slots alias token LEADING
+            tl.store(DS + bh * S * S + b_qtok[:, None] * S + b_ktok[None, :], b_ds, mask=m_valid)
+    return b_dk, b_dv
+
+
+@triton.jit
+def gna_bwd_dkdv_kernel(
+    Q, K, V, MASK, DO, LSE, DELTA, DK, DV, DS, QTILES, QCOUNTS, QRANGE, KCOORD, QIDX, KIDX,
+    stride_mb, stride_mh, stride_mm, stride_mn, H, S, MAX_Q, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NDIM: tl.constexpr,
+    LEADING: tl.constexpr, ELEMENT_MASK: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    WRITE_DS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dK, dV (fp32) of one KV tile's grid keys from the grid queries of the Q tiles that visit it,
+    summed over the KV head's query group; dS per pair if WRITE_DS."""
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1).to(tl.int64)
+    off_b = pid_bkv // (H // GROUP)
+    off_hkv = pid_bkv % (H // GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b_ktok, m_k = _slots(KIDX, offs_n, LEADING)
+    b_k = _rows(K + pid_bkv * S * HEAD_DIM, b_ktok, m_k, offs_d, HEAD_DIM, UPCAST)
+    b_v = _rows(V + pid_bkv * S * HEAD_DIM_V, b_ktok, m_k, offs_dv, HEAD_DIM_V, UPCAST)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    p_qtiles = QTILES + pid_n * MAX_Q
+    n_full = tl.load(QCOUNTS + pid_n * 2)
+    n_all = tl.load(QCOUNTS + pid_n * 2 + 1)
+    for g in range(0, GROUP):
+        off_h = off_hkv * GROUP + g
+        bh = off_b * H + off_h
+        p_mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, DS, p_mask_base, p_qtiles, QRANGE,
+                                 KCOORD, QIDX, offs_n, b_ktok, m_k, offs_d, offs_dv, bh, S, 0, n_full,
+                                 stride_mm, stride_mn, scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, NDIM, LEADING, False,
+                                 HAS_MASK, MASK_IS_BOOL, WRITE_DS, UPCAST, INPUT_PRECISION)
+        if ELEMENT_MASK:
+            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, DS, p_mask_base, p_qtiles, QRANGE,
+                                     KCOORD, QIDX, offs_n, b_ktok, m_k, offs_d, offs_dv, bh, S, n_full, n_all,
+                                     stride_mm, stride_mn, scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, NDIM, LEADING,
+                                     True, HAS_MASK, MASK_IS_BOOL, WRITE_DS, UPCAST, INPUT_PRECISION)
+    tl.store(DK + pid_bkv * S * HEAD_DIM + b_ktok[:, None] * HEAD_DIM + offs_d[None, :], b_dk,
+             mask=m_k[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + pid_bkv * S * HEAD_DIM_V + b_ktok[:, None] * HEAD_DIM_V + offs_dv[None, :], b_dv,
+             mask=m_k[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+'''
+
+KERNELS = ("gna_bwd_lse_kernel", "gna_bwd_dq_kernel", "gna_bwd_dkdv_kernel")
+_MODULES: dict[bool, types.ModuleType] = {}
+
+
+def kernels() -> types.ModuleType:
+    """The module holding KERNELS, run from SOURCE (one per interpreter mode, as backward.py)."""
+    interp = generator.interpreter_active()
+    if interp not in _MODULES:
+        filename = f"<attnopt generated gna_attention_backward{'_interp' if interp else ''}.py>"
+        linecache.cache[filename] = (len(SOURCE), None, SOURCE.splitlines(keepends=True), filename)
+        name = f"attnopt_generated.gna_attention_backward{'_interp' if interp else ''}"
+        module = types.ModuleType(name)
+        module.__file__ = filename
+        sys.modules[name] = module
+        exec(compile(SOURCE, filename, "exec"), module.__dict__)  # noqa: S102  our own source text
+        _MODULES[interp] = module
+    return _MODULES[interp]
+
+
+# ---- host side ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tiles:
+    """q_tile x kv_tile: the plan the LSE forward and dQ walk; dkdv_q_tile x dkdv_kv_tile: the plan
+    the dK/dV kernel walks transposed (it holds k, v, dk, dv for its whole loop, so its Q step is
+    smaller on a GPU). Boxes of the permuted grid, one entry per grid dimension."""
+
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    dkdv_q_tile: tuple[int, ...]
+    dkdv_kv_tile: tuple[int, ...]
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+# Fixed tiles per (kind, grid dims), chosen by compiling for sm_90 (aot.py's rows: no spills at
+# the head dims listed there). Interpreter: 16-token tiles, so the tests' small grids are cut
+# into several tiles (each tile step costs milliseconds there).
+_TILES = {
+    "interpreter": {1: ((32,), (16,), (16,), (32,)), 2: ((4, 4), (4, 8), (4, 4), (4, 4)),
+                    3: ((2, 2, 4), (2, 4, 2), (2, 2, 4), (2, 2, 4))},
+    "16bit": {1: ((64,), (64,), (32,), (64,)), 2: ((8, 8), (8, 8), (4, 8), (8, 8)),
+              3: ((4, 4, 4), (4, 4, 4), (2, 4, 4), (4, 4, 4))},
+    "fp32": {1: ((16,), (32,), (16,), (32,)), 2: ((4, 4), (4, 8), (4, 4), (4, 8)),
+             3: ((2, 2, 4), (2, 4, 4), (2, 2, 4), (2, 4, 4))},
+}
+
+
+def tiles(q: Tensor, ndim: int) -> Tiles:
+    """The fixed tiles for q's dtype and the grid's dimensions (module table above)."""
+    if generator.interpreter_active():
+        return Tiles(*_TILES["interpreter"][ndim], 4, 1)
+    if q.dtype == torch.float32:
+        return Tiles(*_TILES["fp32"][ndim], 4, 1)
+    return Tiles(*_TILES["16bit"][ndim], 4 if q.shape[-1] <= 64 else 8, 2)
+
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << (int(x) - 1).bit_length())
+
+
+def _rest_params(layout: TokenLayout, scale: float) -> AttentionParams | None:
+    """The dense attention the heads outside `layout.heads` run (gna_exact.exact_rest): plain
+    dense, or plain causal for a 1-D causal layout (its full window: every earlier key, globals
+    included); None for a causal multi-D layout (its full window is no 1-D band)."""
+    if not layout.causal:
+        return AttentionParams(scale=float(scale))
+    if len(layout.grid.shape) == 1:
+        return AttentionParams(scale=float(scale), causal=True)
+    return None
+
+
+def _head_split(H: int, Hkv: int, heads) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    """(layout heads, their KV heads, other heads, their KV heads) as gna_exact.split_heads makes
+    them, or None where it would refuse (out of range, a KV group split)."""
+    group = H // Hkv
+    sel = sorted({int(h) for h in heads})
+    if any(not 0 <= h < H for h in sel):
+        return None
+    kv_sel = sorted({h // group for h in sel})
+    if len(sel) != len(kv_sel) * group:
+        return None
+    return sel, kv_sel, sorted(set(range(H)) - set(sel)), sorted(set(range(Hkv)) - set(kv_sel))
+
+
+def _head_mask(attn_mask: Tensor | None, heads: list[int], H: int) -> Tensor | None:
+    """attn_mask restricted to `heads` (as split_heads slices it)."""
+    if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] == H and H > 1:
+        return attn_mask[:, heads]
+    return attn_mask
+
+
+def can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, layout: TokenLayout,
+            normalizer: str = "softmax", needs=(True, True, True, False)) -> tuple[bool, str]:
+    """Whether these kernels compute this gna_attention call's gradients: what the forward Triton
+    GNA kernel takes, softmax, head dims <= MAX_HEAD_DIM; with a per-head selection, the other
+    heads' exact attention must be backward.py's (and no mask gradient)."""
+    if normalizer != "softmax":
+        return False, f"normalizer {normalizer!r} (the GNA op's kernels run softmax only)"
+    if layout is None or layout.grid is None:
+        return False, "no GNA layout"
+    params = AttentionParams(scale=float(scale))
+    plain = TokenLayout(layout.grid, layout.leading, trailing=layout.trailing)
+    ok, why = launcher.can_run_block_sparse_gna(q, k, v, attn_mask, params, plain)
+    if not ok:
+        return ok, why
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return False, f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM} (backward tiles)"
+    if every_head(layout.heads, q.shape[1]):
+        return True, ""
+    split = _head_split(q.shape[1], k.shape[1], layout.heads)
+    if split is None:
+        return False, f"heads {list(layout.heads)} do not split into whole KV groups"
+    needs = list(needs) + [False] * (4 - len(needs))
+    if needs[3] and attn_mask is not None and attn_mask.is_floating_point():
+        return False, "a mask gradient with a per-head selection"
+    rest = _rest_params(layout, scale)
+    if rest is None:
+        return False, "the exact heads of a causal multi-D layout (no dense band)"
+    _, _, others, kv_others = split
+    return backward.can_run(q[:, others], k[:, kv_others], v[:, kv_others],
+                            _head_mask(attn_mask, others, q.shape[1]), rest)
+
+
+_PLAN_TENSORS: dict = {}
+
+
+def _plan_tensors(plan, device, transposed=None) -> dict[str, Tensor]:
+    """The plan's index tables on `device` (slot maps keep -1 for padding: the kernels read it),
+    with the transposed plan's (q_tiles, q_counts) when given."""
+    key = (id(plan), id(transposed), str(device))
+    if key not in _PLAN_TENSORS:
+        t = lambda a: torch.as_tensor(a, dtype=torch.int32).to(device)
+        d = dict(q_slot=t(plan.q_index), kv_slot=t(plan.kv_index), q_range=t(plan.q_range),
+                 kv_coord=t(plan.kv_coord), tiles=t(plan.tiles), counts=t(plan.counts),
+                 keep=(plan, transposed))  # keep them alive: their id()s stay unique
+        if transposed is not None:
+            d.update(q_tiles=t(transposed.q_tiles), q_counts=t(transposed.counts))
+        _PLAN_TENSORS[key] = d
+    return _PLAN_TENSORS[key]
+
+
+def backward_calls(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float,
+                   layout: TokenLayout, needs=(True, True, True, False), cfg: Tiles | None = None
+                   ) -> tuple[list[tuple[str, KernelCall]], dict[str, Tensor]]:
+    """The launches, built but not run (aot.py compiles them), in order, and the buffers they
+    write: lse, delta, and dq / dk / dv (fp32, zero where the kernels write nothing: the global
+    tokens' rows) and ds (only when a float mask's gradient is needed). Inputs contiguous; every
+    head runs the layout (the caller split any selection)."""
+    mod = kernels()
+    grid = layout.grid
+    cfg = cfg or tiles(q, len(grid.shape))
+    B, H, S, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    leading, trailing = int(layout.leading), int(layout.trailing)
+    trail = 0 if layout.causal else trailing  # grid queries see no trailing key under a causal layout
+    plan = gna_tile_plan(grid, tuple(cfg.q_tile), tuple(cfg.kv_tile))
+    tplan = gna_transposed_plan(grid, tuple(cfg.dkdv_q_tile), tuple(cfg.dkdv_kv_tile))
+    pq, pk = _plan_tensors(plan, q.device), _plan_tensors(tplan.plan, q.device, tplan)
+    m, ms = generator.mask_args(attn_mask, q, (B, H, S, S))
+    flags = dict(GROUP=H // Hkv, HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+                 NDIM=len(grid.shape), LEADING=leading, HAS_MASK=attn_mask is not None,
+                 MASK_IS_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
+                 UPCAST=generator.interpreter_active() and q.dtype == torch.bfloat16,
+                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    f32 = dict(dtype=torch.float32, device=q.device)
+    bufs = dict(lse=torch.empty((B, H, S), **f32), delta=torch.empty((B, H, S), **f32))
+    needs = list(needs) + [False] * (4 - len(needs))
+    write_ds = bool(needs[3]) and attn_mask is not None and attn_mask.is_floating_point()
+    calls: list[tuple[str, KernelCall]] = []
+
+    def call(name, grid_, args, constexprs, out):
+        calls.append((name, KernelCall(getattr(mod, name), grid_, args, constexprs, cfg.num_warps,
+                                       cfg.num_stages, out)))
+
+    def plan_args(p):
+        return p["q_range"], p["kv_coord"], p["q_slot"], p["kv_slot"]
+
+    grid_q = (plan.num_q_tiles, B * H)
+    fwd = dict(flags, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, ELEMENT_MASK=plan.element_mask)
+    call("gna_bwd_lse_kernel", grid_q,
+         (q, k, v, m, grad_out, bufs["lse"], bufs["delta"], pq["tiles"], pq["counts"], *plan_args(pq), *ms,
+          H, S, plan.tiles.shape[1], float(scale)),
+         dict(fwd, BLOCK_L=_pow2(max(1, leading)), TRAIL0=leading + math.prod(grid.shape), TRAILING=trail,
+              BLOCK_T=_pow2(max(1, trail))), bufs["lse"])
+    if needs[0]:
+        bufs["dq"] = torch.zeros((B, H, S, D), **f32)
+        call("gna_bwd_dq_kernel", grid_q,
+             (q, k, v, m, grad_out, bufs["lse"], bufs["delta"], bufs["dq"], pq["tiles"], pq["counts"],
+              *plan_args(pq), *ms, H, S, plan.tiles.shape[1], float(scale)), fwd, bufs["dq"])
+    if needs[1] or needs[2] or write_ds:
+        bufs["dk"], bufs["dv"] = torch.zeros((B, Hkv, S, D), **f32), torch.zeros((B, Hkv, S, Dv), **f32)
+        if write_ds:
+            bufs["ds"] = torch.zeros((B, H, S, S), **f32)
+        tp = tplan.plan
+        call("gna_bwd_dkdv_kernel", (tp.num_kv_tiles, B * Hkv),
+             (q, k, v, m, grad_out, bufs["lse"], bufs["delta"], bufs["dk"], bufs["dv"], bufs.get("ds", bufs["lse"]),
+              pk["q_tiles"], pk["q_counts"],
+              *plan_args(pk), *ms, H, S, tplan.q_tiles.shape[1], float(scale)),
+             dict(flags, BLOCK_M=tp.block_m, BLOCK_N=tp.block_n, ELEMENT_MASK=tp.element_mask, WRITE_DS=write_ds),
+             bufs["dk"])
+    return calls, bufs
+
+
+def _masked(s: Tensor, mask: Tensor | None) -> Tensor:
+    """Scores with the user's mask: bool False -> -inf, float added."""
+    if mask is None:
+        return s
+    if mask.dtype == torch.bool:
+        return s.masked_fill(~mask, float("-inf"))
+    return s + mask.float()
+
+
+def _global_terms(q: Tensor, k: Tensor, v: Tensor, do: Tensor, attn_mask: Tensor | None, scale: float,
+                  layout: TokenLayout, bufs: dict[str, Tensor]) -> None:
+    """Add the global tokens' share to the fp32 buffers, in torch fp32 math: the global queries'
+    rows (every key; causal layout: j <= i) and the grid queries against the global keys, whose
+    probabilities come from the kernels' lse (the grid rows' full normalizer). Memory O(G x S)."""
+    B, H, S, _ = q.shape
+    Hkv = k.shape[1]
+    L, T = int(layout.leading), int(layout.trailing)
+    if not L and not T:
+        return
+    dev = q.device
+    kf = k.float().repeat_interleave(H // Hkv, 1)
+    vf = v.float().repeat_interleave(H // Hkv, 1)
+    mfull = None if attn_mask is None else generator.mask_args(attn_mask, q, (B, H, S, S))[0]
+    dq, dk, dv, ds = bufs.get("dq"), bufs.get("dk"), bufs.get("dv"), bufs.get("ds")
+
+    def group_sum(x: Tensor) -> Tensor:  # [B, H, n, d] -> [B, Hkv, n, d]
+        return x.view(B, Hkv, H // Hkv, *x.shape[2:]).sum(2)
+
+    def add(rows: Tensor, cols: Tensor, qr: Tensor, dor: Tensor, kc: Tensor, vc: Tensor, p: Tensor,
+            dsr: Tensor) -> None:
+        if dq is not None:
+            dq[:, :, rows] += (dsr * scale) @ kc
+        if dk is not None:
+            dk[:, :, cols] += group_sum((dsr * scale).transpose(-1, -2) @ qr)
+            dv[:, :, cols] += group_sum(p.transpose(-1, -2) @ dor)
+        if ds is not None:
+            ds[:, :, rows[:, None], cols[None, :]] = dsr
+
+    # Global queries: every key (causal: j <= i), a softmax of their own.
+    rows = torch.cat([torch.arange(L, device=dev), torch.arange(S - T, S, device=dev)])
+    cols = torch.arange(S, device=dev)
+    qr, dor = q[:, :, rows].float(), do[:, :, rows].float()
+    s = _masked(qr @ kf.transpose(-1, -2) * scale, None if mfull is None else mfull[:, :, rows])
+    if layout.causal:
+        s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    mx = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(mx == float("-inf"), 0.0, mx))
+    p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # a dead row: p = 0
+    dp = dor @ vf.transpose(-1, -2)
+    add(rows, cols, qr, dor, kf, vf, p, p * (dp - (dor * (p @ vf)).sum(-1, keepdim=True)))
+    # Grid queries against the global keys (no trailing key under a causal layout).
+    cols = torch.cat([torch.arange(L, device=dev)] + ([] if layout.causal else [torch.arange(S - T, S, device=dev)]))
+    if not len(cols):
+        return
+    rows = torch.arange(L, S - T, device=dev)
+    qr, dor, kc, vc = q[:, :, rows].float(), do[:, :, rows].float(), kf[:, :, cols], vf[:, :, cols]
+    s = _masked(qr @ kc.transpose(-1, -2) * scale,
+                None if mfull is None else mfull[:, :, rows[:, None], cols[None, :]])
+    lse = bufs["lse"][:, :, rows]
+    p = torch.exp(s - torch.where(lse == float("-inf"), float("inf"), lse)[..., None])
+    dsr = p * (dor @ vc.transpose(-1, -2) - bufs["delta"][:, :, rows, None])
+    add(rows, cols, qr, dor, kc, vc, p, dsr)
+
+
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                       scale: float, layout: TokenLayout, needs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dmask) as autograd.gna_attention_backward returns them (empty where not
+    needed; the caller checked `can_run`)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad_out = grad_out.to(q.dtype).contiguous()
+    needs = [bool(n) for n in needs] + [False] * (4 - len(needs))
+    if not every_head(layout.heads, q.shape[1]):
+        return _split_backward(grad_out, q, k, v, attn_mask, scale, layout, needs)
+    calls, bufs = backward_calls(grad_out, q, k, v, attn_mask, scale, layout, needs)
+    with generator.interpreter_stdlib():
+        for _, c in calls:
+            c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+    _global_terms(q, k, v, grad_out, attn_mask, float(scale), layout, bufs)
+    out = {name: bufs[name].to(x.dtype) for name, x in (("dq", q), ("dk", k), ("dv", v)) if name in bufs}
+    if "ds" in bufs:
+        out["dmask"] = backward.reduce_to(bufs["ds"], attn_mask)
+    # A custom op's outputs may not alias each other: one fresh empty tensor per gradient not needed.
+    return tuple(out[name] if name in out and n else q.new_empty(0)
+                 for name, n in zip(("dq", "dk", "dv", "dmask"), needs))
+
+
+def _split_backward(grad_out, q, k, v, attn_mask, scale, layout: TokenLayout, needs):
+    """A per-head selection: the layout's heads through these kernels, the others' exact attention
+    through backward.py (can_run checked both; no mask gradient here)."""
+    H = q.shape[1]
+    sel, kv_sel, others, kv_others = _head_split(H, k.shape[1], layout.heads)
+    part_needs = needs[:3] + [False]
+    grads = [torch.zeros_like(x) if n else q.new_empty(0) for x, n in zip((q, k, v), needs[:3])]
+    plain = TokenLayout(layout.grid, layout.leading, trailing=layout.trailing)
+    parts = [(sel, kv_sel, lambda *a: attention_backward(*a, float(scale), plain, part_needs))]
+    if others:
+        rest = _rest_params(layout, scale)
+        parts.append((others, kv_others, lambda *a: backward.attention_backward(*a, rest, part_needs)))
+    for qh, kh, run in parts:
+        got = run(grad_out[:, qh], q[:, qh], k[:, kh], v[:, kh], _head_mask(attn_mask, qh, H))
+        for g, part, idx, n in zip(grads, got, (qh, kh, kh), needs[:3]):
+            if n:
+                g[:, idx] = part
+    return (*grads, q.new_empty(0))
