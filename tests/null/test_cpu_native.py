@@ -218,7 +218,9 @@ def test_inputs_the_native_kernel_declines():
     assert not cpu.native_runs(q, k, v, None, AttentionParams(scale=0.25, softcap=5.0))
     assert not cpu.native_runs(q, k, v, None, AttentionParams(scale=0.25, normalizer="sigmoid"))
     assert not cpu.native_runs(q.double(), k.double(), v.double(), None, p)          # fp32 computes
-    assert not cpu.native_runs(q.requires_grad_(), k, v, None, p)                  # forward only
+    bias = torch.zeros(64, 64, requires_grad=True)                                   # a learned bias: its
+    assert not cpu.native_runs(q.requires_grad_(), k, v, bias, p)                   # gradient is SDPA's
+    assert not cpu.native_runs(q, k, v[..., :12].contiguous(), None, p)             # Dv % 8, with grad
     assert not cpu.native_runs(q.detach(), k, v[..., :12], None, p)                 # Dv % 8
     ok, why = cpu_native.can_run(q.detach(), k, v[..., :12], False)
     assert not ok and "multiple of 8" in why

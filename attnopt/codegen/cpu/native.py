@@ -117,7 +117,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
 def _open(path: Path) -> ctypes.CDLL:
     """dlopen the library and look up its entry points (OSError / AttributeError: not our library)."""
     lib = ctypes.CDLL(str(path))
-    lib.attnopt_tiles_f32, lib.attnopt_tiles_parallel  # noqa: B018  raise here, not in a caller
+    lib.attnopt_tiles_f32, lib.attnopt_tiles_parallel, lib.attnopt_tiles_backward_f32  # noqa: B018  raise here
     return lib
 
 
@@ -168,6 +168,10 @@ def _library() -> ctypes.CDLL | None:
                    ctypes.c_float, I, I, ctypes.c_int]
     fn.restype = ctypes.c_int
     lib.attnopt_tiles_parallel.restype = ctypes.c_int
+    bwd = lib.attnopt_tiles_backward_f32  # native_backward.py calls it
+    bwd.argtypes = [P, P, P, P, P, P, P, I, I, I, I, I, I, I, P, P, P, P, P, I, I, P, I, I, P, P, P,
+                    ctypes.c_int, P, ctypes.c_float, ctypes.c_int]
+    bwd.restype = ctypes.c_int
     lib.parallel = bool(lib.attnopt_tiles_parallel())
     return lib
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from attnopt.codegen import autotune
 from attnopt.codegen.cpu import native as cpu_native
+from attnopt.codegen.cpu import native_backward
 from attnopt.codegen.cpu.tile_sdpa import Tiles, needs_grad, run_tiles
 from attnopt.codegen.gna_exact import fill_global_rows
 from attnopt.codegen.params import AttentionParams, TokenLayout, gna_call_fits
@@ -305,8 +306,9 @@ def native_can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, pa
     why not."""
     if params.normalizer != "softmax" or params.softcap is not None:
         return False, "the compiled kernel is softmax without softcap"
-    # a learned bias passed as the mask (relative positions) needs its gradient too
-    return cpu_native.can_run(q, k, v, needs_grad(q, k, v, attn_mask), attn_mask)
+    if needs_grad(q, k, v, attn_mask):  # the compiled backward (native_backward.py) pairs with it
+        return native_backward.can_run(q, k, v, attn_mask)
+    return cpu_native.can_run(q, k, v, False, attn_mask)
 
 
 def native_runs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams) -> bool:
@@ -321,6 +323,8 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: 
     B, H, Sq, _ = q.shape
     out = torch.empty((B, H, Sq, v.shape[3]), dtype=q.dtype, device=q.device)
     if native and plan.q_idx.shape[1] >= NATIVE_MIN_QUERIES and native_runs(q, k, v, attn_mask, params):
+        if needs_grad(q, k, v, attn_mask):
+            return native_backward.attention(q, k, v, attn_mask, params.scale, plan)
         if q.dtype == torch.float32:
             cpu_native.attend(q, k, v, params.scale, plan.native_tiles, out, attn_mask)
         else:  # fp16/bf16: computed in fp32 (as SDPA's CPU kernel accumulates), rounded once
