@@ -16,10 +16,11 @@ Backward ops (new names; the forward schemas stay as they are):
   `needs` = which of (q, k, v, attn_mask) need a gradient; a gradient not needed comes back as an
   empty tensor (a custom op cannot return None in a tuple) and the formula hands autograd None.
 
-How: exact recomputation. The forward kernels return the output only (their schemas are fixed, and
-the CPU tile kernel, SDPA and the Triton kernels keep no log-sum-exp a backward could read), so the
-backward runs the same attention again through the kernel table with `needs_grad` set (which
-leaves out the forward-only rows: Triton and the compiled C kernel) and differentiates that:
+How (where no Triton backward below takes the call): exact recomputation. The forward kernels
+return the output only (their schemas are fixed, and the CPU tile kernel, SDPA and the Triton
+kernels keep no log-sum-exp a backward could read), so the backward runs the same attention again
+through the kernel table with `needs_grad` set (which leaves out the forward-only rows: Triton and
+the compiled C kernel) and differentiates that:
   * windows and GNA layouts on CPU: SDPA per tile group (cpu/tile_sdpa.py), so what autograd keeps is
     the tiles' scores, O(tiles x box) rather than O(S^2);
   * dense / causal / masked softmax: SDPA (its own fused backward);
@@ -29,13 +30,21 @@ order: the forward may have run the compiled kernel or Triton, the recomputation
 cost of one extra forward. A backward from the forward's log-sum-exp needs kernels that return it
 (and a schema that carries it): not done yet.
 
-Triton backward (attnopt::attention only): on CUDA tensors, or CPU tensors under
-ATTNOPT_FORCE_TRITON=1 (the interpreter), where triton/backward.py's `can_run` takes the call
-(the dense family: dense, causal, windows, GQA, masks, softcap, sigmoid; fp16/bf16/fp32, head dims
-<= 128) the backward op runs its FlashAttention-2 kernels instead: no S^2 autograd graph. The
-forward schema carries no log-sum-exp, so those kernels recompute it with one LSE-writing forward.
-Anything else (GNA, mixed dtypes, larger head dims) keeps the recomputation; CPU tensors without
-the variable never reach Triton.
+Triton backward: on CUDA tensors, or CPU tensors under ATTNOPT_FORCE_TRITON=1 (the interpreter),
+where a Triton backward's `can_run` takes the call, the backward op runs its kernels instead: no S^2
+autograd graph. The forward schemas carry no log-sum-exp, so those kernels recompute it with one
+LSE-writing forward.
+  * attnopt::attention: triton/backward.py, FlashAttention-2 (the dense family: dense, causal,
+    windows, GQA, masks, softcap, sigmoid; fp16/bf16/fp32, head dims <= 128).
+  * attnopt::gna_attention: triton/gna_backward.py (what the forward's block-sparse GNA kernel
+    takes: 1-/2-/3-D layouts, strides, causal dims, dilation, leading / trailing global tokens,
+    masks, GQA; softmax, head dims <= 128): dQ over the forward's tile plan, dK/dV over the
+    transposed plan, the global tokens' small dense parts in torch math. A per-head selection
+    splits: the layout's heads there, the exact heads through triton/backward.py (dense, or causal
+    for a 1-D causal layout; a causal multi-D layout's exact heads, or a mask gradient with a
+    selection, keep the recomputation).
+Anything else (mixed dtypes, larger head dims, other normalizers) keeps the recomputation; CPU
+tensors without the variable never reach Triton.
 
 Why a dispatch-key guard: a custom op's implementation runs below autograd (torch's custom_op
 wrapper excludes the autograd dispatch keys while it runs), so grad mode alone records nothing there.
@@ -159,8 +168,37 @@ def gna_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, at
                            heads: list[int], trailing: int, needs: list[bool]
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """attnopt::gna_attention's gradients (module header)."""
-    return _vjp("gna_attention", grad_out, q, k, v, attn_mask,
-                (scale, shape, window, stride, dilation, causal, leading, normalizer, heads, trailing), needs)
+    scalars = (scale, shape, window, stride, dilation, causal, leading, normalizer, heads, trailing)
+    grads = _triton_gna_vjp(grad_out, q, k, v, attn_mask, scalars, needs)
+    return grads if grads is not None else _vjp("gna_attention", grad_out, q, k, v, attn_mask, scalars, needs)
+
+
+def _triton_gna_vjp(grad_out, q, k, v, attn_mask, scalars, needs):
+    """The GNA Triton backward (triton/gna_backward.py) where it takes the call, on the same terms
+    as _triton_vjp; None otherwise (the recomputation then runs, and raises on a bad layout)."""
+    from attnopt.codegen import select
+
+    if not (q.is_cuda or select.force_triton()):
+        return None
+    from attnopt.codegen.params import TokenLayout
+    from attnopt.codegen.triton import gna_backward
+    from attnopt.ir import GNALayout
+
+    scale, shape, window, stride, dilation, causal, leading, normalizer, heads, trailing = scalars
+    try:
+        grid = GNALayout(tuple(int(x) for x in shape), tuple(int(x) for x in window),
+                         tuple(int(x) for x in stride), tuple(int(x) for x in dilation),
+                         tuple(bool(x) for x in causal))
+        layout = TokenLayout(grid, int(leading), tuple(int(h) for h in heads), int(trailing))
+    except (TypeError, ValueError):
+        return None
+    if layout.leading < 0 or layout.trailing < 0:
+        return None
+    ok, why = gna_backward.can_run(q, k, v, attn_mask, scale, layout, normalizer, needs)
+    if not ok:
+        select.log_refusal_once(f"gna_attention backward: {why}")
+        return None
+    return gna_backward.attention_backward(grad_out, q, k, v, attn_mask, scale, layout, needs)
 
 
 @gna_attention_backward.register_fake
