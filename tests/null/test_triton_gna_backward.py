@@ -19,10 +19,10 @@ import torch
 from attnopt.codegen.gna_exact import reference_gna
 from attnopt.codegen.gna_op import gna_attention_op
 from attnopt.codegen.params import TokenLayout
+from attnopt.codegen.triton.gna_tiles import gna_tile_plan, transpose_plan
 from attnopt.ir import GNALayout
 
 gna_backward = pytest.importorskip("attnopt.codegen.triton.gna_backward")
-from attnopt.codegen.triton.gna_tiles import gna_tile_plan, transpose_plan  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 SCALE = 0.3

@@ -234,6 +234,59 @@ def _backward_rows(arch: int) -> list[dict]:
     return rows
 
 
+def gna_backward_specializations():
+    """(name, layout, (leading, trailing), (B, H, Hkv, D), mask shape and dtype, mask needs grad,
+    dtype) of the GNA backward kernels (triton/gna_backward.py): the cases the interpreter tests
+    cover (strides, causal dims, dilation, globals, GQA, masks), at GPU sizes, fixed tiles."""
+    import torch
+
+    from attnopt.ir import GNALayout
+
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    return [
+        ("gna_bwd_1d_dilated_bf16_d128", GNALayout((3000,), (255,), (64,), (2,)), (0, 0), (1, 4, 4, 128), None,
+         False, bf16),
+        ("gna_bwd_2d_fp16", GNALayout((48, 40), (13, 9)), (0, 0), (1, 4, 2, 64), None, False, f16),
+        ("gna_bwd_2d_fp32_d80", GNALayout((48, 40), (13, 9), (2, 3)), (0, 0), (1, 4, 4, 80), None, False, f32),
+        ("gna_bwd_2d_dilated_bias_grad", GNALayout((50, 44), (7, 9), (3, 4), (2, 1)), (0, 0), (1, 4, 2, 64),
+         ((1, 1, 2200, 2200), f32), True, f16),
+        ("gna_bwd_2d_globals_gqa_bool", GNALayout((48, 40), (13, 9)), (1, 77), (1, 8, 2, 128),
+         ((1, 1, 1, 1998), torch.bool), False, bf16),
+        ("gna_bwd_3d_causal_bf16", GNALayout((8, 24, 24), (4, 8, 8), (1, 2, 4), (1, 1, 1), (True, False, False)),
+         (1, 20), (1, 4, 2, 64), None, False, bf16),
+    ]
+
+
+def _gna_backward_rows(arch: int) -> list[dict]:
+    """One row per launch of each GNA backward specialization (LSE + delta, dQ, dK/dV)."""
+    import math
+
+    import torch
+
+    from attnopt.codegen.params import TokenLayout
+    from attnopt.codegen.triton import gna_backward
+
+    rows = []
+    for name, layout, (leading, trailing), (B, H, Hkv, D), mask_spec, mask_grad, dtype \
+            in gna_backward_specializations():
+        S = leading + math.prod(layout.shape) + trailing
+        q = torch.empty(B, H, S, D, dtype=dtype)
+        k = torch.empty(B, Hkv, S, D, dtype=dtype)
+        mask = None if mask_spec is None else torch.zeros(mask_spec[0], dtype=mask_spec[1])
+        cfg = gna_backward.tiles(q, len(layout.shape))
+        calls, _ = gna_backward.backward_calls(q, q, k, k, mask, 0.1, TokenLayout(layout, leading, (), trailing),
+                                               (True, True, True, mask_grad), cfg)
+        for kname, launch in calls:
+            row = {"name": f"{name}:{kname.replace('gna_bwd_', '').replace('_kernel', '')}",
+                   "family": "gna_backward", "table": "fixed", "arch": arch,
+                   "dtype": str(dtype).replace("torch.", ""),
+                   "config": {"q_tile": list(cfg.q_tile), "kv_tile": list(cfg.kv_tile),
+                              "dkdv_q_tile": list(cfg.dkdv_q_tile), "dkdv_kv_tile": list(cfg.dkdv_kv_tile),
+                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
+            rows.append(_compiled(row, lambda launch=launch: launch, arch))
+    return rows
+
+
 def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
     """Compile every specialization with the first config of each tile table; one row each (the
     decode family: one per launch, its split count the heuristic's)."""
@@ -258,6 +311,7 @@ def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
     for table in families:
         rows.extend(_decode_rows(arch, table))
     rows.extend(_backward_rows(arch))
+    rows.extend(_gna_backward_rows(arch))
     return rows
 
 
