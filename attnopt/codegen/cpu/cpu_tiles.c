@@ -345,18 +345,17 @@ int attnopt_tiles_f32(const float *q, const float *k, const float *v, float *out
  *
  * Gradients of the same tile attention: dq [B, H, Sq, D], dk [B, Hkv, Skv, D], dv [B, Hkv, Skv, Dv],
  * fp32 and contiguous, zero-filled by the caller; grad_out (go) [B, H, Sq, Dv] with any strides over
- * (batch, head, token) and unit stride over the last dim, as q, k, v. The plan's mask comes here
- * query-major: qmask [n, TQ, TKp] bytes (0xFF = attend; 0 for the padding keys TK <= j < TKp).
+ * (batch, head, token) and unit stride over the last dim, as q, k, v. Plan and masks as the forward's.
  *
  * Each tile holds every key its queries may attend, so a query's softmax is recomputed whole within
- * its owner tile (no log-sum-exp from the forward is needed). Per block of up to BQ queries:
- *   S = scale Q K^T (+ masks)  P = softmax(S) by rows    dP = dO V^T
- *   dS = P * (dP - rowsum(P * dP))                        (the rowsum is dO . out of the row)
- *   dQ = scale dS K            dK += scale dS^T Q         dV += P^T dO
- * Rows of queries this tile does not own get P = dS = 0 (their owner tile counts them once), so the
- * result is the exact gradient of the forward, where each row comes from its owner only.
- * All five products are small GEMMs C (+)= A B with B's rows contiguous: gemm() below, a 6-row x 16-
- * column register-blocked micro-kernel.
+ * its owner tile (no log-sum-exp from the forward is needed). Per block of up to QB queries, key-major
+ * as the forward (St [TK][QB]; the forward's qk_keys, user_mask_columns and exp_columns):
+ *   St = scale K Q^T (+ masks)   P = softmax down columns   dPt = V dO^T
+ *   dS = scale P (dP - colsum(P dP))                          (the sum is dO . out of the query)
+ *   dQ = dS^T K   -> dq rows      dK += dS Q   dV += P dO     -> dk / dv rows
+ * Columns of queries this tile does not own (and padding columns) get P = dS = 0, so the result is the
+ * exact gradient of the forward, where each row comes from its owner tile only. k, v, q and dO rows are
+ * read in place through row pointers, dq / dk / dv rows written in place: no gathers.
  *
  * Work item = (batch, kv head, tile), slice-major: w = (b * Hkv + hk) * n + t, one contiguous range per
  * thread. dq rows have one writer (their owner tile). dk/dv rows are shared by overlapping tiles: a
@@ -364,136 +363,133 @@ int attnopt_tiles_f32(const float *q, const float *k, const float *v, float *out
  * of the (at most two) slices at its range's ends; those are summed into dk/dv after the parallel
  * region, in thread order (the result does not depend on the threads' timing). */
 
-#define BQ 64 /* queries per backward block */
-
-ALWAYS_INLINE void mk_block(const float *A, int64_t ars, int64_t acs, const float *B, int64_t ldb, int64_t K,
-                            float *C, int64_t ldc, const int R, const int NV, int acc) {
-    v8 c0[MR], c1[MR];
+/* C[r][0 .. 8 NV) = sum_k arow[r][k] * B[k][0 .. 8 NV) for r < R (B and C rows QB apart). */
+ALWAYS_INLINE void rows_panel(const float *const *arow, int64_t K, const float *B, float *C, const int R,
+                              const int NV) {
+    v8 a0[MR], a1[MR];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = bc(0.0f);
+    for (int64_t kk = 0; kk < K; kk++) {
+        v8 b0 = ld(B + kk * QB), b1 = NV > 1 ? ld(B + kk * QB + 8) : bc(0.0f);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) {
+            v8 x = bc(arow[r][kk]);
+            a0[r] += x * b0;
+            if (NV > 1) a1[r] += x * b1;
+        }
+    }
 #pragma GCC unroll 6
     for (int r = 0; r < R; r++) {
-        c0[r] = acc ? ld(C + r * ldc) : bc(0.0f);
-        c1[r] = NV > 1 ? (acc ? ld(C + r * ldc + 8) : bc(0.0f)) : bc(0.0f);
+        st(C + r * QB, a0[r]);
+        if (NV > 1) st(C + r * QB + 8, a1[r]);
+    }
+}
+
+/* crow[r][c0 .. c0 + 8 NV) (+= with acc, else =) sum_k A[r * ars + k * acs] * brow[k][c0 .. + 8 NV), r < R. */
+ALWAYS_INLINE void rows_acc(const float *A, int64_t ars, int64_t acs, const float *const *brow, int64_t K,
+                            float *const *crow, int64_t c0, const int R, const int NV, int acc) {
+    v8 a0[MR], a1[MR];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; r++) {
+        a0[r] = acc ? ld(crow[r] + c0) : bc(0.0f);
+        a1[r] = NV > 1 && acc ? ld(crow[r] + c0 + 8) : bc(0.0f);
     }
     for (int64_t kk = 0; kk < K; kk++) {
-        const float *b = B + kk * ldb;
+        const float *b = brow[kk] + c0;
         v8 b0 = ld(b), b1 = NV > 1 ? ld(b + 8) : bc(0.0f);
         const float *a = A + kk * acs;
 #pragma GCC unroll 6
         for (int r = 0; r < R; r++) {
             v8 x = bc(a[r * ars]);
-            c0[r] += x * b0;
-            if (NV > 1) c1[r] += x * b1;
+            a0[r] += x * b0;
+            if (NV > 1) a1[r] += x * b1;
         }
     }
 #pragma GCC unroll 6
     for (int r = 0; r < R; r++) {
-        st(C + r * ldc, c0[r]);
-        if (NV > 1) st(C + r * ldc + 8, c1[r]);
+        st(crow[r] + c0, a0[r]);
+        if (NV > 1) st(crow[r] + c0 + 8, a1[r]);
     }
 }
 
-#define MK_CASE(R)                                                                   \
-    case R:                                                                          \
-        if (NV > 1) mk_block(A, ars, acs, B, ldb, K, C, ldc, R, 2, acc);             \
-        else mk_block(A, ars, acs, B, ldb, K, C, ldc, R, 1, acc);                    \
+#define RP_CASE(R)                                            \
+    case R:                                                   \
+        if (NV > 1) rows_panel(arow, K, B, C, R, 2);          \
+        else rows_panel(arow, K, B, C, R, 1);                 \
         break;
 
-static void mk_rows(const float *A, int64_t ars, int64_t acs, const float *B, int64_t ldb, int64_t K,
-                    float *C, int64_t ldc, int R, int NV, int acc) {
-    switch (R) {
-    MK_CASE(6) MK_CASE(5) MK_CASE(4) MK_CASE(3) MK_CASE(2)
-    default:
-        if (NV > 1) mk_block(A, ars, acs, B, ldb, K, C, ldc, 1, 2, acc);
-        else mk_block(A, ars, acs, B, ldb, K, C, ldc, 1, 1, acc);
-    }
-}
-
-/* C[i][n] (+= with acc, else =) sum_k A[i * ars + k * acs] * B[k * ldb + n], i < M, n < N (N % 8 == 0). */
-static void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t ars, int64_t acs, const float *B,
-                 int64_t ldb, float *C, int64_t ldc, int acc) {
+/* C [M][QB] = arow (M rows of K) x B [K][QB], N (a multiple of 8) columns. */
+static void gemm_rows_panel(const float *const *arow, int64_t M, int64_t K, const float *B0, int64_t N, float *C0) {
     for (int64_t n0 = 0; n0 < N; n0 += 16) {
         const int NV = N - n0 >= 16 ? 2 : 1;
-        for (int64_t i0 = 0; i0 < M; i0 += MR)
-            mk_rows(A + i0 * ars, ars, acs, B + n0, ldb, K, C + i0 * ldc + n0, ldc,
-                    (int)(M - i0 < MR ? M - i0 : MR), NV, acc);
+        for (int64_t i0 = 0; i0 < M; i0 += MR) {
+            const float *const *a = arow + i0;
+            const float *B = B0 + n0;
+            float *C = C0 + i0 * QB + n0;
+            const int R = (int)(M - i0 < MR ? M - i0 : MR);
+            const float *const *arow_ = a;
+            {
+                const float *const *arow = arow_;
+                switch (R) {
+                RP_CASE(6) RP_CASE(5) RP_CASE(4) RP_CASE(3) RP_CASE(2)
+                default:
+                    if (NV > 1) rows_panel(arow, K, B, C, 1, 2);
+                    else rows_panel(arow, K, B, C, 1, 1);
+                }
+            }
+        }
     }
 }
 
-/* One block's rows: S (scores in, P out) and dP (in; dS out, unscaled), TKp wide. */
-static void softmax_grad_rows(float *S, float *dP, int64_t nq, int64_t TKp, int64_t TK, const uint8_t *qm,
-                              const uint8_t *own, const void *um, int um_float, const int64_t *ums,
-                              int64_t b, int64_t h, const int64_t *qi, const int64_t *kv, float scale) {
-    const v8 ninf = bc(-INFINITY), sc = bc(scale);
-    for (int64_t i = 0; i < nq; i++) {
-        float *s = S + i * TKp, *dp = dP + i * TKp;
-        if (!own[i]) {
-            memset(s, 0, (size_t)TKp * sizeof(float));
-            memset(dp, 0, (size_t)TKp * sizeof(float));
-            continue;
-        }
-        const uint8_t *m = qm + i * TKp;
-        for (int64_t j = 0; j < TKp; j += 8) st(s + j, blend(mask8(m + j), ld(s + j) * sc, ninf));
-        if (um) {
-            const int64_t row = b * ums[0] + h * ums[1] + qi[i] * ums[2];
-            if (um_float) {
-                const float *mr = (const float *)um + row;
-                for (int64_t j = 0; j < TK; j++) s[j] += mr[kv[j] * ums[3]];
-            } else {
-                const uint8_t *mr = (const uint8_t *)um + row;
-                for (int64_t j = 0; j < TK; j++)
-                    if (!mr[kv[j] * ums[3]]) s[j] = -INFINITY;
+#define RA_CASE(R)                                                          \
+    case R:                                                                 \
+        if (NV > 1) rows_acc(A, ars, acs, brow, K, crow, c0, R, 2, acc);    \
+        else rows_acc(A, ars, acs, brow, K, crow, c0, R, 1, acc);           \
+        break;
+
+/* crow[i][0 .. N) (+)= sum_k A[i * ars + k * acs] * brow[k][0 .. N) for i < M (N a multiple of 8). */
+static void gemm_rows_acc(const float *A0, int64_t ars, int64_t acs, const float *const *brow, int64_t M, int64_t K,
+                          int64_t N, float *const *crow0, int acc) {
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+        const float *A = A0 + i0 * ars;
+        float *const *crow = crow0 + i0;
+        const int R = (int)(M - i0 < MR ? M - i0 : MR);
+        for (int64_t c0 = 0; c0 < N; c0 += 16) {
+            const int NV = N - c0 >= 16 ? 2 : 1;
+            switch (R) {
+            RA_CASE(6) RA_CASE(5) RA_CASE(4) RA_CASE(3) RA_CASE(2)
+            default:
+                if (NV > 1) rows_acc(A, ars, acs, brow, K, crow, c0, 1, 2, acc);
+                else rows_acc(A, ars, acs, brow, K, crow, c0, 1, 1, acc);
             }
         }
-        v8 mx = ninf;
-        for (int64_t j = 0; j < TKp; j += 8) mx = vmax(ld(s + j), mx);
-        float m1 = mx[0];
-        for (int l = 1; l < 8; l++) m1 = mx[l] > m1 ? mx[l] : m1;
-        if (m1 == -INFINITY) m1 = 0.0f; /* no allowed key: P = 0 (safe softmax), not NaN */
-        v8 sum = bc(0.0f);
-        for (int64_t j = 0; j < TKp; j += 8) {
-            v8 p = exp8(ld(s + j) - bc(m1));
-            st(s + j, p);
-            sum += p;
-        }
-        float tot = 0.0f;
-        for (int l = 0; l < 8; l++) tot += sum[l];
-        const v8 inv = bc(tot == 0.0f ? 0.0f : 1.0f / tot);
-        v8 dl = bc(0.0f);
-        for (int64_t j = 0; j < TKp; j += 8) {
-            v8 p = ld(s + j) * inv;
-            st(s + j, p);
-            dl += p * ld(dp + j);
-        }
-        float delta = 0.0f;
-        for (int l = 0; l < 8; l++) delta += dl[l];
-        for (int64_t j = 0; j < TKp; j += 8) st(dp + j, ld(s + j) * (ld(dp + j) - bc(delta)));
     }
 }
 
 static int backward_range(const float *q, const float *k, const float *v, const float *go,
-                          float *dq, float *dk, float *dv, int64_t B, int64_t H, int64_t Hkv, int64_t Skv,
+                          float *dq, float *dk, float *dv, int64_t H, int64_t Hkv, int64_t Sq, int64_t Skv,
                           int64_t D, int64_t Dv, const int64_t *qst, const int64_t *kst, const int64_t *vst,
-                          const int64_t *gst, int64_t Sq, const int64_t *q_idx, int64_t n, int64_t TQ,
-                          const int64_t *kv_idx, int64_t TK, int64_t TKp, const uint8_t *qmask,
+                          const int64_t *gst, const int64_t *q_idx, int64_t n, int64_t TQ,
+                          const int64_t *kv_idx, int64_t TK, const uint8_t *mask, int64_t TQp,
                           const uint8_t *owner, const void *um, int um_float, const int64_t *ums, float scale,
                           int64_t begin, int64_t end, float **priv_k, float **priv_v, int64_t *priv_s) {
     const int64_t group = H / Hkv;
-    (void)B;
-    float *Kt = alloc_bytes(D * TKp * sizeof(float)), *Vt = alloc_bytes(Dv * TKp * sizeof(float));
-    float *Kc = alloc_bytes(TKp * D * sizeof(float)), *dKc = alloc_bytes(TKp * D * sizeof(float));
-    float *dVc = alloc_bytes(TKp * Dv * sizeof(float));
-    float *Qb = alloc_bytes(BQ * D * sizeof(float)), *Gb = alloc_bytes(BQ * Dv * sizeof(float));
-    float *S = alloc_bytes(BQ * TKp * sizeof(float)), *dP = alloc_bytes(BQ * TKp * sizeof(float));
-    float *dQb = alloc_bytes(BQ * D * sizeof(float));
+    const int64_t Dm = D > Dv ? D : Dv;
+    float *Qt = alloc_bytes(D * QB * sizeof(float)), *Gt = alloc_bytes(Dv * QB * sizeof(float));
+    float *St = alloc_bytes(TK * QB * sizeof(float)), *dPt = alloc_bytes(TK * QB * sizeof(float));
+    float *scratch = alloc_bytes(Dm * sizeof(float));
+    const float **krow = alloc_bytes(TK * sizeof(float *)), **vrow = alloc_bytes(TK * sizeof(float *));
+    float **dkrow = alloc_bytes(TK * sizeof(float *)), **dvrow = alloc_bytes(TK * sizeof(float *));
+    const float *qrow[QB], *grow[QB];
+    float *dqrow[QB];
     int status = 0;
     priv_k[0] = priv_k[1] = priv_v[0] = priv_v[1] = NULL;
     priv_s[0] = priv_s[1] = -1;
-    if (!Kt || !Vt || !Kc || !dKc || !dVc || !Qb || !Gb || !S || !dP || !dQb) {
+    if (!Qt || !Gt || !St || !dPt || !scratch || !krow || !vrow || !dkrow || !dvrow) {
         status = -1;
         goto done;
     }
-    if (begin < end) {
-        /* slices this range covers only in part get private copies */
+    if (begin < end) { /* slices this range covers only in part get private copies */
         const int64_t s0 = begin / n, s1 = (end - 1) / n;
         if (!(begin <= s0 * n && end >= (s0 + 1) * n)) priv_s[0] = s0;
         if (s1 != s0 && !(begin <= s1 * n && end >= (s1 + 1) * n)) priv_s[1] = s1;
@@ -516,53 +512,66 @@ static int backward_range(const float *q, const float *k, const float *v, const 
                 dvs = priv_v[c];
             }
         const int64_t *kv = kv_idx + t * TK;
-        memset(Kt, 0, (size_t)(D * TKp) * sizeof(float));
-        memset(Vt, 0, (size_t)(Dv * TKp) * sizeof(float));
-        memset(Kc, 0, (size_t)(TKp * D) * sizeof(float));
-        memset(dKc, 0, (size_t)(TKp * D) * sizeof(float));
-        memset(dVc, 0, (size_t)(TKp * Dv) * sizeof(float));
         for (int64_t j = 0; j < TK; j++) {
-            const float *kr = k + b * kst[0] + hk * kst[1] + kv[j] * kst[2];
-            const float *vr = v + b * vst[0] + hk * vst[1] + kv[j] * vst[2];
-            memcpy(Kc + j * D, kr, (size_t)D * sizeof(float));
-            for (int64_t d = 0; d < D; d++) Kt[d * TKp + j] = kr[d];
-            for (int64_t d = 0; d < Dv; d++) Vt[d * TKp + j] = vr[d];
+            krow[j] = k + b * kst[0] + hk * kst[1] + kv[j] * kst[2];
+            vrow[j] = v + b * vst[0] + hk * vst[1] + kv[j] * vst[2];
+            dkrow[j] = dks + kv[j] * D;
+            dvrow[j] = dvs + kv[j] * Dv;
         }
         for (int64_t g = 0; g < group; g++) {
             const int64_t h = hk * group + g;
-            for (int64_t i0 = 0; i0 < TQ; i0 += BQ) {
-                const int64_t nq = TQ - i0 < BQ ? TQ - i0 : BQ;
+            for (int64_t i0 = 0; i0 < TQ; i0 += QB) {
+                const int64_t nq = TQ - i0 < QB ? TQ - i0 : QB, nqp = (nq + 15) / 16 * 16;
                 const int64_t *qi = q_idx + t * TQ + i0;
                 const uint8_t *own = owner + t * TQ + i0;
+                const uint8_t *m = mask + t * TK * TQp + i0;
                 int any = 0;
                 for (int64_t i = 0; i < nq; i++) any |= own[i];
                 if (!any) continue;
-                for (int64_t i = 0; i < nq; i++) {
-                    memcpy(Qb + i * D, q + b * qst[0] + h * qst[1] + qi[i] * qst[2], (size_t)D * sizeof(float));
-                    memcpy(Gb + i * Dv, go + b * gst[0] + h * gst[1] + qi[i] * gst[2], (size_t)Dv * sizeof(float));
+                /* Qt, Gt = the block's q and dO rows, transposed; padding queries are 0 */
+                for (int64_t i = 0; i < nqp; i++) {
+                    const int64_t r = qi[i < nq ? i : 0];
+                    qrow[i] = q + b * qst[0] + h * qst[1] + r * qst[2];
+                    grow[i] = go + b * gst[0] + h * gst[1] + r * gst[2];
+                    dqrow[i] = i < nq && own[i] ? dq + ((b * H + h) * Sq + r) * D : scratch;
+                    for (int64_t d = 0; d < D; d++) Qt[d * QB + i] = i < nq ? qrow[i][d] : 0.0f;
+                    for (int64_t d = 0; d < Dv; d++) Gt[d * QB + i] = i < nq ? grow[i][d] : 0.0f;
                 }
-                gemm(nq, TKp, D, Qb, D, 1, Kt, TKp, S, TKp, 0);
-                gemm(nq, TKp, Dv, Gb, Dv, 1, Vt, TKp, dP, TKp, 0);
-                softmax_grad_rows(S, dP, nq, TKp, TK, qmask + (t * TQ + i0) * TKp, own, um, um_float, ums, b, h,
-                                  qi, kv, scale);
-                gemm(nq, D, TKp, dP, TKp, 1, Kc, D, dQb, D, 0);
-                for (int64_t i = 0; i < nq; i++) {
-                    if (!own[i]) continue;
-                    float *r = dq + ((b * H + h) * Sq + qi[i]) * D;
-                    for (int64_t d = 0; d < D; d++) r[d] = scale * dQb[i * D + d];
-                }
-                gemm(TKp, D, nq, dP, 1, TKp, Qb, D, dKc, D, 1);
-                gemm(TKp, Dv, nq, S, 1, TKp, Gb, Dv, dVc, Dv, 1);
+                v8 mx[QB / 8];
+                for (int64_t c = 0; c < nqp / 8; c++) mx[c] = bc(-INFINITY);
+                for (int64_t j = 0; j < TK; j += MR)
+                    for (int64_t i = 0; i < nqp; i += 16)
+                        qk_keys(krow + j, D, Qt + i, St + j * QB + i, m + j * TQp + i, TQp, scale, mx + i / 8,
+                                (int)(TK - j < MR ? TK - j : MR));
+                if (um)
+                    user_mask_columns(St, TK, nqp / 8, um, um_float, ums, b, h, qi, nq, kv, mx);
+                float inv[QB];
+                exp_columns(St, TK, mx, nqp / 8, inv);
+                for (int64_t i = 0; i < nqp; i++)
+                    if (i >= nq || !own[i]) inv[i] = 0.0f; /* not this tile's row: no contribution */
+                gemm_rows_panel((const float *const *)vrow, TK, Dv, Gt, nqp, dPt);
+                /* P = numerators * inv; delta = colsum(P dP); dS = scale P (dP - delta) */
+                v8 dl[QB / 8];
+                for (int64_t c = 0; c < nqp / 8; c++) dl[c] = bc(0.0f);
+                for (int64_t j = 0; j < TK; j++)
+                    for (int64_t c = 0; c < nqp / 8; c++) {
+                        v8 p = ld(St + j * QB + 8 * c) * ld(inv + 8 * c);
+                        st(St + j * QB + 8 * c, p);
+                        dl[c] += p * ld(dPt + j * QB + 8 * c);
+                    }
+                const v8 sc = bc(scale);
+                for (int64_t j = 0; j < TK; j++)
+                    for (int64_t c = 0; c < nqp / 8; c++)
+                        st(dPt + j * QB + 8 * c, sc * ld(St + j * QB + 8 * c) * (ld(dPt + j * QB + 8 * c) - dl[c]));
+                /* dq rows = dS^T K (one writer per row); dk rows += dS Q; dv rows += P dO */
+                gemm_rows_acc(dPt, 1, QB, (const float *const *)krow, nq, TK, D, dqrow, 0);
+                gemm_rows_acc(dPt, QB, 1, qrow, TK, nq, D, dkrow, 1);
+                gemm_rows_acc(St, QB, 1, grow, TK, nq, Dv, dvrow, 1);
             }
-        }
-        for (int64_t j = 0; j < TK; j++) {
-            float *rk = dks + kv[j] * D, *rv = dvs + kv[j] * Dv;
-            for (int64_t d = 0; d < D; d++) rk[d] += scale * dKc[j * D + d];
-            for (int64_t d = 0; d < Dv; d++) rv[d] += dVc[j * Dv + d];
         }
     }
 done:
-    free(Kt); free(Vt); free(Kc); free(dKc); free(dVc); free(Qb); free(Gb); free(S); free(dP); free(dQb);
+    free(Qt); free(Gt); free(St); free(dPt); free(scratch); free(krow); free(vrow); free(dkrow); free(dvrow);
     return status;
 }
 
@@ -572,10 +581,10 @@ int attnopt_tiles_backward_f32(const float *q, const float *k, const float *v, c
                                float *dq, float *dk, float *dv, int64_t B, int64_t H, int64_t Hkv, int64_t Sq,
                                int64_t Skv, int64_t D, int64_t Dv, const int64_t *qst, const int64_t *kst,
                                const int64_t *vst, const int64_t *gst, const int64_t *q_idx, int64_t n,
-                               int64_t TQ, const int64_t *kv_idx, int64_t TK, int64_t TKp,
-                               const uint8_t *qmask, const uint8_t *owner, const void *um, int um_float,
-                               const int64_t *ums, float scale, int threads) {
-    if (TKp % 16 || TKp < TK || D % 8 || Dv % 8 || H % Hkv || TK < 1 || n < 1) return -2;
+                               int64_t TQ, const int64_t *kv_idx, int64_t TK, const uint8_t *mask, int64_t TQp,
+                               const uint8_t *owner, const void *um, int um_float, const int64_t *ums,
+                               float scale, int threads) {
+    if (TQp % 16 || TQp < TQ || D % 8 || Dv % 8 || H % Hkv || TK < 1 || n < 1) return -2;
     const int64_t work = n * B * Hkv;
     int nt = threads > 0 ? threads : 1;
     if (nt > work) nt = (int)work;
@@ -591,16 +600,14 @@ int attnopt_tiles_backward_f32(const float *q, const float *k, const float *v, c
 #pragma omp parallel num_threads(nt) reduction(min : status)
     {
         const int64_t got = omp_get_num_threads(), id = omp_get_thread_num();
-        status = backward_range(q, k, v, go, dq, dk, dv, B, H, Hkv, Skv, D, Dv, qst, kst, vst, gst, Sq, q_idx, n,
-                                TQ, kv_idx, TK, TKp, qmask, owner, um, um_float, ums, scale,
-                                work * id / got, work * (id + 1) / got, priv_k + 2 * id, priv_v + 2 * id,
-                                priv_s + 2 * id);
+        status = backward_range(q, k, v, go, dq, dk, dv, H, Hkv, Sq, Skv, D, Dv, qst, kst, vst, gst, q_idx, n, TQ,
+                                kv_idx, TK, mask, TQp, owner, um, um_float, ums, scale, work * id / got,
+                                work * (id + 1) / got, priv_k + 2 * id, priv_v + 2 * id, priv_s + 2 * id);
     }
 #else
     nt = 1;
-    status = backward_range(q, k, v, go, dq, dk, dv, B, H, Hkv, Skv, D, Dv, qst, kst, vst, gst, Sq, q_idx, n, TQ,
-                            kv_idx, TK, TKp, qmask, owner, um, um_float, ums, scale, 0, work, priv_k, priv_v,
-                            priv_s);
+    status = backward_range(q, k, v, go, dq, dk, dv, H, Hkv, Sq, Skv, D, Dv, qst, kst, vst, gst, q_idx, n, TQ, kv_idx,
+                            TK, mask, TQp, owner, um, um_float, ums, scale, 0, work, priv_k, priv_v, priv_s);
 #endif
     for (int i = 0; i < 2 * nt; i++) { /* thread order: the sums do not depend on timing */
         if (status == 0 && priv_s[i] >= 0 && priv_k[i] && priv_v[i]) {

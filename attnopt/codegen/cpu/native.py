@@ -169,7 +169,7 @@ def _library() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     lib.attnopt_tiles_parallel.restype = ctypes.c_int
     bwd = lib.attnopt_tiles_backward_f32  # native_backward.py calls it
-    bwd.argtypes = [P, P, P, P, P, P, P, I, I, I, I, I, I, I, P, P, P, P, P, I, I, P, I, I, P, P, P,
+    bwd.argtypes = [P, P, P, P, P, P, P, I, I, I, I, I, I, I, P, P, P, P, P, I, I, P, I, P, I, P, P,
                     ctypes.c_int, P, ctypes.c_float, ctypes.c_int]
     bwd.restype = ctypes.c_int
     lib.parallel = bool(lib.attnopt_tiles_parallel())

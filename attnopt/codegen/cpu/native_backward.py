@@ -20,14 +20,11 @@ against float64 autograd of the dense reference.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 from torch import Tensor
 
 from attnopt.codegen.cpu import native as cpu_native
-
-K_PAD = 16  # the backward's score rows are padded to whole 16-wide panels
 
 
 def can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> tuple[bool, str]:
@@ -40,29 +37,11 @@ def can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> tuple[
     return cpu_native.can_run(q, k, v, False, attn_mask)
 
 
-class BackwardTiles:
-    """A tile plan in the form the backward reads: the forward's indices and owners, and the mask
-    query-major, padded to TKp keys (padding keys never attend)."""
-
-    def __init__(self, fwd: cpu_native.NativeTiles, mask: Tensor):
-        self.fwd = fwd
-        self.TKp = -(-fwd.TK // K_PAD) * K_PAD
-        qmask = torch.zeros((fwd.n, fwd.TQ, self.TKp), dtype=torch.uint8)
-        qmask[:, :, :fwd.TK] = mask.to(torch.uint8) * 255
-        self.qmask = qmask
-
-
-@functools.lru_cache(maxsize=64)
-def backward_tiles(plan) -> BackwardTiles:
-    """The BackwardTiles of a tiles.CpuTilePlan (plans are cached and compared by identity)."""
-    return BackwardTiles(plan.native_tiles, plan.mask)
-
-
 def _strides(x: Tensor):
     return (ctypes.c_int64 * 3)(*x.stride()[:3])
 
 
-def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, tiles: BackwardTiles,
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, tiles: cpu_native.NativeTiles,
              attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in fp32, contiguous, of the tile attention of fp32 q, k, v (rows of queries in no
     tile get dq = 0: their rows are the caller's)."""
@@ -74,7 +53,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, ti
     dq = torch.zeros((B, H, Sq, D), dtype=torch.float32)
     dk = torch.zeros((B, Hkv, Skv, D), dtype=torch.float32)
     dv = torch.zeros((B, Hkv, Skv, Dv), dtype=torch.float32)
-    f = tiles.fwd
+    f = tiles
     if f.n == 0:
         return dq, dk, dv
     um, um_float, ums, _keep = cpu_native._user_mask(attn_mask, B, H, Sq, Skv)
@@ -83,8 +62,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, ti
     code = lib.attnopt_tiles_backward_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(),
         dv.data_ptr(), B, H, Hkv, Sq, Skv, D, Dv, *(ctypes.addressof(s) for s in strides),
-        f.q_idx.data_ptr(), f.n, f.TQ, f.kv_idx.data_ptr(), f.TK, tiles.TKp, tiles.qmask.data_ptr(),
-        f.owner.data_ptr(), um, um_float, ctypes.addressof(ums), float(scale), threads)
+        f.q_idx.data_ptr(), f.n, f.TQ, f.kv_idx.data_ptr(), f.TK, f.mask.data_ptr(), f.TQp, f.owner.data_ptr(), um, um_float, ctypes.addressof(ums), float(scale), threads)
     if code:
         raise RuntimeError(f"native CPU tile backward failed (code {code})")
     return dq, dk, dv
@@ -116,7 +94,7 @@ class TileAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, attn_mask = ctx.saved_tensors
         scale = float(q.shape[3] ** -0.5 if ctx.scale is None else ctx.scale)
-        dq, dk, dv = backward(_f32(grad_out), _f32(q), _f32(k), _f32(v), scale, backward_tiles(ctx.plan),
+        dq, dk, dv = backward(_f32(grad_out), _f32(q), _f32(k), _f32(v), scale, ctx.plan.native_tiles,
                               attn_mask)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
