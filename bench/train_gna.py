@@ -162,7 +162,8 @@ def main() -> None:
     # warm (tuning, workspaces) and check gradients against SDPA and float64
     want = reference_grads(c)
     grads, checks = {}, {}
-    for name, fn in list(fns.items()):
+    step_fns = dict(fns)
+    for name, fn in fns.items():
         try:
             t = seconds(lambda fn=fn: step(fn, c))
             grads[name] = step(fn, c)
@@ -171,7 +172,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001
             errors[name] = f"backward: {type(e).__name__}: {str(e)[:2000]}"
             traceback.print_exc()
-            fns.pop(name)
+            step_fns.pop(name)
     for name, gs in grads.items():
         checks[name] = {
             "vs_float64": {x: rel(g, w) for x, g, w in zip("qkv", gs, want)},
@@ -181,15 +182,18 @@ def main() -> None:
     rounds: dict[str, dict[str, list[float]]] = {n: {"step": [], "forward": []} for n in fns}
     for _ in range(args.repeats):
         for name, fn in fns.items():
-            rounds[name]["step"].append(seconds(lambda fn=fn: step(fn, c)))
+            if name in step_fns:
+                rounds[name]["step"].append(seconds(lambda fn=fn: step(fn, c)))
             rounds[name]["forward"].append(seconds(lambda fn=fn: forward(fn, c)))
     info["load_end"] = load()
-    med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rounds.items()}
+    med = {n: {k: statistics.median(v) if v else None for k, v in r.items()} for n, r in rounds.items()}
     ratios = {}
     for other in fns:
         if other == "attnopt":
             continue
         for kind in ("step", "forward"):
+            if not rounds[other][kind]:
+                continue
             per_round = [o / a for o, a in zip(rounds[other][kind], rounds["attnopt"][kind])]
             ratios[f"{other}/attnopt {kind}"] = {
                 "of_medians": med[other][kind] / med["attnopt"][kind],
@@ -218,12 +222,12 @@ def report(r: dict) -> None:
         rf = r["ratios"].get(f"{name}/attnopt forward")
         ch = r["grad_checks"].get(name, {})
         vs = ch.get("vs_sdpa")
-        t.add_row(name, f"{m['step'] * 1e3:.1f}", f"{m['forward'] * 1e3:.1f}",
+        t.add_row(name, "-" if m["step"] is None else f"{m['step'] * 1e3:.1f}", f"{m['forward'] * 1e3:.1f}",
                   "-" if rs is None else f"{rs['of_medians']:.2f}x / {rs['median_per_round']:.2f}x",
                   "-" if rf is None else f"{rf['of_medians']:.2f}x / {rf['median_per_round']:.2f}x",
                   "-" if not vs else "/".join(f"{vs[x]:.1e}" for x in "qkv"),
                   "/".join(f"{ch['vs_float64'][x]:.1e}" for x in "qkv") if ch else "-")
-    Console().print(t)
+    Console(width=180).print(t)
     for k in ("flex_block_mask_s", "flex_compile_forward_s", "flex_compile_step_s"):
         if k in r:
             print(f"{k}: {r[k]:.1f}")
