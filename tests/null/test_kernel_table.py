@@ -172,7 +172,7 @@ def _op_case(name):
     ("gna_op_2d", {"cpu_native", "cpu_tiles"}),
     ("gna_op_sigmoid", {"reference"}),
     ("functional_gna_2d", {"cpu_native", "cpu_tiles"}),
-    ("functional_gna_grad", {"cpu_tiles"}),             # the compiled kernel is forward only
+    ("functional_gna_grad", {"cpu_native", "cpu_tiles"}),  # compiled forward + backward (native_backward.py)
 ])
 def test_entry_points_run_the_tables_choice(name, expect, ran):
     call, asked = _op_case(name)
