@@ -41,6 +41,27 @@ needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler: nothing is buil
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+_BUILT: dict[tuple, bytes] = {}
+
+
+@pytest.fixture(autouse=True)
+def compile_once(monkeypatch):
+    """These tests are about what the loader trusts, not about the compiler: the first build of
+    each (compiler, flags) in this process is real, later ones write the same bytes to the path the
+    loader asked for (~10 s of C compile per test otherwise, two dozen tests)."""
+    real = cpu_native._compile
+
+    def once(cc, flags, out):
+        key = (cc, tuple(flags), cpu_native.SOURCE.stat().st_mtime_ns)
+        if key not in _BUILT:
+            real(cc, flags, out)
+            _BUILT[key] = Path(out).read_bytes()
+        else:
+            Path(out).write_bytes(_BUILT[key])
+
+    monkeypatch.setattr(cpu_native, "_compile", once)
+
+
 @pytest.fixture
 def root(monkeypatch, tmp_path):
     """A private cache root, a forgotten native library and tune memory, and a fresh warning budget."""
