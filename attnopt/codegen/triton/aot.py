@@ -273,7 +273,7 @@ def _gna_backward_rows(arch: int) -> list[dict]:
         q = torch.empty(B, H, S, D, dtype=dtype)
         k = torch.empty(B, Hkv, S, D, dtype=dtype)
         mask = None if mask_spec is None else torch.zeros(mask_spec[0], dtype=mask_spec[1])
-        cfg = gna_backward.tiles(q, len(layout.shape))
+        cfg = gna_backward.tiles(q, len(layout.shape), mask is not None)
         calls, _ = gna_backward.backward_calls(q, q, k, k, mask, 0.1, TokenLayout(layout, leading, (), trailing),
                                                (True, True, True, mask_grad), cfg)
         for kname, launch in calls:

@@ -127,14 +127,16 @@ def _lse_globals(b_acc, b_m, b_l, b_q, p_k, p_v, p_mask_base, b_qtok, m_q, offs_
                  stride_mm, stride_mn, scale, KEY0: tl.constexpr, COUNT: tl.constexpr, BLOCK_L: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HAS_MASK: tl.constexpr,
                  MASK_IS_BOOL: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """The COUNT global keys KEY0.. as one block (every grid query sees them)."""
-    offs_l = KEY0 + tl.arange(0, BLOCK_L)
-    m_l = offs_l < KEY0 + COUNT
-    b_k = _rows(p_k, offs_l, m_l, offs_d, HEAD_DIM, UPCAST)
-    b_v = _rows(p_v, offs_l, m_l, offs_dv, HEAD_DIM_V, UPCAST)
-    b_s = _scores(b_q, b_k, p_mask_base, b_qtok, offs_l, m_q[:, None] & m_l[None, :], stride_mm, stride_mn,
-                  scale, HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
-    return _online(b_acc, b_m, b_l, b_s, b_v, INPUT_PRECISION)
+    """The COUNT global keys KEY0.. in blocks of BLOCK_L (every grid query sees them)."""
+    for start in range(KEY0, KEY0 + COUNT, BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        m_l = offs_l < KEY0 + COUNT
+        b_k = _rows(p_k, offs_l, m_l, offs_d, HEAD_DIM, UPCAST)
+        b_v = _rows(p_v, offs_l, m_l, offs_dv, HEAD_DIM_V, UPCAST)
+        b_s = _scores(b_q, b_k, p_mask_base, b_qtok, offs_l, m_q[:, None] & m_l[None, :], stride_mm, stride_mn,
+                      scale, HAS_MASK, MASK_IS_BOOL, INPUT_PRECISION)
+        b_acc, b_m, b_l = _online(b_acc, b_m, b_l, b_s, b_v, INPUT_PRECISION)
+    return b_acc, b_m, b_l
 
 
 @triton.jit
@@ -394,26 +396,35 @@ class Tiles:
     num_stages: int = 1
 
 
-# Fixed tiles per (kind, grid dims), chosen by compiling for sm_90 (aot.py's rows: no spills at
-# the head dims listed there). Interpreter: 16-token tiles, so the tests' small grids are cut
-# into several tiles (each tile step costs milliseconds there).
+# Fixed tiles per (kind, grid dims), chosen by compiling for sm_90 (aot.py's rows, no tuning yet).
+# "16bit": fp16/bf16, head dim <= 64 and no mask: 64-token boxes, 4 warps, a dK/dV Q step of 32
+# (it holds k, v, dk, dv for its whole loop). "16bit_wide": head dim > 64 or a mask (its pointer
+# and value tiles): 64-token Q boxes spilled up to 750 bytes with 64-token KV steps, so 32-token
+# KV steps and 8 warps. "fp32" (ieee FMA dots): 16-token Q boxes, 8 warps (4 spilled 360 bytes at
+# head dim 80). Interpreter: 16/32-token tiles, so the tests' small grids are cut into several
+# tiles (each tile step costs milliseconds there).
 _TILES = {
     "interpreter": {1: ((32,), (16,), (16,), (32,)), 2: ((4, 4), (4, 8), (4, 4), (4, 4)),
                     3: ((2, 2, 4), (2, 4, 2), (2, 2, 4), (2, 2, 4))},
     "16bit": {1: ((64,), (64,), (32,), (64,)), 2: ((8, 8), (8, 8), (4, 8), (8, 8)),
               3: ((4, 4, 4), (4, 4, 4), (2, 4, 4), (4, 4, 4))},
-    "fp32": {1: ((16,), (32,), (16,), (32,)), 2: ((4, 4), (4, 8), (4, 4), (4, 8)),
-             3: ((2, 2, 4), (2, 4, 4), (2, 2, 4), (2, 4, 4))},
+    "16bit_wide": {1: ((64,), (32,), (32,), (64,)), 2: ((8, 8), (4, 8), (4, 8), (8, 8)),
+                   3: ((4, 4, 4), (2, 4, 4), (2, 4, 4), (4, 4, 4))},
+    "fp32": {1: ((16,), (32,), (16,), (16,)), 2: ((4, 4), (4, 8), (4, 4), (4, 4)),
+             3: ((2, 2, 4), (2, 4, 4), (2, 2, 4), (2, 2, 4))},
 }
 
 
-def tiles(q: Tensor, ndim: int) -> Tiles:
-    """The fixed tiles for q's dtype and the grid's dimensions (module table above)."""
+def tiles(q: Tensor, ndim: int, has_mask: bool = False) -> Tiles:
+    """The fixed tiles for q's dtype and head dim, the grid's dimensions and whether a mask is
+    read (module table above)."""
     if generator.interpreter_active():
         return Tiles(*_TILES["interpreter"][ndim], 4, 1)
     if q.dtype == torch.float32:
-        return Tiles(*_TILES["fp32"][ndim], 4, 1)
-    return Tiles(*_TILES["16bit"][ndim], 4 if q.shape[-1] <= 64 else 8, 2)
+        return Tiles(*_TILES["fp32"][ndim], 8, 1)
+    if q.shape[-1] > 64 or has_mask:
+        return Tiles(*_TILES["16bit_wide"][ndim], 8, 2)
+    return Tiles(*_TILES["16bit"][ndim], 4, 2)
 
 
 def _pow2(x: int) -> int:
@@ -510,7 +521,7 @@ def backward_calls(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask:
     head runs the layout (the caller split any selection)."""
     mod = kernels()
     grid = layout.grid
-    cfg = cfg or tiles(q, len(grid.shape))
+    cfg = cfg or tiles(q, len(grid.shape), attn_mask is not None)
     B, H, S, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     leading, trailing = int(layout.leading), int(layout.trailing)
@@ -538,12 +549,13 @@ def backward_calls(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask:
         return p["q_range"], p["kv_coord"], p["q_slot"], p["kv_slot"]
 
     grid_q = (plan.num_q_tiles, B * H)
+    step = max(16, plan.block_n)  # global keys per step: as many as a KV tile (one 128-key block spilled)
     fwd = dict(flags, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, ELEMENT_MASK=plan.element_mask)
     call("gna_bwd_lse_kernel", grid_q,
          (q, k, v, m, grad_out, bufs["lse"], bufs["delta"], pq["tiles"], pq["counts"], *plan_args(pq), *ms,
           H, S, plan.tiles.shape[1], float(scale)),
-         dict(fwd, BLOCK_L=_pow2(max(1, leading)), TRAIL0=leading + math.prod(grid.shape), TRAILING=trail,
-              BLOCK_T=_pow2(max(1, trail))), bufs["lse"])
+         dict(fwd, BLOCK_L=min(_pow2(max(1, leading)), step), TRAIL0=leading + math.prod(grid.shape),
+              TRAILING=trail, BLOCK_T=min(_pow2(max(1, trail)), step)), bufs["lse"])
     if needs[0]:
         bufs["dq"] = torch.zeros((B, H, S, D), **f32)
         call("gna_bwd_dq_kernel", grid_q,
