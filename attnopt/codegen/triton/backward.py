@@ -30,8 +30,9 @@ A row with no visible key has lse -inf; the kernels read it as +inf so p = 0 and
 it is 0 (SDPA's safe softmax). fp16 / bf16 inputs accumulate in fp32 (p and dS are cast to the input
 dtype for the tensor-core dots, as FlashAttention-2 does). Under the interpreter bf16 tiles are
 upcast (its bf16 tl.dot is wrong). Every tile load is bounds-checked (no interior fast path yet).
-Not here: GNA layouts (would need the GNA tile plan transposed: per KV tile the Q tiles that visit
-it), decode-only kernels, head dims over MAX_HEAD_DIM.
+Not here: GNA layouts (gna_backward.py: the GNA tile plan, and its transpose for dK/dV; it runs the
+exact heads of a per-head selection through these kernels and uses `reduce_to`), decode-only
+kernels, head dims over MAX_HEAD_DIM.
 """
 from __future__ import annotations
 
