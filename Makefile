@@ -42,6 +42,7 @@ test: $(STAMP)
 # loops, the widest sweeps): kept out of `make test` so CI stays under its 20-minute budget.
 test-long: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n 2 --durations=25 -m long tests
+	ATTNOPT_FUZZ_BUDGET_S=600 TRITON_INTERPRET=1 $(VPY) -m pytest -q tests/fuzz/test_fuzz.py::test_fuzz_invariant
 
 # The detection and rewrite tests against a second, newer torch in a venv of its own (not part
 # of `make test` / CI). TORCH_COMPAT defaults to the newest torch this machine's package

@@ -184,7 +184,7 @@ def test_dynamic_true_matches_eager_and_validates_once(monkeypatch, name):
     _check_compiles(ins, sites, max_compiles=1)
 
 
-@pytest.mark.parametrize("name", ["decomposed", "llama"])
+@pytest.mark.parametrize("name", ["decomposed", pytest.param("llama", marks=pytest.mark.long)])  # llama: ~2 min of inductor
 def test_dynamic_true_inductor(monkeypatch, name):
     """With inductor after the rewrite. For Llama, inductor's scalar pass sees the guard on the
     folded `scaling` and asks dynamo to retrace with it specialized (a RestartAnalysis the
