@@ -8,9 +8,11 @@ random g; a step = forward + torch.autograd.grad(loss, (q, k, v)).
            kernel; backward = the op's backward (recomputes the tiles' forward, then the compiled tile
            backward, codegen/cpu/native_backward.py)
   sdpa     F.scaled_dot_product_attention(q, k, v, attn_mask=<bool [S, S] = gna.dense_mask(layout)>)
-  flex     torch.compile(flex_attention)(q, k, v, block_mask=create_block_mask(<the same mask as a
-           mask_mod>)); its compile time (first forward, first forward + backward) is reported apart,
-           and any error of its forward or backward is reported as it is raised.
+  flex     torch.compile(flex_attention)(q, k, v, block_mask=create_block_mask(mask_mod)), the mask_mod
+           computed from token coordinates (per-dimension key ranges; checked equal to the bool mask);
+           its compile time (first forward, first forward + backward) is reported apart, measured cold
+           (inductor's cache in a fresh temporary folder), and any error of its forward or backward is
+           reported as it is raised (torch 2.13: "FlexAttention does not support backward on CPU").
 Forward-only columns run under torch.no_grad(). Every timing interleaves the variants round by round
 (A B C A B C ...); figures are medians over --repeats rounds; ratios are (a) the ratio of the medians and
 (b) the median of the per-round ratios (steadier on a shared machine). Before timing, the gradients of
@@ -25,15 +27,23 @@ Writes bench/results/train_gna_<date>.json (or --json).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 import traceback
 from pathlib import Path
+
+# flex's compile time is measured cold: inductor's caches go to a fresh folder (set before torch loads)
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="train_gna_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 import torch
 import torch.nn.functional as F
@@ -90,15 +100,39 @@ def sdpa_fn(c: Case):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask, scale=c.scale)
 
 
-def flex_fn(c: Case):
-    """(fn, block-mask seconds): compiled flex_attention with the layout as a block mask."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    allowed = c.mask
+def gna_mask_mod(layout):
+    """The layout as a flex mask_mod computed from token coordinates (per dimension: the query's key
+    range [start, end) and the dilation), as one writes NATTEN-style masks for flex; main() checks
+    it equals gna.dense_mask."""
+    ranges = [(torch.from_numpy(st), torch.from_numpy(en)) for st, en in gna.key_ranges(layout)]
+    shape, dilation = layout.shape, layout.dilation
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return allowed[q_idx, kv_idx]
+        ok, qr, kr = None, q_idx, kv_idx
+        for d in reversed(range(len(shape))):
+            qc, kc = qr % shape[d], kr % shape[d]
+            qr, kr = qr // shape[d], kr // shape[d]
+            start = ranges[d][0][qc]
+            m = (kc >= start) & (kc < ranges[d][1][qc])
+            if dilation[d] > 1:
+                m = m & ((kc - start) % dilation[d] == 0)
+            ok = m if ok is None else ok & m
+        return ok
 
+    return mask_mod
+
+
+def flex_fn(c: Case):
+    """(fn, block-mask seconds): compiled flex_attention with the layout as a block mask."""
+    from torch.nn.attention.flex_attention import (
+        create_block_mask,
+        create_mask,
+        flex_attention,
+    )
+
+    mask_mod = gna_mask_mod(c.layout)
+    if not torch.equal(create_mask(mask_mod, 1, 1, c.S, c.S, device="cpu")[0, 0], c.mask):
+        raise AssertionError("the flex mask_mod is not the layout's mask")
     t0 = time.perf_counter()
     block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=c.S, KV_LEN=c.S, device="cpu")
     made = time.perf_counter() - t0
@@ -173,6 +207,8 @@ def main() -> None:
             errors[name] = f"backward: {type(e).__name__}: {str(e)[:2000]}"
             traceback.print_exc()
             step_fns.pop(name)
+    base = forward(fns["sdpa_mask"], c)
+    info["forward_rel_err_vs_sdpa"] = {n: rel(forward(fn, c), base) for n, fn in fns.items() if n != "sdpa_mask"}
     for name, gs in grads.items():
         checks[name] = {
             "vs_float64": {x: rel(g, w) for x, g, w in zip("qkv", gs, want)},
@@ -233,6 +269,7 @@ def report(r: dict) -> None:
             print(f"{k}: {r[k]:.1f}")
     for name, e in r["errors"].items():
         print(f"{name} FAILED: {e[:600]}")
+    print("forward max |diff| / max |sdpa|:", {n: f"{e:.1e}" for n, e in r["forward_rel_err_vs_sdpa"].items()})
     print(f"load average start {r['load_start']}, end {r['load_end']}")
 
 
