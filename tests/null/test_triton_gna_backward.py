@@ -75,12 +75,14 @@ def _check(layout, leading=0, trailing=0, B=1, H=2, Hkv=2, D=16, dtype=torch.flo
 
 CASES = {
     # name: (layout, leading, trailing, extra)
-    "1d_window": (GNALayout((37,), (9,)), 0, 0, {}),
+    "1d_window_batch2": (GNALayout((37,), (9,)), 0, 0, dict(B=2)),
     "1d_causal_stride": (GNALayout((37,), (9,), (3,), (1,), (True,)), 0, 0, dict(H=4, Hkv=1)),
     "2d_5x7_w3x3_s1": (GNALayout((5, 7), (3, 3)), 0, 0, {}),
     "2d_5x7_w3x3_s2_globals_gqa": (GNALayout((5, 7), (3, 3), (2, 2)), 2, 3, dict(H=4, Hkv=2)),
     "2d_causal_dim0_globals": (GNALayout((5, 7), (3, 3), (2, 1), (1, 1), (True, False)), 2, 3, {}),
     "2d_dilated_leading": (GNALayout((6, 5), (3, 2), (1, 1), (2, 2)), 1, 0, {}),
+    # 4x4-token dK/dV tiles on 4x4 windows at stride 4: perfectly block-sparse (no element mask)
+    "2d_block_sparse": (GNALayout((8, 8), (4, 4), (4, 4)), 0, 0, {}),
     "3d_causal_dim1_globals": (GNALayout((3, 4, 5), (2, 3, 3), (1, 2, 1), (1, 1, 1), (False, True, False)), 1, 2,
                                dict(H=1, Hkv=1)),
 }
@@ -101,10 +103,10 @@ def test_mask_gradient():
     layout = GNALayout((5, 7), (3, 3))
     S = 1 + 35 + 2
     g = torch.Generator().manual_seed(4)
-    bias = torch.randn(1, 2, S, S, generator=g)
+    bias = torch.randn(2, 2, S, S, generator=g)  # per batch and head
     bias[..., ::7] = float("-inf")  # hidden keys: no probability, no gradient
     bias[..., 0] = 0.0
-    _check(layout, 1, 2, mask=bias, mask_grad=True)  # (a bool mask: the dead-row test)
+    _check(layout, 1, 2, B=2, mask=bias, mask_grad=True)  # (a bool mask: the dead-row test)
 
 
 def test_per_head_selection():

@@ -100,7 +100,8 @@ def _scores(b_q, b_k, p_mask_base, b_qtok, b_ktok, m_pair, stride_mm, stride_mn,
     """Scores in natural units with the user's mask, -inf outside m_pair."""
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=INPUT_PRECISION) * scale
     if HAS_MASK:
-        b_mk = tl.load(p_mask_base + b_qtok[:, None] * stride_mm + b_ktok[None, :] * stride_mn,
+        # int64 offsets: a dense [S, S] mask passes 2^31 elements at S = 46341
+        b_mk = tl.load(p_mask_base + b_qtok[:, None].to(tl.int64) * stride_mm + b_ktok[None, :] * stride_mn,
                        mask=m_pair, other=0)
         if MASK_IS_BOOL:
             b_s = tl.where(b_mk != 0, b_s, float("-inf"))
@@ -312,7 +313,7 @@ def _dkdv_tiles(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, DS, p_mask_base, p_qtil
         b_dk += tl.dot(tl.trans((b_ds * scale).to(b_q.dtype)), b_q, input_precision=INPUT_PRECISION)
         if WRITE_DS:
             # real (query, key) pairs only: padding slots alias token LEADING
-            tl.store(DS + bh * S * S + b_qtok[:, None] * S + b_ktok[None, :], b_ds, mask=m_valid)
+            tl.store(DS + bh * S * S + b_qtok[:, None].to(tl.int64) * S + b_ktok[None, :], b_ds, mask=m_valid)
     return b_dk, b_dv
 
 
