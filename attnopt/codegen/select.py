@@ -56,6 +56,12 @@ This function itself: Sq=1 0.39-0.61 (G 2-8, Skv 2K-8K); Sq=4 (G 8-32) 0.74-0.97
 So it takes Sq == 1 with G >= 2, and Sq <= 4 with G >= 4; every other decode shape stays SDPA (which
 already handles GQA without repeating K/V: exact.sdpa_attention passes enable_gqa). Not measured:
 several threads (the host was too loaded for wall clocks to mean anything).
+Small steps: with K and V under SMALL_DECODE_KV_BYTES (4 MiB) a one-query step (forward only) runs
+SDPA with enable_gqa inside the row instead. Measured (fp32, one thread, process CPU time, key mask
+[B, 1, 1, Skv], grouped / SDPA, load ~6 so +-20%): B1 D64 Skv 515-640 H8/2 1.38-1.64, B4 same
+1.13-1.24, B1 D64 Skv 2048 H8/2 1.29 (0.5-2.6 MiB of K/V); B4 D64 Skv 2048 H8/2 0.87, B1 D128 Skv
+2048 H32/8 0.46-0.97, B4 D128 Skv 2048 H32/8 0.53 (8-16 MiB): K/V that stay in cache cost SDPA
+little to reread per query head, and its one fused kernel beats the grouped form's separate ops.
 
 Caller policies (request.caller), kept exactly as each entry point behaved before the table:
   "attention"      (the op) takes a CPU window kernel only when its windows leave keys out (it
@@ -248,6 +254,10 @@ def _cpu_tiles_run(q, k, v, attn_mask, params, layout, request) -> Tensor:
     return cpu_tiles.attention(q, k, v, attn_mask, params, layout, native=False)
 
 
+# torch's softmax that gives 0 (not NaN) on rows whose scores are all -inf (what SDPA's math uses)
+_SAFE_SOFTMAX = getattr(torch, "_safe_softmax", None)
+
+
 def grouped_decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams) -> Tensor:
     """Attention with q's G = H / Hkv heads per KV head folded into rows: q viewed as
     [B, Hkv, G*Sq, D] (row g*Sq + i is head hkv*G + g, query i), the reference's order of operations
@@ -275,12 +285,17 @@ def grouped_decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, pa
         m = attn_mask
         while m.dim() < 4:
             m = m.unsqueeze(0)
-        m = m.expand(B, H, Sq, Skv).reshape(B, Hkv, G * Sq, Skv)[..., lo:hi]
+        if m.shape[1] == 1 and m.shape[2] == 1 and m.shape[3] == Skv:
+            m = m[..., lo:hi]  # a key mask: the same for every row of a KV head, broadcast as it is
+        else:
+            m = m.expand(B, H, Sq, Skv).reshape(B, Hkv, G * Sq, Skv)[..., lo:hi]
         s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m.to(compute))
     if allowed is not None:
         s = s.masked_fill_(~allowed, float("-inf"))
     if params.normalizer == "sigmoid":
         p = torch.sigmoid(s)  # sigmoid(-inf) == 0: masked keys add nothing
+    elif _SAFE_SOFTMAX is not None:
+        p = _SAFE_SOFTMAX(s, -1)  # rows with every key masked are 0 in one kernel (NaN inputs stay NaN)
     else:
         p = torch.softmax(s, -1)
         bad = p[..., 0].isnan() if p.shape[-1] else None
@@ -306,6 +321,20 @@ def _cpu_decode_check(q, k, v, attn_mask, params, layout, request) -> tuple[bool
     if attn_mask is not None and not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
         return False, f"mask dtype {attn_mask.dtype}"
     return True, ""
+
+
+# Below this many bytes of K and V, a one-query decode step runs SDPA (enable_gqa) inside the
+# cpu_decode row: K/V stay in cache, so SDPA reading them once per query head costs little, and its
+# one fused kernel beats the grouped form's six ops (see the header).
+SMALL_DECODE_KV_BYTES = 4 << 20
+
+
+def _cpu_decode_run(q, k, v, attn_mask, params, layout, request) -> Tensor:
+    kv_bytes = k.shape[0] * k.shape[1] * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size()
+    if (q.shape[2] == 1 and kv_bytes < SMALL_DECODE_KV_BYTES and not request.needs_grad
+            and exact.sdpa_can_run(q, k, v, attn_mask, params)[0]):
+        return exact.sdpa_attention(q, k, v, attn_mask, params)
+    return grouped_decode(q, k, v, attn_mask, params)
 
 
 def _cpu_decode_applies(request: Request, device: str, layout: TokenLayout | None) -> tuple[bool, str]:
@@ -371,8 +400,7 @@ TABLE: tuple[Candidate, ...] = (
     Candidate("cpu_tiles", "cpu", "cpu", "exact tile kernel (GNA or 1-D window) as SDPA per tile group",
               _cpu_applies, _cpu_check, _cpu_tiles_run),
     Candidate("cpu_decode", "cpu", "cpu", "decode step with grouped KV heads as one matmul per KV head",
-              _cpu_decode_applies, _cpu_decode_check,
-              lambda q, k, v, m, p, layout, request: grouped_decode(q, k, v, m, p)),
+              _cpu_decode_applies, _cpu_decode_check, _cpu_decode_run),
     Candidate("sdpa", "exact", "any", "F.scaled_dot_product_attention, a layout as a bool mask",
               _sdpa_applies, lambda q, k, v, m, p, layout, request: exact.sdpa_can_run(q, k, v, m, p, layout),
               _sdpa_run),

@@ -20,7 +20,7 @@ import math
 
 from attnopt.ir import Graph, Rejection, Site
 from attnopt.patterns.details import FusedDetails
-from attnopt.patterns.heads import repeat_factor
+from attnopt.patterns.heads import kv_group_source, repeat_factor
 from attnopt.patterns.match import MaskOperand, Match
 from attnopt.patterns.recipe import Linear, MaskTerm, Operand, Projections, Recipe, simplify_constant_masks
 
@@ -76,8 +76,10 @@ class FusedAttention:
             batch = qs[0] if len(qs) == 4 else 1
             heads, q_len, head_dim = qs[-3], qs[-2], qs[-1]
             kv_heads, kv_len, v_dim = ks[-3], ks[-2], vs[-1]
-            # GQA spelled as repeat_kv before the fused call: count the heads before the repeat.
-            rep = repeat_factor(graph, k)
+            # GQA spelled as repeat_kv before the fused call: count the heads before the repeat
+            # (proven per-KV-head groups first; else the element-count reading, for the spec only).
+            group = kv_groups(graph, k, v)
+            rep = group[2] if group else repeat_factor(graph, k)
             if rep and isinstance(kv_heads, int) and kv_heads % rep == 0:
                 kv_heads //= rep
         elif a.get("layout") == "SBD" and len(qs) == 3 and heads:
@@ -179,12 +181,30 @@ class FusedAttention:
         causal, align = bool(a.get("is_causal")), "top_left"
         if not causal:
             masks, causal, align = simplify_constant_masks(graph, site.spec, masks)
+        k, v, heads = site.k, site.v, {}
+        group = kv_groups(graph, site.k, site.v) if site.details.flavor == "torch_sdpa" else None
+        if group is not None:
+            # the op takes grouped KV heads itself (query head h reads KV head h // n, exactly
+            # what the repeat built), so K/V are not copied n times per call and the CPU / Triton
+            # decode rows that read each KV head once apply
+            k, v, n = group
+            if isinstance(qs[1], int):
+                heads = {"q_heads": qs[1], "k_heads": qs[1] // n}
         return Recipe(
-            site=site.name, q=Operand(site.q, ident), k=Operand(site.k, ident),
-            v=Operand(site.v, ident), batch_rank=2, batch_sizes=tuple(qs[:2]), k_group_broadcast=False,
+            site=site.name, q=Operand(site.q, ident), k=Operand(k, ident),
+            v=Operand(v, ident), batch_rank=2, batch_sizes=tuple(qs[:2]), k_group_broadcast=False,
             masks=tuple(masks), scale=float(site.spec.scale), causal=causal,
             causal_alignment=align, window=None, softcap=None, normalizer="softmax",
-            out_perm=ident, output=site.output, remove=frozenset([site.output]))
+            out_perm=ident, output=site.output, remove=frozenset([site.output]), **heads)
+
+
+def kv_groups(graph: Graph, k: str, v: str) -> tuple[str, str, int] | None:
+    """(k source, v source, n) when k and v are both [B, Hkv, S, D] values with each KV head
+    repeated n times in place (patterns/heads.kv_group_source), the same n, else None."""
+    gk, gv = kv_group_source(graph, k), kv_group_source(graph, v)
+    if gk is None or gv is None or gk[1] != gv[1]:
+        return None
+    return gk[0], gv[0], gk[1]
 
 
 # ---- torch's multi_head_attention_forward ---------------------------------------------------

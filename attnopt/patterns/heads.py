@@ -125,6 +125,66 @@ def repeat_factor(graph: Graph, nid: str) -> int | None:
     return None
 
 
+def _through_identity(graph: Graph, nid: str) -> str:
+    """`nid`'s value before any chain of `identity` ops (contiguous, clone, full slices, same-dtype
+    casts): the same values in the same shape."""
+    for _ in range(8):
+        if graph.op(nid) != "identity":
+            break
+        nid = graph.inputs_of(nid)[0]
+    return nid
+
+
+def kv_group_source(graph: Graph, nid: str) -> tuple[str, int] | None:
+    """(x, n) when `nid` is x [B, Hkv, S, D] with every KV head repeated n times in place, so head h
+    of `nid` is head h // n of x (the order attnopt's op and SDPA's enable_gqa give a query head
+    its KV head); else None.
+
+    Proven from the ops and their shapes, never from element counts: transformers' repeat_kv
+    (x[:, :, None] or unsqueeze(2), a reshape inserting the unit axis right after the head axis,
+    then expand growing that axis alone to n, then reshape merging [Hkv, n] into Hkv * n heads),
+    or repeat_interleave(n, dim=1), with identity ops (contiguous, full slices) anywhere between.
+    A repeat that tiles the heads instead ([B, 1, Hkv, S, D] expanded on axis 1: head h is x's
+    head h % Hkv) or repeats another axis is None.
+    """
+    cur = _through_identity(graph, nid)
+    out = graph.shape(nid)
+    if out is None or len(out) != 4:
+        return None
+    if graph.op(cur) == "repeat":
+        x = _through_identity(graph, graph.inputs_of(cur)[0])
+        xs, n = graph.shape(x), graph.attr(cur, "repeats")
+        if (not graph.attr(cur, "interleave") or graph.attr(cur, "dim") != 1 or not isinstance(n, int)
+                or n < 2 or xs is None or len(xs) != 4 or (out[0], out[2], out[3]) != (xs[0], xs[2], xs[3])):
+            return None
+        hkv, h = probed_dims(graph, x, [1], [xs[1]])[0], probed_dims(graph, nid, [1], [out[1]])[0]
+        return (x, n) if isinstance(hkv, int) and h == hkv * n else None
+    if graph.op(cur) != "reshape":
+        return None
+    e = _through_identity(graph, graph.inputs_of(cur)[0])
+    es = graph.shape(e)
+    if graph.op(e) != "expand" or es is None or len(es) != 5:
+        return None
+    u = _through_identity(graph, graph.inputs_of(e)[0])
+    us = graph.shape(u)
+    if graph.op(u) != "reshape" or us is None or len(us) != 5 or us[2] != 1:
+        return None
+    x = graph.inputs_of(u)[0]
+    xs = graph.shape(x)
+    # a row-major reshape of [B, Hkv, S, D] to [B, Hkv, 1, S, D] is exactly unsqueeze(2)
+    if xs is None or len(xs) != 4 or tuple(us) != (xs[0], xs[1], 1, xs[2], xs[3]):
+        return None
+    # expand grows axis 2 alone; the reshape merges [Hkv, n] and keeps the rest
+    if (es[0], es[1], es[3], es[4]) != (us[0], us[1], us[3], us[4]) or (out[0], out[2], out[3]) != (
+            es[0], es[3], es[4]):
+        return None
+    hkv, n = probed_dims(graph, e, [1, 2], [es[1], es[2]])
+    h = probed_dims(graph, nid, [1], [out[1]])[0]
+    if not (isinstance(hkv, int) and isinstance(n, int) and isinstance(h, int)) or n < 2 or h != hkv * n:
+        return None
+    return x, n
+
+
 def infer_merged_heads(graph: Graph, nid: str) -> int | None:
     """For [B*H, S, D] operands: find the 4-D [B, H, S, D] or [B, S, H, D] tensor above."""
     shape = graph.shape(nid)

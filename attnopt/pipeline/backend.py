@@ -44,6 +44,47 @@ def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: Sequence[Any]
     return compile_fx(gm, list(example_inputs))
 
 
+def _unit_axis_index(index: Any) -> int | None:
+    """The axis `x[index]` inserts when the index is full slices, one None and at most one
+    Ellipsis (a view with one new unit axis: x.unsqueeze(axis)), else None."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    full = slice(None, None, None)
+    if items.count(None) != 1 or items.count(Ellipsis) > 1 or any(
+            i is not None and i is not Ellipsis and i != full for i in items):
+        return None
+    pos = items.index(None)
+    if Ellipsis in items and items.index(Ellipsis) < pos:
+        return pos - len(items)  # counted from the end: the axes after the Ellipsis are the last ones
+    return pos
+
+
+def unit_axis_views(gm: fx.GraphModule) -> int:
+    """Spell dynamo's `x[:, :, None]` (operator.getitem inserting one unit axis) as
+    `x.unsqueeze(2)`: the same view, which the front end reads as a reshape, so a value built
+    from it stays readable (transformers' repeat_kv is `x[:, :, None].expand(...).reshape(...)`:
+    read as grouped KV heads, patterns/heads.kv_group_source). Returns how many were changed."""
+    import operator
+
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+            continue
+        src, index = node.args
+        val = src.meta.get("example_value") if isinstance(src, fx.Node) else None
+        axis = _unit_axis_index(index)
+        if axis is None or not isinstance(val, torch.Tensor):
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_method("unsqueeze", (src, axis))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
 def _rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], validate: bool):
     """optimize_graph_module on a dynamo graph, once per graph compile (never per call). A graph
     with symbolic sizes or unspecialized floats first gets the few values a rewrite must fix
@@ -53,6 +94,7 @@ def _rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], validate: bool):
     from attnopt.pipeline import symbolic
     from attnopt.pipeline.optimize_torch import optimize_graph_module
 
+    unit_axis_views(gm)  # the same views, spelled as ops the front end reads (in place)
     floats = symbolic.symbolic_floats(gm)
     work = symbolic.float_literals(gm, floats) if floats else gm
     dynamic = symbolic.is_symbolic(example_inputs)
