@@ -213,3 +213,16 @@ def test_op_autograd_falls_back_where_refused(monkeypatch, spy):
     assert spy == []
     want = _reference_grads(q, k, v, None, layout, 0, 0, grad_out, heads=(0,))
     assert max(_errors(got, want)) <= TOL[torch.float32]
+
+
+def test_backward_op_contract_on_the_triton_path(monkeypatch, spy):
+    """The backward op's schema, fake impl and AOT dispatch hold when the GNA Triton path answers
+    (fresh outputs, empties where not needed)."""
+    monkeypatch.setenv("ATTNOPT_FORCE_TRITON", "1")
+    q, k, v, grad_out = _inputs(GNALayout((17,), (5,)), 1, 0, 1, 2, 1, 16, torch.float32)
+    bias = torch.randn(1, 1, 18, 18, generator=torch.Generator().manual_seed(6))
+    args = (grad_out, q, k, v, bias, SCALE, [17], [5], [1], [1], [False], 1, "softmax", [], 0,
+            [True, False, True, True])
+    torch.library.opcheck(torch.ops.attnopt.gna_attention_backward.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    assert spy
