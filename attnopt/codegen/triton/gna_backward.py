@@ -259,55 +259,59 @@ def _global_terms(q: Tensor, k: Tensor, v: Tensor, do: Tensor, attn_mask: Tensor
                   layout: TokenLayout, bufs: dict[str, Tensor]) -> None:
     """Add the global tokens' share to the fp32 buffers, in torch fp32 math: the global queries'
     rows (every key; causal layout: j <= i) and the grid queries against the global keys, whose
-    probabilities come from the kernels' lse (the grid rows' full normalizer). Memory O(G x S)."""
+    probabilities come from the kernels' lse (the grid rows' full normalizer). Memory: O(globals x
+    S) per head, K and V once in fp32."""
     B, H, S, _ = q.shape
     Hkv = k.shape[1]
     L, T = int(layout.leading), int(layout.trailing)
     if not L and not T:
         return
-    dev = q.device
-    kf = k.float().repeat_interleave(H // Hkv, 1)
-    vf = v.float().repeat_interleave(H // Hkv, 1)
+    dev, G = q.device, H // Hkv
+    # Query heads as [B, Hkv, G, ...] against K / V as [B, Hkv, 1, ...]: no per-head K / V copies.
+    k5, v5 = k.float().unsqueeze(2), v.float().unsqueeze(2)
     mfull = None if attn_mask is None else generator.mask_args(attn_mask, q, (B, H, S, S))[0]
     dq, dk, dv, ds = bufs.get("dq"), bufs.get("dk"), bufs.get("dv"), bufs.get("ds")
 
-    def group_sum(x: Tensor) -> Tensor:  # [B, H, n, d] -> [B, Hkv, n, d]
-        return x.view(B, Hkv, H // Hkv, *x.shape[2:]).sum(2)
+    def grouped(x: Tensor) -> Tensor:  # [B, H, ...] -> [B, Hkv, G, ...]
+        return x.reshape(B, Hkv, G, *x.shape[2:])
 
-    def add(rows: Tensor, cols: Tensor, qr: Tensor, dor: Tensor, kc: Tensor, vc: Tensor, p: Tensor,
-            dsr: Tensor) -> None:
+    def flat(x: Tensor) -> Tensor:  # [B, Hkv, G, ...] -> [B, H, ...]
+        return x.reshape(B, H, *x.shape[3:])
+
+    def add(rows: Tensor, cols: Tensor, qr: Tensor, dor: Tensor, kc: Tensor, p: Tensor, dsr: Tensor) -> None:
         if dq is not None:
-            dq[:, :, rows] += (dsr * scale) @ kc
-        if dk is not None:
-            dk[:, :, cols] += group_sum((dsr * scale).transpose(-1, -2) @ qr)
-            dv[:, :, cols] += group_sum(p.transpose(-1, -2) @ dor)
+            dq[:, :, rows] += flat((dsr * scale) @ kc)
+        if dk is not None:  # summed over the query group and rows in one contraction
+            dk[:, :, cols] += torch.einsum("bhgrc,bhgrd->bhcd", dsr * scale, qr)
+            dv[:, :, cols] += torch.einsum("bhgrc,bhgrd->bhcd", p, dor)
         if ds is not None:
-            ds[:, :, rows[:, None], cols[None, :]] = dsr
+            ds[:, :, rows[:, None], cols[None, :]] = flat(dsr)
 
     # Global queries: every key (causal: j <= i), a softmax of their own.
     rows = torch.cat([torch.arange(L, device=dev), torch.arange(S - T, S, device=dev)])
     cols = torch.arange(S, device=dev)
-    qr, dor = q[:, :, rows].float(), do[:, :, rows].float()
-    s = _masked(qr @ kf.transpose(-1, -2) * scale, None if mfull is None else mfull[:, :, rows])
+    qr, dor = grouped(q[:, :, rows].float()), grouped(do[:, :, rows].float())
+    s = _masked(qr @ k5.transpose(-1, -2) * scale, None if mfull is None else grouped(mfull[:, :, rows]))
     if layout.causal:
         s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
     mx = s.amax(-1, keepdim=True)
     e = torch.exp(s - torch.where(mx == float("-inf"), 0.0, mx))
     p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # a dead row: p = 0
-    dp = dor @ vf.transpose(-1, -2)
-    add(rows, cols, qr, dor, kf, vf, p, p * (dp - (dor * (p @ vf)).sum(-1, keepdim=True)))
+    dp = dor @ v5.transpose(-1, -2)
+    add(rows, cols, qr, dor, k5, p, p * (dp - (dor * (p @ v5)).sum(-1, keepdim=True)))
     # Grid queries against the global keys (no trailing key under a causal layout).
     cols = torch.cat([torch.arange(L, device=dev)] + ([] if layout.causal else [torch.arange(S - T, S, device=dev)]))
     if not len(cols):
         return
     rows = torch.arange(L, S - T, device=dev)
-    qr, dor, kc, vc = q[:, :, rows].float(), do[:, :, rows].float(), kf[:, :, cols], vf[:, :, cols]
+    qr, dor = grouped(q[:, :, rows].float()), grouped(do[:, :, rows].float())
+    kc, vc = k5[:, :, :, cols], v5[:, :, :, cols]
     s = _masked(qr @ kc.transpose(-1, -2) * scale,
-                None if mfull is None else mfull[:, :, rows[:, None], cols[None, :]])
-    lse = bufs["lse"][:, :, rows]
+                None if mfull is None else grouped(mfull[:, :, rows[:, None], cols[None, :]]))
+    lse = grouped(bufs["lse"][:, :, rows])
     p = torch.exp(s - torch.where(lse == float("-inf"), float("inf"), lse)[..., None])
-    dsr = p * (dor @ vc.transpose(-1, -2) - bufs["delta"][:, :, rows, None])
-    add(rows, cols, qr, dor, kc, vc, p, dsr)
+    dsr = p * (dor @ vc.transpose(-1, -2) - grouped(bufs["delta"][:, :, rows])[..., None])
+    add(rows, cols, qr, dor, kc, p, dsr)
 
 
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
