@@ -49,6 +49,12 @@ def sdpa_can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, para
 
 # Below this many keys the scan costs more than trimming can save.
 _TRIM_MIN_KEYS = 128
+# A decode step (at most this many queries) below _TRIM_MIN_WORK multiply-adds per product
+# (B * H * Sq * Skv * D) is not scanned either: the scan is ~6 small ops (~30-70 us on the 2-core
+# host, more than a third of SDPA's time for one query over 640 keys, B1 H8 D64), and a static
+# cache's unwritten slots are a small share of its keys there (bench/generate.py: 0-20%).
+_TRIM_DECODE_QUERIES = 16
+_TRIM_MIN_WORK = 1 << 21
 
 
 def trim_padded_keys(k: Tensor, v: Tensor, attn_mask: Tensor, p: AttentionParams
@@ -85,8 +91,10 @@ def trim_padded_keys(k: Tensor, v: Tensor, attn_mask: Tensor, p: AttentionParams
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p: AttentionParams) -> Tensor:
     """The case expressed with F.scaled_dot_product_attention (caller checked sdpa_can_run).
-    On CPU, keys that padding hides from every query are not computed (trim_padded_keys)."""
-    if attn_mask is not None and q.device.type == "cpu":
+    On CPU, keys that padding hides from every query are not computed (trim_padded_keys; not
+    scanned for at a small decode step, where the scan costs more than it can save)."""
+    small_decode = q.shape[2] <= _TRIM_DECODE_QUERIES and q.numel() * k.shape[2] < _TRIM_MIN_WORK
+    if attn_mask is not None and q.device.type == "cpu" and not small_decode:
         trimmed = trim_padded_keys(k, v, attn_mask, p)
         if trimmed is not None:
             k, v, attn_mask = trimmed
