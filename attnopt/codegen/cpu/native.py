@@ -1,4 +1,5 @@
 """The compiled inner loop of the exact CPU tile kernels (cpu_tiles.c): attention of a tile plan, fp32.
+The same library holds the tile backward (attnopt_tiles_backward_f32), called by native_backward.py.
 
 Canonical layouts: q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] fp32 (any strides, unit stride
 in the last dim; callers convert fp16/bf16), out [B, H, Sq, Dv] fp32; a plan's q_idx [n, TQ], kv_idx
@@ -195,7 +196,7 @@ def can_run(q: Tensor, k: Tensor, v: Tensor, requires_grad: bool,
     if attn_mask is not None and type(attn_mask) is not Tensor:
         return False, "mask is a tensor subclass"
     if requires_grad:
-        return False, "inputs need gradients (the native kernel is forward only)"
+        return False, "inputs need gradients (this entry is forward only; native_backward.can_run pairs it with the backward)"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False, f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the kernel computes fp32; fp16/bf16 are converted)"
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:

@@ -22,6 +22,9 @@ the gradients exact: a row scattered twice by one index_copy_ sends its gradient
 tiles (a 12x10 grid with window 5 had dQ/dK/dV off by 50-100% of the largest gradient).
 Work per tile = the simulator's bound for dynamic KV tiling with 1-token KV tiles:
 `simulate(layout, q_tile, (1,)*ndim, dynamic=True)`.
+Gradients: where inputs need them, run_plan takes the compiled forward paired with the compiled backward
+(native_backward.py, same owner rule); SDPA per tile group differentiates through autograd otherwise (no
+C compiler, a mask that needs its own gradient, softcap or other normalizers).
 """
 from __future__ import annotations
 
