@@ -7,6 +7,10 @@ Canonical layouts:
   shape (static KV tiling), exactly as `simulator.simulate(..., dynamic=False)` counts them.
   A "slot" is a row of the padded, permuted buffer: Q tile t owns slots [t*BLOCK_M, (t+1)*BLOCK_M),
   KV tile u owns [u*BLOCK_N, (u+1)*BLOCK_N); slots of tiles clipped at the grid end are padding.
+
+`gna_tile_plan`: per Q tile the KV tiles it visits (the forward and the backward's dQ walk it);
+`transpose_plan` / `gna_transposed_plan`: per KV tile the Q tiles that visit it (the backward's
+dK/dV walk it, gna_backward.py), the same pairs with the same full / masked split.
 """
 from __future__ import annotations
 
