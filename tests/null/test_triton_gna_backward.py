@@ -110,9 +110,11 @@ def test_mask_gradient():
 
 
 def test_per_head_selection():
-    # 2-D non-causal: the other heads run dense attention; 1-D causal: plain causal attention.
+    # The other heads: 2-D non-causal, dense attention; 1-D causal, plain causal attention (both
+    # backward.py); 2-D causal, the layout's full window (this backward again).
     _check(GNALayout((5, 7), (3, 3)), 1, 2, heads=(1,))
     _check(GNALayout((37,), (9,), (1,), (1,), (True,)), 2, 1, H=4, Hkv=2, heads=(0, 1))
+    _check(GNALayout((5, 6), (3, 3), (1, 1), (1, 1), (False, True)), 1, 1, heads=(0,))
 
 
 def test_dead_grid_row_gets_zero_gradient():
@@ -162,9 +164,12 @@ def test_refusals():
     assert not gna_backward.can_run(q.double(), k.double(), v.double(), None, SCALE, tl)[0]
     big = torch.zeros(1, 2, 36, 160)
     assert not gna_backward.can_run(big, big, big, None, SCALE, tl)[0]  # head dim over MAX_HEAD_DIM
-    # a causal multi-D layout's exact heads are no dense band; a selection splitting a KV group
-    assert not gna_backward.can_run(q, k, v, None, SCALE, TokenLayout(layout, 1, (0, 1)))[0]
-    assert not gna_backward.can_run(q, k, v, None, SCALE, TokenLayout(GNALayout((5, 7), (3, 3)), 1, (0,)))[0]
+    # a selection: fine, but not one splitting a KV group, nor with a mask gradient
+    assert gna_backward.can_run(q, k, v, None, SCALE, TokenLayout(layout, 1, (0, 1)))[0]
+    assert not gna_backward.can_run(q, k, v, None, SCALE, TokenLayout(layout, 1, (0,)))[0]
+    bias = torch.zeros(1, 1, 36, 36)
+    assert not gna_backward.can_run(q, k, v, bias, SCALE, TokenLayout(layout, 1, (0, 1)), "softmax",
+                                    [True, True, True, True])[0]
     assert not gna_backward.can_run(q, k, v, None, SCALE, TokenLayout(layout, 2))[0]  # wrong length
 
 
@@ -207,11 +212,12 @@ def test_op_autograd_falls_back_where_refused(monkeypatch, spy):
     monkeypatch.setenv("ATTNOPT_FORCE_TRITON", "1")
     layout = GNALayout((5, 7), (3, 3), (1, 1), (1, 1), (True, False))
     q, k, v, grad_out = _inputs(layout, 0, 0, 1, 2, 2, 16, torch.float32)
-    xs = [t.requires_grad_() for t in (q, k, v)]
-    out = gna_attention_op(*xs, None, scale=SCALE, layout=layout, heads=(0,))  # causal 2-D with a selection
+    bias = torch.randn(1, 2, 35, 35, generator=torch.Generator().manual_seed(7))
+    xs = [t.requires_grad_() for t in (q, k, v, bias)]
+    out = gna_attention_op(*xs, scale=SCALE, layout=layout, heads=(0,))  # a mask gradient with a selection
     got = torch.autograd.grad(out, xs, grad_out)
     assert spy == []
-    want = _reference_grads(q, k, v, None, layout, 0, 0, grad_out, heads=(0,))
+    want = _reference_grads(q, k, v, bias, layout, 0, 0, grad_out, mask_grad=True, heads=(0,))
     assert max(_errors(got, want)) <= TOL[torch.float32]
 
 

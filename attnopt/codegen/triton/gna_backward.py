@@ -32,8 +32,9 @@ Math (natural units, s = x * scale + mask, -inf where not attended, x = q . k):
 Takes what the forward Triton GNA kernel takes (1-/2-/3-D, strides, causal dims, dilation, leading
 and trailing tokens, masks, GQA, fp16/bf16/fp32) with the softmax normalizer (the op runs no
 other through its kernels) and head dims <= MAX_HEAD_DIM. A per-head selection (`heads`) splits:
-the layout's heads here, the other heads (exact attention) through backward.py's dense kernels
-when that is plain dense or causal attention; anything else is the caller's to recompute.
+the layout's heads here, the other heads' exact attention (the layout's full window) through
+backward.py's dense kernels where that is plain dense or causal attention, else here on the full
+window as a GNA layout; a mask gradient with a selection is the caller's to recompute.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnopt.codegen.gna_exact import every_head
+from attnopt.codegen.gna_exact import every_head, full_window
 from attnopt.codegen.params import AttentionParams, TokenLayout
 from attnopt.codegen.triton import backward, generator, launcher
 from attnopt.codegen.triton.gna_backward_kernels import kernels
@@ -102,15 +103,17 @@ def _pow2(x: int) -> int:
     return max(16, 1 << (int(x) - 1).bit_length())
 
 
-def _rest_params(layout: TokenLayout, scale: float) -> AttentionParams | None:
-    """The dense attention the heads outside `layout.heads` run (gna_exact.exact_rest): plain
-    dense, or plain causal for a 1-D causal layout (its full window: every earlier key, globals
-    included); None for a causal multi-D layout (its full window is no 1-D band)."""
+def _rest(layout: TokenLayout, scale: float) -> AttentionParams | TokenLayout:
+    """What the heads outside `layout.heads` run (gna_exact.exact_rest, the layout's full-window
+    counterpart): plain dense attention, or plain causal for a 1-D causal layout (every earlier
+    key, globals included), as AttentionParams for backward.py; for a causal multi-D layout its
+    full window as a GNA layout for these kernels (valid wherever the layout is: every length is
+    >= window >= 2)."""
     if not layout.causal:
         return AttentionParams(scale=float(scale))
     if len(layout.grid.shape) == 1:
         return AttentionParams(scale=float(scale), causal=True)
-    return None
+    return TokenLayout(full_window(layout.grid), layout.leading, trailing=layout.trailing)
 
 
 def _head_split(H: int, Hkv: int, heads) -> tuple[list[int], list[int], list[int], list[int]] | None:
@@ -137,7 +140,7 @@ def can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: fl
             normalizer: str = "softmax", needs=(True, True, True, False)) -> tuple[bool, str]:
     """Whether these kernels compute this gna_attention call's gradients: what the forward Triton
     GNA kernel takes, softmax, head dims <= MAX_HEAD_DIM; with a per-head selection, the other
-    heads' exact attention must be backward.py's (and no mask gradient)."""
+    heads' exact attention must be runnable too (`_rest`), and no mask gradient is asked."""
     if normalizer != "softmax":
         return False, f"normalizer {normalizer!r} (the GNA op's kernels run softmax only)"
     if layout is None or layout.grid is None:
@@ -157,12 +160,12 @@ def can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: fl
     needs = list(needs) + [False] * (4 - len(needs))
     if needs[3] and attn_mask is not None and attn_mask.is_floating_point():
         return False, "a mask gradient with a per-head selection"
-    rest = _rest_params(layout, scale)
-    if rest is None:
-        return False, "the exact heads of a causal multi-D layout (no dense band)"
+    rest = _rest(layout, scale)
     _, _, others, kv_others = split
-    return backward.can_run(q[:, others], k[:, kv_others], v[:, kv_others],
-                            _head_mask(attn_mask, others, q.shape[1]), rest)
+    args = (q[:, others], k[:, kv_others], v[:, kv_others], _head_mask(attn_mask, others, q.shape[1]))
+    if isinstance(rest, TokenLayout):
+        return can_run(*args, scale, rest)
+    return backward.can_run(*args, rest)
 
 
 _PLAN_TENSORS: dict = {}
@@ -338,15 +341,18 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
 
 def _split_backward(grad_out, q, k, v, attn_mask, scale, layout: TokenLayout, needs):
     """A per-head selection: the layout's heads through these kernels, the others' exact attention
-    through backward.py (can_run checked both; no mask gradient here)."""
+    through backward.py or, causal multi-D, these kernels on the full window (can_run checked
+    both; no mask gradient here)."""
     H = q.shape[1]
     sel, kv_sel, others, kv_others = _head_split(H, k.shape[1], layout.heads)
     part_needs = needs[:3] + [False]
     grads = [torch.zeros_like(x) if n else q.new_empty(0) for x, n in zip((q, k, v), needs[:3])]
     plain = TokenLayout(layout.grid, layout.leading, trailing=layout.trailing)
     parts = [(sel, kv_sel, lambda *a: attention_backward(*a, float(scale), plain, part_needs))]
-    if others:
-        rest = _rest_params(layout, scale)
+    rest = _rest(layout, scale)
+    if isinstance(rest, TokenLayout):
+        parts.append((others, kv_others, lambda *a: attention_backward(*a, float(scale), rest, part_needs)))
+    else:
         parts.append((others, kv_others, lambda *a: backward.attention_backward(*a, rest, part_needs)))
     for qh, kh, run in parts:
         got = run(grad_out[:, qh], q[:, qh], k[:, kh], v[:, kh], _head_mask(attn_mask, qh, H))
