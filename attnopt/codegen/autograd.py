@@ -41,8 +41,8 @@ LSE-writing forward.
     masks, GQA; softmax, head dims <= 128): dQ over the forward's tile plan, dK/dV over the
     transposed plan, the global tokens' small dense parts in torch math. A per-head selection
     splits: the layout's heads there, the exact heads through triton/backward.py (dense, or causal
-    for a 1-D causal layout; a causal multi-D layout's exact heads, or a mask gradient with a
-    selection, keep the recomputation).
+    for a 1-D causal layout) or, causal multi-D, gna_backward.py on the full window; a mask
+    gradient with a selection keeps the recomputation.
 Anything else (mixed dtypes, larger head dims, other normalizers) keeps the recomputation; CPU
 tensors without the variable never reach Triton.
 
