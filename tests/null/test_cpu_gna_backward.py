@@ -209,3 +209,19 @@ def test_a_mask_that_needs_its_gradient_stays_on_sdpa(calls):
     out = cpu.gna_attention(q, k, v, layout, AttentionParams(scale=0.25), bias, q_tile=(4, 4))
     torch.autograd.grad(out, (q, k, v, bias), grad_out)
     assert calls[0] == 0
+
+
+def test_dead_rows_and_a_large_scale(calls):
+    """Rows whose every key the caller's mask removes give zeros and send back nothing; scale 8 makes
+    the softmax nearly one-hot (the exp's range reduction and the max subtraction matter)."""
+    layout = GNALayout((9, 9), (4, 4))
+    (q, k, v), grad_out = _inputs(1, 2, 1, 81, 16, 16, seed=9)
+    mask = torch.ones(1, 1, 81, 81, dtype=torch.bool)
+    mask[..., [3, 40, 77], :] = False
+    p = AttentionParams(scale=8.0)
+    out = cpu.gna_attention(q, k, v, layout, p, mask, q_tile=(4, 4))
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert calls[0] == 1
+    assert torch.equal(out[..., [3, 40, 77], :], torch.zeros_like(out[..., [3, 40, 77], :]))
+    assert got[0][..., [3, 40, 77], :].abs().max() == 0
+    _check(got, _reference(q, k, v, and_mask(mask, full_mask(layout, 0)), grad_out, 8.0))
