@@ -4,7 +4,7 @@
 
 Layouts: q [B, H, S, D], k/v [B, Hkv, S, D], S = leading + prod(grid) + trailing, masks
 broadcastable to [B, H, S, S]. Grids are small and odd (29, 37, 4x5, 5x7, 6x5, 2x4x5) so the interpreter's
-tiles (16 tokens: 4x4, 4x8, 2x2x4 boxes) are clipped at the grid ends and every KV tile is visited
+tiles (16 or 32 tokens: 4x4, 4x8, 2x2x4 boxes) are clipped at the grid ends and every KV tile is visited
 by several Q tiles. Errors are relative to the largest reference gradient of each input; q is
 sharpened so a wrong layout, window or global token shows (the near-miss test checks that it does).
 """
