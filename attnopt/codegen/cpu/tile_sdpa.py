@@ -210,10 +210,11 @@ def run_tiles(q, k, v, attn_mask, params: AttentionParams, tiles: Tiles, masked:
 
 
 def needs_grad(*xs: Tensor | None) -> bool:
-    """Some input (a learned bias passed as the mask too) needs a gradient: then the gathered tiles
-    are fresh tensors, not the reused workspaces, which the next call would overwrite before
-    backward reads what autograd saved of them."""
-    return any(x is not None and x.requires_grad for x in xs)
+    """Some input (a learned bias passed as the mask too) needs a gradient and grad mode records it:
+    then the gathered tiles are fresh tensors, not the reused workspaces, which the next call would
+    overwrite before backward reads what autograd saved of them. Under no_grad (a custom op's own
+    forward runs so, below autograd) nothing is saved: the inference path runs."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
 def _gathered(x: Tensor, idx: Tensor, slot: str | None) -> Tensor:
