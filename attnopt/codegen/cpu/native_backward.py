@@ -53,7 +53,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, ti
     dq = torch.zeros((B, H, Sq, D), dtype=torch.float32)
     dk = torch.zeros((B, Hkv, Skv, D), dtype=torch.float32)
     dv = torch.zeros((B, Hkv, Skv, Dv), dtype=torch.float32)
-    f = tiles
+    f = tiles  # short name for the long call below
     if f.n == 0:
         return dq, dk, dv
     um, um_float, ums, _keep = cpu_native._user_mask(attn_mask, B, H, Sq, Skv)
