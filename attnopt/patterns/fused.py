@@ -5,7 +5,8 @@ one it was (`flavor`), the layout of q ("BHSD", or "BSD" with heads folded into 
 dim), head counts, scale (None = 1/sqrt(head_dim)), is_causal and mask slots.
 
 Rewritten: torch SDPA with 4-D [B, H, S, D] inputs (into attnopt's own op, which runs the same
-math with the masks it can prove structural turned into flags); torch's
+math with the masks it can prove structural turned into flags; K/V built by a proven per-KV-head
+repeat, transformers' repeat_kv, reach the op before the repeat, as grouped KV heads); torch's
 multi_head_attention_forward (nn.MultiheadAttention as dynamo keeps it) decomposed into its
 projections around attnopt's op (`_mha_recipe`, which names what it keeps); and ONNX's standard `Attention`
 with 4-D inputs, no KV cache and no extra outputs: on ONNX Runtime's CPU provider
