@@ -24,9 +24,11 @@ mask materialised: the ground truth). Which kernel runs is the kernel table's ch
 (attnopt/codegen/select.py, caller "functional"): its rows, in order, and the rules above.
 
 Gradients (q, k, v, and a float mask / bias) are exact on every path that returns a tensor needing
-them: the CPU kernels (SDPA per tile group, each query's row from one tile), SDPA and the reference.
-The Triton kernels are forward only: "auto" leaves them out when a gradient is needed, and
-"triton" raises instead of returning a result cut off from the graph.
+them: the CPU tile kernels (the compiled forward with its compiled backward, cpu/native_backward.py,
+or SDPA per tile group where that cannot take the call, e.g. a learned bias; each query's row from one
+tile), SDPA and the reference. The Triton forward kernels here are forward only: "auto" leaves them
+out when a gradient is needed, and "triton" raises instead of returning a result cut off from the
+graph (the custom ops' backward runs the Triton backward kernels: codegen/autograd.py).
 """
 from __future__ import annotations
 

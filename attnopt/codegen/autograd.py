@@ -19,10 +19,12 @@ Backward ops (new names; the forward schemas stay as they are):
 How (where no Triton backward below takes the call): exact recomputation. The forward kernels
 return the output only (their schemas are fixed, and the CPU tile kernel, SDPA and the Triton
 kernels keep no log-sum-exp a backward could read), so the backward runs the same attention again
-through the kernel table with `needs_grad` set (which leaves out the forward-only rows: Triton and
-the compiled C kernel) and differentiates that:
-  * windows and GNA layouts on CPU: SDPA per tile group (cpu/tile_sdpa.py), so what autograd keeps is
-    the tiles' scores, O(tiles x box) rather than O(S^2);
+through the kernel table with `needs_grad` set (which leaves out the forward-only Triton rows) and
+differentiates that:
+  * windows and GNA layouts on CPU: the compiled tile forward with its compiled backward
+    (cpu/native_backward.py: each tile's softmax recomputed in cache, no autograd graph), or, for a
+    learned bias or a head dim not a multiple of 8, SDPA per tile group (cpu/tile_sdpa.py), so what
+    autograd keeps is the tiles' scores, O(tiles x box) rather than O(S^2);
   * dense / causal / masked softmax: SDPA (its own fused backward);
   * softcap, sigmoid, mixed dtypes: the float32 reference math on the same masks.
 The result is the exact gradient of the same function the forward computed (up to floating-point

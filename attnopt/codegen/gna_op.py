@@ -30,10 +30,12 @@ Implementations (the kernel table, select.py, as caller "gna_attention"):
          per shape). ATTNOPT_FORCE_TRITON=1 runs the CUDA choice on CPU under the Triton interpreter.
   anything else (other normalizers, dtypes, devices): backend "reference", the dense reference
          with the layout's full mask (exact, not faster).
-Autograd (codegen/autograd.py): gradients of q, k, v and a float attn_mask by exact recomputation
-per head group through the table's differentiable rows (on CPU SDPA per tile group: autograd keeps
-O(tiles) scores, not S x S; elsewhere SDPA with the layout mask, or the reference math); the backward
-is the op attnopt::gna_attention_backward.
+Autograd (codegen/autograd.py): gradients of q, k, v and a float attn_mask; the backward is the op
+attnopt::gna_attention_backward. On CUDA (or under ATTNOPT_FORCE_TRITON=1) the block-sparse Triton
+backward (triton/gna_backward.py: dQ over the tile plan, dK/dV over the transposed plan); on CPU the
+compiled tile backward (cpu/native_backward.py) after a recomputed forward; elsewhere, and for a
+learned bias on CPU, exact recomputation per head group through the table's differentiable rows
+(SDPA per tile group on CPU: O(tiles) scores, not S x S; SDPA with the layout mask; the reference).
 """
 from __future__ import annotations
 

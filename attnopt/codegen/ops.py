@@ -18,9 +18,11 @@ Implementations:
              or the reference math (on CPU, trailing keys that a padding mask hides from every query
              are skipped: exactly 0). ATTNOPT_FORCE_TRITON=1 makes CPU calls try the Triton kernels
              under the interpreter first. Triton refusals are logged once per distinct reason.
-Autograd (codegen/autograd.py): gradients of q, k, v and a float attn_mask (a learned bias), by
-exact recomputation through the table's differentiable rows (SDPA per tile group for windows on
-CPU, SDPA, the reference math); the backward is the op attnopt::attention_backward.
+Autograd (codegen/autograd.py): gradients of q, k, v and a float attn_mask (a learned bias); the
+backward is the op attnopt::attention_backward: the FlashAttention-2 Triton backward on CUDA (or under
+ATTNOPT_FORCE_TRITON=1) where it takes the call, else exact recomputation through the table's
+differentiable rows (for windows on CPU the compiled tile forward + backward, cpu/native_backward.py,
+or SDPA per tile group; SDPA; the reference math).
 
 The op must be registered before a saved .pt2 that contains it is loaded: importing `attnopt` does it.
 """

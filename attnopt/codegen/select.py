@@ -24,7 +24,8 @@ Each row (`Candidate`) has a name, the devices it serves, and one signature for 
   triton_dense             the same, dense (any mask, softcap)
   cpu_padded               causal attention over a left/right padded batch (causal flag + key mask),
                            SDPA per batch row on its run of real keys (cpu/padded.py)
-  cpu_native               exact CPU tile kernel (GNA or 1-D window) in compiled C (cpu/native.py)
+  cpu_native               exact CPU tile kernel (GNA or 1-D window) in compiled C (cpu/native.py);
+                           under needs_grad its compiled backward is attached (cpu/native_backward.py)
   cpu_tiles                the same tile plans run as SDPA per tile group (cpu/tile_sdpa.py)
   cpu_decode               a decode step with grouped KV heads as one matmul per KV head (below)
   sdpa                     F.scaled_dot_product_attention, the layout as a bool mask (exact.py)
