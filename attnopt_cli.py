@@ -1,6 +1,6 @@
 """Console entry point for `attnopt`, outside the package on purpose.
 
-Importing `attnopt` imports torch, which takes seconds. A KeyboardInterrupt raised inside a native
+Importing `attnopt` imports torch (and the CLI ONNX Runtime), which takes seconds. A KeyboardInterrupt raised inside a native
 extension's initialization can abort the process (seen: SIGABRT) or lose the message, so during the
 import a ^C is only recorded; once the import is done the process ends with the one-line
 "interrupted" error and exit code 130, as the commands do (attnopt.cli.user_errors).
@@ -20,6 +20,10 @@ def main() -> None:
     previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
     try:
         from attnopt.cli import main as cli_main
+        from attnopt.cli.common import quiet_libraries
+
+        if "--debug" not in sys.argv:
+            quiet_libraries()  # imports ONNX Runtime: a native import too, so inside this window
     finally:
         signal.signal(signal.SIGINT, previous)
     if hit:

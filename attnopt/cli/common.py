@@ -90,14 +90,16 @@ def run_as_process(app: typer.Typer) -> None:
     interpreter teardown (see below)."""
     import warnings
 
-    if "--debug" not in sys.argv:
-        warnings.filterwarnings("ignore")  # library deprecation chatter is not for our users
-        quiet_libraries()
     global _PROCESS_ENTRY
     _PROCESS_ENTRY = True
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, on_sigint)
     try:
+        if "--debug" not in sys.argv:
+            warnings.filterwarnings("ignore")  # library deprecation chatter is not for our users
+            # inside the try: it imports ONNX Runtime (a second or more on a loaded machine), and a
+            # ^C landing there escaped as a traceback and death by signal (exit -2)
+            quiet_libraries()
         app()
     except SystemExit as e:
         code = e.code
