@@ -256,14 +256,20 @@ def attention_onnx(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def external_model(tmp_path):
-    """An ONNX model whose weights live in `weights.onnx` (a name that passes the suffix check)."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    out = tmp_path / "ex"
+@pytest.fixture(scope="module")
+def tiny_example(tmp_path_factory) -> Path:
+    """The demo's tiny transformer exported once per module (a subprocess of ~10 s): the folder
+    holding tiny_transformer.onnx and .pt2. Tests copy what they use; never written to."""
+    out = tmp_path_factory.mktemp("demo")
     subprocess.run([sys.executable, str(ROOT / "examples" / "tiny_transformer.py"), str(out)],
                    check=True, capture_output=True)
-    m = onnx.load(str(out / "tiny_transformer.onnx"))
+    return out
+
+
+@pytest.fixture
+def external_model(tiny_example, tmp_path):
+    """An ONNX model whose weights live in `weights.onnx` (a name that passes the suffix check)."""
+    m = onnx.load(str(tiny_example / "tiny_transformer.onnx"))
     onnx.save_model(m, str(tmp_path / "ext.onnx"), save_as_external_data=True,
                     location="weights.onnx", size_threshold=0)
     return tmp_path / "ext.onnx", tmp_path / "weights.onnx"
@@ -536,11 +542,8 @@ def test_simulate_refuses_what_it_cannot_do(args, msg):
 # ---- attnopt plan: outputs and calibration files -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def demo_pt2(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, str(ROOT / "examples" / "tiny_transformer.py"), str(out)],
-                   check=True, capture_output=True)
-    return out / "tiny_transformer.pt2"
+def demo_pt2(tiny_example) -> Path:
+    return tiny_example / "tiny_transformer.pt2"
 
 
 def test_plan_outputs_are_never_inputs(demo_pt2, tmp_path):

@@ -45,9 +45,15 @@ def compile_call(call: KernelCall | decode.Launch, arch: int = 90):
                           options={"num_warps": call.num_warps, "num_stages": call.num_stages})
 
 
-def _compiled(row: dict, make_call, arch: int) -> dict:
+_ONLY: frozenset[str] | None = None  # check_all(only=...): the specializations to compile
+
+
+def _compiled(row: dict, make_call, arch: int) -> dict | None:
     """`row` with the sm_<arch> compile of make_call()'s kernel: its resources and ok=True, or
-    ok=False and the error (a failure is reported per row, never raised), and compile_s."""
+    ok=False and the error (a failure is reported per row, never raised), and compile_s. None
+    when `only` leaves the row's specialization out (its name before any ":<kernel>")."""
+    if _ONLY is not None and row["name"].split(":")[0] not in _ONLY:
+        return None
     t = time.time()
     try:
         row.update(resources(compile_call(make_call(), arch)), ok=True)
@@ -287,9 +293,25 @@ def _gna_backward_rows(arch: int) -> list[dict]:
     return rows
 
 
-def check_all(arch: int = 90, families=("hopper",)) -> list[dict]:
+def check_all(arch: int = 90, families=("hopper",), only=None) -> list[dict]:
     """Compile every specialization with the first config of each tile table; one row each (the
-    decode family: one per launch, its split count the heuristic's)."""
+    decode family: one per launch, its split count the heuristic's). `only`: names of the
+    specializations to compile (a fresh compile of all of them takes ~10 min on 2 cores; make
+    test compiles a subset, make test-long all); an unknown name raises ValueError."""
+    global _ONLY
+    _ONLY = None if only is None else frozenset(only)
+    try:
+        rows = _check_all(arch, families)
+    finally:
+        _ONLY = None
+    if only is not None:
+        unknown = set(only) - {r["name"].split(":")[0] for r in rows if r is not None}
+        if unknown:
+            raise ValueError(f"no specialization named {sorted(unknown)}")
+    return [r for r in rows if r is not None]
+
+
+def _check_all(arch: int, families) -> list[dict | None]:
     import torch
 
     from attnopt.codegen.triton import generator, launcher
@@ -323,12 +345,14 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--table", nargs="+", default=["hopper"])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="compile only these specializations (names as printed, before any ':')")
     a = ap.parse_args(argv)
     from attnopt.codegen.triton.generator import interpreter_active
 
     if interpreter_active():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile")
-    rows = check_all(a.arch, tuple(a.table))
+    rows = check_all(a.arch, tuple(a.table), a.only)
     if a.json:
         print(json.dumps(rows))
     else:
