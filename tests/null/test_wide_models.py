@@ -30,8 +30,13 @@ def _check(res, w: wide.Wide) -> None:
 
 
 # Swin's module flavour takes ~30 s on 2 cores (torch.export's symbolic shapes over its window
-# partition): make test-long; test_views_relpos runs the same transformers Swin in module flavour.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n == "swin" else n
+# partition), the others listed 4-8 s: make test-long (CI's budget); their other flavours stay here,
+# and test_views_relpos runs transformers' Swin in every flavour.
+LONG = {"swin", "segformer", "t5", "m2m100", "gemma3text", "beit", "pegasus", "granite", "marian", "funnel",
+        "mixtral", "codegen"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n in LONG else n
                                   for n in wide.NAMES])
 def test_module(name):
     w = wide.WIDE[name]
