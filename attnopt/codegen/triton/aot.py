@@ -194,7 +194,7 @@ def _decode_rows(arch: int, table: str) -> list[dict]:
 def backward_specializations():
     """(name, params, (B, H, Hkv, Sq, Skv, D), mask shape and dtype, mask needs grad, dtype) of the
     dense-family backward kernels (triton/backward.py): every case the interpreter tests cover, at
-    GPU sizes (fixed 64x64 tiles, no tuning yet)."""
+    GPU sizes, at the first tuning candidate (backward.candidates)."""
     import torch
 
     from attnopt.codegen.params import AttentionParams
@@ -217,8 +217,15 @@ def backward_specializations():
     ]
 
 
+# The backward specializations whose every tuning candidate is compiled too (rows "<name>@<i>:..."):
+# one per dtype class of each backward family.
+TUNING_CANDIDATE_SPECS = ("bwd_causal_bf16_d128", "bwd_dense_fp16_d64", "bwd_dense_fp32_d80", "gna_bwd_2d_fp16",
+                          "gna_bwd_2d_globals_gqa_bool", "gna_bwd_2d_fp32_d80")
+
+
 def _backward_rows(arch: int) -> list[dict]:
-    """One row per launch of each backward specialization (LSE forward, preprocess, dK/dV, dQ)."""
+    """One row per launch of each backward specialization (LSE forward, preprocess, dK/dV, dQ), at
+    its first tile config; for TUNING_CANDIDATE_SPECS also at each other candidate."""
     import torch
 
     from attnopt.codegen.triton import backward
@@ -228,9 +235,17 @@ def _backward_rows(arch: int) -> list[dict]:
         q = torch.empty(B, H, Sq, D, dtype=dtype)
         k = torch.empty(B, Hkv, Skv, D, dtype=dtype)
         mask = None if mask_spec is None else torch.zeros(mask_spec[0], dtype=mask_spec[1])
-        cfg = backward.tiles(q)
-        calls, _ = backward.backward_calls(q, q, k, k, mask, params, (True, True, True, mask_grad), cfg)
-        for kname, launch in calls:
+        cands = backward.candidates(q) if name in TUNING_CANDIDATE_SPECS else [backward.tiles(q)]
+        for i, cfg in enumerate(cands):
+            rows.extend(_backward_cfg_rows(arch, name if i == 0 else f"{name}@{i}", cfg, backward.backward_calls(
+                q, q, k, k, mask, params, (True, True, True, mask_grad), cfg)[0], dtype))
+    return rows
+
+
+def _backward_cfg_rows(arch: int, name: str, cfg, calls, dtype) -> list[dict]:
+    rows = []
+    for kname, launch in calls:
+        if True:
             row = {"name": f"{name}:{kname.replace('attn_', '').replace('_kernel', '')}", "family": "backward",
                    "table": "fixed", "arch": arch, "dtype": str(dtype).replace("torch.", ""),
                    "dots": kname != "attn_bwd_pre_kernel",  # delta is a row sum: no tensor-core work
@@ -243,7 +258,7 @@ def _backward_rows(arch: int) -> list[dict]:
 def gna_backward_specializations():
     """(name, layout, (leading, trailing), (B, H, Hkv, D), mask shape and dtype, mask needs grad,
     dtype) of the GNA backward kernels (triton/gna_backward.py): the cases the interpreter tests
-    cover (strides, causal dims, dilation, globals, GQA, masks), at GPU sizes, fixed tiles."""
+    cover (strides, causal dims, dilation, globals, GQA, masks), at GPU sizes, first candidate tiles."""
     import torch
 
     from attnopt.ir import GNALayout
@@ -279,17 +294,18 @@ def _gna_backward_rows(arch: int) -> list[dict]:
         q = torch.empty(B, H, S, D, dtype=dtype)
         k = torch.empty(B, Hkv, S, D, dtype=dtype)
         mask = None if mask_spec is None else torch.zeros(mask_spec[0], dtype=mask_spec[1])
-        cfg = gna_backward.tiles(q, len(layout.shape), mask is not None)
-        calls, _ = gna_backward.backward_calls(q, q, k, k, mask, 0.1, TokenLayout(layout, leading, (), trailing),
-                                               (True, True, True, mask_grad), cfg)
-        for kname, launch in calls:
-            row = {"name": f"{name}:{kname.replace('gna_bwd_', '').replace('_kernel', '')}",
-                   "family": "gna_backward", "table": "fixed", "arch": arch,
-                   "dtype": str(dtype).replace("torch.", ""),
-                   "config": {"q_tile": list(cfg.q_tile), "kv_tile": list(cfg.kv_tile),
-                              "dkdv_q_tile": list(cfg.dkdv_q_tile), "dkdv_kv_tile": list(cfg.dkdv_kv_tile),
-                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
-            rows.append(_compiled(row, lambda launch=launch: launch, arch))
+        cands = gna_backward.candidates(q, len(layout.shape), mask is not None)
+        for i, cfg in enumerate(cands if name in TUNING_CANDIDATE_SPECS else cands[:1]):
+            calls, _ = gna_backward.backward_calls(q, q, k, k, mask, 0.1, TokenLayout(layout, leading, (), trailing),
+                                                   (True, True, True, mask_grad), cfg)
+            for kname, launch in calls:
+                row = {"name": f"{name if i == 0 else f'{name}@{i}'}:{kname.replace('gna_bwd_', '').replace('_kernel', '')}",
+                       "family": "gna_backward", "table": "fixed", "arch": arch,
+                       "dtype": str(dtype).replace("torch.", ""),
+                       "config": {"q_tile": list(cfg.q_tile), "kv_tile": list(cfg.kv_tile),
+                                  "dkdv_q_tile": list(cfg.dkdv_q_tile), "dkdv_kv_tile": list(cfg.dkdv_kv_tile),
+                                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
+                rows.append(_compiled(row, lambda launch=launch: launch, arch))
     return rows
 
 

@@ -30,6 +30,9 @@ A row with no visible key has lse -inf; the kernels read it as +inf so p = 0 and
 it is 0 (SDPA's safe softmax). fp16 / bf16 inputs accumulate in fp32 (p and dS are cast to the input
 dtype for the tensor-core dots, as FlashAttention-2 does). Under the interpreter bf16 tiles are
 upcast (its bf16 tl.dot is wrong). Every tile load is bounds-checked (no interior fast path yet).
+Tiles: `candidates(q)` per dtype (each compiled for sm_90 by aot.py), tuned per case on a GPU by
+`tuned_tiles` (autotune.fastest: timed once per key with lengths bucketed, remembered in memory and on
+disk, as the forward's configs); the GNA backward tunes its tile plans the same way.
 Not here: GNA layouts (gna_backward.py: the GNA tile plan, and its transpose for dK/dV; it runs the
 exact heads of a per-head selection through these kernels and uses `reduce_to`), decode-only
 kernels, head dims over MAX_HEAD_DIM.
@@ -352,16 +355,57 @@ class Tiles:
 
 
 def tiles(q: Tensor) -> Tiles:
-    """Fixed tiles (no tuning yet), chosen by compiling for sm_90 (aot.py's resource rows):
-    32 under the interpreter (few numpy steps at test sizes). fp16/bf16: 64 x 64 (wgmma) and a dK/dV
-    Q step of 32, no spills at head dim 128 (64 x 64 dK/dV spilled 328 bytes). fp32 (ieee FMA dots,
-    no tensor cores): 16 x 32 and 16, no spills at head dim 80 (64 x 64 spilled kilobytes, 32 x 32
-    dQ 288 bytes)."""
+    """The first candidate (what aot.py compiles, and what runs untuned), chosen by compiling for
+    sm_90 (aot.py's resource rows): 32 under the interpreter (few numpy steps at test sizes).
+    fp16/bf16: 64 x 64 (wgmma) and a dK/dV Q step of 32, no spills at head dim 128 (64 x 64 dK/dV
+    spilled 328 bytes). fp32 (ieee FMA dots, no tensor cores): 16 x 32 and 16, no spills at head
+    dim 80 (64 x 64 spilled kilobytes, 32 x 32 dQ 288 bytes)."""
+    return candidates(q)[0]
+
+
+def candidates(q: Tensor) -> list[Tiles]:
+    """The tile configs the backward is tuned over on a GPU, `tiles(q)` first. The others trade
+    the Q tile against pipelining depth and warps (each compiles for sm_90: aot.py
+    `backward_candidate_rows`); the interpreter has one (nothing to time there)."""
     if generator.interpreter_active():
-        return Tiles(32, 32, 4, 1, 32)
+        return [Tiles(32, 32, 4, 1, 32)]
     if q.dtype == torch.float32:
-        return Tiles(16, 32, 4, 1, 16)
-    return Tiles(64, 64, 4 if q.shape[-1] <= 64 else 8, 2, 32)
+        # 16 x 64 was tried and left out: its dK/dV kernel spilled 7 KB at head dim 80 (aot.py)
+        return [Tiles(16, 32, 4, 1, 16), Tiles(32, 32, 8, 1, 16)]
+    warps = 4 if q.shape[-1] <= 64 else 8
+    return [Tiles(64, 64, warps, 2, 32), Tiles(64, 64, warps, 3, 32), Tiles(128, 64, 8, 2, 32),
+            Tiles(64, 32, warps, 2, 32)]
+
+
+_TUNED: dict[str, object] = {}  # tuning key hash -> tiles (autotune.fastest's memory)
+
+
+def _bench(fn) -> float:
+    return launcher._bench(fn)
+
+
+def tuned_tiles(key: dict, cands: list, run, tiles_cls=None):
+    """The fastest of `cands` for `key` (memory, then disk, then timing `run(tiles)` with triton's
+    do_bench), as the forward's configs are tuned (autotune.fastest: a candidate that fails to
+    compile is skipped; the disk entry is plain JSON). One candidate, or ATTNOPT_AUTOTUNE=0: the
+    first, untimed. `key` must hold bucketed lengths (autotune.bucket), so a growing sequence
+    tunes once per power of two."""
+    import dataclasses
+
+    import triton
+
+    from attnopt.codegen import autotune
+
+    if len(cands) == 1 or not autotune.enabled():
+        return cands[0]
+    cls = tiles_cls or type(cands[0])
+
+    def decode(d):  # JSON gives lists where the tiles hold tuples
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    key = {**key, "triton": triton.__version__}
+    return autotune.fastest(key, cands, lambda c: _bench(lambda: run(c)), subdir="triton",
+                            encode=dataclasses.asdict, decode=decode, memo=_TUNED)
 
 
 def _pow2(x: int) -> int:
@@ -432,6 +476,24 @@ def backward_calls(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask:
     return calls, bufs
 
 
+def _tune_key(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: AttentionParams,
+              needs) -> dict:
+    """What the backward's best tiles depend on: dtype, head counts and dims, the lengths bucketed
+    (autotune.bucket), which mask, the params (causal, window, softcap, normalizer), which
+    gradients, the device."""
+    from attnopt.codegen import autotune
+
+    B, H, Sq, D = q.shape
+    mask = None if attn_mask is None else [str(attn_mask.dtype).replace("torch.", ""),
+                                           [int(n > 1) for n in attn_mask.shape]]
+    return {"kernel": "attention_backward", "dtype": str(q.dtype).replace("torch.", ""), "batch": B,
+            "heads": H, "kv_heads": k.shape[1], "q_len": autotune.bucket(Sq), "kv_len": autotune.bucket(k.shape[2]),
+            "head_dim": D, "v_head_dim": v.shape[3], "mask": mask, "causal": params.causal,
+            "alignment": params.causal_alignment, "window": params.window is not None,
+            "softcap": params.softcap is not None, "normalizer": params.normalizer,
+            "needs": [bool(n) for n in needs], "device": generator.device_name(q.device)}
+
+
 def reduce_to(ds: Tensor, mask: Tensor) -> Tensor:
     """dS [B, H, Sq, Skv] summed over the dims `mask` broadcasts over, in mask's shape and dtype."""
     lead = ds.dim() - mask.dim()
@@ -449,10 +511,15 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grad_out = grad_out.to(q.dtype).contiguous()
     needs = [bool(n) for n in needs] + [False] * (4 - len(needs))
-    calls, bufs = backward_calls(grad_out, q, k, v, attn_mask, params, needs)
-    with generator.interpreter_stdlib():
-        for _, c in calls:
-            c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def run(cfg):
+        calls, bufs = backward_calls(grad_out, q, k, v, attn_mask, params, needs, cfg)
+        with generator.interpreter_stdlib():
+            for _, c in calls:
+                c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+        return bufs
+
+    bufs = run(tuned_tiles(_tune_key(q, k, v, attn_mask, params, needs), candidates(q), run))
     if needs[3] and attn_mask is not None and attn_mask.is_floating_point():
         bufs["dmask"] = reduce_to(bufs["ds"], attn_mask)
     # A custom op's outputs may not alias each other: one fresh empty tensor per gradient not needed.

@@ -68,7 +68,8 @@ class Tiles:
     num_stages: int = 1
 
 
-# Fixed tiles per (kind, grid dims), chosen by compiling for sm_90 (aot.py's rows, no tuning yet).
+# Tiles per (kind, grid dims), chosen by compiling for sm_90 (aot.py's rows); on a GPU `candidates`
+# offers these rows to backward.tuned_tiles, which times them per case and remembers the fastest.
 # "16bit": fp16/bf16, head dim <= 64 and no mask: 64-token boxes, 4 warps, a dK/dV Q step of 32
 # (it holds k, v, dk, dv for its whole loop). "16bit_wide": head dim > 64 or a mask (its pointer
 # and value tiles): 64-token Q boxes spilled up to 750 bytes with 64-token KV steps, so 32-token
@@ -88,15 +89,38 @@ _TILES = {
 
 
 def tiles(q: Tensor, ndim: int, has_mask: bool = False) -> Tiles:
-    """The fixed tiles for q's dtype and head dim, the grid's dimensions and whether a mask is
-    read (module table above)."""
+    """The first candidate (what aot.py compiles, and what runs untuned) for q's dtype and head
+    dim, the grid's dimensions and whether a mask is read (module table above)."""
+    return candidates(q, ndim, has_mask)[0]
+
+
+def candidates(q: Tensor, ndim: int, has_mask: bool = False) -> list[Tiles]:
+    """The tile configs tuned over on a GPU (backward.tuned_tiles), `tiles()` first: on fp16/bf16
+    the "16bit_wide" row (32-token KV steps, 8 warps) with 2 and 3 pipeline stages, and before them,
+    where it does not spill (head dim <= 64, no mask), the "16bit" row (64-token KV steps, 4 warps);
+    on fp32 the table's row at 8 and 4 warps (4 spilled 360 bytes in dQ at head dim 80: the timing
+    decides). Compiled for sm_90 by aot.py (TUNING_CANDIDATE_SPECS). One under the interpreter."""
     if generator.interpreter_active():
-        return Tiles(*_TILES["interpreter"][ndim], 4, 1)
+        return [Tiles(*_TILES["interpreter"][ndim], 4, 1)]
     if q.dtype == torch.float32:
-        return Tiles(*_TILES["fp32"][ndim], 8, 1)
-    if q.shape[-1] > 64 or has_mask:
-        return Tiles(*_TILES["16bit_wide"][ndim], 8, 2)
-    return Tiles(*_TILES["16bit"][ndim], 4, 2)
+        return [Tiles(*_TILES["fp32"][ndim], 8, 1), Tiles(*_TILES["fp32"][ndim], 4, 1)]
+    wide = [Tiles(*_TILES["16bit_wide"][ndim], 8, 2), Tiles(*_TILES["16bit_wide"][ndim], 8, 3)]
+    if q.shape[-1] > 64 or has_mask:  # the 16bit row spilled 750-1376 bytes here
+        return wide
+    return [Tiles(*_TILES["16bit"][ndim], 4, 2)] + wide
+
+
+def _tune_key(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, layout: TokenLayout, needs) -> dict:
+    """What the best tiles depend on: dtype, heads, head dims, the layout (grid, window, stride,
+    dilation, causal dims, globals: it pins every length), which mask, which gradients, device."""
+    g = layout.grid
+    mask = None if attn_mask is None else [str(attn_mask.dtype).replace("torch.", ""),
+                                           [int(n > 1) for n in attn_mask.shape]]
+    return {"kernel": "gna_attention_backward", "dtype": str(q.dtype).replace("torch.", ""), "batch": q.shape[0],
+            "heads": q.shape[1], "kv_heads": k.shape[1], "head_dim": q.shape[3], "v_head_dim": v.shape[3],
+            "grid": [list(g.shape), list(g.window), list(g.stride), list(g.dilation), list(g.causal)],
+            "leading": int(layout.leading), "trailing": int(layout.trailing), "mask": mask,
+            "needs": [bool(n) for n in needs], "device": generator.device_name(q.device)}
 
 
 def _pow2(x: int) -> int:
@@ -326,10 +350,16 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
     needs = [bool(n) for n in needs] + [False] * (4 - len(needs))
     if not every_head(layout.heads, q.shape[1]):
         return _split_backward(grad_out, q, k, v, attn_mask, scale, layout, needs)
-    calls, bufs = backward_calls(grad_out, q, k, v, attn_mask, scale, layout, needs)
-    with generator.interpreter_stdlib():
-        for _, c in calls:
-            c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def run(cfg):
+        calls, bufs = backward_calls(grad_out, q, k, v, attn_mask, scale, layout, needs, cfg)
+        with generator.interpreter_stdlib():
+            for _, c in calls:
+                c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+        return bufs
+
+    cands = candidates(q, len(layout.grid.shape), attn_mask is not None)
+    bufs = run(backward.tuned_tiles(_tune_key(q, k, v, attn_mask, layout, needs), cands, run))
     _global_terms(q, k, v, grad_out, attn_mask, float(scale), layout, bufs)
     out = {name: bufs[name].to(x.dtype) for name, x in (("dq", q), ("dk", k), ("dv", v)) if name in bufs}
     if "ds" in bufs:
