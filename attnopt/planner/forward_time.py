@@ -6,8 +6,8 @@ leaves out residual adds, copies, LayerNorm, GELU, patch convs: on the planted-l
 forward with its attention replaced by a no-op measures 0.15 / 0.13, and the plan over-predicted
 the end-to-end speedup by up to 1.47x. For the cpu target (the machine we run on) the planner
 times, in `ROUNDS` alternating rounds after a warm-up, one forward of the exported graph on the
-example inputs and one of the same graph with every site's output replaced by an uninitialized
-tensor of its shape (`attention_free`: q, k and v are still computed; the scores, the mask
+example inputs and one of the same graph with every site's output replaced by a zero tensor of
+its shape (`attention_free`: q, k and v are still computed; the scores, the mask
 building and the attention itself are gone). The share outside attention is (fastest
 attention-free forward) / (fastest forward) over the rounds: load on a shared machine only ever adds
 time, so each fastest run is the one least disturbed. (The median of per-round ratios was used
@@ -36,12 +36,16 @@ ROUNDS = 3
 
 
 def _absent(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *inputs: Any) -> torch.Tensor:
-    """A site's output left uncomputed; its inputs are taken so that what produces them stays."""
-    return torch.empty(shape, dtype=dtype, device=device)
+    """A site's output left uncomputed; its inputs are taken so that what produces them stays.
+    Zeros, not torch.empty: uninitialized memory can hold denormals and NaNs, which made the
+    elementwise work after the site slower than on real values (a GELU stack measured the
+    attention-free forward as slow as the full one on a quiet host: share 1.0 for a model whose
+    attention is a few % of its time); a memset costs little beside what it stands in for."""
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def attention_free(gm: fx.GraphModule, sites: Sequence[Site]) -> fx.GraphModule | None:
-    """A copy of gm whose sites' outputs are uninitialized tensors of their shapes (q, k, v kept
+    """A copy of gm whose sites' outputs are zero tensors of their shapes (q, k, v kept
     as inputs of the stand-in, the rest of each site dead and removed), or None when a site's
     output node or its shape is not found."""
     graph = copy.deepcopy(gm.graph)
