@@ -1,9 +1,10 @@
 """Console entry point for `attnopt`, outside the package on purpose.
 
-Importing `attnopt` imports torch (and the CLI ONNX Runtime), which takes seconds. A KeyboardInterrupt raised inside a native
-extension's initialization can abort the process (seen: SIGABRT) or lose the message, so during the
-import a ^C is only recorded; once the import is done the process ends with the one-line
-"interrupted" error and exit code 130, as the commands do (attnopt.cli.user_errors).
+Importing `attnopt` imports torch (and the CLI, ONNX Runtime), which takes seconds. A
+KeyboardInterrupt raised inside a native extension's initialization can abort the process (seen:
+SIGABRT) or lose the message, so during the import a ^C is only recorded; once the import is done
+the process ends with the one-line "interrupted" error and exit code 130, as the commands do
+(attnopt.cli.user_errors).
 """
 from __future__ import annotations
 

@@ -8,18 +8,11 @@ Layouts: q [B, H, Sq, D], k / v [B, Hkv, Skv, D], grad_out [B, H, Sq, Dv].
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for the GPU", allow_module_level=True)
-
-from attnopt.codegen.params import AttentionParams  # noqa: E402
-from attnopt.codegen.triton import backward  # noqa: E402
+from attnopt.codegen.params import AttentionParams
+from attnopt.codegen.triton import backward
 
 DEV = "cuda"
 TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # relative to the largest gradient
@@ -75,7 +68,7 @@ def test_every_candidate_matches_float64(name, dtype):
     for cfg in backward.candidates(q):
         calls, bufs = backward.backward_calls(do, q, k, v, mask, params, needs, cfg)
         for _, c in calls:
-            c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+            c.run()
         got = [bufs["dq"], bufs["dk"], bufs["dv"]] + ([backward.reduce_to(bufs["ds"], mask)] if mask_grad else [])
         for a, b in zip(got, want):
             err = ((a.double() - b).abs().max() / b.abs().max()).item()

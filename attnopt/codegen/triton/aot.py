@@ -235,24 +235,22 @@ def _backward_rows(arch: int) -> list[dict]:
         q = torch.empty(B, H, Sq, D, dtype=dtype)
         k = torch.empty(B, Hkv, Skv, D, dtype=dtype)
         mask = None if mask_spec is None else torch.zeros(mask_spec[0], dtype=mask_spec[1])
-        cands = backward.candidates(q) if name in TUNING_CANDIDATE_SPECS else [backward.tiles(q)]
-        for i, cfg in enumerate(cands):
-            rows.extend(_backward_cfg_rows(arch, name if i == 0 else f"{name}@{i}", cfg, backward.backward_calls(
-                q, q, k, k, mask, params, (True, True, True, mask_grad), cfg)[0], dtype))
+        cands = backward.candidates(q)
+        for i, cfg in enumerate(cands if name in TUNING_CANDIDATE_SPECS else cands[:1]):
+            calls, _ = backward.backward_calls(q, q, k, k, mask, params, (True, True, True, mask_grad), cfg)
+            for kname, launch in calls:
+                row = {"name": f"{_candidate_name(name, i)}:{kname.replace('attn_', '').replace('_kernel', '')}",
+                       "family": "backward", "table": "fixed", "arch": arch, "dtype": str(dtype).replace("torch.", ""),
+                       "dots": kname != "attn_bwd_pre_kernel",  # delta is a row sum: no tensor-core work
+                       "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
+                                  "num_stages": cfg.num_stages}}
+                rows.append(_compiled(row, lambda launch=launch: launch, arch))
     return rows
 
 
-def _backward_cfg_rows(arch: int, name: str, cfg, calls, dtype) -> list[dict]:
-    rows = []
-    for kname, launch in calls:
-        if True:
-            row = {"name": f"{name}:{kname.replace('attn_', '').replace('_kernel', '')}", "family": "backward",
-                   "table": "fixed", "arch": arch, "dtype": str(dtype).replace("torch.", ""),
-                   "dots": kname != "attn_bwd_pre_kernel",  # delta is a row sum: no tensor-core work
-                   "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
-                              "num_stages": cfg.num_stages}}
-            rows.append(_compiled(row, lambda launch=launch: launch, arch))
-    return rows
+def _candidate_name(name: str, i: int) -> str:
+    """A specialization's name at its i-th tuning candidate: the name itself for the first."""
+    return name if i == 0 else f"{name}@{i}"
 
 
 def gna_backward_specializations():
@@ -299,7 +297,7 @@ def _gna_backward_rows(arch: int) -> list[dict]:
             calls, _ = gna_backward.backward_calls(q, q, k, k, mask, 0.1, TokenLayout(layout, leading, (), trailing),
                                                    (True, True, True, mask_grad), cfg)
             for kname, launch in calls:
-                row = {"name": f"{name if i == 0 else f'{name}@{i}'}:{kname.replace('gna_bwd_', '').replace('_kernel', '')}",
+                row = {"name": f"{_candidate_name(name, i)}:{kname.replace('gna_bwd_', '').replace('_kernel', '')}",
                        "family": "gna_backward", "table": "fixed", "arch": arch,
                        "dtype": str(dtype).replace("torch.", ""),
                        "config": {"q_tile": list(cfg.q_tile), "kv_tile": list(cfg.kv_tile),

@@ -365,8 +365,8 @@ def tiles(q: Tensor) -> Tiles:
 
 def candidates(q: Tensor) -> list[Tiles]:
     """The tile configs the backward is tuned over on a GPU, `tiles(q)` first. The others trade
-    the Q tile against pipelining depth and warps (each compiles for sm_90: aot.py
-    `backward_candidate_rows`); the interpreter has one (nothing to time there)."""
+    the Q tile against pipelining depth and warps (each compiles for sm_90: aot.py's
+    TUNING_CANDIDATE_SPECS rows); the interpreter has one (nothing to time there)."""
     if generator.interpreter_active():
         return [Tiles(32, 32, 4, 1, 32)]
     if q.dtype == torch.float32:
@@ -381,11 +381,7 @@ def candidates(q: Tensor) -> list[Tiles]:
 _TUNED: dict[str, object] = {}  # tuning key hash -> tiles (autotune.fastest's memory)
 
 
-def _bench(fn) -> float:
-    return launcher._bench(fn)
-
-
-def tuned_tiles(key: dict, cands: list, run, tiles_cls=None):
+def tuned_tiles(key: dict, cands: list, run):
     """The fastest of `cands` for `key` (memory, then disk, then timing `run(tiles)` with triton's
     do_bench), as the forward's configs are tuned (autotune.fastest: a candidate that fails to
     compile is skipped; the disk entry is plain JSON). One candidate, or ATTNOPT_AUTOTUNE=0: the
@@ -399,13 +395,13 @@ def tuned_tiles(key: dict, cands: list, run, tiles_cls=None):
 
     if len(cands) == 1 or not autotune.enabled():
         return cands[0]
-    cls = tiles_cls or type(cands[0])
+    cls = type(cands[0])
 
     def decode(d):  # JSON gives lists where the tiles hold tuples
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     key = {**key, "triton": triton.__version__}
-    return autotune.fastest(key, cands, lambda c: _bench(lambda: run(c)), subdir="triton",
+    return autotune.fastest(key, cands, lambda c: launcher._bench(lambda: run(c)), subdir="triton",
                             encode=dataclasses.asdict, decode=decode, memo=_TUNED)
 
 
@@ -485,14 +481,19 @@ def _tune_key(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params:
     from attnopt.codegen import autotune
 
     B, H, Sq, D = q.shape
-    mask = None if attn_mask is None else [str(attn_mask.dtype).replace("torch.", ""),
-                                           [int(n > 1) for n in attn_mask.shape]]
     return {"kernel": "attention_backward", "dtype": str(q.dtype).replace("torch.", ""), "batch": B,
             "heads": H, "kv_heads": k.shape[1], "q_len": autotune.bucket(Sq), "kv_len": autotune.bucket(k.shape[2]),
-            "head_dim": D, "v_head_dim": v.shape[3], "mask": mask, "causal": params.causal,
+            "head_dim": D, "v_head_dim": v.shape[3], "mask": mask_key(attn_mask), "causal": params.causal,
             "alignment": params.causal_alignment, "window": params.window is not None,
             "softcap": params.softcap is not None, "normalizer": params.normalizer,
             "needs": [bool(n) for n in needs], "device": generator.device_name(q.device)}
+
+
+def mask_key(attn_mask: Tensor | None) -> list | None:
+    """A mask as a tuning key sees it: its dtype and which dims it spans (not its sizes)."""
+    if attn_mask is None:
+        return None
+    return [str(attn_mask.dtype).replace("torch.", ""), [int(n > 1) for n in attn_mask.shape]]
 
 
 def reduce_to(ds: Tensor, mask: Tensor) -> Tensor:
@@ -515,9 +516,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
 
     def run(cfg):
         calls, bufs = backward_calls(grad_out, q, k, v, attn_mask, params, needs, cfg)
-        with generator.interpreter_stdlib():
-            for _, c in calls:
-                c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+        for _, c in calls:
+            c.run()
         return bufs
 
     bufs = run(tuned_tiles(_tune_key(q, k, v, attn_mask, params, needs), candidates(q), run))

@@ -114,12 +114,10 @@ def _tune_key(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, layout:
     """What the best tiles depend on: dtype, heads, head dims, the layout (grid, window, stride,
     dilation, causal dims, globals: it pins every length), which mask, which gradients, device."""
     g = layout.grid
-    mask = None if attn_mask is None else [str(attn_mask.dtype).replace("torch.", ""),
-                                           [int(n > 1) for n in attn_mask.shape]]
     return {"kernel": "gna_attention_backward", "dtype": str(q.dtype).replace("torch.", ""), "batch": q.shape[0],
             "heads": q.shape[1], "kv_heads": k.shape[1], "head_dim": q.shape[3], "v_head_dim": v.shape[3],
             "grid": [list(g.shape), list(g.window), list(g.stride), list(g.dilation), list(g.causal)],
-            "leading": int(layout.leading), "trailing": int(layout.trailing), "mask": mask,
+            "leading": int(layout.leading), "trailing": int(layout.trailing), "mask": backward.mask_key(attn_mask),
             "needs": [bool(n) for n in needs], "device": generator.device_name(q.device)}
 
 
@@ -353,9 +351,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
 
     def run(cfg):
         calls, bufs = backward_calls(grad_out, q, k, v, attn_mask, scale, layout, needs, cfg)
-        with generator.interpreter_stdlib():
-            for _, c in calls:
-                c.fn[c.grid](*c.args, **c.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+        for _, c in calls:
+            c.run()
         return bufs
 
     cands = candidates(q, len(layout.grid.shape), attn_mask is not None)
