@@ -193,16 +193,23 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
         path = tmp / f"prefill_{kind}.onnx"
         path.write_bytes(proto.SerializeToString())
         sessions[kind] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    def feeds_for(case: str, length: int) -> dict:
+        ids, am = prompts(4, length, args.vocab, "left" if case == "unpadded" else case)
+        if case == "unpadded":
+            am = torch.ones_like(am)
+        return {"input_ids": ids.numpy(), "attention_mask": am.numpy()}
+
     rows = []
     for length in args.prefill_prompts:
         for kind, s in sessions.items():
             res_t = {}
             for case in ("unpadded", "left", "right"):
-                ids, am = prompts(4, length, args.vocab, "left" if case == "unpadded" else case)
-                if case == "unpadded":
-                    am = torch.ones_like(am)
-                feeds = {"input_ids": ids.numpy(), "attention_mask": am.numpy()}
+                feeds = feeds_for(case, length)
                 res_t[case] = best_time(lambda: s.run(None, feeds), args.reps)
+            if args.ort_profile:
+                report.setdefault("ort_profile", {})[f"{kind}/{length}"] = ort_op_profile(
+                    path, opts, {case: feeds_for(case, length) for case in ("unpadded", "left", "right")},
+                    args.reps)
             row = dict(prompt=length, batch=4, runtime=f"ort/{kind}",
                        **{f"{k}_s": round(v, 4) for k, v in res_t.items()},
                        left_over_unpadded=round(res_t["left"] / res_t["unpadded"], 3),
@@ -210,6 +217,36 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
             rows.append(row)
             print(json.dumps(row), flush=True)
             report["prefill_onnx"] = rows
+
+
+def ort_op_profile(path: Path, opts, feeds_by_case: dict, reps: int) -> dict:
+    """ONNX Runtime's own profile of `reps` runs per case (after one warm-up run): milliseconds per
+    run by op type, the ten largest, and the session total, so where padding adds time shows."""
+    import onnxruntime as ort
+
+    out = {}
+    for case, feeds in feeds_by_case.items():
+        popts = ort.SessionOptions()
+        popts.enable_profiling = True
+        popts.profile_file_prefix = str(path.with_suffix("")) + f"_{case}"
+        popts.intra_op_num_threads = opts.intra_op_num_threads
+        sess = ort.InferenceSession(str(path), popts, providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)
+        for _ in range(reps):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        by_op: dict[str, float] = {}
+        runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                op = e.get("args", {}).get("op_name", "?")
+                by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3
+        n = max(1, len(runs))  # warm-up included: every figure is a mean over the runs
+        top = sorted(by_op.items(), key=lambda kv: -kv[1])[:10]
+        out[case] = dict(run_ms=round(sum(e["dur"] for e in runs) / 1e3 / n, 1),
+                         ops_ms={op: round(ms / n, 1) for op, ms in top})
+        print(json.dumps({"ort_profile": str(path.name), "case": case, **out[case]}), flush=True)
+    return out
 
 
 def main(argv=None) -> None:
@@ -230,6 +267,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--ort-profile", action="store_true",
+                    help="also record ONNX Runtime's per-op-type profile of each prefill case")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.prefill_prompts = args.prefill_prompts or args.prompts

@@ -57,6 +57,13 @@ _TRIM_DECODE_QUERIES = 16
 _TRIM_MIN_WORK = 1 << 21
 
 
+def small_decode(q: Tensor, k: Tensor) -> bool:
+    """A decode step too small for a scan of the mask to pay: at most 16 queries and under 2M
+    multiply-adds per product (B * H * Sq * D * Skv). Also what cpu/padded.py leaves to one masked
+    SDPA call at Sq = 1 (reading each row's run of keys costs more than the masked keys)."""
+    return q.shape[2] <= _TRIM_DECODE_QUERIES and q.numel() * k.shape[2] < _TRIM_MIN_WORK
+
+
 def trim_padded_keys(k: Tensor, v: Tensor, attn_mask: Tensor, p: AttentionParams
                      ) -> tuple[Tensor, Tensor, Tensor] | None:
     """Drop the trailing keys that the mask hides from every query (key padding at the end of a
@@ -93,8 +100,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p:
     """The case expressed with F.scaled_dot_product_attention (caller checked sdpa_can_run).
     On CPU, keys that padding hides from every query are not computed (trim_padded_keys; not
     scanned for at a small decode step, where the scan costs more than it can save)."""
-    small_decode = q.shape[2] <= _TRIM_DECODE_QUERIES and q.numel() * k.shape[2] < _TRIM_MIN_WORK
-    if attn_mask is not None and q.device.type == "cpu" and not small_decode:
+    if attn_mask is not None and q.device.type == "cpu" and not small_decode(q, k):
         trimmed = trim_padded_keys(k, v, attn_mask, p)
         if trimmed is not None:
             k, v, attn_mask = trimmed

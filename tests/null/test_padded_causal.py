@@ -210,3 +210,22 @@ def test_onnx_padded_causal_becomes_unidirectional(tmp_path, dynamo):
     got = session(r.model).run(None, feeds)[0]
     want = session(str(path)).run(None, feeds)[0]  # the exported model (dynamo's rows with no key differ from torch's)
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), atol=1e-5, rtol=1e-4)
+
+
+def test_small_decode_step_is_one_masked_sdpa_call():
+    """A one-query step over few keys goes to one SDPA call with the key mask (reading the rows'
+    runs costs more than the keys it skips, bench/op_overhead.py); a large one keeps the padded
+    row. Both equal masked SDPA."""
+    torch.manual_seed(2)
+    p = AttentionParams(scale=0.4, causal=True, causal_alignment="bottom_right")
+    request = select.Request.for_op("attention")
+    for B, S, expect_padded in ((1, 640, False), (4, 9000, True)):
+        q, k, v = torch.randn(B, 8, 1, 64), torch.randn(B, 2, S, 64), torch.randn(B, 2, S, 64)
+        m = _key_mask(B, S, tuple(S - 37 * (b + 1) for b in range(B)), (True,) * B)
+        choice = select.choose(q, k, v, m, p, None, request)
+        assert (choice.name == "cpu_padded") == expect_padded, (B, S, choice.name, choice.refusals)
+        if not expect_padded:
+            assert "small decode step" in choice.refusals["cpu_padded"]
+        out = select.dispatch(q, k, v, m, p, None, request)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.4, enable_gqa=True)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
