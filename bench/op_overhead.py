@@ -6,8 +6,8 @@ K/V [B, 2, Skv, 64], a bool key mask [B, 1, 1, Skv], causal bottom-right):
   dispatch   select.dispatch (the kernel table, then the chosen row)
   op         torch.ops.attnopt.attention (the dispatcher, the op's autograd and CPU kernels)
   op_overload torch.ops.attnopt.attention.default (what an inductor graph calls)
-all under torch.no_grad (what `generate` runs). Fastest of --repeats batches of --calls calls,
-one torch thread, wall clock; the per-call figure is the batch time / calls.
+all under torch.no_grad (what `generate` runs). Fastest of --repeats batches of --calls calls per
+case, the cases taking turns, one torch thread, wall clock; the per-call figure is batch time / calls.
 
   python bench/op_overhead.py [--kv 640] [--batch 1] [--calls 2000] [--repeats 7]
 """
@@ -25,16 +25,20 @@ from attnopt.codegen import select
 from attnopt.codegen.params import AttentionParams
 
 
-def _per_call_us(fn, calls: int, repeats: int) -> float:
-    for _ in range(50):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def _per_call_us(cases: dict, calls: int, repeats: int) -> dict[str, float]:
+    """Fastest batch per case; the cases take turns batch by batch, so drift in the host's speed
+    reaches every case alike."""
+    for fn in cases.values():
+        for _ in range(50):
             fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / calls * 1e6
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: t / calls * 1e6 for name, t in best.items()}
 
 
 def main() -> None:
@@ -71,10 +75,8 @@ def main() -> None:
     for name in ("dispatch", "op"):
         torch.testing.assert_close(cases[name]().reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
     row = select.choose(q, k, v, mask, params, None, request).name
-    results = {}
     with torch.no_grad():
-        for name, fn in cases.items():
-            results[name] = _per_call_us(fn, args.calls, args.repeats)
+        results = _per_call_us(cases, args.calls, args.repeats)
     print(f"decode step B{B} H{H}/{Hkv} D{D} Skv {S}, one thread; the op's row: {row}")
     for name, us in results.items():
         print(f"  {name:12s} {us:8.1f} us/call   ({us - results['sdpa']:+7.1f} vs sdpa)")

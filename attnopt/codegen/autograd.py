@@ -237,6 +237,38 @@ def _backward(name: str):
     return backward
 
 
+# Where the CPU fast path (register_cpu_inference) registers its kernels: a fragment of the ops'
+# namespace of its own (the custom ops' own library object registers the rest).
+_FAST_LIB = torch.library.Library("attnopt", "FRAGMENT")
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+_CPU_KEY = torch._C.DispatchKey.CPU
+_AD_INPLACE = torch._C.DispatchKey.ADInplaceOrView
+
+
+def register_cpu_inference(op_name: str, kernel: Callable[..., Tensor]) -> None:
+    """A shorter road for the common case of `attnopt::<op_name>`: plain CPU tensors that need no
+    gradient (a decode step under `generate`'s no_grad, inference). There the custom op's own
+    layers (its autograd kernel, a redispatch, its CPU wrapper with a dynamo guard and an aliasing
+    check) cost about as much as the attention itself at one query over a few hundred keys
+    (bench/op_overhead.py); this AutogradCPU kernel calls `kernel` (the op's body) directly.
+
+    Every other call takes the op's own kernels, unchanged: gradients needed (the registered
+    autograd formula), or any dispatch key between autograd and the CPU kernel (fake tensors and
+    tracing modes, functionalization) - the op's computed AutogradCPU kernel, read before this
+    registration, runs them. Inside a compiled graph the op is one opaque call either way (its
+    fake impl is what the compilers see)."""
+    qualname = f"attnopt::{op_name}"
+    original = torch._C._dispatch_get_computed_kernel_for_dispatch_key(qualname, "AutogradCPU")
+
+    def autograd_cpu(keyset, *args):
+        if ((keyset & _BELOW_AUTOGRAD).remove(_AD_INPLACE).highestPriorityTypeId() == _CPU_KEY
+                and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))):
+            return kernel(*args)
+        return original.call_boxed(keyset, *args)
+
+    _FAST_LIB.impl(op_name, autograd_cpu, "AutogradCPU", with_keyset=True)
+
+
 def register(op, name: str, forward: Callable[..., Tensor]) -> None:
     """Give the custom op `op` ("attention" or "gna_attention") its autograd formula; `forward` is
     its differentiable math (module header)."""

@@ -59,8 +59,7 @@ _TRIM_MIN_WORK = 1 << 21
 
 def small_decode(q: Tensor, k: Tensor) -> bool:
     """A decode step too small for a scan of the mask to pay: at most 16 queries and under 2M
-    multiply-adds per product (B * H * Sq * D * Skv). Also what cpu/padded.py leaves to one masked
-    SDPA call at Sq = 1 (reading each row's run of keys costs more than the masked keys)."""
+    multiply-adds per product (B * H * Sq * D * Skv)."""
     return q.shape[2] <= _TRIM_DECODE_QUERIES and q.numel() * k.shape[2] < _TRIM_MIN_WORK
 
 

@@ -18,6 +18,8 @@ Implementations:
              or the reference math (on CPU, trailing keys that a padding mask hides from every query
              are skipped: exactly 0). ATTNOPT_FORCE_TRITON=1 makes CPU calls try the Triton kernels
              under the interpreter first. Triton refusals are logged once per distinct reason.
+  CPU, no grad the same body called straight from the op's AutogradCPU kernel (autograd.
+             register_cpu_inference): the custom op's own layers cost about as much as a decode step.
 Autograd (codegen/autograd.py): gradients of q, k, v and a float attn_mask (a learned bias); the
 backward is the op attnopt::attention_backward: the FlashAttention-2 Triton backward on CUDA (or under
 ATTNOPT_FORCE_TRITON=1) where it takes the call, else exact recomputation through the table's
@@ -100,6 +102,7 @@ def _attention_fake(q, k, v, attn_mask, scale, causal, causal_alignment, window_
 
 
 autograd.register(attention, "attention", attention_math)
+autograd.register_cpu_inference("attention", attention_math)
 
 
 def attention_op(

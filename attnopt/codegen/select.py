@@ -22,6 +22,8 @@ Each row (`Candidate`) has a name, the devices it serves, and one signature for 
   triton_causal            the same, causal
   triton_sigmoid           the same, sigmoid normalizer
   triton_dense             the same, dense (any mask, softcap)
+  cpu_small_decode         one query over K/V under 4 MiB (forward, no window): one SDPA call with
+                           enable_gqa and the mask as given, before any row that scans the mask
   cpu_padded               causal attention over a left/right padded batch (causal flag + key mask),
                            SDPA per batch row on its run of real keys (cpu/padded.py)
   cpu_native               exact CPU tile kernel (GNA or 1-D window) in compiled C (cpu/native.py);
@@ -57,8 +59,10 @@ This function itself: Sq=1 0.39-0.61 (G 2-8, Skv 2K-8K); Sq=4 (G 8-32) 0.74-0.97
 So it takes Sq == 1 with G >= 2, and Sq <= 4 with G >= 4; every other decode shape stays SDPA (which
 already handles GQA without repeating K/V: exact.sdpa_attention passes enable_gqa). Not measured:
 several threads (the host was too loaded for wall clocks to mean anything).
-Small steps: with K and V under SMALL_DECODE_KV_BYTES (4 MiB) a one-query step (forward only) runs
-SDPA with enable_gqa inside the row instead. Measured (fp32, one thread, process CPU time, key mask
+Small steps: with K and V under SMALL_DECODE_KV_BYTES (4 MiB) a one-query step (forward only, no
+window) runs SDPA with enable_gqa in the row `cpu_small_decode`, ahead of cpu_padded, whose reading of
+each row's run of keys from the mask (a few small ops and host syncs) cost ~100 us a call there
+(bench/op_overhead.py, B1 H8/2 D64 over 640 keys), more than the keys it skips. Measured (fp32, one thread, process CPU time, key mask
 [B, 1, 1, Skv], grouped / SDPA, load ~6 so +-20%): B1 D64 Skv 515-640 H8/2 1.38-1.64, B4 same
 1.13-1.24, B1 D64 Skv 2048 H8/2 1.29 (0.5-2.6 MiB of K/V); B4 D64 Skv 2048 H8/2 0.87, B1 D128 Skv
 2048 H32/8 0.46-0.97, B4 D128 Skv 2048 H32/8 0.53 (8-16 MiB): K/V that stay in cache cost SDPA
@@ -324,18 +328,35 @@ def _cpu_decode_check(q, k, v, attn_mask, params, layout, request) -> tuple[bool
     return True, ""
 
 
-# Below this many bytes of K and V, a one-query decode step runs SDPA (enable_gqa) inside the
-# cpu_decode row: K/V stay in cache, so SDPA reading them once per query head costs little, and its
-# one fused kernel beats the grouped form's six ops (see the header).
+# Below this many bytes of K and V, a one-query decode step (forward) runs SDPA (enable_gqa) in the
+# cpu_small_decode row: K/V stay in cache, so SDPA reading them once per query head costs little, and
+# its one fused kernel beats the grouped form's six ops and cpu_padded's scan of the mask (header).
 SMALL_DECODE_KV_BYTES = 4 << 20
 
 
 def _cpu_decode_run(q, k, v, attn_mask, params, layout, request) -> Tensor:
-    kv_bytes = k.shape[0] * k.shape[1] * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size()
-    if (q.shape[2] == 1 and kv_bytes < SMALL_DECODE_KV_BYTES and not request.needs_grad
-            and exact.sdpa_can_run(q, k, v, attn_mask, params)[0]):
-        return exact.sdpa_attention(q, k, v, attn_mask, params)
     return grouped_decode(q, k, v, attn_mask, params)
+
+
+def _cpu_small_decode_check(q, k, v, attn_mask, params, layout, request) -> tuple[bool, str]:
+    """One query over K/V that stay in cache: one SDPA call beats every other CPU row there (their
+    checks included, which cost a third of SDPA's time at B1 H8/2 D64 over 640 keys)."""
+    if layout is not None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] != 1:
+        return False, "not one query without a layout"
+    if request.needs_grad:
+        return False, "gradients: the differentiable rows decide"
+    if params.window is not None:
+        return False, "a window: the tile rows read only its keys"
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] or v.shape[:3] != k.shape[:3]:
+        return False, "q, k, v are not [B, H, S, D] with grouped heads"
+    kv_bytes = k.shape[0] * k.shape[1] * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size()
+    if kv_bytes >= SMALL_DECODE_KV_BYTES:
+        return False, f"{kv_bytes >> 20} MiB of K/V (>= {SMALL_DECODE_KV_BYTES >> 20} MiB)"
+    return exact.sdpa_can_run(q, k, v, attn_mask, params)
+
+
+def _cpu_small_decode_run(q, k, v, attn_mask, params, layout, request) -> Tensor:
+    return exact.sdpa_attention(q, k, v, attn_mask, params)
 
 
 def _cpu_decode_applies(request: Request, device: str, layout: TokenLayout | None) -> tuple[bool, str]:
@@ -393,6 +414,8 @@ TABLE: tuple[Candidate, ...] = (
     _triton_row("causal", "generated FlashAttention-2 forward, causal"),
     _triton_row("sigmoid", "generated FlashAttention-2 forward, sigmoid normalizer"),
     _triton_row("dense", "generated FlashAttention-2 forward, dense (masks, softcap, GQA)"),
+    Candidate("cpu_small_decode", "cpu", "cpu", "one query over K/V under 4 MiB: one SDPA call (enable_gqa)",
+              _cpu_applies, _cpu_small_decode_check, _cpu_small_decode_run),
     Candidate("cpu_padded", "cpu", "cpu", "causal over a padded batch: SDPA per row on its run of real keys",
               _cpu_applies, lambda q, k, v, m, p, layout, request: cpu_padded.can_run(q, k, v, m, p, layout),
               lambda q, k, v, m, p, layout, request: cpu_padded.attention(q, k, v, m, p)),

@@ -160,9 +160,9 @@ def test_llama_decode_step_gets_grouped_kv(monkeypatch):
 
 @pytest.mark.parametrize("kv_len,mask_kind", [(40, "key"), (40, "none"), (40, "dead_row"), (6000, "key")])
 def test_decode_row_with_key_mask_matches_float64(kv_len, mask_kind):
-    """The decode row at a one-query step with grouped heads: SDPA below SMALL_DECODE_KV_BYTES, the
-    grouped matmul above it (6000 keys; a key mask [B, 1, 1, Skv] broadcast as it is), both against
-    float64."""
+    """A one-query step with grouped heads: SDPA below SMALL_DECODE_KV_BYTES (row cpu_small_decode),
+    the grouped matmul above it (6000 keys; a key mask [B, 1, 1, Skv] broadcast as it is; cpu_decode),
+    both against float64."""
     g = torch.Generator().manual_seed(kv_len)
     q = torch.randn(3, 8, 1, 16, generator=g)
     k, v = torch.randn(3, 2, kv_len, 16, generator=g), torch.randn(3, 2, kv_len, 16, generator=g)
@@ -173,7 +173,9 @@ def test_decode_row_with_key_mask_matches_float64(kv_len, mask_kind):
             mask[1] = False  # a batch row with every key masked: 0, as SDPA gives
     p = AttentionParams(scale=0.25)
     request = select.Request.for_op("attention")
-    assert select.choose(q, k, v, mask, p, None, request).name == "cpu_decode"
+    kv_bytes = 2 * k.numel() * k.element_size()
+    expect = "cpu_small_decode" if kv_bytes < select.SMALL_DECODE_KV_BYTES else "cpu_decode"
+    assert select.choose(q, k, v, mask, p, None, request).name == expect
     ref = reference_attention(q.double(), k.double(), v.double(), mask, **p.kwargs())
     for out in (select.dispatch(q, k, v, mask, p, None, request), select.grouped_decode(q, k, v, mask, p)):
         assert (out.double() - ref).abs().max().item() < 1e-5

@@ -251,8 +251,9 @@ def test_cpu_decode_row_choice_and_gradients():
     for H, Hkv, Sq in ((8, 2, 1), (8, 4, 1), (8, 2, 4), (8, 4, 4), (8, 8, 1), (8, 2, 16)):
         q, k, v = _sharp(1, H, Hkv, Sq, 64, 16, torch.float32)
         picks[(H // Hkv, Sq)] = select.choose(q, k, v, None, p, None, request).name
-    assert picks == {(4, 1): "cpu_decode", (2, 1): "cpu_decode", (4, 4): "cpu_decode", (2, 4): "sdpa",
-                     (1, 1): "sdpa", (4, 16): "sdpa"}
+    # one query over a few keys: one SDPA call (cpu_small_decode); grouped rows from 4 queries
+    assert picks == {(4, 1): "cpu_small_decode", (2, 1): "cpu_small_decode", (4, 4): "cpu_decode",
+                     (2, 4): "sdpa", (1, 1): "cpu_small_decode", (4, 16): "sdpa"}
     q, k, v = (t.double().requires_grad_() for t in _sharp(1, 8, 2, 1, 40, 16, torch.float32))
     out = select.dispatch(q, k, v, None, p, None, select.Request(needs_grad=True))
     out.square().sum().backward()

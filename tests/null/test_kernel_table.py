@@ -25,7 +25,7 @@ from attnopt.ir import GNALayout
 
 ORDER = [
     "triton_block_sparse_gna", "triton_decode", "triton_sliding_window", "triton_causal", "triton_sigmoid", "triton_dense",
-    "cpu_padded", "cpu_native", "cpu_tiles", "cpu_decode", "sdpa", "reference",
+    "cpu_small_decode", "cpu_padded", "cpu_native", "cpu_tiles", "cpu_decode", "sdpa", "reference",
 ]
 LAYOUT = GNALayout((6, 7), (3, 5), (1, 2), (1, 1), (False, False))
 
@@ -60,7 +60,7 @@ def forced(monkeypatch, tmp_path):
 
 def test_table_order():
     assert [c.name for c in select.TABLE] == ORDER
-    assert [c.group for c in select.TABLE] == ["triton"] * 6 + ["cpu"] * 4 + ["exact"] * 2
+    assert [c.group for c in select.TABLE] == ["triton"] * 6 + ["cpu"] * 5 + ["exact"] * 2
     assert [c.family for c in select.TABLE[:6]] == [
         "block_sparse_gna", "decode", "sliding_window", "causal", "sigmoid", "dense"]
 

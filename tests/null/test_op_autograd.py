@@ -390,3 +390,51 @@ def test_export_and_joint_graph_hold_the_ops():
     assert {str(n.target) for n in joint.graph.nodes if "attnopt" in str(n.target)} == {
         "attnopt.gna_attention.default", "attnopt.attention.default",
         "attnopt.gna_attention_backward.default", "attnopt.attention_backward.default"}
+
+
+def _functions_called(fn) -> set[str]:
+    """Names of the Python functions that run during fn() (sys.setprofile)."""
+    import sys
+
+    names: set[str] = set()
+
+    def prof(frame, event, arg):
+        if event == "call":
+            names.add(frame.f_code.co_name)
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return names
+
+
+def test_cpu_inference_fast_path_and_the_roads_it_leaves_alone():
+    """A plain CPU call that needs no gradient runs the op's body straight from its AutogradCPU
+    kernel (codegen/autograd.register_cpu_inference), skipping the custom op's own layers; calls that
+    need gradients, and fake tensors, take the op's registered kernels. Results equal either way."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _qkv(2, 4, 2, 3, 9, 8, seed=5)
+    args = (None, 0.3, True, "bottom_right", -1, -1, 0.0, "softmax")
+    with torch.no_grad():
+        called = _functions_called(lambda: torch.ops.attnopt.attention(q, k, v, *args))
+        fast = torch.ops.attnopt.attention(q, k, v, *args)
+    assert "autograd_cpu" in called and "attention_math" in called
+    assert "backend_impl" not in called and "forward_no_grad" not in called, called
+    ref = reference_attention(q, k, v, None, scale=0.3, causal=True, causal_alignment="bottom_right")
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+
+    qg = q.clone().requires_grad_()
+    called = _functions_called(lambda: torch.ops.attnopt.attention(qg, k, v, *args).sum().backward())
+    assert "backend_impl" in called and "attention_backward" in called, called
+    torch.testing.assert_close(qg.grad, torch.autograd.functional.vjp(
+        lambda x: reference_attention(x, k, v, None, scale=0.3, causal=True, causal_alignment="bottom_right"),
+        q, torch.ones_like(fast))[1], atol=1e-5, rtol=1e-4)
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        with torch.no_grad():
+            out = torch.ops.attnopt.attention(fq, fk, fv, *args)
+    assert out.shape == fast.shape and type(out).__name__ == "FakeTensor"

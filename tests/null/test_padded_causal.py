@@ -8,6 +8,8 @@ a model that unmasks fully masked rows, an eager model's finite fill, keys with 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -213,9 +215,9 @@ def test_onnx_padded_causal_becomes_unidirectional(tmp_path, dynamo):
 
 
 def test_small_decode_step_is_one_masked_sdpa_call():
-    """A one-query step over few keys goes to one SDPA call with the key mask (reading the rows'
-    runs costs more than the keys it skips, bench/op_overhead.py); a large one keeps the padded
-    row. Both equal masked SDPA."""
+    """A one-query step over few keys goes to one SDPA call with the key mask (row cpu_small_decode:
+    reading the rows' runs costs more than the keys it skips, bench/op_overhead.py); a large one keeps
+    the padded row, and so does a small one that needs gradients. All equal masked SDPA."""
     torch.manual_seed(2)
     p = AttentionParams(scale=0.4, causal=True, causal_alignment="bottom_right")
     request = select.Request.for_op("attention")
@@ -223,9 +225,10 @@ def test_small_decode_step_is_one_masked_sdpa_call():
         q, k, v = torch.randn(B, 8, 1, 64), torch.randn(B, 2, S, 64), torch.randn(B, 2, S, 64)
         m = _key_mask(B, S, tuple(S - 37 * (b + 1) for b in range(B)), (True,) * B)
         choice = select.choose(q, k, v, m, p, None, request)
-        assert (choice.name == "cpu_padded") == expect_padded, (B, S, choice.name, choice.refusals)
+        assert choice.name == ("cpu_padded" if expect_padded else "cpu_small_decode"), (B, S, choice.refusals)
         if not expect_padded:
-            assert "small decode step" in choice.refusals["cpu_padded"]
+            grad = select.choose(q, k, v, m, p, None, dataclasses.replace(request, needs_grad=True))
+            assert grad.name == "cpu_padded", grad.refusals
         out = select.dispatch(q, k, v, m, p, None, request)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.4, enable_gqa=True)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

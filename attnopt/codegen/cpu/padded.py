@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnopt.codegen import exact
 from attnopt.codegen.params import AttentionParams, TokenLayout
 
 # Below this many keys one dense SDPA call costs less than the per-row calls.
@@ -57,10 +56,6 @@ def can_run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: A
         return False, f"{sq} queries over {skv} keys (prefill Sq = Skv, or one bottom-right query)"
     if skv < MIN_KEYS:
         return False, f"{skv} keys (< {MIN_KEYS}: one dense call is cheaper)"
-    if sq == 1 and exact.small_decode(q, k):
-        # reading each row's run costs several small ops and host syncs (~100 us at B1 H8 D64 over
-        # 640 keys, bench/op_overhead.py), more than the masked keys it would skip
-        return False, "a small decode step: one masked SDPA call is cheaper than reading the runs"
     keys, why = _key_mask(attn_mask, q, k)
     if keys is None:
         return False, why
