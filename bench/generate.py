@@ -76,10 +76,11 @@ class Timed:
         return out
 
 
-def compiled_forward(model, mode: str):
+def compiled_forward(model, mode: str, reset: bool = True):
     if mode == "eager":
         return model.forward
-    torch._dynamo.reset()
+    if reset:
+        torch._dynamo.reset()
     if mode == "inductor":
         return torch.compile(model.forward, backend="inductor")
     from attnopt.pipeline.backend import make_backend
@@ -102,31 +103,46 @@ def run_generate(model, fwd, ids, am, new: int, cache: str):
 
 
 def bench_decode(model, args, report):
+    """Every mode warmed up (compiled) first, then --runs rounds in which each mode runs one timed
+    generate in turn (with --interleave; else each mode's runs back to back after its warm-up), so
+    a slow stretch of a shared host reaches every mode alike. The fastest run per mode counts."""
     rows = []
     for length in args.prompts:
         for batch in args.batches:
             ids, am = prompts(batch, length, args.vocab)
-            ref = None
+            torch._dynamo.reset()
+            fwds, warm, runs = {}, {}, {mode: [] for mode in args.modes}
             for mode in args.modes:
-                fwd = compiled_forward(model, mode)
+                # dynamo keeps each backend's graphs apart (a backend guard), so the compiled modes
+                # coexist when interleaved; without --interleave each mode starts from a reset
+                fwds[mode] = compiled_forward(model, mode, reset=not args.interleave)
                 t0 = time.perf_counter()
                 # warm-up at the same shapes: a static cache is sized prompt + new tokens, so fewer
                 # new tokens would mean other shapes and a recompile inside the timed run
-                run_generate(model, fwd, ids, am, args.new_tokens, args.cache)
-                warm = time.perf_counter() - t0
-                # the fastest of --runs timed generates (the host is shared: a run that a neighbour
-                # slowed down says nothing about the modes)
-                runs = [run_generate(model, fwd, ids, am, args.new_tokens, args.cache) for _ in range(args.runs)]
-                out, times = min(runs, key=lambda r: sum(r[1][1:]))
+                run_generate(model, fwds[mode], ids, am, args.new_tokens, args.cache)
+                warm[mode] = time.perf_counter() - t0
+                if not args.interleave:
+                    runs[mode] = [run_generate(model, fwds[mode], ids, am, args.new_tokens, args.cache)
+                                  for _ in range(args.runs)]
+            for _ in range(args.runs if args.interleave else 0):
+                for mode in args.modes:
+                    runs[mode].append(run_generate(model, fwds[mode], ids, am, args.new_tokens, args.cache))
+            ref = None
+            for mode in args.modes:
+                # the fastest of --runs timed generates (a run a neighbour slowed says nothing)
+                out, times = min(runs[mode], key=lambda r: sum(r[1][1:]))
                 decode = sum(times[1:])
                 row = dict(prompt=length, batch=batch, mode=mode, cache=args.cache, clock=args.clock,
-                           new_tokens=args.new_tokens, runs=args.runs, warmup_s=round(warm, 2),
-                           prefill_s=round(times[0], 4), decode_s=round(decode, 4),
+                           new_tokens=args.new_tokens, runs=args.runs, interleaved=args.interleave,
+                           warmup_s=round(warm[mode], 2), prefill_s=round(times[0], 4),
+                           decode_s=round(decode, 4),
                            decode_tokens_per_s=round(batch * (len(times) - 1) / decode, 2),
-                           ms_per_step=round(1e3 * decode / max(1, len(times) - 1), 2))
+                           ms_per_step=round(1e3 * decode / max(1, len(times) - 1), 2),
+                           ms_per_step_each_run=[round(1e3 * sum(t[1:]) / max(1, len(t) - 1), 2)
+                                                 for _, t in runs[mode]])
                 if ref is None:
                     ref = out
-                row["tokens_equal_first_mode"] = bool(torch.equal(out, ref))
+                row["tokens_equal_first_mode"] = all(bool(torch.equal(o, ref)) for o, _ in runs[mode])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 report["decode"] = rows
@@ -261,6 +277,8 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runs", type=int, default=1, help="timed generates per decode row (the fastest counts)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="decode: the modes take turns run by run (after all are compiled)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
                     help="decode/prefill step times: wall clock, or this process's CPU time")
