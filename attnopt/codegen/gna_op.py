@@ -39,7 +39,6 @@ learned bias on CPU, exact recomputation per head group through the table's diff
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -97,9 +96,7 @@ def gna_math(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal,
         request = select.Request.for_op("gna_attention", backend="reference")
         layout = TokenLayout(grid, leading, tuple(int(h) for h in heads), trailing)
         return select.dispatch(q, k, v, attn_mask, params, layout, request).contiguous()
-    request = select.Request.for_op("gna_attention")
-    if needs_grad:
-        request = dataclasses.replace(request, needs_grad=True)
+    request = select.Request.for_op("gna_attention", needs_grad=needs_grad)
     layout = TokenLayout(grid, leading, trailing=trailing)
 
     def run_layout(q_, k_, v_, m_):

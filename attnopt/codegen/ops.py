@@ -30,12 +30,11 @@ The op must be registered before a saved .pt2 that contains it is loaded: import
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 from torch import Tensor
-
-import dataclasses
 
 from attnopt.codegen import autograd, select
 from attnopt.codegen.params import NO_SOFTCAP, NO_WINDOW_LIMIT, AttentionParams
@@ -81,14 +80,17 @@ def attention(
                           softcap, normalizer)
 
 
+# A model calls the op with the same few scalar sets on every step: parse each once (a decode step's
+# whole attention is ~100 us on CPU, and these Python objects are part of what it pays per call).
+_params = functools.lru_cache(maxsize=1024)(AttentionParams.from_schema)
+
+
 def attention_math(q, k, v, attn_mask, scale, causal, causal_alignment, window_left, window_right, softcap,
                    normalizer, needs_grad: bool = False) -> Tensor:
     """The op's body; `needs_grad`: only the differentiable rows (its backward's recomputation)."""
-    p = AttentionParams.from_schema(scale, causal, causal_alignment, window_left, window_right, softcap, normalizer)
+    p = _params(scale, causal, causal_alignment, window_left, window_right, softcap, normalizer)
     _validate(q, k, v, p)
-    request = select.Request.for_op("attention")
-    if needs_grad:
-        request = dataclasses.replace(request, needs_grad=True)
+    request = select.Request.for_op("attention", needs_grad=needs_grad)
     # The fake impl promises a contiguous [B, H, Sq, Dv] result (inductor asserts strides);
     # SDPA's CPU kernel returns a transposed view.
     return select.dispatch(q, k, v, attn_mask, p, None, request).contiguous()

@@ -85,6 +85,7 @@ distinct text (logger "attnopt.codegen.triton", as before), then the next row ru
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -142,8 +143,14 @@ class Request:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @classmethod
-    def for_op(cls, caller: str, backend: str = "auto") -> "Request":
-        return cls(caller=caller, backend=backend, force_triton=force_triton())
+    def for_op(cls, caller: str, backend: str = "auto", needs_grad: bool = False) -> "Request":
+        """The ops' request; ATTNOPT_FORCE_TRITON is read on every call (tests switch it)."""
+        return _op_request(caller, backend, needs_grad, force_triton())
+
+
+@functools.lru_cache(maxsize=64)
+def _op_request(caller: str, backend: str, needs_grad: bool, force: bool) -> Request:
+    return Request(caller=caller, backend=backend, needs_grad=needs_grad, force_triton=force)
 
 
 Check = Callable[[Tensor, Tensor, Tensor, "Tensor | None", AttentionParams, "TokenLayout | None", Request],
@@ -466,8 +473,9 @@ def choose(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, params: At
     refusals: dict[str, str] = {}
     triton_tried = False
     device = q.device.type
+    applies: dict[Applies, tuple[bool, str]] = {}  # rows of a group share one policy: ask it once
     for c in TABLE:
-        ok, why = c.applies(request, device, layout)
+        ok, why = applies.get(c.applies) or applies.setdefault(c.applies, c.applies(request, device, layout))
         if ok:
             triton_tried |= c.group == "triton"
             ok, why = c.check(q, k, v, attn_mask, params, layout, request)
