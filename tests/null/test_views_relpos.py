@@ -53,8 +53,14 @@ def _optimize(zm: ZooModel, flavour: str, tmp):
     return [attnopt.optimize(obj)]
 
 
-@pytest.mark.parametrize("flavour", ["module", "compile", "pt2", "onnx_ts17", "onnx_dynamo23"])
-@pytest.mark.parametrize("name", list(CASES))
+# swin_bool's module case: the same windows as swin_add's module case with a bool mask (6 s of CI's
+# budget): make test-long; its other flavours run in make test.
+_VIEWED_LONG = {("swin_bool", "module")}
+
+
+@pytest.mark.parametrize("name,flavour", [
+    pytest.param(n, fl, id=f"{n}-{fl}", marks=[pytest.mark.long] if (n, fl) in _VIEWED_LONG else [])
+    for n in CASES for fl in ("module", "compile", "pt2", "onnx_ts17", "onnx_dynamo23")])
 def test_viewed_scores_found_and_rewritten_exactly(name, flavour, exports):
     zm = _zoo(name)
     results = _optimize(zm, flavour, exports)
@@ -110,10 +116,10 @@ def _hf(family: str):
 
 
 def _relpos_params():
-    """Every family x flavour; the Swins' module flavour (20-30 s each on 2 cores: torch.export's
-    symbolic shapes over the window partition) runs in make test-long (the hand-written Swins above
-    keep a windowed model's module flavour in make test)."""
-    long = {("swin", "module"), ("swinv2", "module")}
+    """Every family x flavour; the Swins' and ViTDet's module flavour (20-30 s each on 2 cores:
+    torch.export's symbolic shapes over the window partition) runs in make test-long (the
+    hand-written Swins above keep a windowed model's module flavour in make test)."""
+    long = {("swin", "module"), ("swinv2", "module"), ("vitdet", "module")}
     return [pytest.param(f, fl, id=f"{f}-{fl}", marks=[pytest.mark.long] if (f, fl) in long else [])
             for f in ("vitdet", "sam", "swin", "swinv2")
             for fl in ("module", "compile", "pt2", "onnx_ts17", "onnx_dynamo23")]
