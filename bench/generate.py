@@ -224,7 +224,7 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
                 res_t[case] = best_time(lambda: s.run(None, feeds), args.reps)
             if args.ort_profile:
                 report.setdefault("ort_profile", {})[f"{kind}/{length}"] = ort_op_profile(
-                    path, opts, {case: feeds_for(case, length) for case in ("unpadded", "left", "right")},
+                    tmp / f"prefill_{kind}.onnx", opts, {case: feeds_for(case, length) for case in ("unpadded", "left", "right")},
                     args.reps)
             row = dict(prompt=length, batch=4, runtime=f"ort/{kind}",
                        **{f"{k}_s": round(v, 4) for k, v in res_t.items()},
