@@ -8,7 +8,8 @@ over 2 KV heads (GQA), head dim 64. Batches: 1, and 4 with ragged prompt lengths
 S/4 real tokens, left padded as generate needs). Decode tokens/s counts the new tokens of every
 row over the time of the decode forwards only (each forward call is timed; the first is the
 prefill); every mode runs one warm-up generate at the same shapes first (compilation), then
---runs timed ones, of which the fastest counts.
+--runs timed ones, of which the fastest counts (with --interleave the modes take turns run by run).
+Prefill: the three cases (unpadded, left, right) take turns call by call, fastest of --reps each.
 
     .venv/bin/python bench/generate.py                       # the issue's settings (long)
     .venv/bin/python bench/generate.py --prompts 512 --new-tokens 32 --skip-onnx
@@ -148,14 +149,27 @@ def bench_decode(model, args, report):
                 report["decode"] = rows
 
 
-def best_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def best_times(fns: dict, reps: int) -> dict:
+    """Fastest of `reps` timed calls per case after one warm-up call each; the cases take turns
+    call by call, so drift in a shared host's speed reaches every case alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for case, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[case] = min(best[case], time.perf_counter() - t)
+    return best
+
+
+CASES = ("unpadded", "left", "right")
+
+
+def case_inputs(case: str, length: int, vocab: int):
+    """ids, attention_mask of the batch-4 prefill case: ragged left / right padded, or all real."""
+    ids, am = prompts(4, length, vocab, "left" if case == "unpadded" else case)
+    return ids, (torch.ones_like(am) if case == "unpadded" else am)
 
 
 def bench_prefill_torch(model, args, report):
@@ -165,14 +179,11 @@ def bench_prefill_torch(model, args, report):
     for length in args.prefill_prompts:
         for mode in ("eager", "attnopt"):
             fwd = compiled_forward(model, mode)
-            res = {}
-            for case in ("unpadded", "left", "right"):
-                ids, am = prompts(4, length, args.vocab, "left" if case == "unpadded" else case)
-                if case == "unpadded":
-                    am = torch.ones_like(am)
-                with torch.no_grad():
-                    res[case] = best_time(lambda: fwd(input_ids=ids, attention_mask=am, use_cache=False),
-                                          args.reps)
+            inputs = {case: case_inputs(case, length, args.vocab) for case in CASES}
+            with torch.no_grad():
+                res = best_times({case: (lambda ids=ids, am=am: fwd(input_ids=ids, attention_mask=am,
+                                                                     use_cache=False))
+                                  for case, (ids, am) in inputs.items()}, args.reps)
             row = dict(prompt=length, batch=4, mode=mode, **{f"{k}_s": round(v, 4) for k, v in res.items()},
                        left_over_unpadded=round(res["left"] / res["unpadded"], 3),
                        right_over_unpadded=round(res["right"] / res["unpadded"], 3))
@@ -210,21 +221,17 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
         path.write_bytes(proto.SerializeToString())
         sessions[kind] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     def feeds_for(case: str, length: int) -> dict:
-        ids, am = prompts(4, length, args.vocab, "left" if case == "unpadded" else case)
-        if case == "unpadded":
-            am = torch.ones_like(am)
+        ids, am = case_inputs(case, length, args.vocab)
         return {"input_ids": ids.numpy(), "attention_mask": am.numpy()}
 
     rows = []
     for length in args.prefill_prompts:
         for kind, s in sessions.items():
-            res_t = {}
-            for case in ("unpadded", "left", "right"):
-                feeds = feeds_for(case, length)
-                res_t[case] = best_time(lambda: s.run(None, feeds), args.reps)
+            res_t = best_times({case: (lambda f=feeds_for(case, length): s.run(None, f)) for case in CASES},
+                               args.reps)
             if args.ort_profile:
                 report.setdefault("ort_profile", {})[f"{kind}/{length}"] = ort_op_profile(
-                    tmp / f"prefill_{kind}.onnx", opts, {case: feeds_for(case, length) for case in ("unpadded", "left", "right")},
+                    tmp / f"prefill_{kind}.onnx", opts, {case: feeds_for(case, length) for case in CASES},
                     args.reps)
             row = dict(prompt=length, batch=4, runtime=f"ort/{kind}",
                        **{f"{k}_s": round(v, 4) for k, v in res_t.items()},
