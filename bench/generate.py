@@ -215,6 +215,8 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
     report["onnx_export_and_optimize_s"] = round(time.perf_counter() - t, 1)
     report["onnx_sites_rewritten"] = res.sites_rewritten
     opts = ort.SessionOptions()
+    if args.ort_denormal_zero:
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     sessions = {}
     for kind, proto in (("original", prog.model_proto), ("attnopt", res.model)):
         path = tmp / f"prefill_{kind}.onnx"
@@ -232,7 +234,7 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
             if args.ort_profile:
                 report.setdefault("ort_profile", {})[f"{kind}/{length}"] = ort_op_profile(
                     tmp / f"prefill_{kind}.onnx", opts, {case: feeds_for(case, length) for case in CASES},
-                    args.reps)
+                    args.reps, args.ort_denormal_zero)
             row = dict(prompt=length, batch=4, runtime=f"ort/{kind}",
                        **{f"{k}_s": round(v, 4) for k, v in res_t.items()},
                        left_over_unpadded=round(res_t["left"] / res_t["unpadded"], 3),
@@ -242,7 +244,7 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
             report["prefill_onnx"] = rows
 
 
-def ort_op_profile(path: Path, opts, feeds_by_case: dict, reps: int) -> dict:
+def ort_op_profile(path: Path, opts, feeds_by_case: dict, reps: int, denormal_zero: bool = False) -> dict:
     """ONNX Runtime's own profile of `reps` runs per case (after one warm-up run): milliseconds per
     run by op type, the ten largest, and the session total, so where padding adds time shows."""
     import onnxruntime as ort
@@ -253,6 +255,8 @@ def ort_op_profile(path: Path, opts, feeds_by_case: dict, reps: int) -> dict:
         popts.enable_profiling = True
         popts.profile_file_prefix = str(path.with_suffix("")) + f"_{case}"
         popts.intra_op_num_threads = opts.intra_op_num_threads
+        if denormal_zero:
+            popts.add_session_config_entry("session.set_denormal_as_zero", "1")
         sess = ort.InferenceSession(str(path), popts, providers=["CPUExecutionProvider"])
         sess.run(None, feeds)
         for _ in range(reps):
@@ -292,6 +296,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--ort-denormal-zero", action="store_true",
+                    help="ONNX Runtime sessions flush denormals to zero (session.set_denormal_as_zero)")
     ap.add_argument("--ort-profile", action="store_true",
                     help="also record ONNX Runtime's per-op-type profile of each prefill case")
     ap.add_argument("--out", type=Path, default=None)
