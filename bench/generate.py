@@ -217,8 +217,18 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
     opts = ort.SessionOptions()
     if args.ort_denormal_zero:
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    models = [("original", prog.model_proto), ("attnopt", res.model)]
+    if args.ort_unfolded:
+        # diagnostic: the same rewrite with the key mask left as MultiHeadAttention's attention_bias
+        # instead of folded into q and k (emit/ort.py key_bias), to see which costs follow the folding
+        from unittest import mock
+
+        from attnopt.emit import ort as ort_target
+
+        with mock.patch.object(ort_target, "key_bias", lambda *a, **k: None):
+            models.append(("attnopt_unfolded", attnopt.optimize(prog.model_proto).model))
     sessions = {}
-    for kind, proto in (("original", prog.model_proto), ("attnopt", res.model)):
+    for kind, proto in models:
         path = tmp / f"prefill_{kind}.onnx"
         path.write_bytes(proto.SerializeToString())
         sessions[kind] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -298,6 +308,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-onnx", action="store_true")
     ap.add_argument("--ort-denormal-zero", action="store_true",
                     help="ONNX Runtime sessions flush denormals to zero (session.set_denormal_as_zero)")
+    ap.add_argument("--ort-unfolded", action="store_true",
+                    help="also time attnopt's ONNX model with the key mask as attention_bias (not folded)")
     ap.add_argument("--ort-profile", action="store_true",
                     help="also record ONNX Runtime's per-op-type profile of each prefill case")
     ap.add_argument("--out", type=Path, default=None)
