@@ -116,6 +116,7 @@ def _gna_fake(q, k, v, attn_mask, scale, shape, window, stride, dilation, causal
 
 
 autograd.register(gna_attention, "gna_attention", gna_math)
+autograd.register_cpu_inference("gna_attention", gna_math)
 
 
 def gna_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, scale: float,

@@ -438,3 +438,16 @@ def test_cpu_inference_fast_path_and_the_roads_it_leaves_alone():
         with torch.no_grad():
             out = torch.ops.attnopt.attention(fq, fk, fv, *args)
     assert out.shape == fast.shape and type(out).__name__ == "FakeTensor"
+
+
+def test_gna_op_cpu_inference_fast_path():
+    """The GNA op's no-grad CPU calls take the same road (its schema's defaults left out by the
+    dispatcher arrive as gna_math's defaults); equal to the exact GNA reference."""
+    q, k, v = _qkv(1, 2, 2, 4 * 5 + 1, 4 * 5 + 1, 8, seed=6)
+    layout = GNALayout((4, 5), (3, 3), (1, 1), (1, 1), (False, False))
+    with torch.no_grad():
+        called = _functions_called(lambda: gna_attention_op(q, k, v, None, scale=0.3, layout=layout, leading=1))
+        out = gna_attention_op(q, k, v, None, scale=0.3, layout=layout, leading=1)
+    assert "autograd_cpu" in called and "gna_math" in called and "backend_impl" not in called, called
+    ref = reference_gna(q, k, v, None, 0.3, layout, leading=1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
