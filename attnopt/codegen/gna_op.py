@@ -28,6 +28,8 @@ Implementations (the kernel table, select.py, as caller "gna_attention"):
          block each per Q tile, global query rows dense SDPA), else SDPA with the layout as a bool mask (exact, dense
          work); on CPU the exact tile kernel (compiled C, or SDPA per tile group; the box is tuned
          per shape). ATTNOPT_FORCE_TRITON=1 runs the CUDA choice on CPU under the Triton interpreter.
+         CPU calls without gradients reach the body straight from the op's AutogradCPU kernel
+         (autograd.register_cpu_inference), past the custom op's own Python layers.
   anything else (other normalizers, dtypes, devices): backend "reference", the dense reference
          with the layout's full mask (exact, not faster).
 Autograd (codegen/autograd.py): gradients of q, k, v and a float attn_mask; the backward is the op
