@@ -60,13 +60,14 @@ So it takes Sq == 1 with G >= 2, and Sq <= 4 with G >= 4; every other decode sha
 already handles GQA without repeating K/V: exact.sdpa_attention passes enable_gqa). Not measured:
 several threads (the host was too loaded for wall clocks to mean anything).
 Small steps: with K and V under SMALL_DECODE_KV_BYTES (4 MiB) a one-query step (forward only, no
-window) runs SDPA with enable_gqa in the row `cpu_small_decode`, ahead of cpu_padded, whose reading of
-each row's run of keys from the mask (a few small ops and host syncs) cost ~100 us a call there
-(bench/op_overhead.py, B1 H8/2 D64 over 640 keys), more than the keys it skips. Measured (fp32, one thread, process CPU time, key mask
-[B, 1, 1, Skv], grouped / SDPA, load ~6 so +-20%): B1 D64 Skv 515-640 H8/2 1.38-1.64, B4 same
-1.13-1.24, B1 D64 Skv 2048 H8/2 1.29 (0.5-2.6 MiB of K/V); B4 D64 Skv 2048 H8/2 0.87, B1 D128 Skv
-2048 H32/8 0.46-0.97, B4 D128 Skv 2048 H32/8 0.53 (8-16 MiB): K/V that stay in cache cost SDPA
-little to reread per query head, and its one fused kernel beats the grouped form's separate ops.
+window) runs SDPA with enable_gqa in the row `cpu_small_decode`, ahead of cpu_padded, whose reading
+of each row's run of keys from the mask (a few small ops and host syncs) cost ~100 us a call there
+(bench/op_overhead.py, B1 H8/2 D64 over 640 keys), more than the keys it skips. Measured (fp32, one
+thread, process CPU time, key mask [B, 1, 1, Skv], grouped / SDPA, load ~6 so +-20%): B1 D64 Skv
+515-640 H8/2 1.38-1.64, B4 same 1.13-1.24, B1 D64 Skv 2048 H8/2 1.29 (0.5-2.6 MiB of K/V); B4 D64
+Skv 2048 H8/2 0.87, B1 D128 Skv 2048 H32/8 0.46-0.97, B4 D128 Skv 2048 H32/8 0.53 (8-16 MiB): K/V
+that stay in cache cost SDPA little to reread per query head, and its one fused kernel beats the
+grouped form's separate ops.
 
 Caller policies (request.caller), kept exactly as each entry point behaved before the table:
   "attention"      (the op) takes a CPU window kernel only when its windows leave keys out (it
@@ -318,13 +319,21 @@ def grouped_decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, pa
     return out.reshape(B, H, Sq, v.shape[3]).to(q.dtype)
 
 
-def _cpu_decode_check(q, k, v, attn_mask, params, layout, request) -> tuple[bool, str]:
-    if layout is not None:
-        return False, "a token layout"
+def _grouped_shapes(q: Tensor, k: Tensor, v: Tensor) -> tuple[bool, str]:
+    """q, k, v are [B, H, S, D] with H a multiple of k's heads, and k, v agree (both decode rows)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         return False, "q, k, v are not [B, H, S, D] with grouped heads"
     if k.shape[2] == 0 or k.shape[3] != q.shape[3] or v.shape[:3] != k.shape[:3]:
         return False, "k / v shapes"
+    return True, ""
+
+
+def _cpu_decode_check(q, k, v, attn_mask, params, layout, request) -> tuple[bool, str]:
+    if layout is not None:
+        return False, "a token layout"
+    ok, why = _grouped_shapes(q, k, v)
+    if not ok:
+        return ok, why
     group, q_len = q.shape[1] // k.shape[1], q.shape[2]
     if not (group >= 2 and (q_len == 1 or (group >= 4 and q_len <= 4))):
         return False, f"q_len {q_len}, group {group}: SDPA is as fast (measured, see the header)"
@@ -348,14 +357,17 @@ def _cpu_decode_run(q, k, v, attn_mask, params, layout, request) -> Tensor:
 def _cpu_small_decode_check(q, k, v, attn_mask, params, layout, request) -> tuple[bool, str]:
     """One query over K/V that stay in cache: one SDPA call beats every other CPU row there (their
     checks included, which cost a third of SDPA's time at B1 H8/2 D64 over 640 keys)."""
-    if layout is not None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] != 1:
-        return False, "not one query without a layout"
+    if layout is not None:
+        return False, "a token layout"
+    ok, why = _grouped_shapes(q, k, v)
+    if not ok:
+        return ok, why
+    if q.shape[2] != 1:
+        return False, f"{q.shape[2]} queries"
     if request.needs_grad:
         return False, "gradients: the differentiable rows decide"
     if params.window is not None:
         return False, "a window: the tile rows read only its keys"
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] or v.shape[:3] != k.shape[:3]:
-        return False, "q, k, v are not [B, H, S, D] with grouped heads"
     kv_bytes = k.shape[0] * k.shape[1] * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size()
     if kv_bytes >= SMALL_DECODE_KV_BYTES:
         return False, f"{kv_bytes >> 20} MiB of K/V (>= {SMALL_DECODE_KV_BYTES >> 20} MiB)"
