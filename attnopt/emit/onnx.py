@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from attnopt.emit import ort
+from attnopt.emit import ort, ort_gqa
 from attnopt.emit.onnx_axes import AxisFacts
 from attnopt.emit.onnx_nodes import (Block, SiteFacts, Skip, additive_mask, causal_mask, load, mask4,
                                      mean_v_on_dead_rows, np_dtype, view, zero_nan_rows)
@@ -50,12 +50,16 @@ class SpliceResult:
     upgrade: str = ""  # "" | "relabel" (same nodes) | "version_converter"
 
 
-def splice(graph: Graph, recipes: Sequence[Recipe | str], *, op: str = "ort") -> onnx.ModelProto:
-    """A new ModelProto with each recipe's site replaced by one fused attention node."""
-    return splice_report(graph, recipes, op=op).model
+def splice(graph: Graph, recipes: Sequence[Recipe | str], *, op: str = "ort",
+           gqa_sites: frozenset[str] | None = None) -> onnx.ModelProto:
+    """A new ModelProto with each recipe's site replaced by one fused attention node (or, op
+    "ort", an If between GroupQueryAttention and it: emit/ort_gqa.py; `gqa_sites` limits which
+    sites may take that form, None: all that qualify)."""
+    return splice_report(graph, recipes, op=op, gqa_sites=gqa_sites).model
 
 
-def splice_report(graph: Graph, recipes: Sequence[Recipe | str], *, op: str = "ort") -> SpliceResult:
+def splice_report(graph: Graph, recipes: Sequence[Recipe | str], *, op: str = "ort",
+                  gqa_sites: frozenset[str] | None = None) -> SpliceResult:
     """Like `splice`, also saying which sites were fused and why others were left alone."""
     if op not in FUSED_OPS:
         raise ValueError(f"op must be one of {sorted(FUSED_OPS)}, got {op!r}")
@@ -68,7 +72,7 @@ def splice_report(graph: Graph, recipes: Sequence[Recipe | str], *, op: str = "o
     todo = [lower(r) for r in recipes if isinstance(r, Recipe)]
     if op == "standard" and todo:
         result.upgraded_from, result.upgrade = ensure_opset(model, STANDARD_OPSET, _names_read(todo))
-    _Splicer(graph, model, op, result).run(todo)
+    _Splicer(graph, model, op, result, gqa_sites).run(todo)
     if result.fused and op == "ort" and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return result
@@ -88,8 +92,10 @@ def _names_read(lowered: Sequence[Lowered]) -> set[str]:
 
 
 class _Splicer:
-    def __init__(self, graph: Graph, model: onnx.ModelProto, op: str, result: SpliceResult):
+    def __init__(self, graph: Graph, model: onnx.ModelProto, op: str, result: SpliceResult,
+                 gqa_sites: frozenset[str] | None = None):
         self.g = graph
+        self.gqa_sites = gqa_sites
         self.m = model
         self.op = op
         self.result = result
@@ -97,6 +103,9 @@ class _Splicer:
         self.taken: set[str] = {n.name for n in gp.node} | {o for n in gp.node for o in n.output} \
             | {t.name for t in gp.initializer} | {i.name for i in gp.input}
         self._axes: AxisFacts | None = None  # built when a key-bias fold is first considered
+        # mask key -> (run-time GroupQueryAttention check, index of the node it is placed before)
+        self._guards: dict[tuple, tuple[ort_gqa.Guard, int]] = {}
+        self._at = 0  # the node index of the site being built
 
     def run(self, lowered: Sequence[Lowered]) -> None:
         gp = self.m.graph
@@ -112,10 +121,13 @@ class _Splicer:
             if idx is None or idx in dead:
                 self.result.skipped[low.site] = f"output {output!r} is not produced by a node"
                 continue
+            self._at = idx
             try:
                 block, fused_name = self.build(low)
             except Skip as e:
                 self.result.skipped[low.site] = str(e)
+                # a check built in the dropped block is not in the model
+                self._guards = {k: v for k, v in self._guards.items() if v[1] != idx}
                 continue
             # The block's last node takes over the site output's name, so consumers stay as they are.
             last = block.nodes[-1]
@@ -143,7 +155,7 @@ class _Splicer:
         # The fused blocks too: a site's own q/k operand may be the bypassed scale op itself
         # (q * sqrt(scale) feeding the matmul directly), which must not be applied twice.
         for block in blocks.values():
-            for n in block:
+            for n in _with_subgraphs(block):
                 for j, x in enumerate(n.input):
                     if x in renames:
                         n.input[j] = _follow(renames, x)
@@ -161,9 +173,8 @@ class _Splicer:
                 consumers[x] = consumers.get(x, 0) + 1
         for block in blocks.values():
             for n in block:
-                for x in n.input:
-                    if x:
-                        consumers[x] = consumers.get(x, 0) + 1
+                for x in uses(n):
+                    consumers[x] = consumers.get(x, 0) + 1
         # Dead-code removal, starting from what the sites owned; the replaced output
         # producers are dead by construction.
         work = list(seeds | dead)
@@ -249,7 +260,21 @@ class _Splicer:
         else:
             # boolean -inf masks: a row with no key is 0 for the op (a mean-of-V model has its step)
             zero_dead = masks is not None and masks.boolean and low.step(MeanVOnDeadRows) is None
+            guard = None
+            if (m4 is not None and bias is None and not causal_flag and low.step(MeanVOnDeadRows) is None
+                    and self.spec_causal_padding(low) and ort_gqa.applies(att, f) is None):
+                m4_name = m4()
+                m4 = lambda: m4_name  # noqa: E731 - one mask for both branches
+                guard = self.guard(b, masks, f, m4_name)
+            start = len(b.nodes)
             out, fused, to_bhsd = ort.attend(b, f, att, m4, causal_flag, bias, zero_dead)
+            if guard is not None:  # (module header of emit/ort_gqa.py)
+                mha = (b.nodes[start:], out)
+                del b.nodes[start:]
+                gqa_out = ort_gqa.attend(b, f, att, guard)
+                gqa = (b.nodes[start:], gqa_out)
+                del b.nodes[start:]
+                out = ort_gqa.guarded(b, guard, gqa, mha)
         for step in low.steps:
             if isinstance(step, ZeroNaNRows):  # elementwise: in whatever layout the output is
                 out = zero_nan_rows(b, out, f)
@@ -260,6 +285,22 @@ class _Splicer:
                 out = self._store(b, step, out, to_bhsd, f)
         assert b.nodes and b.nodes[-1].output[0] == out, "the block's last node computes the site"
         return b, fused
+
+    def spec_causal_padding(self, low: Lowered) -> bool:
+        """A site the guarded GroupQueryAttention form may serve: every one unless the caller
+        named them (optimize passes detection's causal-with-padding sites; the check decides)."""
+        return self.gqa_sites is None or low.site in self.gqa_sites
+
+    def guard(self, b: Block, masks: CombineMasks, f: SiteFacts, m4: str) -> ort_gqa.Guard:
+        """The run-time check for this mask: built in this site's block, or reused from an
+        earlier site's block that reads the same mask terms and precedes this one."""
+        key = (repr(masks), f.low.batch_rank, str(f.sq))
+        hit = self._guards.get(key)
+        if hit is not None and hit[1] < self._at:
+            return hit[0]
+        g = ort_gqa.check(b, m4)
+        self._guards[key] = (g, self._at)
+        return g
 
     @staticmethod
     def _store(b: Block, step: StoreOutput, out: str, to_bhsd: tuple[int, ...], f: SiteFacts) -> str:
@@ -311,6 +352,18 @@ def _out_hint(op) -> str:
     return "out_5d" if isinstance(op, Unflatten) else "out_3d"
 
 
+def _with_subgraphs(nodes):
+    """The nodes and, depth first, those of their subgraphs (an If's branches)."""
+    for n in nodes:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _with_subgraphs(a.g.node)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _with_subgraphs(g.node)
+
+
 def _follow(renames: dict[str, str], x: str) -> str:
     seen = set()
     while x in renames and x not in seen:
@@ -321,8 +374,8 @@ def _follow(renames: dict[str, str], x: str) -> str:
 
 def fused_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The fused attention nodes of a model (either target)."""
-    ops = set(FUSED_OPS.values())
-    return [n for n in model.graph.node if ((n.domain or ""), n.op_type) in ops
+    ops = set(FUSED_OPS.values()) | {(MS_DOMAIN, "GroupQueryAttention")}
+    return [n for n in _with_subgraphs(model.graph.node) if ((n.domain or ""), n.op_type) in ops
             or (n.domain == "ai.onnx" and ("", n.op_type) in ops)]
 
 

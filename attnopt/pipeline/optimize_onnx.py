@@ -20,7 +20,9 @@ def tolerance_for_model(model: Any) -> float:
 
 
 def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -> OptimizeResult:
-    from attnopt.emit.onnx import splice, splice_report
+    from functools import partial
+
+    from attnopt.emit.onnx import fused_nodes, splice, splice_report
     from attnopt.pipeline.validate_onnx import compare_onnx
 
     if op not in ("ort", "standard"):
@@ -38,7 +40,10 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
     original = graph.native_model
     # Sites the chosen fused node cannot express (e.g. sigmoid, softcap on MHA) stay as they are;
     # a standard Attention node already is the node `--onnx-op standard` asks for.
-    skipped = splice_report(graph, recipes, op=op).skipped
+    # Causal sites with padding may run GroupQueryAttention behind a run-time check (emit/ort_gqa.py).
+    gqa = frozenset(s.name for s in sites if getattr(getattr(s.spec, "mask", None), "kind", None) == "causal"
+                    and s.spec.mask.padding)
+    skipped = splice_report(graph, recipes, op=op, gqa_sites=gqa).skipped
     if op == "standard":
         skipped.update({r.site: "already the standard Attention op" for r in recipes
                         if _is_standard_attention(graph, r.site, sites)})
@@ -50,24 +55,23 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
     tol = tolerance_for_model(original)
     new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
     while kept:
-        new_model = splice(graph, kept, op=op)
+        new_model = splice(graph, kept, op=op, gqa_sites=gqa)
         if not validate:
             break
         err = compare_onnx(graph, new_model)
         if err["max_rel_error"] <= tol:
             break
-        bad = _first_failing(graph, kept, op, compare_onnx, splice, tol)
+        bad = _first_failing(graph, kept, op, compare_onnx, partial(splice, gqa_sites=gqa), tol)
         results[bad.site] = SiteResult(bad.site, spec_of[bad.site].pattern, "reverted", None,
                                        "validation failed in ONNX Runtime", spec_of[bad.site].spec)
         kept.remove(bad)
     if not kept:
         new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
-    fused_ops = {n.name: ("com.microsoft." if n.domain else "") + n.op_type for n in new_model.graph.node
-                 if n.op_type in ("MultiHeadAttention", "Attention")}
+    fused_ops = {n.name: ("com.microsoft." if n.domain else "") + n.op_type for n in fused_nodes(new_model)}
     for r in kept:
         # (a softcap site of an opset-23 model takes the standard Attention op even with op="ort")
-        node_op = next((t for name, t in fused_ops.items() if name.startswith(f"attnopt/{r.site}/")),
-                       "com.microsoft.MultiHeadAttention" if op == "ort" else "Attention")
+        node_op = "|".join(sorted({t for name, t in fused_ops.items() if name.startswith(f"attnopt/{r.site}/")},
+                                  reverse=True)) or ("com.microsoft.MultiHeadAttention" if op == "ort" else "Attention")
         results[r.site] = SiteResult(r.site, spec_of[r.site].pattern, "rewritten",
                                      err["max_rel_error"], "", spec_of[r.site].spec, variant=f"onnx:{node_op}")
     ordered = [results[s.name] for s in sites if s.name in results]
