@@ -374,9 +374,18 @@ def _follow(renames: dict[str, str], x: str) -> str:
 
 def fused_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The fused attention nodes of a model (either target)."""
-    ops = set(FUSED_OPS.values()) | {(MS_DOMAIN, "GroupQueryAttention")}
+    ops = set(FUSED_OPS.values())
     return [n for n in _with_subgraphs(model.graph.node) if ((n.domain or ""), n.op_type) in ops
             or (n.domain == "ai.onnx" and ("", n.op_type) in ops)]
 
 
-__all__ = ["splice", "splice_report", "SpliceResult", "fused_nodes", "STANDARD_OPSET"]
+def attention_ops(model: onnx.ModelProto) -> dict[str, str]:
+    """node name -> "domain.op" of every attention node the splice emits, If branches included
+    (a guarded site has a GroupQueryAttention and a MultiHeadAttention node)."""
+    ops = set(FUSED_OPS.values()) | {(MS_DOMAIN, "GroupQueryAttention")}
+    return {n.name: (f"{n.domain}." if n.domain and n.domain != "ai.onnx" else "") + n.op_type
+            for n in _with_subgraphs(model.graph.node)
+            if ((n.domain or "").replace("ai.onnx", ""), n.op_type) in ops}
+
+
+__all__ = ["splice", "splice_report", "SpliceResult", "fused_nodes", "attention_ops", "STANDARD_OPSET"]

@@ -95,8 +95,9 @@ class Block:
         return self.node("Gather", [shp, self.ints([axis], hint + "_axis")], hint, axis=0)
 
     def reduce(self, op: str, x: str, axes: list[int], hint: str, keepdims: int = 0) -> str:
-        """A reduction over `axes` in the model's opset (axes became an input at 18)."""
-        if self.opset >= 18:
+        """A reduction over `axes` in the model's opset (axes became an input at 18, at 13 for
+        ReduceSum)."""
+        if self.opset >= (13 if op == "ReduceSum" else 18):
             return self.node(op, [x, self.ints(axes, hint + "_axes")], hint, keepdims=keepdims)
         return self.node(op, [x], hint, keepdims=keepdims, axes=axes)
 

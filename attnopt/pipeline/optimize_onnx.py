@@ -22,7 +22,7 @@ def tolerance_for_model(model: Any) -> float:
 def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -> OptimizeResult:
     from functools import partial
 
-    from attnopt.emit.onnx import fused_nodes, splice, splice_report
+    from attnopt.emit.onnx import attention_ops, splice, splice_report
     from attnopt.pipeline.validate_onnx import compare_onnx
 
     if op not in ("ort", "standard"):
@@ -67,7 +67,7 @@ def optimize_onnx_model(model: Any, *, op: str = "ort", validate: bool = True) -
         kept.remove(bad)
     if not kept:
         new_model, err = original, {"max_abs_error": 0.0, "max_rel_error": 0.0}
-    fused_ops = {n.name: ("com.microsoft." if n.domain else "") + n.op_type for n in fused_nodes(new_model)}
+    fused_ops = attention_ops(new_model)
     for r in kept:
         # (a softcap site of an opset-23 model takes the standard Attention op even with op="ort")
         node_op = "|".join(sorted({t for name, t in fused_ops.items() if name.startswith(f"attnopt/{r.site}/")},

@@ -192,9 +192,12 @@ def test_onnx_padded_causal_becomes_unidirectional(tmp_path, dynamo):
     """TorchScript: ORT's MultiHeadAttention with unidirectional=1 and the key mask folded into q
     and k; rows with no key (left padding) are zeroed after it, as the exported model gives them.
     The dynamo exporter writes the bool mask as a float one filled with finfo.min, whose rows with no
-    key are a mean over every key: a near miss, it keeps the dense mask."""
+    key are a mean over every key: a near miss for the fold, it keeps the dense mask on
+    MultiHeadAttention, behind a run-time check that takes GroupQueryAttention when the mask is causal
+    AND one run of keys per row (emit/ort_gqa.py): the left-padded feed below takes that branch."""
     import onnx
 
+    from attnopt.emit.onnx import attention_ops, fused_nodes
     from attnopt.pipeline.validate_onnx import session
 
     model = sharpen_(PaddedCausal()).eval()
@@ -204,8 +207,9 @@ def test_onnx_padded_causal_becomes_unidirectional(tmp_path, dynamo):
                       input_names=["x", "attention_mask"])
     r = attnopt.optimize(onnx.load(str(path)))
     assert r.sites_rewritten == 1
-    (mha,) = [n for n in r.model.graph.node if n.op_type == "MultiHeadAttention"]
+    (mha,) = [n for n in fused_nodes(r.model) if n.op_type == "MultiHeadAttention"]
     assert any(a.name == "unidirectional" and a.i == 1 for a in mha.attribute) is not dynamo
+    assert ("com.microsoft.GroupQueryAttention" in attention_ops(r.model).values()) is dynamo
     am2 = am.clone()
     am2[2, :11] = 0
     feeds = {"x": x.numpy(), "attention_mask": am2.numpy()}
