@@ -3,7 +3,8 @@
 Inputs are generated from the graph's input types at the evaluator's probe sizes: floats
 standard normal, token ids uniform below the vocabulary (the row count of the embedding table
 an id input gathers from), attention-mask-like integer/bool inputs all ones, plus a second feed
-set with padded rows (zeros at the end of row 0 and at the start of row 1), so masks matter.
+set with padded rows (zeros at the end of row 0 and at the start of row 1), so masks matter,
+and a third with a hole inside row 0 (a mask that is not one run of keys per row).
 Errors: max |a - b| per output, and relative to the output's scale (max |original|). NaN in
 both models at the same place counts as equal; NaN in one only is an infinite error.
 """
@@ -136,6 +137,14 @@ def generate_feeds(graph_or_model: Any, seed: int = 0) -> list[dict[str, np.ndar
             changed = True
     if changed:
         out.append(padded)
+        # A hole inside row 0's keys: masks that are not one run per row take the other branch of
+        # a guarded site (emit/ort_gqa.py), which must be checked too.
+        holes = {k: v.copy() for k, v in feeds.items()}
+        for name in masks:
+            m = holes[name]
+            if m.shape[-1] >= 3:
+                m[0, ..., m.shape[-1] // 2] = 0
+        out.append(holes)
     return out
 
 
