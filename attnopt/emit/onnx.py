@@ -263,9 +263,7 @@ class _Splicer:
             guard = None
             if (m4 is not None and bias is None and not causal_flag and low.step(MeanVOnDeadRows) is None
                     and self.spec_causal_padding(low) and ort_gqa.applies(att, f) is None):
-                m4_name = m4()
-                m4 = lambda: m4_name  # noqa: E731 - one mask for both branches
-                guard = self.guard(b, masks, f, m4_name)
+                guard, m4 = self.guard(b, masks, f, m4)
             start = len(b.nodes)
             out, fused, to_bhsd = ort.attend(b, f, att, m4, causal_flag, bias, zero_dead)
             if guard is not None:  # (module header of emit/ort_gqa.py)
@@ -291,16 +289,20 @@ class _Splicer:
         named them (optimize passes detection's causal-with-padding sites; the check decides)."""
         return self.gqa_sites is None or low.site in self.gqa_sites
 
-    def guard(self, b: Block, masks: CombineMasks, f: SiteFacts, m4: str) -> ort_gqa.Guard:
-        """The run-time check for this mask: built in this site's block, or reused from an
-        earlier site's block that reads the same mask terms and precedes this one."""
+    def guard(self, b: Block, masks: CombineMasks, f: SiteFacts, m4: Callable[[], str]
+              ) -> tuple[ort_gqa.Guard, Callable[[], str]]:
+        """The run-time check for this mask, and the maker of the [B|1, H|1, S, S] mask for the
+        MultiHeadAttention branch. Built in this site's block (the mask then made once, before
+        the If, for both), or reused from an earlier site's block that reads the same mask terms
+        and precedes this one (the mask is then made inside the branch that reads it)."""
         key = (repr(masks), f.low.batch_rank, str(f.sq))
         hit = self._guards.get(key)
         if hit is not None and hit[1] < self._at:
-            return hit[0]
-        g = ort_gqa.check(b, m4)
+            return hit[0], m4
+        m = m4()
+        g = ort_gqa.check(b, m)
         self._guards[key] = (g, self._at)
-        return g
+        return g, (lambda: m)
 
     @staticmethod
     def _store(b: Block, step: StoreOutput, out: str, to_bhsd: tuple[int, ...], f: SiteFacts) -> str:
