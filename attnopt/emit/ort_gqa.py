@@ -3,9 +3,9 @@ when a run-time check on the model's own mask allows it, else the MultiHeadAtten
 
 Why: MultiHeadAttention's CPU kernel scores every (query, key) pair and takes exp() of each
 masked one; exp() of a score near the fill (-3.4e38) goes through MLAS's slow path (denormal
-intermediates), so the masked half of a causal [B, 1, S, S] mask cost as much as the other
-half (bench/generate.py --ort-profile; 466 ms against 284 ms for the same MHA call without a
-mask, batch 4, 8 heads, S 2048). com.microsoft.GroupQueryAttention scores each query row only
+intermediates), so the masked half of a causal [B, 1, S, S] mask cost as much as the whole
+call without it (bench/ort_masked_exp.py: 577 ms against 312 ms with a bias of zeros, batch 4,
+8 heads, S 2048, D 64). com.microsoft.GroupQueryAttention scores each query row only
 up to its causal limit and each batch row's key count (`seqlens_k`), writes 0 past it without
 exp(), and reads grouped K/V without expanding them.
 
