@@ -145,7 +145,9 @@ def test_short_mask_implied_sparsity_stays_dense_on_cpu():
     model, x = _sharpen(Net(mask=_window(64, 8))), (torch.randn(2, 64, 32),)
     plan = make_plan(model, x, policy="exact", target="cpu")
     assert all(s.choice is not None and s.choice.variant.family == "dense" for s in plan.sites)
-    assert 0.0 < plan.predicted["other_share_measured"] < 1.0
+    # measured, so on a loaded host the attention-free copy can time at or above the full
+    # forward: the share is clamped to 1.0 (forward_time.other_share), still a measurement
+    assert 0.0 < plan.predicted["other_share_measured"] <= 1.0
 
 
 def test_approx_plan_respects_max_error_on_held_out(vit, approx_plan):
