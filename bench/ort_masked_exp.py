@@ -46,7 +46,8 @@ def main(argv=None) -> None:
                    [("q", f), ("k", f), ("v", f), ("m", f)], ["o"])
     gqa = _session(helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "sl", "tl"], ["o", "pk", "pv"],
                                     domain="com.microsoft", num_heads=H, kv_num_heads=H, scale=D ** -0.5),
-                   [("q", f), ("k", f), ("v", f), ("sl", TensorProto.INT32), ("tl", TensorProto.INT32)], ["o", "pk", "pv"])
+                   [("q", f), ("k", f), ("v", f), ("sl", TensorProto.INT32), ("tl", TensorProto.INT32)],
+                   ["o", "pk", "pv"])
     upper = np.triu(np.ones((S, S), bool), 1)
 
     def bias(fill):
@@ -56,10 +57,14 @@ def main(argv=None) -> None:
         return m
 
     ragged = np.array([max(1, S * (B - b) // B) for b in range(B)], np.int32)
+    def on_mha(fill):
+        m = bias(fill)
+        return lambda: mha.run(None, {"q": q, "k": k, "v": v, "m": m})
+
     cases = {
-        "mha_no_mask_bias_zeros": lambda m=bias(None): mha.run(None, {"q": q, "k": k, "v": v, "m": m}),
-        "mha_causal_finfo_min": lambda m=bias(np.finfo(np.float32).min): mha.run(None, {"q": q, "k": k, "v": v, "m": m}),
-        "mha_causal_minus_1e4": lambda m=bias(-1e4): mha.run(None, {"q": q, "k": k, "v": v, "m": m}),
+        "mha_no_mask_bias_zeros": on_mha(None),
+        "mha_causal_finfo_min": on_mha(np.finfo(np.float32).min),
+        "mha_causal_minus_1e4": on_mha(-1e4),
         "gqa_causal": lambda: gqa.run(None, {"q": q, "k": k, "v": v, "sl": np.full(B, S - 1, np.int32),
                                              "tl": np.array(S, np.int32)}),
         "gqa_causal_ragged_right": lambda: gqa.run(None, {"q": q, "k": k, "v": v, "sl": ragged - 1,
