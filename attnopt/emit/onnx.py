@@ -261,9 +261,12 @@ class _Splicer:
             # boolean -inf masks: a row with no key is 0 for the op (a mean-of-V model has its step)
             zero_dead = masks is not None and masks.boolean and low.step(MeanVOnDeadRows) is None
             guard = None
-            if (m4 is not None and bias is None and not causal_flag and low.step(MeanVOnDeadRows) is None
-                    and self.spec_causal_padding(low) and ort_gqa.applies(att, f) is None):
-                guard, m4 = self.guard(b, masks, f, m4)
+            if (low.step(MeanVOnDeadRows) is None and self.spec_causal_padding(low)
+                    and ort_gqa.applies(att, f) is None):
+                if m4 is not None and bias is None and not causal_flag:  # the dense mask (symbolic lengths)
+                    guard, m4 = self.guard(b, masks, f, m4)
+                elif m4 is None and bias is not None and causal_flag:  # the folded key mask (static lengths)
+                    guard = self.key_guard(b, masks, f, bias, att.scale, zero_dead)
             start = len(b.nodes)
             out, fused, to_bhsd = ort.attend(b, f, att, m4, causal_flag, bias, zero_dead)
             if guard is not None:  # (module header of emit/ort_gqa.py)
@@ -303,6 +306,17 @@ class _Splicer:
         g = ort_gqa.check(b, m)
         self._guards[key] = (g, self._at)
         return g, (lambda: m)
+
+    def key_guard(self, b: Block, masks: CombineMasks, f: SiteFacts, bias: str, scale: float,
+                  zero_dead: bool) -> ort_gqa.Guard:
+        """Like `guard`, on the folded key bias [B|1, Skv] (ort_gqa.check_keys)."""
+        key = ("keys", repr(masks), f.low.batch_rank, str(f.sq), float(scale), zero_dead)
+        hit = self._guards.get(key)
+        if hit is not None and hit[1] < self._at:
+            return hit[0]
+        g = ort_gqa.check_keys(b, bias, scale, zero_dead)
+        self._guards[key] = (g, self._at)
+        return g
 
     @staticmethod
     def _store(b: Block, step: StoreOutput, out: str, to_bhsd: tuple[int, ...], f: SiteFacts) -> str:

@@ -12,10 +12,12 @@ exp(), and reads grouped K/V without expanding them.
 When: a site whose mask, at run time, is exactly causal (Sq = Skv) AND one run of live keys
 per batch row [first_b, first_b + len_b) (right padding, left padding, or none), with every
 masked entry holding one fill value <= -1e30 (HF's finfo.min, or -inf). `check` builds that
-test from the site's additive mask as one bool; an If node runs GroupQueryAttention when it
-holds and the site's MultiHeadAttention node otherwise, so the rewrite is exact for whatever
-attention_mask the user feeds. The test is built once per distinct mask and shared by the
-sites reading it (a decoder's layers share one).
+test from the site's additive mask as one bool (symbolic lengths: the dense mask is all there
+is); `check_keys` from the key bias that emit/ort.py folded into q and k (static lengths: the
+causal part is the unidirectional flag, proven when the model was optimized). An If node runs
+GroupQueryAttention when it holds and the site's MultiHeadAttention node otherwise, so the
+rewrite is exact for whatever attention_mask the user feeds. The test is built once per
+distinct mask and shared by the sites reading it (a decoder's layers share one).
 
 GroupQueryAttention assumes the run starts at key 0: rows are rotated by first_b
 (GatherND, batch_dims=1) before it and back after it. Rows past the run (right padding)
@@ -48,7 +50,54 @@ class Guard:
     cond: str  # bool [1]: the mask is causal AND one key run per row, one fill <= -1e30
     first: str  # int64 [B|1]: each batch row's first live key
     length: str  # int64 [B|1]: its number of live keys
-    fill: str  # the fill value, a scalar of the mask's dtype
+    fill: str | None  # dense check: the fill value (a scalar); key check: None (rows with no key give 0)
+
+
+def check_keys(b: Block, key_bias: str, scale: float, zero_dead: bool) -> Guard:
+    """The run-time test for a causal site whose key mask was folded into q and k (emit/ort.py:
+    static lengths, MultiHeadAttention's unidirectional flag): the key bias [B|1, Skv] (0 live,
+    an exact fill / scale masked) holds one run of live keys per row, each row has one. Rows
+    with no key then give 0 (`zero_dead`, the model's guard); without it, the check also asks
+    that no row lacks a key (no left padding), whose value the op would not reproduce."""
+    below = np.asarray(EXACT_FILL / 10 / scale, np.float32)
+    live = b.node("Cast", [b.node("Greater", [key_bias, b.const(below, "gqa_kb_below")], "gqa_kb_live_b")],
+                  "gqa_kb_live", to=TensorProto.FLOAT)  # [B|1, Skv]
+    first, length = _run(b, live)
+    s_scalar = b.reshape(b.node("Gather", [b.node("Shape", [key_bias], "gqa_kb_shape"), b.ints([1], "gqa_kb_ax")],
+                                "gqa_kb_s", axis=0), [], "gqa_kb_s_scalar")
+    run = _run_mask(b, first, length, s_scalar)
+    same = b.node("Equal", [b.node("Cast", [live], "gqa_kb_live_bool", to=TensorProto.BOOL), run], "gqa_kb_same")
+    ok = b.node("Cast", [b.reduce("ReduceMin", b.node("Cast", [same], "gqa_kb_same_u8", to=TensorProto.UINT8),
+                                  [0, 1], "gqa_kb_all_same")], "gqa_kb_all_same_b", to=TensorProto.BOOL)
+    cond = b.node("And", [ok, _has_keys(b, length)], "gqa_kb_ok")
+    if not zero_dead:
+        no_dead = b.node("Equal", [b.reduce("ReduceMax", first, [0], "gqa_kb_max_first"),
+                                   b.const(np.asarray(0, np.int64), "gqa_kb_zero")], "gqa_kb_no_dead")
+        cond = b.node("And", [cond, no_dead], "gqa_kb_ok_no_dead")
+    return Guard(b.reshape(cond, [1], "gqa_cond"), first, length, None)
+
+
+def _run(b: Block, live: str) -> tuple[str, str]:
+    """first live key and number of live keys per row of live (float 0/1, [R, S]), int64 [R]."""
+    length = b.node("Cast", [b.reduce("ReduceSum", live, [1], "gqa_len_f")], "gqa_len", to=TensorProto.INT64)
+    first = b.node("ArgMax", [live], "gqa_first", axis=1, keepdims=0)  # the first live key
+    return first, length
+
+
+def _run_mask(b: Block, first: str, length: str, s_scalar: str) -> str:
+    """bool [R, S]: key j in [first, first + length) of each row."""
+    j = b.node("Range", [b.const(np.asarray(0, np.int64), "gqa_r0"), s_scalar,
+                         b.const(np.asarray(1, np.int64), "gqa_r1")], "gqa_pos")  # [S]
+    first2, end2 = (b.unsqueeze(x, [1], f"gqa_{n}_col") for x, n in
+                    ((first, "first"), (b.node("Add", [first, length], "gqa_end"), "end")))
+    return b.node("And", [b.node("GreaterOrEqual", [j, first2], "gqa_after_first"),
+                          b.node("Less", [j, end2], "gqa_before_end")], "gqa_run")
+
+
+def _has_keys(b: Block, length: str) -> str:
+    """bool: every row has a live key (GroupQueryAttention needs seqlens_k >= 0)."""
+    return b.node("GreaterOrEqual", [b.reduce("ReduceMin", length, [0], "gqa_min_len"),
+                                     b.const(np.asarray(1, np.int64), "gqa_len1")], "gqa_len_ok")
 
 
 def applies(att: Attend, f: SiteFacts) -> str | None:
@@ -80,15 +129,10 @@ def check(b: Block, m4: str) -> Guard:
                   axis=1)  # [B|1, S]
     live = b.node("Cast", [b.node("Equal", [last, zero], "gqa_last_live")], "gqa_last_live_f",
                   to=TensorProto.FLOAT)  # (float: ArgMax and ReduceSum take it in every opset)
-    length = b.node("Cast", [b.reduce("ReduceSum", live, [1], "gqa_len_f")], "gqa_len",
-                    to=TensorProto.INT64)  # [B|1]
-    first = b.node("ArgMax", [live], "gqa_first", axis=1, keepdims=0)  # the first live key
-    j = b.node("Range", [b.const(np.asarray(0, np.int64), "gqa_r0"), s_scalar,
-                         b.const(np.asarray(1, np.int64), "gqa_r1")], "gqa_pos")  # [S]
-    first2, end2 = (b.unsqueeze(x, [1], f"gqa_{n}_col") for x, n in
-                    ((first, "first"), (b.node("Add", [first, length], "gqa_end"), "end")))
-    run = b.node("And", [b.node("GreaterOrEqual", [j, first2], "gqa_after_first"),
-                         b.node("Less", [j, end2], "gqa_before_end")], "gqa_run")  # [B|1, S]
+    first, length = _run(b, live)  # [B|1]
+    run = _run_mask(b, first, length, s_scalar)  # [B|1, S]
+    j = b.node("Range", [b.const(np.asarray(0, np.int64), "gqa_c0"), s_scalar,
+                         b.const(np.asarray(1, np.int64), "gqa_c1")], "gqa_rows_pos")
     causal = b.node("GreaterOrEqual", [b.unsqueeze(j, [1], "gqa_rows"), j], "gqa_causal")  # [S, S]
     expected = b.node("And", [b.unsqueeze(causal, [0, 1], "gqa_causal_4d"),
                               b.unsqueeze(run, [1, 2], "gqa_run_4d")], "gqa_expected")
@@ -99,9 +143,7 @@ def check(b: Block, m4: str) -> Guard:
                       to=TensorProto.BOOL)
     fill_ok = b.node("LessOrEqual", [fill, b.const(np.asarray(EXACT_FILL, np.float32), "gqa_exact")],
                      "gqa_fill_ok")
-    len_ok = b.node("GreaterOrEqual", [b.reduce("ReduceMin", length, [0], "gqa_min_len"),
-                                       b.const(np.asarray(1, np.int64), "gqa_len1")], "gqa_len_ok")
-    cond = b.node("And", [b.node("And", [all_same, fill_ok], "gqa_ok2"), len_ok], "gqa_ok")
+    cond = b.node("And", [b.node("And", [all_same, fill_ok], "gqa_ok2"), _has_keys(b, length)], "gqa_ok")
     return Guard(b.reshape(cond, [1], "gqa_cond"), first, length, fill)
 
 
@@ -142,14 +184,18 @@ def attend(b: Block, f: SiteFacts, att: Attend, g: Guard) -> str:
         [out, b.fresh("gqa_present_k"), b.fresh("gqa_present_v")], name=b.fresh("GroupQueryAttention_node"),
         domain=MS_DOMAIN, num_heads=int(h), kv_num_heads=int(kh), scale=float(att.scale)))
     out = rotate(out, back, "gqa_out_unrot")  # [B, S, H*D]
-    # Rows before the run keep no key (see the module header): mean of V, NaN for -inf fills.
-    mean_v = b.reduce("ReduceMean", v3, [1], "gqa_mean_v", keepdims=1)  # [B, 1, Hkv*D]
-    if kh != h:
-        mean_v = b.reshape(b.node("Expand", [b.reshape(mean_v, [0, 1, kh, 1, f.d], "gqa_mean_v5"),
-                                             b.ints([1, 1, 1, h // kh, 1], "gqa_mean_rep")], "gqa_mean_v_rep"),
-                           [0, 1, -1], "gqa_mean_v_h")
-    nan = b.const(np.asarray(np.nan, np.float32), "gqa_nan")
-    dead_val = b.node("Where", [b.node("IsInf", [g.fill], "gqa_fill_inf"), nan, mean_v], "gqa_dead_val")
+    # Rows before the run keep no key (see the module header): mean of V, NaN for -inf fills;
+    # 0 under the key check (check_keys).
+    if g.fill is None:
+        dead_val = b.const(np.asarray(0.0, np.float32), "gqa_dead_zero")
+    else:
+        mean_v = b.reduce("ReduceMean", v3, [1], "gqa_mean_v", keepdims=1)  # [B, 1, Hkv*D]
+        if kh != h:
+            mean_v = b.reshape(b.node("Expand", [b.reshape(mean_v, [0, 1, kh, 1, f.d], "gqa_mean_v5"),
+                                                 b.ints([1, 1, 1, h // kh, 1], "gqa_mean_rep")], "gqa_mean_v_rep"),
+                               [0, 1, -1], "gqa_mean_v_h")
+        nan = b.const(np.asarray(np.nan, np.float32), "gqa_nan")
+        dead_val = b.node("Where", [b.node("IsInf", [g.fill], "gqa_fill_inf"), nan, mean_v], "gqa_dead_val")
     dead = b.unsqueeze(b.node("Less", [pos, first_col], "gqa_dead"), [2], "gqa_dead3")
     out = b.node("Where", [dead, dead_val, out], "gqa_out_dead")
     return b.reshape(out, [0, 0, h, f.d], "gqa_out_bshd")

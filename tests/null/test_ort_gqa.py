@@ -2,7 +2,8 @@
 (emit/ort_gqa.py, issue 20 "lengths, not masks" on ONNX).
 
 The dynamo exporter keeps sequence lengths symbolic, so the mask's structure cannot be proven
-when the model is optimized; the rewrite checks it on the model's own mask at run time. Positive:
+when the model is optimized; the rewrite checks it on the model's own mask at run time. At fixed
+shapes (TorchScript) the key mask is folded into q and k and the check reads that key bias. Positive:
 no, left, right and two-sided padding, a one-key row, a -inf fill (rows with no key stay NaN),
 grouped kv heads. Near misses take the MultiHeadAttention branch with the dense mask: a hole in a
 row's keys, a row with no key at all, a moderate fill (-1e4), a mask over extra keys that are
@@ -30,9 +31,9 @@ class Causal(nn.Module):
     fill: the masked value; window: also drop keys more than `window` back; kv: kv heads
     (repeated like HF's repeat_kv); causal=False: key padding only."""
 
-    def __init__(self, fill=None, window=None, kv=4, causal=True):
+    def __init__(self, fill=None, window=None, kv=4, causal=True, boolean=False):
         super().__init__()
-        self.kv, self.fill, self.window, self.causal = kv, fill, window, causal
+        self.kv, self.fill, self.window, self.causal, self.boolean = kv, fill, window, causal, boolean
         self.q = nn.Linear(32, 32)
         self.kv_proj = nn.Linear(32, 2 * 8 * kv)
 
@@ -49,16 +50,22 @@ class Causal(nn.Module):
         if self.window is not None:
             keep = keep & (i[None, :] > i[:, None] - self.window)[None, None]
         fill = torch.finfo(x.dtype).min if self.fill is None else self.fill
-        mask = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, fill)
+        mask = keep if self.boolean else torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, fill)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, 32)
 
 
-def _export(model, tmp_path) -> str:
+def _export(model, tmp_path, dynamo: bool = True) -> str:
+    """dynamo: batch and length dynamic (the dense-mask check); else TorchScript at fixed shapes
+    (the key mask folded into q and k, and the key check)."""
     x, am = torch.randn(3, S, 32), torch.ones(3, S, dtype=torch.long)
     dyn = torch.export.Dim.DYNAMIC
     path = tmp_path / "m.onnx"
-    torch.onnx.export(model, (x, am), str(path), dynamo=True, input_names=["x", "attention_mask"],
-                      dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}))
+    if dynamo:
+        torch.onnx.export(model, (x, am), str(path), dynamo=True, input_names=["x", "attention_mask"],
+                          dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}))
+    else:
+        torch.onnx.export(model, (x, am), str(path), dynamo=False, opset_version=17,
+                          input_names=["x", "attention_mask"])
     return str(path)
 
 
@@ -178,6 +185,20 @@ def _all_nodes(model):
     from attnopt.emit.onnx import _with_subgraphs
 
     return list(_with_subgraphs(model.graph.node))
+
+
+def test_static_export_checks_the_folded_key_mask(tmp_path):
+    """TorchScript at fixed shapes: the causal flag with the key mask folded into q and k, behind
+    the key check; rows with no key give 0 (the exported model's guard), so left padding takes it."""
+    model = sharpen_(Causal(boolean=True)).eval()
+    path = _export(model, tmp_path, dynamo=False)
+    res = attnopt.optimize(onnx.load(path))
+    assert res.sites_rewritten == 1
+    (mha,) = fused_nodes(res.model)
+    assert any(a.name == "unidirectional" and a.i == 1 for a in mha.attribute)
+    assert "com.microsoft.GroupQueryAttention" in attention_ops(res.model).values()
+    _run_cases(path, res, POSITIVE, True)
+    _run_cases(path, res, ("hole", "no_key"), False)
 
 
 def test_moderate_fill_is_a_near_miss(tmp_path):

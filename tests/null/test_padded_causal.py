@@ -194,7 +194,8 @@ def test_onnx_padded_causal_becomes_unidirectional(tmp_path, dynamo):
     The dynamo exporter writes the bool mask as a float one filled with finfo.min, whose rows with no
     key are a mean over every key: a near miss for the fold, it keeps the dense mask on
     MultiHeadAttention, behind a run-time check that takes GroupQueryAttention when the mask is causal
-    AND one run of keys per row (emit/ort_gqa.py): the left-padded feed below takes that branch."""
+    AND one run of keys per row (emit/ort_gqa.py): the left-padded feed below takes that branch.
+    TorchScript's folded key mask gets the same If, its check reading the folded key bias."""
     import onnx
 
     from attnopt.emit.onnx import attention_ops, fused_nodes
@@ -209,7 +210,7 @@ def test_onnx_padded_causal_becomes_unidirectional(tmp_path, dynamo):
     assert r.sites_rewritten == 1
     (mha,) = [n for n in fused_nodes(r.model) if n.op_type == "MultiHeadAttention"]
     assert any(a.name == "unidirectional" and a.i == 1 for a in mha.attribute) is not dynamo
-    assert ("com.microsoft.GroupQueryAttention" in attention_ops(r.model).values()) is dynamo
+    assert "com.microsoft.GroupQueryAttention" in attention_ops(r.model).values()
     am2 = am.clone()
     am2[2, :11] = 0
     feeds = {"x": x.numpy(), "attention_mask": am2.numpy()}
