@@ -205,19 +205,31 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
         def forward(self, input_ids, attention_mask):
             return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    ids, am = prompts(4, 64, args.vocab, "left")
-    dyn = torch.export.Dim.DYNAMIC
     t = time.perf_counter()
-    prog = torch.onnx.export(Prefill(model), (ids, am), dynamo=True, verbose=False,
-                             dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}),
-                             input_names=["input_ids", "attention_mask"], output_names=["logits"])
-    res = attnopt.optimize(prog.model_proto)
+    if args.onnx_exporter == "torchscript":
+        # fixed shapes: batch 4 at the one prefill length (the key mask is then folded into q and k)
+        import onnx
+
+        if len(args.prefill_prompts) != 1:
+            raise SystemExit("--onnx-exporter torchscript exports at one length: give one --prefill-prompts")
+        ids, am = prompts(4, args.prefill_prompts[0], args.vocab, "left")
+        ts_path = tmp / "prefill_torchscript.onnx"
+        torch.onnx.export(Prefill(model), (ids, am), str(ts_path), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"])
+        exported = onnx.load(str(ts_path))
+    else:
+        ids, am = prompts(4, 64, args.vocab, "left")
+        dyn = torch.export.Dim.DYNAMIC
+        exported = torch.onnx.export(Prefill(model), (ids, am), dynamo=True, verbose=False,
+                                     dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}),
+                                     input_names=["input_ids", "attention_mask"], output_names=["logits"]).model_proto
+    res = attnopt.optimize(exported)
     report["onnx_export_and_optimize_s"] = round(time.perf_counter() - t, 1)
     report["onnx_sites_rewritten"] = res.sites_rewritten
     opts = ort.SessionOptions()
     if args.ort_denormal_zero:
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-    models = [("original", prog.model_proto), ("attnopt", res.model)]
+    models = [("original", exported), ("attnopt", res.model)]
     if args.ort_unfolded:
         # diagnostic: the same rewrite with the key mask left as MultiHeadAttention's attention_bias
         # instead of folded into q and k (emit/ort.py key_bias), to see which costs follow the folding
@@ -226,7 +238,7 @@ def bench_prefill_onnx(model, args, report, tmp: Path):
         from attnopt.emit import ort as ort_target
 
         with mock.patch.object(ort_target, "key_bias", lambda *a, **k: None):
-            models.append(("attnopt_unfolded", attnopt.optimize(prog.model_proto).model))
+            models.append(("attnopt_unfolded", attnopt.optimize(exported).model))
     sessions = {}
     for kind, proto in models:
         path = tmp / f"prefill_{kind}.onnx"
@@ -310,6 +322,8 @@ def main(argv=None) -> None:
                     help="ONNX Runtime sessions flush denormals to zero (session.set_denormal_as_zero)")
     ap.add_argument("--ort-unfolded", action="store_true",
                     help="also time attnopt's ONNX model with the key mask as attention_bias (not folded)")
+    ap.add_argument("--onnx-exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                    help="ONNX prefill: dynamo with dynamic batch and length, or TorchScript at one fixed length")
     ap.add_argument("--ort-profile", action="store_true",
                     help="also record ONNX Runtime's per-op-type profile of each prefill case")
     ap.add_argument("--out", type=Path, default=None)
