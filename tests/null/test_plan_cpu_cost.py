@@ -129,9 +129,12 @@ def test_cpu_plan_uses_the_measured_share():
     # 4 elementwise passes: a share near 0.75, far from the 1.0 clamp under any load (with 20 it is
     # ~0.92; it read 1.0 while the attention-free copy fed uninitialized memory to the GELUs)
     model, x = Layer(4).eval(), (torch.randn(1, 1024, 32),)
-    plan = make_plan(model, x, policy="exact", target="cpu")
-    p = plan.predicted
-    s = p["other_share_measured"]
+    for _ in range(3):  # a timing: under make test's other worker it once read the 1.0 clamp
+        plan = make_plan(model, x, policy="exact", target="cpu")
+        p = plan.predicted
+        s = p["other_share_measured"]
+        if s < 1.0:
+            break
     assert 0.0 < s < 1.0
     assert p["other_s"] >= s / (1 - s) * p["attention_dense_s"] * (1 - 1e-9)
     assert p["end_to_end_speedup"] == pytest.approx(
