@@ -201,6 +201,21 @@ def test_static_export_checks_the_folded_key_mask(tmp_path):
     _run_cases(path, res, ("hole", "no_key"), False)
 
 
+def test_static_additive_neg_inf_mask_falls_back_to_its_dense_mask(tmp_path):
+    """TorchScript, an additive -inf mask: the flags + key mask form gives rows with no key 0 where
+    the model gives NaN, so validation fails it and the site is redone with its own dense mask
+    (no longer reverted): the dense check, whose rows with no key stay NaN."""
+    model = sharpen_(Causal(fill=float("-inf"))).eval()
+    path = _export(model, tmp_path, dynamo=False)
+    res = attnopt.optimize(onnx.load(path))
+    assert [s.status for s in res.sites] == ["rewritten"]
+    (mha,) = fused_nodes(res.model)
+    assert not any(a.name == "unidirectional" for a in mha.attribute)  # the dense mask
+    assert "com.microsoft.GroupQueryAttention" in attention_ops(res.model).values()
+    _run_cases(path, res, POSITIVE, True)
+    _run_cases(path, res, ("hole", "no_key"), False)
+
+
 def test_moderate_fill_is_a_near_miss(tmp_path):
     """-1e4 leaves exp() of masked scores above 0 for scores near 1e4: the check refuses it."""
     model = sharpen_(Causal(fill=-1e4)).eval()
