@@ -246,3 +246,53 @@ def test_splice_without_gqa_sites_keeps_multi_head_attention(tmp_path):
     plain = splice(graph, recipes, gqa_sites=frozenset())
     assert set(attention_ops(plain).values()) == {"com.microsoft.MultiHeadAttention"}
     assert not any(n.op_type == "If" for n in plain.graph.node)
+
+
+class _Logits(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _hf(name: str) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, attn_implementation="sdpa")
+        return GPT2LMHeadModel(cfg)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen2"])
+def test_transformers_decoders_exported_by_dynamo(name):
+    """Real decoders (default return_dict, transformers' own masks) exported with dynamic batch and
+    length: every layer takes the guarded form, and logits equal the export's at another length with
+    no, left, right and two-sided padding and with a hole."""
+    model = _Logits(sharpen_(_hf(name)).eval())
+    ids = torch.randint(0, 128, (3, 16))
+    dyn = torch.export.Dim.DYNAMIC
+    prog = torch.onnx.export(model, (ids, torch.ones_like(ids)), dynamo=True, verbose=False,
+                             dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}),
+                             input_names=["input_ids", "attention_mask"], output_names=["logits"])
+    res = attnopt.optimize(prog.model_proto)
+    assert [s.status for s in res.sites] == ["rewritten", "rewritten"]
+    assert all("GroupQueryAttention" in s.variant for s in res.sites)
+    a, b = session(prog.model_proto), session(res.model)
+    ids2 = np.random.default_rng(1).integers(0, 128, (3, 20))
+    for case in ("none", "left", "right", "both", "hole"):
+        am = np.ones((3, 20), np.int64)
+        if case in ("left", "both"):
+            am[1, :7] = 0
+        if case in ("right", "both"):
+            am[2, 12:] = 0
+        if case == "hole":
+            am[0, 9] = 0
+        want = a.run(None, {"input_ids": ids2, "attention_mask": am})[0]
+        got = b.run(None, {"input_ids": ids2, "attention_mask": am})[0]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=case)
