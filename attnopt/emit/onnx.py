@@ -30,7 +30,7 @@ from attnopt.emit.onnx_axes import AxisFacts
 from attnopt.emit.onnx_nodes import (Block, SiteFacts, Skip, additive_mask, causal_mask, load, mask4,
                                      mean_v_on_dead_rows, np_dtype, view, zero_nan_rows)
 from attnopt.emit.onnx_opset import default_opset, ensure_opset
-from attnopt.frontends.onnx_proto import subgraph_refs as _subgraph_refs
+from attnopt.frontends.onnx_proto import all_nodes, subgraph_refs as _subgraph_refs
 from attnopt.ir import Graph
 from attnopt.passes.lower import (Attend, CombineMasks, LoadOperand, Lowered, MeanVOnDeadRows,
                                   Permute, Squeeze, StoreOutput, Unflatten, ZeroNaNRows, lower)
@@ -155,7 +155,7 @@ class _Splicer:
         # The fused blocks too: a site's own q/k operand may be the bypassed scale op itself
         # (q * sqrt(scale) feeding the matmul directly), which must not be applied twice.
         for block in blocks.values():
-            for n in _with_subgraphs(block):
+            for n in all_nodes(block):
                 for j, x in enumerate(n.input):
                     if x in renames:
                         n.input[j] = _follow(renames, x)
@@ -298,23 +298,27 @@ class _Splicer:
         MultiHeadAttention branch. Built in this site's block (the mask then made once, before
         the If, for both), or reused from an earlier site's block that reads the same mask terms
         and precedes this one (the mask is then made inside the branch that reads it)."""
-        key = (repr(masks), f.low.batch_rank, str(f.sq))
-        hit = self._guards.get(key)
-        if hit is not None and hit[1] < self._at:
-            return hit[0], m4
+        key = ("dense", repr(masks), f.low.batch_rank, str(f.sq))
+        hit = self._reused(key)
+        if hit is not None:
+            return hit, m4
         m = m4()
-        g = ort_gqa.check(b, m)
-        self._guards[key] = (g, self._at)
-        return g, (lambda: m)
+        return self._kept(key, ort_gqa.check(b, m)), (lambda: m)
 
     def key_guard(self, b: Block, masks: CombineMasks, f: SiteFacts, bias: str, scale: float,
                   zero_dead: bool) -> ort_gqa.Guard:
         """Like `guard`, on the folded key bias [B|1, Skv] (ort_gqa.check_keys)."""
         key = ("keys", repr(masks), f.low.batch_rank, str(f.sq), float(scale), zero_dead)
+        hit = self._reused(key)
+        return hit if hit is not None else self._kept(key, ort_gqa.check_keys(b, bias, scale, zero_dead))
+
+    def _reused(self, key: tuple) -> ort_gqa.Guard | None:
+        """The check under `key` built in an earlier site's block that precedes this one."""
         hit = self._guards.get(key)
-        if hit is not None and hit[1] < self._at:
-            return hit[0]
-        g = ort_gqa.check_keys(b, bias, scale, zero_dead)
+        return hit[0] if hit is not None and hit[1] < self._at else None
+
+    def _kept(self, key: tuple, g: ort_gqa.Guard) -> ort_gqa.Guard:
+        """g, built in this site's block, for later sites reading the same mask."""
         self._guards[key] = (g, self._at)
         return g
 
@@ -368,18 +372,6 @@ def _out_hint(op) -> str:
     return "out_5d" if isinstance(op, Unflatten) else "out_3d"
 
 
-def _with_subgraphs(nodes):
-    """The nodes and, depth first, those of their subgraphs (an If's branches)."""
-    for n in nodes:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _with_subgraphs(a.g.node)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _with_subgraphs(g.node)
-
-
 def _follow(renames: dict[str, str], x: str) -> str:
     seen = set()
     while x in renames and x not in seen:
@@ -391,7 +383,7 @@ def _follow(renames: dict[str, str], x: str) -> str:
 def fused_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The fused attention nodes of a model (either target)."""
     ops = set(FUSED_OPS.values())
-    return [n for n in _with_subgraphs(model.graph.node) if ((n.domain or ""), n.op_type) in ops
+    return [n for n in all_nodes(model.graph.node) if ((n.domain or ""), n.op_type) in ops
             or (n.domain == "ai.onnx" and ("", n.op_type) in ops)]
 
 
@@ -400,7 +392,7 @@ def attention_ops(model: onnx.ModelProto) -> dict[str, str]:
     (a guarded site has a GroupQueryAttention and a MultiHeadAttention node)."""
     ops = set(FUSED_OPS.values()) | {(MS_DOMAIN, "GroupQueryAttention")}
     return {n.name: (f"{n.domain}." if n.domain and n.domain != "ai.onnx" else "") + n.op_type
-            for n in _with_subgraphs(model.graph.node)
+            for n in all_nodes(model.graph.node)
             if ((n.domain or "").replace("ai.onnx", ""), n.op_type) in ops}
 
 

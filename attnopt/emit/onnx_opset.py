@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from attnopt.errors import UnsupportedModel
+from attnopt.frontends.onnx_proto import all_nodes
 
 # Ops whose newer versions changed meaning without changing their signature: an opset bump
 # must convert them (onnx.version_converter) rather than relabel them.
@@ -22,18 +23,8 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def bump_is_safe(model: onnx.ModelProto, old: int, new: int) -> str | None:
     """None when relabelling the default-domain opset keeps every node's meaning, else why not."""
-    def walk(g):
-        for n in g.node:
-            yield n
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        yield from walk(sg)
-
     seen: set[str] = set()
-    for n in walk(model.graph):
+    for n in all_nodes(model.graph.node):
         if n.domain not in ("", "ai.onnx") or n.op_type in seen:
             continue
         seen.add(n.op_type)

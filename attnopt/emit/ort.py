@@ -81,15 +81,19 @@ def key_bias(b: Block, step: CombineMasks, att: Attend, f: SiteFacts,
                   "key_bias")
 
 
+def live_keys(b: Block, key_bias: str, scale: float, hint: str) -> str:
+    """bool, key_bias's shape: the keys the folded mask leaves live (they hold 0; masked ones hold
+    <= EXACT_FILL / scale, or -inf, or the clamped lowest)."""
+    below = np.asarray(EXACT_FILL / 10 / scale, np.float32)
+    return b.node("Greater", [key_bias, b.const(below, f"{hint}_below")], hint)
+
+
 def live_key_count(b: Block, key_bias: str, scale: float, f: SiteFacts) -> str:
     """[1] int64: 1 + the last key some query attends, so the keys after it (padding at the
     end of a fixed-length input) can be sliced off k and v: their probabilities are exactly 0
     (a fill <= -1e30 underflows exp). All keys when some batch row masks every key: the
     model's softmax is uniform over all of them there. key_bias: [B|1, Skv], fill / scale."""
-    # live keys hold 0, masked ones <= EXACT_FILL / scale (or -inf, or the clamped lowest)
-    below = np.asarray(EXACT_FILL / 10 / scale, np.float32)
-    live = b.node("Greater", [key_bias, b.const(below, "kb_live_below")], "kb_live")
-    live_i = b.node("Cast", [live], "kb_live_int", to=TensorProto.INT64)
+    live_i = b.node("Cast", [live_keys(b, key_bias, scale, "kb_live")], "kb_live_int", to=TensorProto.INT64)
     kv_len = b.dim(key_bias, 1, f.skv, "kb_len")
     one = b.const(np.asarray(1, np.int64), "kb_one")
     pos = b.node("Range", [one, b.node("Add", [b.reshape(kv_len, [], "kb_len_scalar"), one], "kb_len_1"),
@@ -133,9 +137,7 @@ def zero_dead_rows(b: Block, out: str, key_bias: str, scale: float) -> str:
     """Causal (Sq = Skv) with a folded key mask: query i keeps no key when no key j <= i is live
     (left padding). The op gives such rows 0 (SDPA's result for a fully masked row); MHA gives
     the mean over its causal keys, since the fold is a finite bias. out: BSHD [B, Sq, H, Dv]."""
-    below = np.asarray(EXACT_FILL / 10 / scale, np.float32)
-    live = b.node("Cast", [b.node("Greater", [key_bias, b.const(below, "dead_live_below")], "dead_live")],
-                  "dead_live_int", to=TensorProto.INT64)
+    live = b.node("Cast", [live_keys(b, key_bias, scale, "dead_live")], "dead_live_int", to=TensorProto.INT64)
     seen = b.node("CumSum", [live, b.const(np.asarray(1, np.int64), "dead_axis")], "dead_seen")
     dead = b.node("Equal", [seen, b.const(np.asarray(0, np.int64), "dead_zero")], "dead_rows")
     zero = b.const(np.asarray(0.0, np.float32), "dead_fill")

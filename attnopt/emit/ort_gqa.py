@@ -36,7 +36,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from attnopt.emit.onnx_nodes import Block, SiteFacts, Skip, load
+from attnopt.emit.onnx_nodes import Block, SiteFacts, load
+from attnopt.emit.ort import live_keys
 from attnopt.ir.vocab import EXACT_FILL
 from attnopt.passes.lower import Attend
 
@@ -59,14 +60,12 @@ def check_keys(b: Block, key_bias: str, scale: float, zero_dead: bool) -> Guard:
     an exact fill / scale masked) holds one run of live keys per row, each row has one. Rows
     with no key then give 0 (`zero_dead`, the model's guard); without it, the check also asks
     that no row lacks a key (no left padding), whose value the op would not reproduce."""
-    below = np.asarray(EXACT_FILL / 10 / scale, np.float32)
-    live = b.node("Cast", [b.node("Greater", [key_bias, b.const(below, "gqa_kb_below")], "gqa_kb_live_b")],
-                  "gqa_kb_live", to=TensorProto.FLOAT)  # [B|1, Skv]
-    first, length = _run(b, live)
+    live_b = live_keys(b, key_bias, scale, "gqa_kb_live_b")  # [B|1, Skv]
+    first, length = _run(b, b.node("Cast", [live_b], "gqa_kb_live", to=TensorProto.FLOAT))
     s_scalar = b.reshape(b.node("Gather", [b.node("Shape", [key_bias], "gqa_kb_shape"), b.ints([1], "gqa_kb_ax")],
                                 "gqa_kb_s", axis=0), [], "gqa_kb_s_scalar")
-    run = _run_mask(b, first, length, s_scalar)
-    same = b.node("Equal", [b.node("Cast", [live], "gqa_kb_live_bool", to=TensorProto.BOOL), run], "gqa_kb_same")
+    run = _run_mask(b, first, length, _positions(b, s_scalar, "gqa_kb_pos"))
+    same = b.node("Equal", [live_b, run], "gqa_kb_same")
     ok = b.node("Cast", [b.reduce("ReduceMin", b.node("Cast", [same], "gqa_kb_same_u8", to=TensorProto.UINT8),
                                   [0, 1], "gqa_kb_all_same")], "gqa_kb_all_same_b", to=TensorProto.BOOL)
     cond = b.node("And", [ok, _has_keys(b, length)], "gqa_kb_ok")
@@ -84,10 +83,14 @@ def _run(b: Block, live: str) -> tuple[str, str]:
     return first, length
 
 
-def _run_mask(b: Block, first: str, length: str, s_scalar: str) -> str:
-    """bool [R, S]: key j in [first, first + length) of each row."""
-    j = b.node("Range", [b.const(np.asarray(0, np.int64), "gqa_r0"), s_scalar,
-                         b.const(np.asarray(1, np.int64), "gqa_r1")], "gqa_pos")  # [S]
+def _positions(b: Block, s_scalar: str, hint: str) -> str:
+    """int64 [S]: 0 .. S - 1."""
+    return b.node("Range", [b.const(np.asarray(0, np.int64), f"{hint}_0"), s_scalar,
+                            b.const(np.asarray(1, np.int64), f"{hint}_1")], hint)
+
+
+def _run_mask(b: Block, first: str, length: str, j: str) -> str:
+    """bool [R, S]: key j (positions [S]) in [first, first + length) of each row."""
     first2, end2 = (b.unsqueeze(x, [1], f"gqa_{n}_col") for x, n in
                     ((first, "first"), (b.node("Add", [first, length], "gqa_end"), "end")))
     return b.node("And", [b.node("GreaterOrEqual", [j, first2], "gqa_after_first"),
@@ -130,9 +133,8 @@ def check(b: Block, m4: str) -> Guard:
     live = b.node("Cast", [b.node("Equal", [last, zero], "gqa_last_live")], "gqa_last_live_f",
                   to=TensorProto.FLOAT)  # (float: ArgMax and ReduceSum take it in every opset)
     first, length = _run(b, live)  # [B|1]
-    run = _run_mask(b, first, length, s_scalar)  # [B|1, S]
-    j = b.node("Range", [b.const(np.asarray(0, np.int64), "gqa_c0"), s_scalar,
-                         b.const(np.asarray(1, np.int64), "gqa_c1")], "gqa_rows_pos")
+    j = _positions(b, s_scalar, "gqa_pos")
+    run = _run_mask(b, first, length, j)  # [B|1, S]
     causal = b.node("GreaterOrEqual", [b.unsqueeze(j, [1], "gqa_rows"), j], "gqa_causal")  # [S, S]
     expected = b.node("And", [b.unsqueeze(causal, [0, 1], "gqa_causal_4d"),
                               b.unsqueeze(run, [1, 2], "gqa_run_4d")], "gqa_expected")
@@ -157,15 +159,13 @@ def attend(b: Block, f: SiteFacts, att: Attend, g: Guard) -> str:
     """The GroupQueryAttention branch: its output BSHD [B, S, H, D] (exact when g.cond holds)."""
     h, kh = f.heads
     q3, k3, v3 = (_bsd(b, f, w) for w in ("q", "k", "v"))
-    batch = b.node("Slice", [b.node("Shape", [q3], "gqa_q_shape"), b.ints([0], "gqa_b0"), b.ints([1], "gqa_b1")],
-                   "gqa_batch")
-    s = b.node("Slice", [b.node("Shape", [q3], "gqa_q_shape2"), b.ints([1], "gqa_s1"), b.ints([2], "gqa_s2")],
-               "gqa_len_s")
+    shape = b.node("Shape", [q3], "gqa_q_shape")
+    batch = b.node("Slice", [shape, b.ints([0], "gqa_b0"), b.ints([1], "gqa_b1")], "gqa_batch")
+    s = b.node("Slice", [shape, b.ints([1], "gqa_s1"), b.ints([2], "gqa_s2")], "gqa_len_s")
     s_scalar = b.reshape(s, [], "gqa_len_s_scalar")
     first = b.node("Expand", [g.first, batch], "gqa_first_b")  # a mask broadcast over batch
     length = b.node("Expand", [g.length, batch], "gqa_len_b")
-    pos = b.unsqueeze(b.node("Range", [b.const(np.asarray(0, np.int64), "gqa_p0"), s_scalar,
-                                       b.const(np.asarray(1, np.int64), "gqa_p1")], "gqa_p"), [0], "gqa_p_row")
+    pos = b.unsqueeze(_positions(b, s_scalar, "gqa_p"), [0], "gqa_p_row")
     first_col = b.unsqueeze(first, [1], "gqa_first_bcol")
 
     def rotate(x: str, idx: str, hint: str) -> str:
@@ -209,7 +209,5 @@ def branch(nodes: list[onnx.NodeProto], out: str, name: str) -> onnx.GraphProto:
 def guarded(b: Block, g: Guard, gqa: tuple[list[onnx.NodeProto], str],
             mha: tuple[list[onnx.NodeProto], str]) -> str:
     """If(g.cond) then the GroupQueryAttention nodes else the MultiHeadAttention ones."""
-    if gqa[1] == mha[1]:
-        raise Skip("both branches name one output")
     return b.node("If", [g.cond], "attend", then_branch=branch(*gqa, b.fresh("gqa_branch")),
                   else_branch=branch(*mha, b.fresh("mha_branch")))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ast
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -208,6 +208,14 @@ def subgraph_refs(node: onnx.NodeProto) -> list[str]:
     for sg in _bodies(node):
         walk(sg)
     return refs
+
+
+def all_nodes(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
+    """The nodes and, depth first, those of their bodies (If branches, Loop and Scan bodies)."""
+    for n in nodes:
+        yield n
+        for sg in _bodies(n):
+            yield from all_nodes(sg.node)
 
 
 def _bodies(node: onnx.NodeProto):

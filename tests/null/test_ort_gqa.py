@@ -182,9 +182,9 @@ def test_one_kv_head_broadcast_by_matmul(tmp_path):
 
 
 def _all_nodes(model):
-    from attnopt.emit.onnx import _with_subgraphs
+    from attnopt.frontends.onnx_proto import all_nodes
 
-    return list(_with_subgraphs(model.graph.node))
+    return list(all_nodes(model.graph.node))
 
 
 def test_static_export_checks_the_folded_key_mask(tmp_path):
